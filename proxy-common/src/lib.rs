@@ -1,0 +1,33 @@
+//! Types shared by the eBPF programs (`proxy-ebpf`) and userspace (`splicer`).
+#![no_std]
+
+/// Value of the `LINKS` map, keyed by a socket's cookie (SO_COOKIE).
+///
+/// Userspace writes `peer` before the socket is handed to the verdict
+/// program; the program adds to the counters with atomic adds, and userspace
+/// reads them to know when the kernel has caught up (half-close) and for the
+/// close log line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Link {
+    /// Cookie of the socket that this socket's ingress is redirected to.
+    pub peer: u64,
+    /// Bytes the verdict program saw arrive on this socket.
+    pub seen: u64,
+    /// Bytes successfully redirected to `peer`'s egress.
+    pub redirected: u64,
+    /// Bytes dropped because the redirect failed (should stay 0).
+    pub dropped: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: Link is repr(C), Copy, and made only of u64s, so any bit pattern is valid and there is no padding.
+unsafe impl aya::Pod for Link {}
+
+/// Map names, shared so that userspace and kernel cannot drift apart.
+pub const MAP_LINKS: &str = "LINKS";
+pub const MAP_TARGETS: &str = "TARGETS";
+pub const MAP_SPLICED: &str = "SPLICED";
+pub const PROG_VERDICT: &str = "splice_verdict";
+/// Default capacity (sockets) of the maps; two sockets per connection.
+pub const MAX_SOCKETS: u32 = 131_072;

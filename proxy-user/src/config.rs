@@ -1,0 +1,300 @@
+//! Configuration: the TOML file and the single-listener command-line flags,
+//! both turned into one validated `Config`. Keys in the file mirror the flags.
+use std::{fmt, net::SocketAddr, path::Path, str::FromStr, time::Duration};
+
+use anyhow::{bail, Context as _, Result};
+use serde::{de, Deserialize, Deserializer};
+
+use crate::proxy_protocol::Version;
+
+/// `--send-proxy`: which PROXY protocol header to write upstream first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    Off,
+    V1,
+    V2,
+}
+
+impl SendProxy {
+    pub fn version(self) -> Option<Version> {
+        match self {
+            SendProxy::Off => None,
+            SendProxy::V1 => Some(Version::V1),
+            SendProxy::V2 => Some(Version::V2),
+        }
+    }
+}
+
+/// `--offload`: who carries the bulk bytes once a connection is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OffloadMode {
+    /// sockmap when the eBPF program loads, userspace otherwise.
+    Auto,
+    /// sockmap or refuse to start.
+    Sockmap,
+    Userspace,
+}
+
+/// `--log-level`, as the `log` crate names levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLevel(pub log::LevelFilter);
+
+impl FromStr for LogLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        log::LevelFilter::from_str(s)
+            .map(LogLevel)
+            .map_err(|_| format!("`{s}` is not a log level (off, error, warn, info, debug, trace)"))
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// A duration written the humantime way: `500ms`, `5s`, `1m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s)
+            .map(Dur)
+            .map_err(|e| format!("`{s}` is not a duration like 500ms, 5s or 1m: {e}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One listener, fully resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub upstreams: Vec<SocketAddr>,
+    pub send_proxy: SendProxy,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub log_level: log::LevelFilter,
+    pub offload: OffloadMode,
+    pub listeners: Vec<Listener>,
+}
+
+/// The file as written; `deny_unknown_fields` makes a typo an error that
+/// names the key, instead of a silently ignored setting.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    log_level: Option<LogLevel>,
+    offload: Option<OffloadMode>,
+    #[serde(default)]
+    listener: Vec<FileListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileListener {
+    name: Option<String>,
+    listen: SocketAddr,
+    #[serde(default)]
+    upstream: Vec<SocketAddr>,
+    send_proxy: Option<SendProxy>,
+    connect_timeout: Option<Dur>,
+}
+
+/// Settings that can come from flags and override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub log_level: Option<log::LevelFilter>,
+    pub offload: Option<OffloadMode>,
+}
+
+impl Config {
+    /// Parses a TOML config. `origin` names the file in error messages.
+    pub fn from_toml(text: &str, origin: &str, overrides: &Overrides) -> Result<Config> {
+        let file: FileConfig =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        let listeners = file
+            .listener
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| Listener {
+                name: l.name.unwrap_or_else(|| format!("listener{i}")),
+                listen: l.listen,
+                upstreams: l.upstream,
+                send_proxy: l.send_proxy.unwrap_or(SendProxy::Off),
+                connect_timeout: l.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+            })
+            .collect();
+        let config = Config {
+            log_level: overrides
+                .log_level
+                .or(file.log_level.map(|l| l.0))
+                .unwrap_or(log::LevelFilter::Info),
+            offload: overrides.offload.or(file.offload).unwrap_or(OffloadMode::Auto),
+            listeners,
+        };
+        config.validate().with_context(|| format!("{origin}: invalid configuration"))?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path, overrides: &Overrides) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::from_toml(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Checks what serde cannot: at least one listener, upstreams present,
+    /// names and addresses unique, timeouts non-zero.
+    pub fn validate(&self) -> Result<()> {
+        if self.listeners.is_empty() {
+            bail!("no listener: add a [[listener]] table with `listen` and `upstream`");
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let at = format!("listener `{}`", l.name);
+            if l.upstreams.is_empty() {
+                bail!("{at}: key `upstream`: at least one upstream address is required");
+            }
+            if l.connect_timeout.is_zero() {
+                bail!("{at}: key `connect-timeout`: must be greater than zero");
+            }
+            if l.upstreams.contains(&l.listen) {
+                bail!("{at}: key `upstream`: {} is the listener's own address", l.listen);
+            }
+            for other in &self.listeners[..i] {
+                if other.name == l.name {
+                    bail!("{at}: key `name`: used by another listener");
+                }
+                if other.listen == l.listen {
+                    bail!("{at}: key `listen`: {} is also used by listener `{}`", l.listen, other.name);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::from_toml(text, "test.toml", &Overrides::default())
+    }
+
+    fn err(text: &str) -> String {
+        format!("{:#}", parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn full_config() {
+        let c = parse(
+            r#"
+            log-level = "debug"
+            offload = "userspace"
+            [[listener]]
+            name = "mqtt"
+            listen = "127.0.0.1:1883"
+            upstream = ["127.0.0.1:11883", "[::1]:11884"]
+            send-proxy = "v2"
+            connect-timeout = "250ms"
+            [[listener]]
+            listen = "[::]:2883"
+            upstream = ["10.0.0.1:1883"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.log_level, log::LevelFilter::Debug);
+        assert_eq!(c.offload, OffloadMode::Userspace);
+        assert_eq!(c.listeners.len(), 2);
+        let l = &c.listeners[0];
+        assert_eq!(l.name, "mqtt");
+        assert_eq!(l.listen, "127.0.0.1:1883".parse().unwrap());
+        assert_eq!(l.upstreams[1], "[::1]:11884".parse().unwrap());
+        assert_eq!(l.send_proxy, SendProxy::V2);
+        assert_eq!(l.connect_timeout, Duration::from_millis(250));
+        let l = &c.listeners[1];
+        assert_eq!(l.name, "listener1");
+        assert_eq!(l.send_proxy, SendProxy::Off);
+        assert_eq!(l.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(c.log_level, log::LevelFilter::Debug);
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let text = "[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n";
+        let c = parse(text).unwrap();
+        assert_eq!(c.offload, OffloadMode::Auto);
+        assert_eq!(c.log_level, log::LevelFilter::Info);
+        let o = Overrides { log_level: Some(log::LevelFilter::Trace), offload: Some(OffloadMode::Sockmap) };
+        let c = Config::from_toml(text, "t", &o).unwrap();
+        assert_eq!(c.offload, OffloadMode::Sockmap);
+        assert_eq!(c.log_level, log::LevelFilter::Trace);
+    }
+
+    #[test]
+    fn bundled_config_parses() {
+        let text = include_str!("../../splicer.toml");
+        let c = parse(text).unwrap();
+        assert!(!c.listeners.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\nsend-proxy = \"v3\"\n");
+        assert!(e.contains("send-proxy") && e.contains("v3") && e.contains("v1"), "{e}");
+
+        let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\nsendproxy = \"v1\"\n");
+        assert!(e.contains("unknown field `sendproxy`"), "{e}");
+
+        let e = err("[[listener]]\nlisten = \"localhost\"\nupstream = [\"127.0.0.1:2\"]\n");
+        assert!(e.contains("listen") && e.contains("invalid socket address"), "{e}");
+
+        let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\n");
+        assert!(e.contains("`upstream`") && e.contains("at least one"), "{e}");
+
+        let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\nconnect-timeout = \"soon\"\n");
+        assert!(e.contains("connect-timeout") && e.contains("not a duration"), "{e}");
+
+        let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\nconnect-timeout = \"0s\"\n");
+        assert!(e.contains("`connect-timeout`") && e.contains("greater than zero"), "{e}");
+
+        let e = err("log-level = \"loud\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n");
+        assert!(e.contains("log-level") && e.contains("not a log level"), "{e}");
+
+        let e = err("offload = \"xdp\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n");
+        assert!(e.contains("offload") && e.contains("sockmap"), "{e}");
+
+        let e = err("");
+        assert!(e.contains("no listener"), "{e}");
+
+        let two = "[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n";
+        let e = err(&format!("{two}{two}"));
+        assert!(e.contains("`name`") || e.contains("`listen`"), "{e}");
+        let e = err("[[listener]]\nname=\"a\"\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n[[listener]]\nname=\"b\"\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n");
+        assert!(e.contains("`listen`") && e.contains("also used by listener `a`"), "{e}");
+
+        let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:1\"]\n");
+        assert!(e.contains("own address"), "{e}");
+    }
+}

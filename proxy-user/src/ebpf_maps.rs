@@ -1,0 +1,141 @@
+//! Loading the eBPF object and operating its maps: which socket redirects to
+//! which, and the per-socket byte counters the verdict program keeps.
+use std::{os::fd::AsRawFd, sync::Mutex};
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::{
+    maps::{HashMap, MapData, SockHash},
+    programs::SkSkb,
+    Ebpf, EbpfLoader,
+};
+use proxy_common::{Link, MAP_LINKS, MAP_SPLICED, MAP_TARGETS, PROG_VERDICT};
+
+/// The object `cargo xtask build` compiled; empty if built without it.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
+
+pub struct Maps {
+    links: Mutex<HashMap<MapData, u64, Link>>,
+    targets: Mutex<SockHash<MapData, u64>>,
+    spliced: Mutex<SockHash<MapData, u64>>,
+    pub prog_id: u32,
+    /// Keeps the program (and its attachment to SPLICED) alive.
+    _ebpf: Ebpf,
+}
+
+impl Maps {
+    /// Loads and attaches the verdict program, and forwards its aya-log
+    /// records into our logger at `level`.
+    pub fn load(level: log::LevelFilter) -> Result<Maps> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(anyhow!("this binary was built without the eBPF object (build it with `cargo xtask build`)"));
+        }
+        raise_memlock_limit();
+        // The kernel side skips records above this level, so debug lines
+        // cost nothing per packet at info.
+        let ebpf_level: u8 = match level.to_level() {
+            None => 0,
+            Some(log::Level::Error) => aya_log::Level::Error as u8,
+            Some(log::Level::Warn) => aya_log::Level::Warn as u8,
+            Some(log::Level::Info) => aya_log::Level::Info as u8,
+            Some(log::Level::Debug) => aya_log::Level::Debug as u8,
+            Some(log::Level::Trace) => aya_log::Level::Trace as u8,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &ebpf_level, false)
+            .load(EBPF_OBJECT)
+            .map_err(explain_load_error)?;
+        start_kernel_logger(&mut ebpf);
+        let links: HashMap<MapData, u64, Link> = take(&mut ebpf, MAP_LINKS)?.try_into()?;
+        let targets: SockHash<MapData, u64> = take(&mut ebpf, MAP_TARGETS)?.try_into()?;
+        let spliced: SockHash<MapData, u64> = take(&mut ebpf, MAP_SPLICED)?.try_into()?;
+        let prog: &mut SkSkb = ebpf
+            .program_mut(PROG_VERDICT)
+            .ok_or_else(|| anyhow!("program {PROG_VERDICT} missing from the eBPF object"))?
+            .try_into()?;
+        prog.load().map_err(|e| anyhow!("loading the sk_skb verdict program: {e}"))?;
+        prog.attach(spliced.fd()).context("attaching the verdict program to the SPLICED sockhash")?;
+        let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
+        Ok(Maps {
+            links: Mutex::new(links),
+            targets: Mutex::new(targets),
+            spliced: Mutex::new(spliced),
+            prog_id,
+            _ebpf: ebpf,
+        })
+    }
+
+    pub fn set_link(&self, cookie: u64, peer: u64) -> Result<()> {
+        let link = Link { peer, ..Link::default() };
+        self.links.lock().unwrap().insert(cookie, link, 0).context("LINKS insert")
+    }
+
+    pub fn link(&self, cookie: u64) -> Option<Link> {
+        self.links.lock().unwrap().get(&cookie, 0).ok()
+    }
+
+    pub fn remove_link(&self, cookie: u64) {
+        let _ = self.links.lock().unwrap().remove(&cookie);
+    }
+
+    /// Makes the socket a redirect target. Fails unless it is ESTABLISHED.
+    pub fn add_target(&self, cookie: u64, fd: &impl AsRawFd) -> Result<()> {
+        self.targets.lock().unwrap().insert(cookie, fd.as_raw_fd(), 0).context("TARGETS insert")
+    }
+
+    pub fn remove_target(&self, cookie: u64) {
+        let _ = self.targets.lock().unwrap().remove(&cookie);
+    }
+
+    /// Hands the socket's ingress to the verdict program.
+    pub fn add_spliced(&self, cookie: u64, fd: &impl AsRawFd) -> Result<()> {
+        self.spliced.lock().unwrap().insert(cookie, fd.as_raw_fd(), 0).context("SPLICED insert")
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+/// Turns the usual load failures into a reason an operator can act on.
+fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("Operation not permitted") || text.contains("EPERM") {
+        anyhow!("permission denied loading eBPF (run as root, or grant CAP_BPF and CAP_NET_ADMIN): {text}")
+    } else {
+        anyhow!("loading eBPF failed (kernel without BPF sockmap/sk_skb support?): {text}")
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Copies the kernel program's aya-log records into splicer's own log.
+fn start_kernel_logger(ebpf: &mut Ebpf) {
+    match aya_log::EbpfLogger::init(ebpf) {
+        Err(e) => log::warn!("eBPF log forwarding unavailable: {e}"),
+        Ok(logger) => {
+            // SAFETY: the logger owns its ring buffer fd and keeps it open
+            // and unchanged for as long as the AsyncFd holds the logger.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+            };
+            let mut logger = match registered {
+                Ok(l) => l,
+                Err(e) => return log::warn!("eBPF log forwarding unavailable: {e}"),
+            };
+            tokio::spawn(async move {
+                loop {
+                    let Ok(mut guard) = logger.readable_mut().await else { return };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+    }
+}

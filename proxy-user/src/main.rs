@@ -1,0 +1,75 @@
+//! splicer: accepts MQTT clients, connects each to an upstream broker, tells
+//! the broker who the client is (PROXY protocol), and lets an eBPF sockmap
+//! program carry the bytes from then on.
+mod balance;
+mod cli;
+mod config;
+mod conn;
+mod ebpf_maps;
+mod listener;
+mod metrics;
+mod offload;
+mod proxy_protocol;
+mod relay;
+mod sockopt;
+mod splice;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use clap::Parser;
+
+fn main() -> Result<()> {
+    let config = match cli::Cli::parse().into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("splicer: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    // Our own modules (and the kernel program's records) at the configured
+    // level; libraries only from warn up, so debug stays readable.
+    env_logger::Builder::new()
+        .filter_level(config.log_level.min(log::LevelFilter::Warn))
+        .filter_module("splicer", config.log_level)
+        .filter_module("proxy_ebpf", config.log_level)
+        .format_timestamp_millis()
+        .init();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(config))
+}
+
+async fn run(config: config::Config) -> Result<()> {
+    let offload = Arc::new(offload::Offload::init(config.offload, config.log_level)?);
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        let ctx = conn::ListenerCtx {
+            balancer: balance::RoundRobin::new(l.upstreams.clone()),
+            config: l.clone(),
+            offload: offload.clone(),
+        };
+        let listener = listener::bind(&ctx)?;
+        log::info!(
+            "[{}] listening on {} -> {} (send-proxy {:?})",
+            l.name,
+            listener.local_addr()?,
+            l.upstreams.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", "),
+            l.send_proxy
+        );
+        bound.push((Arc::new(ctx), listener));
+    }
+    for (ctx, listener) in bound {
+        tokio::spawn(listener::serve(ctx, listener));
+    }
+    wait_for_stop().await;
+    log::info!("stopping: {}", metrics::COUNTERS.summary());
+    Ok(())
+}
+
+async fn wait_for_stop() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,43 @@
+//! Deciding, once at start-up, who carries the bulk bytes: the kernel
+//! (eBPF sockmap) or the userspace relay, and saying so.
+use anyhow::{Context as _, Result};
+
+use crate::{config::OffloadMode, ebpf_maps::Maps};
+
+pub enum Offload {
+    Sockmap(Maps),
+    Userspace,
+}
+
+impl Offload {
+    pub fn init(mode: OffloadMode, level: log::LevelFilter) -> Result<Offload> {
+        match mode {
+            OffloadMode::Userspace => {
+                log::info!("offload: userspace (requested with --offload userspace)");
+                Ok(Offload::Userspace)
+            }
+            OffloadMode::Sockmap => {
+                let maps = Maps::load(level).context("--offload sockmap: the eBPF sockmap offload cannot be used")?;
+                log::info!("offload: sockmap (sk_skb stream verdict, prog id {})", maps.prog_id);
+                Ok(Offload::Sockmap(maps))
+            }
+            OffloadMode::Auto => match Maps::load(level) {
+                Ok(maps) => {
+                    log::info!("offload: sockmap (sk_skb stream verdict, prog id {})", maps.prog_id);
+                    Ok(Offload::Sockmap(maps))
+                }
+                Err(e) => {
+                    log::warn!("offload: userspace, because the eBPF sockmap offload is unavailable: {e:#}");
+                    Ok(Offload::Userspace)
+                }
+            },
+        }
+    }
+
+    pub fn maps(&self) -> Option<&Maps> {
+        match self {
+            Offload::Sockmap(m) => Some(m),
+            Offload::Userspace => None,
+        }
+    }
+}

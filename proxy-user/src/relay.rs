@@ -1,0 +1,88 @@
+//! The userspace relay for one direction of a connection: the fallback when
+//! the kernel cannot carry it, with the same half-close and reset semantics.
+use std::{
+    io,
+    net::Shutdown,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
+
+use tokio::{io::Interest, net::TcpStream};
+
+/// How one direction of a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// `src` sent FIN and it was passed on to `dst` after every byte.
+    Fin,
+    /// `src` was reset (RST) or failed.
+    SrcReset,
+    /// `dst` could not take more bytes (reset, or gone).
+    DstFailed,
+}
+
+const BUF_SIZE: usize = 64 * 1024;
+
+/// Copies `src` to `dst` until EOF, then half-closes `dst`. `bytes` counts
+/// what was passed on, and stays right if this future is dropped mid-way.
+pub async fn user_direction(src: &TcpStream, dst: &TcpStream, bytes: &AtomicU64) -> End {
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = match read_some(src, &mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(_) => return End::SrcReset,
+        };
+        if write_all(dst, &buf[..n]).await.is_err() {
+            return End::DstFailed;
+        }
+        bytes.fetch_add(n as u64, Relaxed);
+    }
+    match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
+        Ok(()) => End::Fin,
+        Err(_) => End::DstFailed,
+    }
+}
+
+async fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        src.readable().await?;
+        match src.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+pub async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Resolves only if `sock` gets reset. Used once a direction has passed its
+/// FIN on, so that an RST arriving later still reaches the other side.
+/// Waits on ERROR alone: tokio keeps read-closed readiness set for good
+/// after a FIN, so waiting on READABLE here would spin.
+pub async fn wait_reset(sock: &TcpStream) -> End {
+    loop {
+        match sock.ready(Interest::ERROR).await {
+            Err(_) => return End::SrcReset,
+            Ok(_) => {
+                if matches!(sock.take_error(), Ok(Some(_)) | Err(_)) {
+                    return End::SrcReset;
+                }
+                let _ = sock.try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+            }
+        }
+    }
+}
+
+/// Makes closing `sock` send RST instead of FIN, to pass a reset on.
+pub fn abort_on_close(sock: &TcpStream) {
+    let _ = socket2::SockRef::from(sock).set_linger(Some(std::time::Duration::ZERO));
+}
