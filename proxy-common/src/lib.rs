@@ -18,6 +18,9 @@ pub struct Link {
     pub redirected: u64,
     /// Bytes dropped because the redirect failed (should stay 0).
     pub dropped: u64,
+    /// The last `LIMITS` value the program signalled on EVENTS, so each
+    /// limit is signalled once.
+    pub signalled: u64,
 }
 
 #[cfg(feature = "user")]
@@ -28,6 +31,8 @@ unsafe impl aya::Pod for Link {}
 pub const MAP_LINKS: &str = "LINKS";
 pub const MAP_TARGETS: &str = "TARGETS";
 pub const MAP_SPLICED: &str = "SPLICED";
+pub const MAP_LIMITS: &str = "LIMITS";
+pub const MAP_EVENTS: &str = "EVENTS";
 pub const PROG_VERDICT: &str = "splice_verdict";
 /// Default capacity (sockets) of the maps; two sockets per connection.
 pub const MAX_SOCKETS: u32 = 131_072;

@@ -10,7 +10,7 @@ use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_get_socket_cookie,
     macros::{map, stream_verdict},
-    maps::{HashMap, SockHash},
+    maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::{debug, error};
@@ -31,6 +31,17 @@ static TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 /// both sockets of a pair reachable before either one starts redirecting.
 #[map]
 static SPLICED: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+/// Socket cookie -> redirected-bytes mark. Written only by userspace: when a
+/// socket's `redirected` reaches its limit, the program puts the cookie on
+/// EVENTS so userspace can check that the peer keeps up (the kernel gives
+/// redirects no backpressure of their own).
+#[map]
+static LIMITS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// Cookies of sockets that reached their limit.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -61,6 +72,18 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     if verdict == SK_PASS {
         add(unsafe { addr_of_mut!((*link).redirected) }, len);
         debug!(&ctx, "splice: {} bytes {} -> {}", len, cookie, peer);
+        // SAFETY: as above; LIMITS values are plain u64s.
+        unsafe {
+            if let Some(&limit) = LIMITS.get(&cookie) {
+                let signalled = addr_of_mut!((*link).signalled);
+                if read_volatile(addr_of_mut!((*link).redirected)) >= limit && read_volatile(signalled) != limit {
+                    write_volatile(signalled, limit);
+                    if EVENTS.output::<u64>(cookie, 0).is_err() {
+                        error!(&ctx, "splice: EVENTS full, socket {} not signalled", cookie);
+                    }
+                }
+            }
+        }
     } else {
         add(unsafe { addr_of_mut!((*link).dropped) }, len);
         error!(&ctx, "splice: redirect {} -> {} failed, {} bytes dropped", cookie, peer, len);

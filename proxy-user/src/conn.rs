@@ -4,6 +4,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
+    os::fd::{AsFd, AsRawFd},
     sync::{atomic::AtomicU64, atomic::Ordering::Relaxed, Arc},
     time::Instant,
 };
@@ -18,6 +19,7 @@ use crate::{
     proxy_protocol,
     relay::{self, End},
     splice::{self, Handoff},
+    watch::Watcher,
 };
 
 /// What a listener's connections share.
@@ -41,20 +43,23 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let (c2u, u2c, how) = match proxy(&ctx, &client, &upstream, peer).await {
-        Ok(r) => r,
+    let t = match proxy(&ctx, client, upstream, peer).await {
+        Ok(t) => t,
         Err(e) => {
             log::warn!("[{name}] {peer} -> {upstream_addr}: {e:#}");
-            (0, 0, "error")
+            Totals { how: "error", ..Totals::default() }
         }
     };
-    drop(client);
-    drop(upstream);
     dec(&COUNTERS.active);
     inc(&COUNTERS.closed);
     log::info!(
-        "[{name}] closed client={peer} upstream={upstream_addr} client_to_upstream={c2u} upstream_to_client={u2c} duration={:.3}s end={how}",
-        started.elapsed().as_secs_f64()
+        "[{name}] closed client={peer} upstream={upstream_addr} client_to_upstream={} upstream_to_client={} \
+         kernel_bytes={} duration={:.3}s end={}",
+        t.c2u,
+        t.u2c,
+        t.kernel,
+        started.elapsed().as_secs_f64(),
+        t.how
     );
 }
 
@@ -72,61 +77,130 @@ async fn connect_upstream(ctx: &ListenerCtx) -> Option<(TcpStream, SocketAddr)> 
     None
 }
 
-/// Forwards until both directions are closed or one side resets.
-/// Returns bytes client->upstream, upstream->client, and how it ended.
-async fn proxy(
-    ctx: &ListenerCtx,
-    client: &TcpStream,
-    upstream: &TcpStream,
-    peer: SocketAddr,
-) -> anyhow::Result<(u64, u64, &'static str)> {
+/// What a connection carried, for its close line.
+#[derive(Default)]
+struct Totals {
+    c2u: u64,
+    u2c: u64,
+    /// Of those, bytes the kernel redirected (never seen by userspace).
+    kernel: u64,
+    how: &'static str,
+}
+
+/// Forwards until both directions are closed or one side resets, then
+/// closes both sockets.
+async fn proxy(ctx: &ListenerCtx, client: TcpStream, upstream: TcpStream, peer: SocketAddr) -> anyhow::Result<Totals> {
     if let Some(version) = ctx.config.send_proxy.version() {
         let header = proxy_protocol::build(version, peer, client.local_addr()?);
-        relay::write_all(upstream, &header).await?;
+        relay::write_all(&upstream, &header).await?;
     }
-
-    let maps = ctx.offload.maps();
-    let handoff = maps.map_or_else(Handoff::default, |m| splice::handoff(m, client, upstream));
-    if handoff.client_spliced && handoff.upstream_spliced {
-        inc(&COUNTERS.spliced);
-    } else {
+    let Some(maps) = ctx.offload.maps() else {
         inc(&COUNTERS.relayed);
-    }
+        return Ok(relayed(&client, &upstream).await);
+    };
+    let handoff = splice::handoff(maps, &client, &upstream);
+    let watcher = Watcher::get()?;
+    // Bytes relayed in userspace; the kernel's own count is in the links.
     let (c2u_user, u2c_user) = (AtomicU64::new(0), AtomicU64::new(0));
-    let c2u = async {
-        match (maps, handoff.cookies) {
-            (Some(m), Some((c, _))) if handoff.client_spliced => {
-                splice::kernel_direction(m, client, upstream, c, 0, handoff.upstream_base).await
-            }
-            _ => relay::user_direction(client, upstream, &c2u_user).await,
+    let how = match handoff {
+        Handoff { cookies: Some((c, u)), client_spliced: true, upstream_spliced: true, .. } => {
+            inc(&COUNTERS.spliced);
+            // The kernel carries both ways: leave tokio's epoll (which would
+            // wake for every skb) and wait on the splice watcher alone.
+            let (client, upstream) = (client.into_std()?, upstream.into_std()?);
+            let (cw, uw) = (watcher.watch(client.as_raw_fd())?, watcher.watch(upstream.as_raw_fd())?);
+            let how = drive(
+                splice::kernel_direction(maps, (&client, &cw), &upstream, c, 0, handoff.upstream_base, &c2u_user),
+                splice::kernel_direction(maps, (&upstream, &uw), &client, u, 0, handoff.client_base, &u2c_user),
+                splice::wait_reset(&client, &cw),
+                splice::wait_reset(&upstream, &uw),
+            )
+            .await;
+            abort_if_reset(how, &client, &upstream);
+            how
+        }
+        Handoff { cookies: None, .. } => {
+            inc(&COUNTERS.relayed);
+            return Ok(relayed(&client, &upstream).await);
+        }
+        Handoff { cookies: Some((c, u)), client_spliced, upstream_spliced, .. } => {
+            // One side half-closed before the handoff: the kernel carries
+            // the other direction, userspace this one.
+            inc(&COUNTERS.relayed);
+            let (cw, uw) = (watcher.watch(client.as_raw_fd())?, watcher.watch(upstream.as_raw_fd())?);
+            let c2u = async {
+                if client_spliced {
+                    splice::kernel_direction(maps, (&client, &cw), &upstream, c, 0, handoff.upstream_base, &c2u_user)
+                        .await
+                } else {
+                    relay::user_direction(&client, &upstream, &c2u_user).await
+                }
+            };
+            let u2c = async {
+                if upstream_spliced {
+                    splice::kernel_direction(maps, (&upstream, &uw), &client, u, 0, handoff.client_base, &u2c_user)
+                        .await
+                } else {
+                    relay::user_direction(&upstream, &client, &u2c_user).await
+                }
+            };
+            let how = drive(c2u, u2c, relay::wait_reset(&client), relay::wait_reset(&upstream)).await;
+            abort_if_reset(how, &client, &upstream);
+            let (c_link, u_link) = (maps.link(c).unwrap_or_default(), maps.link(u).unwrap_or_default());
+            drop((cw, uw)); // deregister before the fds close and can be reused
+            drop((client, upstream));
+            splice::forget(maps, (c, u));
+            return Ok(Totals {
+                c2u: c2u_user.load(Relaxed) + c_link.redirected,
+                u2c: u2c_user.load(Relaxed) + u_link.redirected,
+                kernel: c_link.redirected + u_link.redirected,
+                how,
+            });
         }
     };
-    let u2c = async {
-        match (maps, handoff.cookies) {
-            (Some(m), Some((_, u))) if handoff.upstream_spliced => {
-                splice::kernel_direction(m, upstream, client, u, 0, handoff.client_base).await
-            }
-            _ => relay::user_direction(upstream, client, &u2c_user).await,
-        }
-    };
-    let how = drive(client, upstream, c2u, u2c).await;
+    // Both sockets are closed (so out of the sockhashes) before their links go.
+    let (c, u) = handoff.cookies.unwrap();
+    let (c_link, u_link) = splice::forget(maps, (c, u));
+    Ok(Totals {
+        c2u: c2u_user.load(Relaxed) + c_link.redirected,
+        u2c: u2c_user.load(Relaxed) + u_link.redirected,
+        kernel: c_link.redirected + u_link.redirected,
+        how,
+    })
+}
 
-    let (c_link, u_link) = match (maps, handoff.cookies) {
-        (Some(m), Some(cookies)) => splice::forget(m, cookies),
-        _ => Default::default(),
-    };
-    Ok((c2u_user.load(Relaxed) + c_link.redirected, u2c_user.load(Relaxed) + u_link.redirected, how))
+/// Both directions relayed in userspace.
+async fn relayed(client: &TcpStream, upstream: &TcpStream) -> Totals {
+    let (c2u, u2c) = (AtomicU64::new(0), AtomicU64::new(0));
+    let how = drive(
+        relay::user_direction(client, upstream, &c2u),
+        relay::user_direction(upstream, client, &u2c),
+        relay::wait_reset(client),
+        relay::wait_reset(upstream),
+    )
+    .await;
+    abort_if_reset(how, client, upstream);
+    Totals { c2u: c2u.load(Relaxed), u2c: u2c.load(Relaxed), kernel: 0, how }
+}
+
+/// Passes a reset on: both sockets will close with RST instead of FIN.
+fn abort_if_reset(how: &str, client: &impl AsFd, upstream: &impl AsFd) {
+    if how.ends_with("reset") {
+        relay::abort_on_close(client);
+        relay::abort_on_close(upstream);
+    }
 }
 
 /// Runs both directions. A FIN in one direction leaves the other running
-/// (half-close); a reset anywhere resets the other side and ends both.
+/// (half-close); a reset anywhere ends both. `*_reset` resolve if that
+/// side is reset after its FIN was passed on.
 async fn drive(
-    client: &TcpStream,
-    upstream: &TcpStream,
     c2u: impl Future<Output = End>,
     u2c: impl Future<Output = End>,
+    client_reset: impl Future<Output = End>,
+    upstream_reset: impl Future<Output = End>,
 ) -> &'static str {
-    tokio::pin!(c2u, u2c);
+    tokio::pin!(c2u, u2c, client_reset, upstream_reset);
     let (mut c2u_end, mut u2c_end) = (None, None);
     let mut first_fin = None;
     loop {
@@ -139,23 +213,14 @@ async fn drive(
                 u2c_end = Some(e);
                 first_fin.get_or_insert("upstream closed");
             }
-            // Once a side's FIN is passed on, only its reset still matters.
-            e = relay::wait_reset(client), if c2u_end == Some(End::Fin) && u2c_end.is_none() => c2u_end = Some(e),
-            e = relay::wait_reset(upstream), if u2c_end == Some(End::Fin) && c2u_end.is_none() => u2c_end = Some(e),
+            e = &mut client_reset, if c2u_end == Some(End::Fin) && u2c_end.is_none() => c2u_end = Some(e),
+            e = &mut upstream_reset, if u2c_end == Some(End::Fin) && c2u_end.is_none() => u2c_end = Some(e),
         }
-        let reset = match (c2u_end, u2c_end) {
-            (Some(End::SrcReset), _) | (_, Some(End::DstFailed)) => Some("client reset"),
-            (Some(End::DstFailed), _) | (_, Some(End::SrcReset)) => Some("upstream reset"),
-            _ => None,
-        };
-        if let Some(how) = reset {
-            // Pass the reset on: both sockets close with RST.
-            relay::abort_on_close(client);
-            relay::abort_on_close(upstream);
-            return how;
-        }
-        if c2u_end.is_some() && u2c_end.is_some() {
-            return first_fin.unwrap_or("closed");
+        match (c2u_end, u2c_end) {
+            (Some(End::SrcReset), _) | (_, Some(End::DstFailed)) => return "client reset",
+            (Some(End::DstFailed), _) | (_, Some(End::SrcReset)) => return "upstream reset",
+            (Some(_), Some(_)) => return first_fin.unwrap_or("closed"),
+            _ => {}
         }
     }
 }

@@ -1,20 +1,28 @@
 //! Loading the eBPF object and operating its maps: which socket redirects to
 //! which, and the per-socket byte counters the verdict program keeps.
-use std::{os::fd::AsRawFd, sync::Mutex};
+use std::{
+    collections::HashMap as StdHashMap,
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{HashMap, MapData, SockHash},
+    maps::{HashMap, MapData, RingBuf, SockHash},
     programs::SkSkb,
     Ebpf, EbpfLoader,
 };
-use proxy_common::{Link, MAP_LINKS, MAP_SPLICED, MAP_TARGETS, PROG_VERDICT};
+use proxy_common::{Link, MAP_EVENTS, MAP_LIMITS, MAP_LINKS, MAP_SPLICED, MAP_TARGETS, PROG_VERDICT};
+use tokio::sync::Notify;
 
 /// The object `cargo xtask build` compiled; empty if built without it.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
 
 pub struct Maps {
     links: Mutex<HashMap<MapData, u64, Link>>,
+    limits: Mutex<HashMap<MapData, u64, u64>>,
+    /// Who to wake when the program signals a socket's cookie on EVENTS.
+    waiters: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>,
     targets: Mutex<SockHash<MapData, u64>>,
     spliced: Mutex<SockHash<MapData, u64>>,
     pub prog_id: u32,
@@ -48,6 +56,10 @@ impl Maps {
         let links: HashMap<MapData, u64, Link> = take(&mut ebpf, MAP_LINKS)?.try_into()?;
         let targets: SockHash<MapData, u64> = take(&mut ebpf, MAP_TARGETS)?.try_into()?;
         let spliced: SockHash<MapData, u64> = take(&mut ebpf, MAP_SPLICED)?.try_into()?;
+        let limits: HashMap<MapData, u64, u64> = take(&mut ebpf, MAP_LIMITS)?.try_into()?;
+        let events: RingBuf<MapData> = take(&mut ebpf, MAP_EVENTS)?.try_into()?;
+        let waiters = Arc::new(Mutex::new(StdHashMap::new()));
+        dispatch_events(events, waiters.clone())?;
         let prog: &mut SkSkb = ebpf
             .program_mut(PROG_VERDICT)
             .ok_or_else(|| anyhow!("program {PROG_VERDICT} missing from the eBPF object"))?
@@ -57,6 +69,8 @@ impl Maps {
         let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
         Ok(Maps {
             links: Mutex::new(links),
+            limits: Mutex::new(limits),
+            waiters,
             targets: Mutex::new(targets),
             spliced: Mutex::new(spliced),
             prog_id,
@@ -86,10 +100,70 @@ impl Maps {
         let _ = self.targets.lock().unwrap().remove(&cookie);
     }
 
-    /// Hands the socket's ingress to the verdict program.
+    /// Hands the socket's ingress to the verdict program. Fails unless the
+    /// socket is ESTABLISHED (so not after the peer's FIN).
     pub fn add_spliced(&self, cookie: u64, fd: &impl AsRawFd) -> Result<()> {
         self.spliced.lock().unwrap().insert(cookie, fd.as_raw_fd(), 0).context("SPLICED insert")
     }
+
+    /// Takes the socket's ingress back from the verdict program: new bytes
+    /// stay in its receive queue, and TCP flow control holds the sender.
+    pub fn remove_spliced(&self, cookie: u64) -> Result<()> {
+        self.spliced.lock().unwrap().remove(&cookie).context("SPLICED remove")
+    }
+
+    /// Asks the program to signal `cookie` once its redirected bytes reach `limit`.
+    pub fn set_limit(&self, cookie: u64, limit: u64) -> Result<()> {
+        self.limits.lock().unwrap().insert(cookie, limit, 0).context("LIMITS insert")
+    }
+
+    /// Registers for the socket's limit signals; the returned guard
+    /// unregisters and drops the limit.
+    pub fn on_limit(&self, cookie: u64) -> LimitSignal<'_> {
+        let notify = Arc::new(Notify::new());
+        self.waiters.lock().unwrap().insert(cookie, notify.clone());
+        LimitSignal { maps: self, cookie, notify }
+    }
+}
+
+pub struct LimitSignal<'a> {
+    maps: &'a Maps,
+    cookie: u64,
+    notify: Arc<Notify>,
+}
+
+impl LimitSignal<'_> {
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for LimitSignal<'_> {
+    fn drop(&mut self) {
+        self.maps.waiters.lock().unwrap().remove(&self.cookie);
+        let _ = self.maps.limits.lock().unwrap().remove(&self.cookie);
+    }
+}
+
+/// Reads cookies off the EVENTS ring buffer and wakes their waiters.
+fn dispatch_events(events: RingBuf<MapData>, waiters: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>) -> Result<()> {
+    // SAFETY: the ring buffer owns its fd and keeps it open and unchanged
+    // for as long as the AsyncFd holds it.
+    let mut events = unsafe { tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow!("watching the EVENTS ring buffer: {e}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = events.readable_mut().await else { return };
+            while let Some(item) = guard.get_inner_mut().next() {
+                let Ok(bytes) = <[u8; 8]>::try_from(&*item) else { continue };
+                if let Some(n) = waiters.lock().unwrap().get(&u64::from_ne_bytes(bytes)) {
+                    n.notify_one();
+                }
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(())
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {

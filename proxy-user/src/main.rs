@@ -13,6 +13,7 @@ mod proxy_protocol;
 mod relay;
 mod sockopt;
 mod splice;
+mod watch;
 
 use std::sync::Arc;
 

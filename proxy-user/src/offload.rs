@@ -2,7 +2,7 @@
 //! (eBPF sockmap) or the userspace relay, and saying so.
 use anyhow::{Context as _, Result};
 
-use crate::{config::OffloadMode, ebpf_maps::Maps};
+use crate::{config::OffloadMode, ebpf_maps::Maps, watch::Watcher};
 
 pub enum Offload {
     Sockmap(Maps),
@@ -17,11 +17,11 @@ impl Offload {
                 Ok(Offload::Userspace)
             }
             OffloadMode::Sockmap => {
-                let maps = Maps::load(level).context("--offload sockmap: the eBPF sockmap offload cannot be used")?;
+                let maps = load(level).context("--offload sockmap: the eBPF sockmap offload cannot be used")?;
                 log::info!("offload: sockmap (sk_skb stream verdict, prog id {})", maps.prog_id);
                 Ok(Offload::Sockmap(maps))
             }
-            OffloadMode::Auto => match Maps::load(level) {
+            OffloadMode::Auto => match load(level) {
                 Ok(maps) => {
                     log::info!("offload: sockmap (sk_skb stream verdict, prog id {})", maps.prog_id);
                     Ok(Offload::Sockmap(maps))
@@ -40,4 +40,11 @@ impl Offload {
             Offload::Userspace => None,
         }
     }
+}
+
+/// The maps and program, plus the FIN/RST watcher spliced sockets need.
+fn load(level: log::LevelFilter) -> Result<Maps> {
+    let maps = Maps::load(level)?;
+    Watcher::get().context("starting the splice watcher")?;
+    Ok(maps)
 }

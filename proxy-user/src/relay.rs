@@ -83,6 +83,6 @@ pub async fn wait_reset(sock: &TcpStream) -> End {
 }
 
 /// Makes closing `sock` send RST instead of FIN, to pass a reset on.
-pub fn abort_on_close(sock: &TcpStream) {
+pub fn abort_on_close(sock: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(sock).set_linger(Some(std::time::Duration::ZERO));
 }

@@ -98,3 +98,15 @@ pub fn bytes_queued_total(fd: RawFd) -> io::Result<(u8, u64)> {
     let queued = unacked_send_queue(fd)?;
     Ok((info.state, info.bytes_acked + queued))
 }
+
+/// What a non-blocking poll(2) says about the socket right now:
+/// (no more to read: FIN or hang-up, socket has an error).
+pub fn closed_or_failed(fd: RawFd) -> io::Result<(bool, bool)> {
+    let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    if unsafe { libc::poll(&mut p, 1, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let failed = p.revents & (libc::POLLERR | libc::POLLNVAL) != 0;
+    Ok((p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0, failed))
+}

@@ -1,1 +1,430 @@
+//! Harness for splicer's end-to-end tests: starts splicer and real peers as
+//! child processes on loopback addresses, and stops them by PID.
+//!
+//! Addresses: clients bind 127.0.0.2, splicer listens on 127.0.0.3 and
+//! brokers on 127.0.0.4, so that "who connected" is never ambiguous.
+//! (splicer's own upstream connections come from 127.0.0.1.)
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
 
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+pub const SPLICER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+pub const BROKER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
+
+/// Both offload modes; most tests run once in each.
+pub const MODES: [&str; 2] = ["sockmap", "userspace"];
+
+pub fn splicer_bin() -> PathBuf {
+    std::env::var_os("SPLICER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/release/splicer"))
+}
+
+pub fn peers_dir() -> PathBuf {
+    std::env::var_os("SPLICER_PEERS").map(PathBuf::from).unwrap_or_else(|| workspace().join("tests/peers"))
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A scratch directory for one test's logs and configs.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("splicer-e2e-{}-{name}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A port that was free on `ip` a moment ago. Ports are handed out from a
+/// per-process counter so that parallel tests never pick the same one.
+pub fn free_port(ip: Ipv4Addr) -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20000 + (std::process::id() % 200) * 100;
+    loop {
+        let port = (base + NEXT.fetch_add(1, Ordering::Relaxed) % 20000) as u16;
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A child process whose output goes to a log file; killed on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, dir: &Path, cmd: &mut Command) -> Result<Proc> {
+        let log = dir.join(format!("{name}.log"));
+        let out = fs::File::create(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
+        Ok(Proc { name: name.into(), child, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn output(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log has a line containing `needle`; returns it.
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.output().lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_string());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!("{} exited ({status}) before printing {needle:?}:\n{}", self.name, self.output());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not print {needle:?} within {timeout:?}:\n{}", self.name, self.output());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Lines of the log that contain `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.output().lines().filter(|l| l.contains(needle)).map(String::from).collect()
+    }
+
+    /// SIGTERM, then SIGKILL after a grace period; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(s)) = self.child.try_wait() {
+            return Some(s);
+        }
+        // SAFETY: plain kill(2) on our own child's PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+
+    /// utime + stime of the process, in seconds (from /proc/PID/stat).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the ")" that closes the command name; utime and
+        // stime are fields 14 and 15 of the whole line.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    /// Bytes the process read through read-like syscalls (/proc/PID/io rchar).
+    pub fn read_bytes(&self) -> u64 {
+        let io = fs::read_to_string(format!("/proc/{}/io", self.pid())).unwrap_or_default();
+        io.lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Number of open file descriptors.
+    pub fn fd_count(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A running splicer.
+pub struct Splicer {
+    pub proc: Proc,
+    pub listen: SocketAddr,
+}
+
+impl Splicer {
+    /// Starts splicer listening on SPLICER_IP:<free port> with extra args,
+    /// and waits until it listens.
+    pub fn start(dir: &Path, args: &[&str]) -> Result<Splicer> {
+        let listen = SocketAddr::new(IpAddr::V4(SPLICER_IP), free_port(SPLICER_IP));
+        let mut cmd = Command::new(splicer_bin());
+        cmd.arg("--listen").arg(listen.to_string()).args(args);
+        Self::start_cmd(dir, cmd, listen)
+    }
+
+    pub fn start_cmd(dir: &Path, mut cmd: Command, listen: SocketAddr) -> Result<Splicer> {
+        let mut proc = Proc::spawn("splicer", dir, &mut cmd)?;
+        proc.wait_line("listening on", Duration::from_secs(10))?;
+        Ok(Splicer { proc, listen })
+    }
+
+    /// The offload in effect, from the start-up line ("sockmap"/"userspace").
+    pub fn offload(&self) -> String {
+        let line = self.proc.lines_with("offload: ").into_iter().next().unwrap_or_default();
+        let mode = line.split("offload: ").nth(1).unwrap_or("");
+        mode.split([' ', ',']).next().unwrap_or("").to_string()
+    }
+
+    /// Close log lines so far.
+    pub fn closed_lines(&self) -> Vec<String> {
+        self.proc.lines_with("] closed client=")
+    }
+
+    /// Waits until `n` connections have logged their close line.
+    pub fn wait_closed(&self, n: usize, timeout: Duration) -> Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.closed_lines();
+            if lines.len() >= n {
+                return Ok(lines);
+            }
+            if Instant::now() > deadline {
+                bail!("only {} of {n} close lines after {timeout:?}:\n{}", lines.len(), self.proc.output());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Starts splicer in `mode` forwarding to `upstream` and checks that the
+/// mode asked for is the mode in effect.
+pub fn splicer_in_mode(dir: &Path, mode: &str, upstream: SocketAddr, extra: &[&str]) -> Result<Splicer> {
+    let up = upstream.to_string();
+    let mut args = vec!["--upstream", up.as_str(), "--offload", mode];
+    args.extend_from_slice(extra);
+    let s = Splicer::start(dir, &args)?;
+    if s.offload() != mode {
+        bail!("asked for --offload {mode}, got {:?}:\n{}", s.offload(), s.proc.output());
+    }
+    Ok(s)
+}
+
+/// Connects to `to` from CLIENT_IP.
+pub fn connect_from_client(to: SocketAddr) -> Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::new(IpAddr::V4(CLIENT_IP), 0).into())?;
+    sock.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    Ok(sock.into())
+}
+
+/// Reads until EOF with a deadline.
+pub fn read_to_end_timeout(s: &mut TcpStream, timeout: Duration) -> Result<Vec<u8>> {
+    s.set_read_timeout(Some(timeout))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(|e| anyhow!("read: {e} after {} bytes", out.len()))?;
+    Ok(out)
+}
+
+/// Deterministic test data: a xorshift64* stream keyed by `seed`. Both
+/// ends regenerate it, so every byte can be checked in place.
+pub struct Pattern {
+    state: u64,
+    buf: [u8; 8],
+    pos: usize,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Self {
+        Pattern { state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, buf: [0; 8], pos: 8 }
+    }
+
+    pub fn fill(&mut self, out: &mut [u8]) {
+        for b in out {
+            if self.pos == 8 {
+                self.state ^= self.state >> 12;
+                self.state ^= self.state << 25;
+                self.state ^= self.state >> 27;
+                self.buf = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+                self.pos = 0;
+            }
+            *b = self.buf[self.pos];
+            self.pos += 1;
+        }
+    }
+}
+
+/// Writes `len` pattern bytes to `w` in chunks.
+pub fn send_pattern(w: &mut impl Write, seed: u64, len: u64) -> std::io::Result<()> {
+    let mut p = Pattern::new(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        p.fill(&mut buf[..n]);
+        w.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Reads from `r` until EOF and checks it is exactly `len` pattern bytes.
+pub fn expect_pattern(r: &mut impl Read, seed: u64, len: u64) -> Result<()> {
+    let mut p = Pattern::new(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut want = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = r.read(&mut buf).map_err(|e| anyhow!("read failed after {got} of {len} bytes: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        if got + n as u64 > len {
+            bail!("received more than the {len} bytes sent ({} so far)", got + n as u64);
+        }
+        p.fill(&mut want[..n]);
+        if buf[..n] != want[..n] {
+            let i = (0..n).find(|&i| buf[i] != want[i]).unwrap();
+            bail!("byte {} differs (stream of {len} bytes, seed {seed})", got + i as u64);
+        }
+        got += n as u64;
+    }
+    if got != len {
+        bail!("EOF after {got} of {len} bytes");
+    }
+    Ok(())
+}
+
+/// Reads a PROXY header (v1 line or v2 binary) off the front of a stream
+/// without reading past it; returns its bytes.
+pub fn read_proxy_header(s: &mut TcpStream) -> Result<Vec<u8>> {
+    let mut first = [0u8; 16];
+    s.read_exact(&mut first[..1])?;
+    if first[0] == b'P' {
+        let mut line = vec![b'P'];
+        let mut b = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            s.read_exact(&mut b)?;
+            line.push(b[0]);
+            if line.len() > 107 {
+                bail!("v1 header longer than 107 bytes");
+            }
+        }
+        return Ok(line);
+    }
+    s.read_exact(&mut first[1..])?;
+    let len = u16::from_be_bytes([first[14], first[15]]) as usize;
+    let mut rest = vec![0u8; len];
+    s.read_exact(&mut rest)?;
+    let mut all = first.to_vec();
+    all.extend(rest);
+    Ok(all)
+}
+
+/// Hand-built expected PROXY headers (independent of splicer's builder).
+pub fn expected_v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    format!("PROXY TCP4 {} {} {} {}\r\n", src.ip(), dst.ip(), src.port(), dst.port()).into_bytes()
+}
+
+pub fn expected_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else { panic!("IPv4 only") };
+    let mut v = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v.extend([0x21, 0x11, 0x00, 12]);
+    v.extend(s.octets());
+    v.extend(d.octets());
+    v.extend(src.port().to_be_bytes());
+    v.extend(dst.port().to_be_bytes());
+    v
+}
+
+/// Runs a command to completion with a timeout; returns (status, stdout, stderr).
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<(std::process::ExitStatus, String, String)> {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = thread::spawn(move || { let mut s = String::new(); let _ = out.read_to_string(&mut s); s });
+    let err_t = thread::spawn(move || { let mut s = String::new(); let _ = err.read_to_string(&mut s); s });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} timed out after {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Ok((status, out_t.join().unwrap(), err_t.join().unwrap()))
+}
+
+/// Entries in one of a process's eBPF maps, found by name among the map
+/// fds it holds (/proc/PID/fdinfo has each map's id).
+pub fn bpf_map_entries(pid: u32, map_name: &str) -> Result<usize> {
+    let bpftool = |args: &[&str]| -> Result<String> {
+        let (st, out, err) = run_with_timeout(Command::new("bpftool").arg("-j").args(args), Duration::from_secs(10))?;
+        ensure!(st.success(), "bpftool {args:?} failed: {err}");
+        Ok(out)
+    };
+    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = fs::read_to_string(entry?.path()).unwrap_or_default();
+        let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) else { continue };
+        let id = id.trim();
+        if bpftool(&["map", "show", "id", id])?.contains(&format!("\"name\":\"{map_name}\"")) {
+            // One JSON object per entry, each with a "key".
+            return Ok(bpftool(&["map", "dump", "id", id])?.matches("\"key\"").count());
+        }
+    }
+    bail!("process {pid} holds no eBPF map named {map_name}")
+}
+
+/// Binds `ip:0`-style listeners for upstream test servers.
+pub fn listen_on(ip: Ipv4Addr) -> Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind((ip, free_port(ip)))?;
+    let a = l.local_addr()?;
+    Ok((l, a))
+}
+
+/// Reads lines from a child's stdout file until one satisfies `pred`.
+pub fn wait_json_line(proc: &mut Proc, pred: impl Fn(&str) -> bool, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let file = fs::File::open(&proc.log)?;
+        for line in BufReader::new(file).lines() {
+            let line = line?;
+            if pred(&line) {
+                return Ok(line);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no matching line from {} within {timeout:?}:\n{}", proc.name, proc.output());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Extracts a JSON string or number field's raw text from a flat JSON line.
+pub fn json_field(line: &str, field: &str) -> Option<String> {
+    let pat = format!("\"{field}\":");
+    let rest = &line[line.find(&pat)? + pat.len()..];
+    if let Some(s) = rest.strip_prefix('"') {
+        return Some(s[..s.find('"')?].to_string());
+    }
+    Some(rest.chars().take_while(|c| !matches!(c, ',' | '}')).collect::<String>().trim().to_string())
+}

@@ -1,1 +1,104 @@
-fn main() {}
+//! `cargo xtask`: build, run and test splicer, installing what is missing.
+mod build;
+mod install;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "splicer's build, run and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain (idempotent).
+    Setup,
+    /// Build the eBPF object and the splicer binary that embeds it.
+    Build {
+        /// Debug profile for the userspace binary.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build, then run splicer (as root). Without ARGS: `--config splicer.toml`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, then the end-to-end suite with real peers.
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => install::toolchain(),
+        Task::Build { debug } => build::all(!debug).map(|_| ()),
+        Task::Run { args } => run(args),
+        Task::Test { filter } => test(filter),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs a command, failing with its command line if it fails.
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("command failed ({status}): {cmd:?}");
+    }
+    Ok(())
+}
+
+fn run(args: Vec<String>) -> Result<()> {
+    install::toolchain()?;
+    let bin = build::all(true)?;
+    let args = if args.is_empty() {
+        vec!["--config".into(), root().join("splicer.toml").display().to_string()]
+    } else {
+        args
+    };
+    let mut cmd = if install::is_root() {
+        Command::new(&bin)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(&bin);
+        c
+    };
+    eprintln!("running {} {}", bin.display(), args.join(" "));
+    run_cmd(cmd.args(&args))
+}
+
+fn test(filter: Option<String>) -> Result<()> {
+    install::toolchain()?;
+    install::test_peers()?;
+    let bin = build::all(true)?;
+    let root = root();
+    let filter: Vec<String> = filter.into_iter().collect();
+    // Unit tests: config, PROXY protocol, balancing, ...
+    run_cmd(
+        build::cargo()
+            .current_dir(&root)
+            .args(["test", "--release", "-p", "splicer", "-p", "proxy-common", "--"])
+            .args(&filter),
+    )?;
+    // End to end, against real brokers and proxies. One at a time: they
+    // measure CPU and count fds, and the machine has two cores.
+    run_cmd(
+        build::cargo()
+            .current_dir(&root)
+            .env("SPLICER_BIN", &bin)
+            .env("SPLICER_PEERS", root.join("tests/peers"))
+            .args(["test", "--release", "-p", "splicer-tests", "--", "--test-threads=1"])
+            .args(&filter),
+    )
+}
