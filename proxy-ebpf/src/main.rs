@@ -32,14 +32,15 @@ static TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 #[map]
 static SPLICED: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
-/// Socket cookie -> redirected-bytes mark. Written only by userspace: when a
-/// socket's `redirected` reaches its limit, the program puts the cookie on
-/// EVENTS so userspace can check that the peer keeps up (the kernel gives
-/// redirects no backpressure of their own).
+/// Socket cookie -> a `redirected` mark, written only by userspace. The
+/// kernel gives redirects no backpressure of their own (the verdict takes
+/// each skb off the source socket's books), so userspace asks to be told
+/// each time another stretch has gone through, and checks that the peer
+/// keeps up (see splice.rs).
 #[map]
 static LIMITS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
-/// Cookies of sockets that reached their limit.
+/// Cookies of sockets whose `redirected` reached their LIMITS mark.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
@@ -62,33 +63,39 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         error!(&ctx, "splice: no link for socket {}", cookie);
         return SK_PASS;
     };
-    // SAFETY: `link` points into a live map value. Each socket's verdict runs
-    // serialised under that socket's lock, so every counter has exactly one
-    // writer and a plain (volatile, 8-aligned) add cannot lose updates.
-    let add = |field: *mut u64, n: u64| unsafe { write_volatile(field, read_volatile(field) + n) };
+    // SAFETY (all derefs of `link` below): it points into a live map value.
+    // Each socket's verdict runs serialised under that socket's lock, so
+    // every Link field has exactly one writer and a plain (volatile,
+    // 8-aligned) read-modify-write cannot lose updates.
+    let field = |f: *mut u64| unsafe { read_volatile(f) };
+    let set = |f: *mut u64, v: u64| unsafe { write_volatile(f, v) };
+    let (seen, redirected, dropped, signalled) = unsafe {
+        (
+            addr_of_mut!((*link).seen),
+            addr_of_mut!((*link).redirected),
+            addr_of_mut!((*link).dropped),
+            addr_of_mut!((*link).signalled),
+        )
+    };
+    set(seen, field(seen) + len);
     let peer = unsafe { (*link).peer };
-    add(unsafe { addr_of_mut!((*link).seen) }, len);
-    let verdict = TARGETS.redirect_skb(&ctx, peer, 0) as u32;
-    if verdict == SK_PASS {
-        add(unsafe { addr_of_mut!((*link).redirected) }, len);
-        debug!(&ctx, "splice: {} bytes {} -> {}", len, cookie, peer);
-        // SAFETY: as above; LIMITS values are plain u64s.
-        unsafe {
-            if let Some(&limit) = LIMITS.get(&cookie) {
-                let signalled = addr_of_mut!((*link).signalled);
-                if read_volatile(addr_of_mut!((*link).redirected)) >= limit && read_volatile(signalled) != limit {
-                    write_volatile(signalled, limit);
-                    if EVENTS.output::<u64>(cookie, 0).is_err() {
-                        error!(&ctx, "splice: EVENTS full, socket {} not signalled", cookie);
-                    }
-                }
+    if TARGETS.redirect_skb(&ctx, peer, 0) as u32 != SK_PASS {
+        set(dropped, field(dropped) + len);
+        error!(&ctx, "splice: redirect {} -> {} failed, {} bytes dropped", cookie, peer, len);
+        return SK_DROP;
+    }
+    set(redirected, field(redirected) + len);
+    debug!(&ctx, "splice: {} bytes {} -> {}", len, cookie, peer);
+    // SAFETY: LIMITS values are plain u64s, copied out at once.
+    if let Some(limit) = unsafe { LIMITS.get(&cookie).copied() } {
+        if field(redirected) >= limit && field(signalled) != limit {
+            set(signalled, limit);
+            if EVENTS.output::<u64>(cookie, 0).is_err() {
+                error!(&ctx, "splice: EVENTS full, socket {} not signalled", cookie);
             }
         }
-    } else {
-        add(unsafe { addr_of_mut!((*link).dropped) }, len);
-        error!(&ctx, "splice: redirect {} -> {} failed, {} bytes dropped", cookie, peer, len);
     }
-    if verdict == SK_PASS { SK_PASS } else { SK_DROP }
+    SK_PASS
 }
 
 #[cfg(not(test))]

@@ -13,7 +13,10 @@ pub struct RoundRobin {
 
 impl RoundRobin {
     pub fn new(upstreams: Vec<SocketAddr>) -> Self {
-        RoundRobin { upstreams, next: AtomicUsize::new(0) }
+        RoundRobin {
+            upstreams,
+            next: AtomicUsize::new(0),
+        }
     }
 
     /// Every upstream once, starting at the next one in turn.
@@ -30,9 +33,14 @@ mod tests {
 
     #[test]
     fn rotates_and_lists_every_upstream_once() {
-        let a: Vec<SocketAddr> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"].iter().map(|s| s.parse().unwrap()).collect();
+        let a: Vec<SocketAddr> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
         let rr = RoundRobin::new(a.clone());
-        let firsts: Vec<_> = (0..4).map(|_| rr.candidates().collect::<Vec<_>>()).collect();
+        let firsts: Vec<_> = (0..4)
+            .map(|_| rr.candidates().collect::<Vec<_>>())
+            .collect();
         assert_eq!(firsts[0], vec![a[0], a[1], a[2]]);
         assert_eq!(firsts[1], vec![a[1], a[2], a[0]]);
         assert_eq!(firsts[2], vec![a[2], a[0], a[1]]);

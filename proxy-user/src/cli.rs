@@ -10,7 +10,11 @@ use crate::config::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "splicer", version, about = "eBPF-assisted forwarding proxy for MQTT brokers")]
+#[command(
+    name = "splicer",
+    version,
+    about = "eBPF-assisted forwarding proxy for MQTT brokers"
+)]
 pub struct Cli {
     /// TOML config file with one or more [[listener]] tables.
     #[arg(long, value_name = "FILE")]
@@ -40,7 +44,10 @@ pub struct Cli {
 
 impl Cli {
     pub fn into_config(self) -> Result<Config> {
-        let overrides = Overrides { log_level: self.log_level.map(|l| l.0), offload: self.offload };
+        let overrides = Overrides {
+            log_level: self.log_level.map(|l| l.0),
+            offload: self.offload,
+        };
         if let Some(path) = &self.config {
             if self.listen.is_some()
                 || !self.upstream.is_empty()
@@ -62,10 +69,14 @@ impl Cli {
                 listen,
                 upstreams: self.upstream,
                 send_proxy: self.send_proxy.unwrap_or(SendProxy::Off),
-                connect_timeout: self.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+                connect_timeout: self
+                    .connect_timeout
+                    .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
             }],
         };
-        config.validate().map_err(|e| anyhow::anyhow!("invalid flags: {e:#}"))?;
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid flags: {e:#}"))?;
         Ok(config)
     }
 }
@@ -81,8 +92,20 @@ mod tests {
     #[test]
     fn single_listener_from_flags() {
         let c = config(&[
-            "--listen", "127.0.0.1:1883", "--upstream", "127.0.0.1:1", "--upstream", "[::1]:2",
-            "--send-proxy", "v1", "--offload", "userspace", "--connect-timeout", "2s", "--log-level", "warn",
+            "--listen",
+            "127.0.0.1:1883",
+            "--upstream",
+            "127.0.0.1:1",
+            "--upstream",
+            "[::1]:2",
+            "--send-proxy",
+            "v1",
+            "--offload",
+            "userspace",
+            "--connect-timeout",
+            "2s",
+            "--log-level",
+            "warn",
         ])
         .unwrap();
         let l = &c.listeners[0];
@@ -95,13 +118,29 @@ mod tests {
 
     #[test]
     fn flag_errors_name_the_flag() {
-        let e = config(&["--listen", "127.0.0.1:1883", "--upstream", "127.0.0.1:1", "--send-proxy", "v9"]).unwrap_err();
+        let e = config(&[
+            "--listen",
+            "127.0.0.1:1883",
+            "--upstream",
+            "127.0.0.1:1",
+            "--send-proxy",
+            "v9",
+        ])
+        .unwrap_err();
         assert!(e.to_string().contains("--send-proxy"), "{e}");
         let e = config(&["--listen", "nope", "--upstream", "127.0.0.1:1"]).unwrap_err();
         assert!(e.to_string().contains("--listen"), "{e}");
         let e = config(&["--listen", "127.0.0.1:1883"]).unwrap_err();
         assert!(format!("{e:#}").contains("`upstream`"), "{e:#}");
-        let e = config(&["--listen", "127.0.0.1:1883", "--upstream", "127.0.0.1:1", "--connect-timeout", "x"]).unwrap_err();
+        let e = config(&[
+            "--listen",
+            "127.0.0.1:1883",
+            "--upstream",
+            "127.0.0.1:1",
+            "--connect-timeout",
+            "x",
+        ])
+        .unwrap_err();
         assert!(e.to_string().contains("--connect-timeout"), "{e}");
         let e = config(&["--config", "x.toml", "--listen", "127.0.0.1:1883"]).unwrap_err();
         assert!(e.to_string().contains("cannot be combined"), "{e}");

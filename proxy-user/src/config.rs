@@ -151,10 +151,15 @@ impl Config {
                 .log_level
                 .or(file.log_level.map(|l| l.0))
                 .unwrap_or(log::LevelFilter::Info),
-            offload: overrides.offload.or(file.offload).unwrap_or(OffloadMode::Auto),
+            offload: overrides
+                .offload
+                .or(file.offload)
+                .unwrap_or(OffloadMode::Auto),
             listeners,
         };
-        config.validate().with_context(|| format!("{origin}: invalid configuration"))?;
+        config
+            .validate()
+            .with_context(|| format!("{origin}: invalid configuration"))?;
         Ok(config)
     }
 
@@ -179,14 +184,21 @@ impl Config {
                 bail!("{at}: key `connect-timeout`: must be greater than zero");
             }
             if l.upstreams.contains(&l.listen) {
-                bail!("{at}: key `upstream`: {} is the listener's own address", l.listen);
+                bail!(
+                    "{at}: key `upstream`: {} is the listener's own address",
+                    l.listen
+                );
             }
             for other in &self.listeners[..i] {
                 if other.name == l.name {
                     bail!("{at}: key `name`: used by another listener");
                 }
                 if other.listen == l.listen {
-                    bail!("{at}: key `listen`: {} is also used by listener `{}`", l.listen, other.name);
+                    bail!(
+                        "{at}: key `listen`: {} is also used by listener `{}`",
+                        l.listen,
+                        other.name
+                    );
                 }
             }
         }
@@ -246,7 +258,10 @@ mod tests {
         let c = parse(text).unwrap();
         assert_eq!(c.offload, OffloadMode::Auto);
         assert_eq!(c.log_level, log::LevelFilter::Info);
-        let o = Overrides { log_level: Some(log::LevelFilter::Trace), offload: Some(OffloadMode::Sockmap) };
+        let o = Overrides {
+            log_level: Some(log::LevelFilter::Trace),
+            offload: Some(OffloadMode::Sockmap),
+        };
         let c = Config::from_toml(text, "t", &o).unwrap();
         assert_eq!(c.offload, OffloadMode::Sockmap);
         assert_eq!(c.log_level, log::LevelFilter::Trace);
@@ -262,25 +277,43 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\nsend-proxy = \"v3\"\n");
-        assert!(e.contains("send-proxy") && e.contains("v3") && e.contains("v1"), "{e}");
+        assert!(
+            e.contains("send-proxy") && e.contains("v3") && e.contains("v1"),
+            "{e}"
+        );
 
         let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\nsendproxy = \"v1\"\n");
         assert!(e.contains("unknown field `sendproxy`"), "{e}");
 
         let e = err("[[listener]]\nlisten = \"localhost\"\nupstream = [\"127.0.0.1:2\"]\n");
-        assert!(e.contains("listen") && e.contains("invalid socket address"), "{e}");
+        assert!(
+            e.contains("listen") && e.contains("invalid socket address"),
+            "{e}"
+        );
 
         let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\n");
-        assert!(e.contains("`upstream`") && e.contains("at least one"), "{e}");
+        assert!(
+            e.contains("`upstream`") && e.contains("at least one"),
+            "{e}"
+        );
 
         let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\nconnect-timeout = \"soon\"\n");
-        assert!(e.contains("connect-timeout") && e.contains("not a duration"), "{e}");
+        assert!(
+            e.contains("connect-timeout") && e.contains("not a duration"),
+            "{e}"
+        );
 
         let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\nconnect-timeout = \"0s\"\n");
-        assert!(e.contains("`connect-timeout`") && e.contains("greater than zero"), "{e}");
+        assert!(
+            e.contains("`connect-timeout`") && e.contains("greater than zero"),
+            "{e}"
+        );
 
         let e = err("log-level = \"loud\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n");
-        assert!(e.contains("log-level") && e.contains("not a log level"), "{e}");
+        assert!(
+            e.contains("log-level") && e.contains("not a log level"),
+            "{e}"
+        );
 
         let e = err("offload = \"xdp\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n");
         assert!(e.contains("offload") && e.contains("sockmap"), "{e}");
@@ -292,7 +325,10 @@ mod tests {
         let e = err(&format!("{two}{two}"));
         assert!(e.contains("`name`") || e.contains("`listen`"), "{e}");
         let e = err("[[listener]]\nname=\"a\"\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n[[listener]]\nname=\"b\"\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n");
-        assert!(e.contains("`listen`") && e.contains("also used by listener `a`"), "{e}");
+        assert!(
+            e.contains("`listen`") && e.contains("also used by listener `a`"),
+            "{e}"
+        );
 
         let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:1\"]\n");
         assert!(e.contains("own address"), "{e}");

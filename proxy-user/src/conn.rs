@@ -18,7 +18,7 @@ use crate::{
     offload::Offload,
     proxy_protocol,
     relay::{self, End},
-    splice::{self, Handoff},
+    splice::{self, Direction},
     watch::Watcher,
 };
 
@@ -47,7 +47,10 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         Ok(t) => t,
         Err(e) => {
             log::warn!("[{name}] {peer} -> {upstream_addr}: {e:#}");
-            Totals { how: "error", ..Totals::default() }
+            Totals {
+                how: "error",
+                ..Totals::default()
+            }
         }
     };
     dec(&COUNTERS.active);
@@ -70,7 +73,10 @@ async fn connect_upstream(ctx: &ListenerCtx) -> Option<(TcpStream, SocketAddr)> 
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => return Some((s, addr)),
             Ok(Err(e)) => log::warn!("[{}] upstream {addr}: connect failed: {e}", ctx.config.name),
-            Err(_) => log::warn!("[{}] upstream {addr}: connect timed out after {timeout:?}", ctx.config.name),
+            Err(_) => log::warn!(
+                "[{}] upstream {addr}: connect timed out after {timeout:?}",
+                ctx.config.name
+            ),
         }
         inc(&COUNTERS.upstream_connect_failed);
     }
@@ -89,7 +95,12 @@ struct Totals {
 
 /// Forwards until both directions are closed or one side resets, then
 /// closes both sockets.
-async fn proxy(ctx: &ListenerCtx, client: TcpStream, upstream: TcpStream, peer: SocketAddr) -> anyhow::Result<Totals> {
+async fn proxy(
+    ctx: &ListenerCtx,
+    client: TcpStream,
+    upstream: TcpStream,
+    peer: SocketAddr,
+) -> anyhow::Result<Totals> {
     if let Some(version) = ctx.config.send_proxy.version() {
         let header = proxy_protocol::build(version, peer, client.local_addr()?);
         relay::write_all(&upstream, &header).await?;
@@ -99,67 +110,73 @@ async fn proxy(ctx: &ListenerCtx, client: TcpStream, upstream: TcpStream, peer: 
         return Ok(relayed(&client, &upstream).await);
     };
     let handoff = splice::handoff(maps, &client, &upstream);
+    let Some((c, u)) = handoff.cookies else {
+        inc(&COUNTERS.relayed);
+        return Ok(relayed(&client, &upstream).await);
+    };
     let watcher = Watcher::get()?;
     // Bytes relayed in userspace; the kernel's own count is in the links.
     let (c2u_user, u2c_user) = (AtomicU64::new(0), AtomicU64::new(0));
-    let how = match handoff {
-        Handoff { cookies: Some((c, u)), client_spliced: true, upstream_spliced: true, .. } => {
-            inc(&COUNTERS.spliced);
-            // The kernel carries both ways: leave tokio's epoll (which would
-            // wake for every skb) and wait on the splice watcher alone.
-            let (client, upstream) = (client.into_std()?, upstream.into_std()?);
-            let (cw, uw) = (watcher.watch(client.as_raw_fd())?, watcher.watch(upstream.as_raw_fd())?);
-            let how = drive(
-                splice::kernel_direction(maps, (&client, &cw), &upstream, c, 0, handoff.upstream_base, &c2u_user),
-                splice::kernel_direction(maps, (&upstream, &uw), &client, u, 0, handoff.client_base, &u2c_user),
-                splice::wait_reset(&client, &cw),
-                splice::wait_reset(&upstream, &uw),
-            )
-            .await;
-            abort_if_reset(how, &client, &upstream);
-            how
-        }
-        Handoff { cookies: None, .. } => {
-            inc(&COUNTERS.relayed);
-            return Ok(relayed(&client, &upstream).await);
-        }
-        Handoff { cookies: Some((c, u)), client_spliced, upstream_spliced, .. } => {
-            // One side half-closed before the handoff: the kernel carries
-            // the other direction, userspace this one.
-            inc(&COUNTERS.relayed);
-            let (cw, uw) = (watcher.watch(client.as_raw_fd())?, watcher.watch(upstream.as_raw_fd())?);
-            let c2u = async {
-                if client_spliced {
-                    splice::kernel_direction(maps, (&client, &cw), &upstream, c, 0, handoff.upstream_base, &c2u_user)
+    let how = if handoff.client_spliced && handoff.upstream_spliced {
+        inc(&COUNTERS.spliced);
+        // The kernel carries both ways: leave tokio's epoll (which would
+        // wake for every skb) and wait on the splice watcher alone.
+        let (client, upstream) = (client.into_std()?, upstream.into_std()?);
+        let (cw, uw) = (
+            watcher.watch(client.as_raw_fd())?,
+            watcher.watch(upstream.as_raw_fd())?,
+        );
+        let how = drive(
+            Direction::new(maps, &client, &cw, &upstream, c, handoff.upstream_base).run(),
+            Direction::new(maps, &upstream, &uw, &client, u, handoff.client_base).run(),
+            splice::wait_reset(&client, &cw),
+            splice::wait_reset(&upstream, &uw),
+        )
+        .await;
+        abort_if_reset(how, &client, &upstream);
+        drop((cw, uw)); // deregister before the fds close and can be reused
+        how
+    } else {
+        // One side half-closed before the handoff: the kernel carries the
+        // other direction, userspace this one.
+        inc(&COUNTERS.relayed);
+        let (cw, uw) = (
+            watcher.watch(client.as_raw_fd())?,
+            watcher.watch(upstream.as_raw_fd())?,
+        );
+        let c2u = async {
+            match handoff.client_spliced {
+                true => {
+                    Direction::new(maps, &client, &cw, &upstream, c, handoff.upstream_base)
+                        .run()
                         .await
-                } else {
-                    relay::user_direction(&client, &upstream, &c2u_user).await
                 }
-            };
-            let u2c = async {
-                if upstream_spliced {
-                    splice::kernel_direction(maps, (&upstream, &uw), &client, u, 0, handoff.client_base, &u2c_user)
+                false => relay::user_direction(&client, &upstream, &c2u_user).await,
+            }
+        };
+        let u2c = async {
+            match handoff.upstream_spliced {
+                true => {
+                    Direction::new(maps, &upstream, &uw, &client, u, handoff.client_base)
+                        .run()
                         .await
-                } else {
-                    relay::user_direction(&upstream, &client, &u2c_user).await
                 }
-            };
-            let how = drive(c2u, u2c, relay::wait_reset(&client), relay::wait_reset(&upstream)).await;
-            abort_if_reset(how, &client, &upstream);
-            let (c_link, u_link) = (maps.link(c).unwrap_or_default(), maps.link(u).unwrap_or_default());
-            drop((cw, uw)); // deregister before the fds close and can be reused
-            drop((client, upstream));
-            splice::forget(maps, (c, u));
-            return Ok(Totals {
-                c2u: c2u_user.load(Relaxed) + c_link.redirected,
-                u2c: u2c_user.load(Relaxed) + u_link.redirected,
-                kernel: c_link.redirected + u_link.redirected,
-                how,
-            });
-        }
+                false => relay::user_direction(&upstream, &client, &u2c_user).await,
+            }
+        };
+        let how = drive(
+            c2u,
+            u2c,
+            relay::wait_reset(&client),
+            relay::wait_reset(&upstream),
+        )
+        .await;
+        abort_if_reset(how, &client, &upstream);
+        drop((cw, uw));
+        drop((client, upstream));
+        how
     };
     // Both sockets are closed (so out of the sockhashes) before their links go.
-    let (c, u) = handoff.cookies.unwrap();
     let (c_link, u_link) = splice::forget(maps, (c, u));
     Ok(Totals {
         c2u: c2u_user.load(Relaxed) + c_link.redirected,
@@ -180,7 +197,12 @@ async fn relayed(client: &TcpStream, upstream: &TcpStream) -> Totals {
     )
     .await;
     abort_if_reset(how, client, upstream);
-    Totals { c2u: c2u.load(Relaxed), u2c: u2c.load(Relaxed), kernel: 0, how }
+    Totals {
+        c2u: c2u.load(Relaxed),
+        u2c: u2c.load(Relaxed),
+        kernel: 0,
+        how,
+    }
 }
 
 /// Passes a reset on: both sockets will close with RST instead of FIN.

@@ -12,7 +12,9 @@ use aya::{
     programs::SkSkb,
     Ebpf, EbpfLoader,
 };
-use proxy_common::{Link, MAP_EVENTS, MAP_LIMITS, MAP_LINKS, MAP_SPLICED, MAP_TARGETS, PROG_VERDICT};
+use proxy_common::{
+    Link, MAP_EVENTS, MAP_LIMITS, MAP_LINKS, MAP_SPLICED, MAP_TARGETS, PROG_VERDICT,
+};
 use tokio::sync::Notify;
 
 /// The object `cargo xtask build` compiled; empty if built without it.
@@ -35,7 +37,9 @@ impl Maps {
     /// records into our logger at `level`.
     pub fn load(level: log::LevelFilter) -> Result<Maps> {
         if EBPF_OBJECT.is_empty() {
-            return Err(anyhow!("this binary was built without the eBPF object (build it with `cargo xtask build`)"));
+            return Err(anyhow!(
+                "this binary was built without the eBPF object (build it with `cargo xtask build`)"
+            ));
         }
         raise_memlock_limit();
         // The kernel side skips records above this level, so debug lines
@@ -64,8 +68,10 @@ impl Maps {
             .program_mut(PROG_VERDICT)
             .ok_or_else(|| anyhow!("program {PROG_VERDICT} missing from the eBPF object"))?
             .try_into()?;
-        prog.load().map_err(|e| anyhow!("loading the sk_skb verdict program: {e}"))?;
-        prog.attach(spliced.fd()).context("attaching the verdict program to the SPLICED sockhash")?;
+        prog.load()
+            .map_err(|e| anyhow!("loading the sk_skb verdict program: {e}"))?;
+        prog.attach(spliced.fd())
+            .context("attaching the verdict program to the SPLICED sockhash")?;
         let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
         Ok(Maps {
             links: Mutex::new(links),
@@ -79,8 +85,15 @@ impl Maps {
     }
 
     pub fn set_link(&self, cookie: u64, peer: u64) -> Result<()> {
-        let link = Link { peer, ..Link::default() };
-        self.links.lock().unwrap().insert(cookie, link, 0).context("LINKS insert")
+        let link = Link {
+            peer,
+            ..Link::default()
+        };
+        self.links
+            .lock()
+            .unwrap()
+            .insert(cookie, link, 0)
+            .context("LINKS insert")
     }
 
     pub fn link(&self, cookie: u64) -> Option<Link> {
@@ -93,7 +106,11 @@ impl Maps {
 
     /// Makes the socket a redirect target. Fails unless it is ESTABLISHED.
     pub fn add_target(&self, cookie: u64, fd: &impl AsRawFd) -> Result<()> {
-        self.targets.lock().unwrap().insert(cookie, fd.as_raw_fd(), 0).context("TARGETS insert")
+        self.targets
+            .lock()
+            .unwrap()
+            .insert(cookie, fd.as_raw_fd(), 0)
+            .context("TARGETS insert")
     }
 
     pub fn remove_target(&self, cookie: u64) {
@@ -103,18 +120,20 @@ impl Maps {
     /// Hands the socket's ingress to the verdict program. Fails unless the
     /// socket is ESTABLISHED (so not after the peer's FIN).
     pub fn add_spliced(&self, cookie: u64, fd: &impl AsRawFd) -> Result<()> {
-        self.spliced.lock().unwrap().insert(cookie, fd.as_raw_fd(), 0).context("SPLICED insert")
-    }
-
-    /// Takes the socket's ingress back from the verdict program: new bytes
-    /// stay in its receive queue, and TCP flow control holds the sender.
-    pub fn remove_spliced(&self, cookie: u64) -> Result<()> {
-        self.spliced.lock().unwrap().remove(&cookie).context("SPLICED remove")
+        self.spliced
+            .lock()
+            .unwrap()
+            .insert(cookie, fd.as_raw_fd(), 0)
+            .context("SPLICED insert")
     }
 
     /// Asks the program to signal `cookie` once its redirected bytes reach `limit`.
     pub fn set_limit(&self, cookie: u64, limit: u64) -> Result<()> {
-        self.limits.lock().unwrap().insert(cookie, limit, 0).context("LIMITS insert")
+        self.limits
+            .lock()
+            .unwrap()
+            .insert(cookie, limit, 0)
+            .context("LIMITS insert")
     }
 
     /// Registers for the socket's limit signals; the returned guard
@@ -122,7 +141,11 @@ impl Maps {
     pub fn on_limit(&self, cookie: u64) -> LimitSignal<'_> {
         let notify = Arc::new(Notify::new());
         self.waiters.lock().unwrap().insert(cookie, notify.clone());
-        LimitSignal { maps: self, cookie, notify }
+        LimitSignal {
+            maps: self,
+            cookie,
+            notify,
+        }
     }
 }
 
@@ -146,16 +169,25 @@ impl Drop for LimitSignal<'_> {
 }
 
 /// Reads cookies off the EVENTS ring buffer and wakes their waiters.
-fn dispatch_events(events: RingBuf<MapData>, waiters: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>) -> Result<()> {
+fn dispatch_events(
+    events: RingBuf<MapData>,
+    waiters: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>,
+) -> Result<()> {
     // SAFETY: the ring buffer owns its fd and keeps it open and unchanged
     // for as long as the AsyncFd holds it.
-    let mut events = unsafe { tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow!("watching the EVENTS ring buffer: {e}"))?;
+    let mut events = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow!("watching the EVENTS ring buffer: {e}"))?;
     tokio::spawn(async move {
         loop {
-            let Ok(mut guard) = events.readable_mut().await else { return };
+            let Ok(mut guard) = events.readable_mut().await else {
+                return;
+            };
             while let Some(item) = guard.get_inner_mut().next() {
-                let Ok(bytes) = <[u8; 8]>::try_from(&*item) else { continue };
+                let Ok(bytes) = <[u8; 8]>::try_from(&*item) else {
+                    continue;
+                };
                 if let Some(n) = waiters.lock().unwrap().get(&u64::from_ne_bytes(bytes)) {
                     n.notify_one();
                 }
@@ -167,7 +199,8 @@ fn dispatch_events(events: RingBuf<MapData>, waiters: Arc<Mutex<StdHashMap<u64, 
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
-    ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
 /// Turns the usual load failures into a reason an operator can act on.
@@ -182,10 +215,16 @@ fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 fn raise_memlock_limit() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit reads the struct we pass.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        log::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -197,7 +236,10 @@ fn start_kernel_logger(ebpf: &mut Ebpf) {
             // SAFETY: the logger owns its ring buffer fd and keeps it open
             // and unchanged for as long as the AsyncFd holds the logger.
             let registered = unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    logger,
+                    tokio::io::Interest::READABLE,
+                )
             };
             let mut logger = match registered {
                 Ok(l) => l,
@@ -205,7 +247,9 @@ fn start_kernel_logger(ebpf: &mut Ebpf) {
             };
             tokio::spawn(async move {
                 loop {
-                    let Ok(mut guard) = logger.readable_mut().await else { return };
+                    let Ok(mut guard) = logger.readable_mut().await else {
+                        return;
+                    };
                     guard.get_inner_mut().flush();
                     guard.clear_ready();
                 }

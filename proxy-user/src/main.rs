@@ -36,7 +36,10 @@ fn main() -> Result<()> {
         .filter_module("proxy_ebpf", config.log_level)
         .format_timestamp_millis()
         .init();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(config))
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(config))
 }
 
 async fn run(config: config::Config) -> Result<()> {
@@ -53,7 +56,11 @@ async fn run(config: config::Config) -> Result<()> {
             "[{}] listening on {} -> {} (send-proxy {:?})",
             l.name,
             listener.local_addr()?,
-            l.upstreams.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", "),
+            l.upstreams
+                .iter()
+                .map(|u| u.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             l.send_proxy
         );
         bound.push((Arc::new(ctx), listener));

@@ -17,13 +17,20 @@ impl Offload {
                 Ok(Offload::Userspace)
             }
             OffloadMode::Sockmap => {
-                let maps = load(level).context("--offload sockmap: the eBPF sockmap offload cannot be used")?;
-                log::info!("offload: sockmap (sk_skb stream verdict, prog id {})", maps.prog_id);
+                let maps = load(level)
+                    .context("--offload sockmap: the eBPF sockmap offload cannot be used")?;
+                log::info!(
+                    "offload: sockmap (sk_skb stream verdict, prog id {})",
+                    maps.prog_id
+                );
                 Ok(Offload::Sockmap(maps))
             }
             OffloadMode::Auto => match load(level) {
                 Ok(maps) => {
-                    log::info!("offload: sockmap (sk_skb stream verdict, prog id {})", maps.prog_id);
+                    log::info!(
+                        "offload: sockmap (sk_skb stream verdict, prog id {})",
+                        maps.prog_id
+                    );
                     Ok(Offload::Sockmap(maps))
                 }
                 Err(e) => {

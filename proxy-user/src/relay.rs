@@ -76,7 +76,9 @@ pub async fn wait_reset(sock: &TcpStream) -> End {
                 if matches!(sock.take_error(), Ok(Some(_)) | Err(_)) {
                     return End::SrcReset;
                 }
-                let _ = sock.try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                let _ = sock.try_io(Interest::ERROR, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
             }
         }
     }

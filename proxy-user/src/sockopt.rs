@@ -34,15 +34,27 @@ pub fn tcp_info(fd: RawFd) -> io::Result<TcpInfo> {
     let mut len = mem::size_of::<TcpInfoPrefix>() as libc::socklen_t;
     // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call.
     let rc = unsafe {
-        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     if (len as usize) < mem::size_of::<TcpInfoPrefix>() {
-        return Err(io::Error::other("kernel tcp_info too short (needs Linux 4.1+)"));
+        return Err(io::Error::other(
+            "kernel tcp_info too short (needs Linux 4.1+)",
+        ));
     }
-    Ok(TcpInfo { state: info.state, bytes_acked: info.bytes_acked, bytes_received: info.bytes_received })
+    Ok(TcpInfo {
+        state: info.state,
+        bytes_acked: info.bytes_acked,
+        bytes_received: info.bytes_received,
+    })
 }
 
 /// The socket's cookie: a stable 64-bit id the eBPF program can also read.
@@ -51,7 +63,13 @@ pub fn cookie(fd: RawFd) -> io::Result<u64> {
     let mut len = mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: `cookie` is a writable u64 and `len` says so.
     let rc = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut cookie).cast(), &mut len)
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -102,11 +120,51 @@ pub fn bytes_queued_total(fd: RawFd) -> io::Result<(u8, u64)> {
 /// What a non-blocking poll(2) says about the socket right now:
 /// (no more to read: FIN or hang-up, socket has an error).
 pub fn closed_or_failed(fd: RawFd) -> io::Result<(bool, bool)> {
-    let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd, zero timeout.
     if unsafe { libc::poll(&mut p, 1, 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
     let failed = p.revents & (libc::POLLERR | libc::POLLNVAL) != 0;
     Ok((p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0, failed))
+}
+
+pub fn window_clamp(fd: RawFd) -> io::Result<i32> {
+    let mut v: i32 = 0;
+    let mut len = mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: writes one int of the stated size.
+    if unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            (&raw mut v).cast(),
+            &mut len,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+pub fn set_window_clamp(fd: RawFd, v: i32) -> io::Result<()> {
+    // SAFETY: passes a readable int of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            (&raw const v).cast(),
+            mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

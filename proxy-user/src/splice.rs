@@ -12,10 +12,8 @@
 //! - Only ESTABLISHED sockets can join a sockmap. A side that has already
 //!   half-closed stays with the userspace relay, per direction.
 use std::{
-    io::{self, Read as _, Write as _},
     net::Shutdown,
     os::fd::{AsFd, AsRawFd},
-    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -23,12 +21,7 @@ use tokio::net::TcpStream;
 
 use proxy_common::Link;
 
-use crate::{
-    ebpf_maps::Maps,
-    relay::End,
-    sockopt,
-    watch::Watch,
-};
+use crate::{ebpf_maps::Maps, relay::End, sockopt, watch::Watch};
 
 /// What the kernel now holds of a connection.
 #[derive(Debug, Clone, Copy, Default)]
@@ -47,7 +40,10 @@ pub struct Handoff {
 /// Puts both sockets in the maps. Never fails: what could not be handed
 /// over stays with the userspace relay, which is always correct.
 pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream) -> Handoff {
-    let (Ok(c), Ok(u)) = (sockopt::cookie(client.as_raw_fd()), sockopt::cookie(upstream.as_raw_fd())) else {
+    let (Ok(c), Ok(u)) = (
+        sockopt::cookie(client.as_raw_fd()),
+        sockopt::cookie(upstream.as_raw_fd()),
+    ) else {
         return Handoff::default();
     };
     let targets = maps
@@ -70,11 +66,16 @@ pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream) -> Handoff
     ) else {
         return Handoff::default();
     };
-    let mut handoff =
-        Handoff { cookies: Some((c, u)), client_base, upstream_base, ..Handoff::default() };
-    for (cookie, sock, spliced) in
-        [(c, client, &mut handoff.client_spliced), (u, upstream, &mut handoff.upstream_spliced)]
-    {
+    let mut handoff = Handoff {
+        cookies: Some((c, u)),
+        client_base,
+        upstream_base,
+        ..Handoff::default()
+    };
+    for (cookie, sock, spliced) in [
+        (c, client, &mut handoff.client_spliced),
+        (u, upstream, &mut handoff.upstream_spliced),
+    ] {
         match maps.add_spliced(cookie, sock) {
             Ok(()) => {
                 *spliced = true;
@@ -93,164 +94,182 @@ pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream) -> Handoff
 /// removes a socket from the sockhashes by itself). Returns the final
 /// (client, upstream) links for the byte counts.
 pub fn forget(maps: &Maps, (c, u): (u64, u64)) -> (Link, Link) {
-    let links = (maps.link(c).unwrap_or_default(), maps.link(u).unwrap_or_default());
+    let links = (
+        maps.link(c).unwrap_or_default(),
+        maps.link(u).unwrap_or_default(),
+    );
     maps.remove_link(c);
     maps.remove_link(u);
     links
 }
 
-/// How far the kernel may run ahead of the peer: once this many redirected
-/// bytes are not yet in the peer's send queue, the source is paused. The
-/// kernel gives redirects no backpressure of its own (the skb is uncharged
-/// from the source socket when the verdict takes it), so without this a
-/// slow reader would let the psock queue grow without bound.
-pub const WINDOW: u64 = 4 << 20;
+/// How far the kernel may run ahead of the peer. The kernel gives redirects
+/// no backpressure of its own: the verdict takes each skb off the source
+/// socket's books, so its receive window never closes and a slow reader
+/// would let the peer's psock queue grow without bound. Once this many
+/// redirected bytes are not yet in the peer's send queue, the source's TCP
+/// receive window is clamped shut (TCP_WINDOW_CLAMP) until the peer has
+/// caught up half way. That touches neither the sockmap nor the data path,
+/// so it cannot lose or reorder a byte.
+pub const WINDOW: u64 = 16 << 20;
 
-/// Waits for the kernel-carried direction `src -> dst` to end, pausing it
-/// whenever `dst` falls WINDOW behind. On FIN, waits until every byte before
-/// it sits in `dst`'s send queue, then half-closes `dst`. `src_user_bytes`
-/// is what userspace read from `src` before the handoff; `dst_base` is
-/// `dst`'s send-queue total at the handoff; `user` counts bytes this
-/// direction had to relay in userspace after all (see `finish_in_userspace`).
-pub async fn kernel_direction(
-    maps: &Maps,
-    src: (&impl AsFd, &Watch),
-    dst: &impl AsFd,
-    src_cookie: u64,
+/// One kernel-carried direction `src -> dst`.
+pub struct Direction<'a, S: AsFd, D: AsFd> {
+    maps: &'a Maps,
+    src: &'a S,
+    src_watch: &'a Watch,
+    dst: &'a D,
+    cookie: u64,
+    /// What userspace read from `src` before the handoff.
     src_user_bytes: u64,
+    /// `dst`'s send-queue total at the handoff.
     dst_base: u64,
-    user: &AtomicU64,
-) -> End {
-    let signal = maps.on_limit(src_cookie);
-    if let Err(e) = maps.set_limit(src_cookie, WINDOW) {
-        log::warn!("socket {src_cookie}: no flow control: {e:#}");
-    }
-    loop {
-        match sockopt::closed_or_failed(src.0.as_fd().as_raw_fd()) {
-            Err(_) => return End::SrcReset,
-            Ok((false, false)) => {}
-            Ok(_) => break,
+}
+
+impl<'a, S: AsFd, D: AsFd> Direction<'a, S, D> {
+    /// `cookie` is `src`'s; `dst_base` is `dst`'s send-queue total at the handoff.
+    pub fn new(
+        maps: &'a Maps,
+        src: &'a S,
+        src_watch: &'a Watch,
+        dst: &'a D,
+        cookie: u64,
+        dst_base: u64,
+    ) -> Self {
+        Direction {
+            maps,
+            src,
+            src_watch,
+            dst,
+            cookie,
+            src_user_bytes: 0,
+            dst_base,
         }
-        tokio::select! {
-            _ = src.1.changed() => {}
-            _ = signal.wait() => {
-                if let Some(end) = keep_up(maps, src.0, dst, src_cookie, dst_base, user).await {
-                    return end;
+    }
+
+    /// Runs until the direction ends. On FIN, waits until every byte before
+    /// it sits in `dst`'s send queue, then half-closes `dst`.
+    pub async fn run(&self) -> End {
+        let signal = self.maps.on_limit(self.cookie);
+        self.set_limit(WINDOW);
+        loop {
+            match sockopt::closed_or_failed(self.src.as_fd().as_raw_fd()) {
+                Err(_) => return End::SrcReset,
+                Ok((false, false)) => {}
+                Ok(_) => break,
+            }
+            tokio::select! {
+                _ = self.src_watch.changed() => {}
+                _ = signal.wait() => {
+                    if let Err(end) = self.keep_up().await {
+                        return end;
+                    }
                 }
             }
         }
-    }
-    // A reset sets the socket error; a FIN does not.
-    if let Ok(Some(e)) | Err(e) = socket2::SockRef::from(src.0).take_error() {
-        log::debug!("socket {src_cookie}: error after read-closed: {e}");
-        return End::SrcReset;
-    }
-    if let Err(end) = caught_up(maps, src.0, dst, src_cookie, src_user_bytes, dst_base).await {
-        return end;
-    }
-    match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
-        Ok(()) => End::Fin,
-        Err(_) => End::DstFailed,
-    }
-}
-
-/// (redirected by the kernel, taken by `dst`'s send queue) since the handoff.
-fn progress(maps: &Maps, dst: &impl AsFd, src_cookie: u64, dst_base: u64) -> Option<(u64, u64)> {
-    let (state, total) = sockopt::bytes_queued_total(dst.as_fd().as_raw_fd()).ok()?;
-    if state != sockopt::TCP_ESTABLISHED && state != sockopt::TCP_CLOSE_WAIT {
-        return None;
-    }
-    Some((maps.link(src_cookie)?.redirected, total.saturating_sub(dst_base)))
-}
-
-/// Called when the kernel has redirected another WINDOW. If `dst` keeps up,
-/// sets the next mark; if not, pauses `src` until `dst` has caught up half
-/// way. Returns the direction's end if it had to finish during the pause.
-async fn keep_up(
-    maps: &Maps,
-    src: &impl AsFd,
-    dst: &impl AsFd,
-    cookie: u64,
-    dst_base: u64,
-    user: &AtomicU64,
-) -> Option<End> {
-    let Some((redirected, taken)) = progress(maps, dst, cookie, dst_base) else { return Some(End::DstFailed) };
-    if redirected - taken.min(redirected) < WINDOW {
-        let _ = maps.set_limit(cookie, taken + WINDOW);
-        return None;
-    }
-    if maps.remove_spliced(cookie).is_err() {
-        return None;
-    }
-    log::debug!("socket {cookie}: paused, peer is {} bytes behind", redirected - taken);
-    let mut delay = Duration::from_millis(1);
-    let taken = loop {
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(20));
-        let Some((redirected, taken)) = progress(maps, dst, cookie, dst_base) else { return Some(End::DstFailed) };
-        if redirected - taken.min(redirected) <= WINDOW / 2 {
-            break taken;
+        // A reset sets the socket error; a FIN does not.
+        if let Ok(Some(e)) | Err(e) = socket2::SockRef::from(self.src).take_error() {
+            log::debug!("socket {}: error after read-closed: {e}", self.cookie);
+            return End::SrcReset;
         }
-    };
-    match maps.add_spliced(cookie, &src.as_fd().as_raw_fd()) {
-        Ok(()) => {
-            let _ = maps.set_limit(cookie, taken + WINDOW);
-            // Bytes that queued up while paused wait for data-ready.
-            let _ = sockopt::set_rcvlowat(src.as_fd().as_raw_fd(), 1);
-            log::debug!("socket {cookie}: resumed");
-            None
+        if let Err(end) = self.caught_up().await {
+            return end;
         }
-        // FIN or RST arrived while paused: only ESTABLISHED sockets can join.
-        Err(_) => Some(finish_in_userspace(maps, src, dst, cookie, dst_base, user).await),
-    }
-}
-
-/// Relays what is left of `src` in userspace, once every byte the kernel
-/// redirected is in `dst`'s send queue (so none can be overtaken).
-async fn finish_in_userspace(
-    maps: &Maps,
-    src: &impl AsFd,
-    dst: &impl AsFd,
-    cookie: u64,
-    dst_base: u64,
-    user: &AtomicU64,
-) -> End {
-    log::debug!("socket {cookie}: closed while paused, finishing in userspace");
-    loop {
-        match progress(maps, dst, cookie, dst_base) {
-            None => return End::DstFailed,
-            Some((redirected, taken)) if taken >= redirected => break,
-            Some(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+        match socket2::SockRef::from(self.dst).shutdown(Shutdown::Write) {
+            Ok(()) => End::Fin,
+            Err(_) => End::DstFailed,
         }
     }
-    let (mut src, mut dst) = (socket2::SockRef::from(src), socket2::SockRef::from(dst));
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match (&*src).read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                continue;
+
+    fn set_limit(&self, limit: u64) {
+        if let Err(e) = self.maps.set_limit(self.cookie, limit) {
+            log::warn!("socket {}: no flow control: {e:#}", self.cookie);
+        }
+    }
+
+    /// (bytes redirected towards `dst`, bytes `dst`'s send queue has taken)
+    /// since the handoff, or None if `dst` can no longer send.
+    fn progress(&self) -> Option<(u64, u64)> {
+        let (state, total) = sockopt::bytes_queued_total(self.dst.as_fd().as_raw_fd()).ok()?;
+        if state != sockopt::TCP_ESTABLISHED && state != sockopt::TCP_CLOSE_WAIT {
+            return None;
+        }
+        Some((
+            self.maps.link(self.cookie)?.redirected,
+            total.saturating_sub(self.dst_base),
+        ))
+    }
+
+    /// Called each time the kernel has redirected up to the last limit. If
+    /// `dst` keeps up, sets the next limit; if it lags WINDOW behind, holds
+    /// the sender back until `dst` has caught up half way.
+    async fn keep_up(&self) -> Result<(), End> {
+        let (sent, taken) = self.progress().ok_or(End::DstFailed)?;
+        if sent - taken.min(sent) < WINDOW {
+            self.set_limit(taken + WINDOW);
+            return Ok(());
+        }
+        let fd = self.src.as_fd().as_raw_fd();
+        let open = sockopt::window_clamp(fd).unwrap_or(0).max(1 << 20);
+        log::debug!(
+            "socket {}: peer {} bytes behind, holding the sender",
+            self.cookie,
+            sent - taken
+        );
+        // The kernel's minimum clamp: the window closes as in-flight bytes land.
+        let _ = sockopt::set_window_clamp(fd, 1);
+        let mut delay = Duration::from_millis(1);
+        let result = loop {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(10));
+            match self.progress() {
+                None => break Err(End::DstFailed),
+                Some((sent, taken)) if sent - taken.min(sent) <= WINDOW / 2 => break Ok(taken),
+                // FIN or RST: nothing more will come; let `run` handle it.
+                _ if sockopt::closed_or_failed(fd).map_or(true, |(c, f)| c || f) => break Ok(0),
+                Some(_) => {}
             }
-            Err(_) => return End::SrcReset,
         };
-        let mut data = &buf[..n];
-        while !data.is_empty() {
-            match (&*dst).write(data) {
-                Ok(k) => data = &data[k..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::time::sleep(Duration::from_millis(1)).await,
-                Err(_) => return End::DstFailed,
-            }
-        }
-        user.fetch_add(n as u64, Ordering::Relaxed);
+        let _ = sockopt::set_window_clamp(fd, open);
+        let taken = result?;
+        self.set_limit(taken + WINDOW);
+        Ok(())
     }
-    let _ = (&mut src, &mut dst);
-    match dst.shutdown(Shutdown::Write) {
-        Ok(()) => End::Fin,
-        Err(_) => End::DstFailed,
+
+    /// Polls until (1) every byte `src` received went through the verdict
+    /// program and (2) `dst`'s send queue has taken every byte redirected.
+    async fn caught_up(&self) -> Result<(), End> {
+        let mut delay = Duration::from_millis(1);
+        let mut last = (u64::MAX, u64::MAX);
+        let mut last_change = Instant::now();
+        loop {
+            let seen = self.maps.link(self.cookie).map_or(0, |l| l.seen);
+            // bytes_received counts the FIN's sequence number too.
+            let received = sockopt::tcp_info(self.src.as_fd().as_raw_fd())
+                .map_or(0, |i| i.bytes_received.saturating_sub(1));
+            let (sent, taken) = self.progress().ok_or(End::DstFailed)?;
+            if received <= self.src_user_bytes + seen && taken >= sent {
+                return Ok(());
+            }
+            if (seen, taken) != last {
+                last = (seen, taken);
+                last_change = Instant::now();
+            } else if last_change.elapsed() > STALL_LIMIT {
+                log::warn!(
+                    "socket {}: no progress for {STALL_LIMIT:?} while draining before FIN \
+                     (received {received}, verdict saw {seen}, redirected {sent}, peer took {taken}); closing",
+                    self.cookie
+                );
+                return Err(End::DstFailed);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
     }
 }
+
+/// How long the counters may stand still before we stop waiting for them.
+const STALL_LIMIT: Duration = Duration::from_secs(300);
 
 /// After a spliced socket's FIN has been passed on, resolves only if the
 /// socket is then reset, so the reset still reaches the other side.
@@ -263,60 +282,3 @@ pub async fn wait_reset(sock: &impl AsFd, watch: &Watch) -> End {
         watch.changed().await;
     }
 }
-
-/// How long the counters may stand still before we stop waiting for them.
-const STALL_LIMIT: Duration = Duration::from_secs(300);
-
-/// Polls until (1) every byte `src` received went through the verdict
-/// program and (2) `dst`'s send queue has taken every byte redirected to it.
-async fn caught_up(
-    maps: &Maps,
-    src: &impl AsFd,
-    dst: &impl AsFd,
-    src_cookie: u64,
-    src_user_bytes: u64,
-    dst_base: u64,
-) -> Result<(), End> {
-    let mut delay = Duration::from_millis(1);
-    let mut last = (u64::MAX, u64::MAX);
-    let mut last_change = Instant::now();
-    loop {
-        let link = maps.link(src_cookie).unwrap_or_default();
-        // bytes_received counts the FIN's sequence number too.
-        let received = sockopt::tcp_info(src.as_fd().as_raw_fd()).map_or(0, |i| i.bytes_received.saturating_sub(1));
-        let Ok((dst_state, dst_total)) = sockopt::bytes_queued_total(dst.as_fd().as_raw_fd()) else {
-            return Err(End::DstFailed);
-        };
-        let consumed = received <= src_user_bytes + link.seen;
-        let delivered = dst_total >= dst_base + link.redirected;
-        if consumed && delivered {
-            log::debug!(
-                "socket {src_cookie} drained: received {received}, verdict saw {}, redirected {}, peer queue {dst_total} (base {dst_base})",
-                link.seen,
-                link.redirected
-            );
-            if link.dropped > 0 {
-                log::error!("kernel dropped {} bytes on socket {src_cookie}", link.dropped);
-            }
-            return Ok(());
-        }
-        if dst_state != sockopt::TCP_ESTABLISHED && dst_state != sockopt::TCP_CLOSE_WAIT {
-            return Err(End::DstFailed);
-        }
-        if (link.seen, dst_total) != last {
-            last = (link.seen, dst_total);
-            last_change = Instant::now();
-        } else if last_change.elapsed() > STALL_LIMIT {
-            log::warn!(
-                "socket {src_cookie}: no progress for {STALL_LIMIT:?} while draining before FIN \
-                 (received {received}, verdict saw {}, peer queue {dst_total}, expected {}); closing",
-                link.seen,
-                dst_base + link.redirected
-            );
-            return Err(End::DstFailed);
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(50));
-    }
-}
-

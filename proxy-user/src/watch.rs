@@ -50,10 +50,16 @@ impl Watcher {
         let mut fresh = false;
         let w = WATCHER.get_or_init(|| {
             fresh = true;
-            Watcher { epoll, next: AtomicU64::new(1), waiters: Mutex::new(HashMap::new()) }
+            Watcher {
+                epoll,
+                next: AtomicU64::new(1),
+                waiters: Mutex::new(HashMap::new()),
+            }
         });
         if fresh {
-            std::thread::Builder::new().name("splice-watch".into()).spawn(move || w.run())?;
+            std::thread::Builder::new()
+                .name("splice-watch".into())
+                .spawn(move || w.run())?;
         }
         Ok(w)
     }
@@ -62,7 +68,14 @@ impl Watcher {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         loop {
             // SAFETY: `events` is a writable array of the length we pass.
-            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    -1,
+                )
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -85,13 +98,22 @@ impl Watcher {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let notify = Arc::new(Notify::new());
         self.waiters.lock().unwrap().insert(token, notify.clone());
-        let mut ev = libc::epoll_event { events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32, u64: token };
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: token,
+        };
         // SAFETY: registers a valid fd with our epoll; `ev` is read only.
-        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0
+        {
             self.waiters.lock().unwrap().remove(&token);
             return Err(io::Error::last_os_error());
         }
-        Ok(Watch { watcher: self, fd, token, notify })
+        Ok(Watch {
+            watcher: self,
+            fd,
+            token,
+            notify,
+        })
     }
 }
 
@@ -108,7 +130,12 @@ impl Drop for Watch {
         // SAFETY: removes our registration; the fd is still open here
         // because the socket outlives its Watch.
         unsafe {
-            libc::epoll_ctl(self.watcher.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, self.fd, std::ptr::null_mut())
+            libc::epoll_ctl(
+                self.watcher.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                self.fd,
+                std::ptr::null_mut(),
+            )
         };
         self.watcher.waiters.lock().unwrap().remove(&self.token);
     }

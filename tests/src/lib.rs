@@ -31,11 +31,16 @@ pub fn splicer_bin() -> PathBuf {
 }
 
 pub fn peers_dir() -> PathBuf {
-    std::env::var_os("SPLICER_PEERS").map(PathBuf::from).unwrap_or_else(|| workspace().join("tests/peers"))
+    std::env::var_os("SPLICER_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("tests/peers"))
 }
 
 fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// A scratch directory for one test's logs and configs.
@@ -76,7 +81,11 @@ impl Proc {
             .stderr(out)
             .spawn()
             .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
-        Ok(Proc { name: name.into(), child, log })
+        Ok(Proc {
+            name: name.into(),
+            child,
+            log,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -95,10 +104,18 @@ impl Proc {
                 return Ok(line.to_string());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                bail!("{} exited ({status}) before printing {needle:?}:\n{}", self.name, self.output());
+                bail!(
+                    "{} exited ({status}) before printing {needle:?}:\n{}",
+                    self.name,
+                    self.output()
+                );
             }
             if Instant::now() > deadline {
-                bail!("{} did not print {needle:?} within {timeout:?}:\n{}", self.name, self.output());
+                bail!(
+                    "{} did not print {needle:?} within {timeout:?}:\n{}",
+                    self.name,
+                    self.output()
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -106,7 +123,11 @@ impl Proc {
 
     /// Lines of the log that contain `needle`.
     pub fn lines_with(&self, needle: &str) -> Vec<String> {
-        self.output().lines().filter(|l| l.contains(needle)).map(String::from).collect()
+        self.output()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(String::from)
+            .collect()
     }
 
     /// SIGTERM, then SIGKILL after a grace period; returns the exit status.
@@ -151,7 +172,9 @@ impl Proc {
 
     /// Number of open file descriptors.
     pub fn fd_count(&self) -> usize {
-        fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 }
 
@@ -185,7 +208,12 @@ impl Splicer {
 
     /// The offload in effect, from the start-up line ("sockmap"/"userspace").
     pub fn offload(&self) -> String {
-        let line = self.proc.lines_with("offload: ").into_iter().next().unwrap_or_default();
+        let line = self
+            .proc
+            .lines_with("offload: ")
+            .into_iter()
+            .next()
+            .unwrap_or_default();
         let mode = line.split("offload: ").nth(1).unwrap_or("");
         mode.split([' ', ',']).next().unwrap_or("").to_string()
     }
@@ -204,7 +232,11 @@ impl Splicer {
                 return Ok(lines);
             }
             if Instant::now() > deadline {
-                bail!("only {} of {n} close lines after {timeout:?}:\n{}", lines.len(), self.proc.output());
+                bail!(
+                    "only {} of {n} close lines after {timeout:?}:\n{}",
+                    lines.len(),
+                    self.proc.output()
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -213,13 +245,22 @@ impl Splicer {
 
 /// Starts splicer in `mode` forwarding to `upstream` and checks that the
 /// mode asked for is the mode in effect.
-pub fn splicer_in_mode(dir: &Path, mode: &str, upstream: SocketAddr, extra: &[&str]) -> Result<Splicer> {
+pub fn splicer_in_mode(
+    dir: &Path,
+    mode: &str,
+    upstream: SocketAddr,
+    extra: &[&str],
+) -> Result<Splicer> {
     let up = upstream.to_string();
     let mut args = vec!["--upstream", up.as_str(), "--offload", mode];
     args.extend_from_slice(extra);
     let s = Splicer::start(dir, &args)?;
     if s.offload() != mode {
-        bail!("asked for --offload {mode}, got {:?}:\n{}", s.offload(), s.proc.output());
+        bail!(
+            "asked for --offload {mode}, got {:?}:\n{}",
+            s.offload(),
+            s.proc.output()
+        );
     }
     Ok(s)
 }
@@ -236,7 +277,8 @@ pub fn connect_from_client(to: SocketAddr) -> Result<TcpStream> {
 pub fn read_to_end_timeout(s: &mut TcpStream, timeout: Duration) -> Result<Vec<u8>> {
     s.set_read_timeout(Some(timeout))?;
     let mut out = Vec::new();
-    s.read_to_end(&mut out).map_err(|e| anyhow!("read: {e} after {} bytes", out.len()))?;
+    s.read_to_end(&mut out)
+        .map_err(|e| anyhow!("read: {e} after {} bytes", out.len()))?;
     Ok(out)
 }
 
@@ -250,7 +292,11 @@ pub struct Pattern {
 
 impl Pattern {
     pub fn new(seed: u64) -> Self {
-        Pattern { state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, buf: [0; 8], pos: 8 }
+        Pattern {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            buf: [0; 8],
+            pos: 8,
+        }
     }
 
     pub fn fill(&mut self, out: &mut [u8]) {
@@ -289,17 +335,25 @@ pub fn expect_pattern(r: &mut impl Read, seed: u64, len: u64) -> Result<()> {
     let mut want = vec![0u8; 64 * 1024];
     let mut got = 0u64;
     loop {
-        let n = r.read(&mut buf).map_err(|e| anyhow!("read failed after {got} of {len} bytes: {e}"))?;
+        let n = r
+            .read(&mut buf)
+            .map_err(|e| anyhow!("read failed after {got} of {len} bytes: {e}"))?;
         if n == 0 {
             break;
         }
         if got + n as u64 > len {
-            bail!("received more than the {len} bytes sent ({} so far)", got + n as u64);
+            bail!(
+                "received more than the {len} bytes sent ({} so far)",
+                got + n as u64
+            );
         }
         p.fill(&mut want[..n]);
         if buf[..n] != want[..n] {
             let i = (0..n).find(|&i| buf[i] != want[i]).unwrap();
-            bail!("byte {} differs (stream of {len} bytes, seed {seed})", got + i as u64);
+            bail!(
+                "byte {} differs (stream of {len} bytes, seed {seed})",
+                got + i as u64
+            );
         }
         got += n as u64;
     }
@@ -337,11 +391,20 @@ pub fn read_proxy_header(s: &mut TcpStream) -> Result<Vec<u8>> {
 
 /// Hand-built expected PROXY headers (independent of splicer's builder).
 pub fn expected_v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    format!("PROXY TCP4 {} {} {} {}\r\n", src.ip(), dst.ip(), src.port(), dst.port()).into_bytes()
+    format!(
+        "PROXY TCP4 {} {} {} {}\r\n",
+        src.ip(),
+        dst.ip(),
+        src.port(),
+        dst.port()
+    )
+    .into_bytes()
 }
 
 pub fn expected_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else { panic!("IPv4 only") };
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
+        panic!("IPv4 only")
+    };
     let mut v = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
     v.extend([0x21, 0x11, 0x00, 12]);
     v.extend(s.octets());
@@ -352,13 +415,28 @@ pub fn expected_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
 }
 
 /// Runs a command to completion with a timeout; returns (status, stdout, stderr).
-pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<(std::process::ExitStatus, String, String)> {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
+pub fn run_with_timeout(
+    cmd: &mut Command,
+    timeout: Duration,
+) -> Result<(std::process::ExitStatus, String, String)> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("cannot start {cmd:?}"))?;
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
-    let out_t = thread::spawn(move || { let mut s = String::new(); let _ = out.read_to_string(&mut s); s });
-    let err_t = thread::spawn(move || { let mut s = String::new(); let _ = err.read_to_string(&mut s); s });
+    let out_t = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_t = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(s) = child.try_wait()? {
@@ -378,17 +456,24 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<(std::pr
 /// fds it holds (/proc/PID/fdinfo has each map's id).
 pub fn bpf_map_entries(pid: u32, map_name: &str) -> Result<usize> {
     let bpftool = |args: &[&str]| -> Result<String> {
-        let (st, out, err) = run_with_timeout(Command::new("bpftool").arg("-j").args(args), Duration::from_secs(10))?;
+        let (st, out, err) = run_with_timeout(
+            Command::new("bpftool").arg("-j").args(args),
+            Duration::from_secs(10),
+        )?;
         ensure!(st.success(), "bpftool {args:?} failed: {err}");
         Ok(out)
     };
     for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
         let info = fs::read_to_string(entry?.path()).unwrap_or_default();
-        let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) else { continue };
+        let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) else {
+            continue;
+        };
         let id = id.trim();
         if bpftool(&["map", "show", "id", id])?.contains(&format!("\"name\":\"{map_name}\"")) {
             // One JSON object per entry, each with a "key".
-            return Ok(bpftool(&["map", "dump", "id", id])?.matches("\"key\"").count());
+            return Ok(bpftool(&["map", "dump", "id", id])?
+                .matches("\"key\"")
+                .count());
         }
     }
     bail!("process {pid} holds no eBPF map named {map_name}")
@@ -402,7 +487,11 @@ pub fn listen_on(ip: Ipv4Addr) -> Result<(TcpListener, SocketAddr)> {
 }
 
 /// Reads lines from a child's stdout file until one satisfies `pred`.
-pub fn wait_json_line(proc: &mut Proc, pred: impl Fn(&str) -> bool, timeout: Duration) -> Result<String> {
+pub fn wait_json_line(
+    proc: &mut Proc,
+    pred: impl Fn(&str) -> bool,
+    timeout: Duration,
+) -> Result<String> {
     let deadline = Instant::now() + timeout;
     loop {
         let file = fs::File::open(&proc.log)?;
@@ -413,7 +502,11 @@ pub fn wait_json_line(proc: &mut Proc, pred: impl Fn(&str) -> bool, timeout: Dur
             }
         }
         if Instant::now() > deadline {
-            bail!("no matching line from {} within {timeout:?}:\n{}", proc.name, proc.output());
+            bail!(
+                "no matching line from {} within {timeout:?}:\n{}",
+                proc.name,
+                proc.output()
+            );
         }
         thread::sleep(Duration::from_millis(20));
     }
@@ -426,5 +519,11 @@ pub fn json_field(line: &str, field: &str) -> Option<String> {
     if let Some(s) = rest.strip_prefix('"') {
         return Some(s[..s.find('"')?].to_string());
     }
-    Some(rest.chars().take_while(|c| !matches!(c, ',' | '}')).collect::<String>().trim().to_string())
+    Some(
+        rest.chars()
+            .take_while(|c| !matches!(c, ',' | '}'))
+            .collect::<String>()
+            .trim()
+            .to_string(),
+    )
 }

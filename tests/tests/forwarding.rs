@@ -25,8 +25,11 @@ fn backpressure(mode: &str) -> Result<()> {
     let server = thread::spawn(move || -> Result<()> {
         let (mut s, _) = listener.accept()?;
         thread::sleep(Duration::from_secs(2)); // not reading: the pipe fills
-        // Then read slowly at first, verifying every byte.
-        let mut slow = SlowReader { inner: &mut s, reads: 0 };
+                                               // Then read slowly at first, verifying every byte.
+        let mut slow = SlowReader {
+            inner: &mut s,
+            reads: 0,
+        };
         expect_pattern(&mut slow, 7, TOTAL)
     });
     let mut c = connect_from_client(splicer.listen)?;
@@ -60,8 +63,14 @@ fn backpressure(mode: &str) -> Result<()> {
         }
     }
     let buffered = sent;
-    eprintln!("{mode}: {} KiB accepted while the upstream was not reading", buffered >> 10);
-    ensure!(buffered < TOTAL, "{mode}: all {TOTAL} bytes were accepted by a chain whose reader reads nothing");
+    eprintln!(
+        "{mode}: {} KiB accepted while the upstream was not reading",
+        buffered >> 10
+    );
+    ensure!(
+        buffered < TOTAL,
+        "{mode}: all {TOTAL} bytes were accepted by a chain whose reader reads nothing"
+    );
     ensure!(buffered < 40 << 20, "{mode}: {buffered} bytes buffered for a stalled reader: buffering is not bounded by socket buffers");
     c.set_nonblocking(false)?;
     c.write_all(&buf[pending.clone()])?;
@@ -80,7 +89,11 @@ fn backpressure(mode: &str) -> Result<()> {
     c.shutdown(Shutdown::Write)?;
     server.join().unwrap().context("upstream verification")?;
     let lines = splicer.wait_closed(1, Duration::from_secs(10))?;
-    ensure!(lines[0].contains(&format!("client_to_upstream={TOTAL}")), "close line: {}", lines[0]);
+    ensure!(
+        lines[0].contains(&format!("client_to_upstream={TOTAL}")),
+        "close line: {}",
+        lines[0]
+    );
     Ok(())
 }
 
@@ -127,7 +140,9 @@ fn expect_reset(s: &mut TcpStream, who: &str) -> Result<()> {
 }
 
 fn abort(s: TcpStream) {
-    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(s);
 }
 
@@ -154,8 +169,16 @@ fn reset_passes_on(mode: &str, client_resets: bool) -> Result<()> {
         expect_reset(&mut c, "client")?;
     }
     let lines = splicer.wait_closed(1, Duration::from_secs(5))?;
-    let want = if client_resets { "end=client reset" } else { "end=upstream reset" };
-    ensure!(lines[0].contains(want), "{mode}: close line lacks {want}: {}", lines[0]);
+    let want = if client_resets {
+        "end=client reset"
+    } else {
+        "end=upstream reset"
+    };
+    ensure!(
+        lines[0].contains(want),
+        "{mode}: close line lacks {want}: {}",
+        lines[0]
+    );
     Ok(())
 }
 
@@ -190,7 +213,11 @@ fn half_close_keeps_other_direction_open() -> Result<()> {
         u.shutdown(Shutdown::Write)?;
         expect_pattern(&mut c, 2, 3 << 20).context("upstream->client after the client's FIN")?;
         let lines = splicer.wait_closed(1, Duration::from_secs(5))?;
-        ensure!(lines[0].contains("end=client closed"), "{mode}: {}", lines[0]);
+        ensure!(
+            lines[0].contains("end=client closed"),
+            "{mode}: {}",
+            lines[0]
+        );
     }
     Ok(())
 }
@@ -243,13 +270,22 @@ fn churn_leaves_nothing_behind() -> Result<()> {
             w.join().unwrap()?;
         }
         splicer.wait_closed(N, Duration::from_secs(30))?;
-        eprintln!("{mode}: {N} connections in {:.1}s", started.elapsed().as_secs_f64());
+        eprintln!(
+            "{mode}: {N} connections in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
         let fds_after = splicer.proc.fd_count();
-        ensure!(fds_after == fds_before, "{mode}: {fds_before} fds before, {fds_after} after {N} connections");
+        ensure!(
+            fds_after == fds_before,
+            "{mode}: {fds_before} fds before, {fds_after} after {N} connections"
+        );
         if mode == "sockmap" {
             for map in ["LINKS", "TARGETS", "SPLICED"] {
                 let n = bpf_map_entries(splicer.proc.pid(), map)?;
-                ensure!(n == 0, "{map} still has {n} entries after every connection closed");
+                ensure!(
+                    n == 0,
+                    "{map} still has {n} entries after every connection closed"
+                );
             }
         }
     }
@@ -268,9 +304,13 @@ fn kernel_carries_the_payload() -> Result<()> {
         let (listener, upstream) = listen_on(BROKER_IP)?;
         let splicer = splicer_in_mode(&dir, mode, upstream, &[])?;
         if mode == "sockmap" {
-            let (_, out, _) = run_with_timeout(Command::new("bpftool").args(["prog", "show"]), Duration::from_secs(10))?;
+            let (_, out, _) = run_with_timeout(
+                Command::new("bpftool").args(["prog", "show"]),
+                Duration::from_secs(10),
+            )?;
             ensure!(
-                out.lines().any(|l| l.contains("sk_skb") && l.contains("splice_verdict")),
+                out.lines()
+                    .any(|l| l.contains("sk_skb") && l.contains("splice_verdict")),
                 "bpftool prog show does not list the sk_skb program:\n{out}"
             );
         }
@@ -296,8 +336,14 @@ fn kernel_carries_the_payload() -> Result<()> {
         drop(c);
         let line = splicer.wait_closed(1, Duration::from_secs(5))?.remove(0);
         let kernel = if mode == "sockmap" { TOTAL } else { 0 };
-        ensure!(line.contains(&format!("client_to_upstream={TOTAL} ")), "{mode}: {line}");
-        ensure!(line.contains(&format!("kernel_bytes={kernel} ")), "{mode}: expected kernel_bytes={kernel}: {line}");
+        ensure!(
+            line.contains(&format!("client_to_upstream={TOTAL} ")),
+            "{mode}: {line}"
+        );
+        ensure!(
+            line.contains(&format!("kernel_bytes={kernel} ")),
+            "{mode}: expected kernel_bytes={kernel}: {line}"
+        );
     }
     Ok(())
 }

@@ -51,7 +51,13 @@ impl Plan {
         let (up, down) = (size(&mut rng), size(&mut rng));
         let r = splitmix(&mut rng) % 4;
         // Never both waiting for the other: that would deadlock by design.
-        Plan { seed: i, up, down, server_waits: r == 1, client_waits: r == 2 }
+        Plan {
+            seed: i,
+            up,
+            down,
+            server_waits: r == 1,
+            client_waits: r == 2,
+        }
     }
 
     /// 32-byte preamble the client sends first so the server knows the plan.
@@ -79,7 +85,12 @@ fn serve_one(mut s: TcpStream, errors: Arc<Mutex<Vec<String>>>, listen: SocketAd
         if !header.starts_with(b"\r\n\r\n\0\r\nQUIT\n") || header.len() != 28 {
             bail!("seed {seed}: not a v2 IPv4 header: {header:?}");
         }
-        if header[20..24] != listen.ip().to_string().parse::<std::net::Ipv4Addr>()?.octets()
+        if header[20..24]
+            != listen
+                .ip()
+                .to_string()
+                .parse::<std::net::Ipv4Addr>()?
+                .octets()
             || header[26..28] != listen.port().to_be_bytes()
             || header[16..20] != CLIENT_IP.octets()
         {
@@ -152,7 +163,10 @@ fn stress(mode: &str) -> Result<()> {
                 }
                 let plan = Plan::new(i as u64);
                 if let Err(e) = client_one(listen, plan) {
-                    errors.lock().unwrap().push(format!("client {plan:?}: {e:#}"));
+                    errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("client {plan:?}: {e:#}"));
                 }
             })
         })
@@ -163,20 +177,43 @@ fn stress(mode: &str) -> Result<()> {
     let closed = splicer.wait_closed(CONNECTIONS, Duration::from_secs(30))?;
     let errors = errors.lock().unwrap();
     if !errors.is_empty() {
-        bail!("{} of {CONNECTIONS} connections failed in {mode} mode; first: {:?}", errors.len(), &errors[..errors.len().min(5)]);
+        bail!(
+            "{} of {CONNECTIONS} connections failed in {mode} mode; first: {:?}",
+            errors.len(),
+            &errors[..errors.len().min(5)]
+        );
     }
     // splicer's own accounting agrees with what was sent, both ways.
     let total: (u64, u64) = (0..CONNECTIONS as u64)
         .map(Plan::new)
         .fold((0, 0), |(u, d), p| (u + 32 + p.up, d + p.down));
     let logged = closed.iter().fold((0u64, 0u64), |(u, d), l| {
-        let f = |k: &str| l.split(k).nth(1).and_then(|v| v.split(' ').next()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let f = |k: &str| {
+            l.split(k)
+                .nth(1)
+                .and_then(|v| v.split(' ').next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         (u + f("client_to_upstream="), d + f("upstream_to_client="))
     });
-    assert_eq!(logged, total, "bytes in splicer's close lines vs bytes sent ({mode})");
-    let ends: Vec<_> = closed.iter().filter(|l| l.contains("reset") || l.contains("error")).collect();
-    assert!(ends.is_empty(), "connections that did not close cleanly: {ends:?}");
-    eprintln!("{mode}: {CONNECTIONS} connections, {} MiB up, {} MiB down, all verified", total.0 >> 20, total.1 >> 20);
+    assert_eq!(
+        logged, total,
+        "bytes in splicer's close lines vs bytes sent ({mode})"
+    );
+    let ends: Vec<_> = closed
+        .iter()
+        .filter(|l| l.contains("reset") || l.contains("error"))
+        .collect();
+    assert!(
+        ends.is_empty(),
+        "connections that did not close cleanly: {ends:?}"
+    );
+    eprintln!(
+        "{mode}: {CONNECTIONS} connections, {} MiB up, {} MiB down, all verified",
+        total.0 >> 20,
+        total.1 >> 20
+    );
     Ok(())
 }
 

@@ -26,7 +26,10 @@ pub fn all(release: bool) -> Result<PathBuf> {
         cmd.arg("--release");
     }
     run_cmd(&mut cmd)?;
-    Ok(root().join("target").join(if release { "release" } else { "debug" }).join("splicer"))
+    Ok(root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("splicer"))
 }
 
 pub fn ebpf() -> Result<()> {
@@ -37,8 +40,18 @@ pub fn ebpf() -> Result<()> {
     cmd.current_dir(root().join("proxy-ebpf"))
         .env("PATH", install::path_with_cargo_bin())
         // Same flags as aya-build: BTF lets the kernel and bpftool show types.
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf")
-        .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"]);
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ]);
     run_cmd(&mut cmd)?;
     if !ebpf_object().exists() {
         bail!("eBPF build produced no {}", ebpf_object().display());

@@ -12,8 +12,16 @@ use crate::{root, run_cmd};
 /// Debian packages behind the eBPF toolchain: a rustc with its library
 /// source (to build `core` for bpfel-unknown-none) and the LLVM that
 /// bpf-linker links against (same major version as that rustc's LLVM).
-const TOOLCHAIN_PACKAGES: &[&str] =
-    &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev", "libpolly-22-dev", "zlib1g-dev", "libzstd-dev", "bpftool"];
+const TOOLCHAIN_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "bpftool",
+];
 const LLVM_MAJOR: &str = "22";
 
 /// Real peers the end-to-end tests run against.
@@ -52,7 +60,9 @@ impl EbpfToolchain {
         match self {
             EbpfToolchain::Debian => {
                 let mut c = Command::new("/usr/bin/cargo");
-                c.env("RUSTC", "/usr/bin/rustc").env("RUSTC_BOOTSTRAP", "1").env_remove("RUSTUP_TOOLCHAIN");
+                c.env("RUSTC", "/usr/bin/rustc")
+                    .env("RUSTC_BOOTSTRAP", "1")
+                    .env_remove("RUSTUP_TOOLCHAIN");
                 c
             }
             EbpfToolchain::Nightly => {
@@ -80,13 +90,19 @@ pub fn is_root() -> bool {
 fn cargo_bin() -> PathBuf {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
+        })
         .join("bin")
 }
 
 /// PATH with cargo's bin directory first, where bpf-linker is installed.
 pub fn path_with_cargo_bin() -> String {
-    format!("{}:{}", cargo_bin().display(), std::env::var("PATH").unwrap_or_default())
+    format!(
+        "{}:{}",
+        cargo_bin().display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
 }
 
 fn missing_packages(pkgs: &[&str]) -> Vec<String> {
@@ -108,7 +124,10 @@ fn apt_install(pkgs: &[&str]) -> Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages: run `sudo apt-get install -y {}`", missing.join(" "));
+        bail!(
+            "missing Debian packages: run `sudo apt-get install -y {}`",
+            missing.join(" ")
+        );
     }
     eprintln!("installing Debian packages: {}", missing.join(" "));
     run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
@@ -137,9 +156,16 @@ pub fn toolchain() -> Result<()> {
     cmd.args(["install", "bpf-linker"]);
     if !nightly {
         let prefix = format!("/usr/lib/llvm-{LLVM_MAJOR}");
-        cmd.args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")])
-            .env("LLVM_PREFIX", &prefix)
-            .env("PATH", format!("{prefix}/bin:{}", std::env::var("PATH").unwrap_or_default()));
+        cmd.args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{LLVM_MAJOR}"),
+        ])
+        .env("LLVM_PREFIX", &prefix)
+        .env(
+            "PATH",
+            format!("{prefix}/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        );
     }
     run_cmd(&mut cmd)
 }
@@ -150,7 +176,11 @@ pub fn test_peers() -> Result<()> {
     let peers = root().join("tests/peers");
     if !peers.join("node_modules/.package-lock.json").exists() {
         eprintln!("installing npm test peers (aedes, aedes-protocol-decoder, mqtt)");
-        run_cmd(Command::new("npm").current_dir(&peers).args(["ci", "--no-audit", "--no-fund"]))?;
+        run_cmd(
+            Command::new("npm")
+                .current_dir(&peers)
+                .args(["ci", "--no-audit", "--no-fund"]),
+        )?;
     }
     Ok(())
 }

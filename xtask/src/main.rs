@@ -47,12 +47,17 @@ fn main() -> Result<()> {
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Runs a command, failing with its command line if it fails.
 pub fn run_cmd(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("command failed ({status}): {cmd:?}");
     }
@@ -63,7 +68,10 @@ fn run(args: Vec<String>) -> Result<()> {
     install::toolchain()?;
     let bin = build::all(true)?;
     let args = if args.is_empty() {
-        vec!["--config".into(), root().join("splicer.toml").display().to_string()]
+        vec![
+            "--config".into(),
+            root().join("splicer.toml").display().to_string(),
+        ]
     } else {
         args
     };
@@ -88,7 +96,15 @@ fn test(filter: Option<String>) -> Result<()> {
     run_cmd(
         build::cargo()
             .current_dir(&root)
-            .args(["test", "--release", "-p", "splicer", "-p", "proxy-common", "--"])
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "splicer",
+                "-p",
+                "proxy-common",
+                "--",
+            ])
             .args(&filter),
     )?;
     // End to end, against real brokers and proxies. One at a time: they
@@ -98,7 +114,14 @@ fn test(filter: Option<String>) -> Result<()> {
             .current_dir(&root)
             .env("SPLICER_BIN", &bin)
             .env("SPLICER_PEERS", root.join("tests/peers"))
-            .args(["test", "--release", "-p", "splicer-tests", "--", "--test-threads=1"])
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "splicer-tests",
+                "--",
+                "--test-threads=1",
+            ])
             .args(&filter),
     )
 }
