@@ -205,8 +205,15 @@ fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
 
 /// Turns the usual load failures into a reason an operator can act on.
 fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
-    let text = format!("{e:#}");
-    if text.contains("Operation not permitted") || text.contains("EPERM") {
+    // aya's Display leaves out the OS error; collect the whole chain.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    if text.contains("Operation not permitted") || text.contains("Permission denied") {
         anyhow!("permission denied loading eBPF (run as root, or grant CAP_BPF and CAP_NET_ADMIN): {text}")
     } else {
         anyhow!("loading eBPF failed (kernel without BPF sockmap/sk_skb support?): {text}")

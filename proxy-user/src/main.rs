@@ -21,13 +21,19 @@ use anyhow::Result;
 use clap::Parser;
 
 fn main() -> Result<()> {
-    let config = match cli::Cli::parse().into_config() {
+    let cli = cli::Cli::parse();
+    let check = cli.check;
+    let config = match cli.into_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("splicer: {e:#}");
             std::process::exit(2);
         }
     };
+    if check {
+        println!("configuration ok: {config:#?}");
+        return Ok(());
+    }
     // Our own modules (and the kernel program's records) at the configured
     // level; libraries only from warn up, so debug stays readable.
     env_logger::Builder::new()
