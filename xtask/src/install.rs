@@ -32,8 +32,7 @@ const TEST_PACKAGES: &[&str] = &[
     "libnginx-mod-stream",
     "haproxy",
     "iproute2",
-    "nodejs",
-    "npm",
+    "util-linux",
 ];
 
 pub enum EbpfToolchain {
@@ -173,6 +172,10 @@ pub fn toolchain() -> Result<()> {
 /// Brokers, proxies and clients for the end-to-end tests.
 pub fn test_peers() -> Result<()> {
     apt_install(TEST_PACKAGES)?;
+    // The machine may ship its own Node.js; Debian's only when there is none.
+    if !has_command("node") || !has_command("npm") {
+        apt_install(&["nodejs", "npm"])?;
+    }
     let peers = root().join("tests/peers");
     if !peers.join("node_modules/.package-lock.json").exists() {
         eprintln!("installing npm test peers (aedes, aedes-protocol-decoder, mqtt)");
@@ -183,4 +186,8 @@ pub fn test_peers() -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+fn has_command(name: &str) -> bool {
+    Command::new(name).arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
 }
