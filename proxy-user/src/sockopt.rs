@@ -6,6 +6,30 @@ use std::{io, mem, os::fd::RawFd};
 pub const TCP_ESTABLISHED: u8 = 1;
 pub const TCP_CLOSE_WAIT: u8 = 8;
 
+/// getsockopt for a plain-old-data value; returns it and the length the
+/// kernel wrote.
+fn get<T: Default>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<(T, usize)> {
+    let mut value = T::default();
+    let mut len = mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is a writable T of `len` bytes that outlives the call;
+    // callers only use integer and repr(C) integer-struct types.
+    let rc = unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((value, len as usize))
+}
+
+fn set(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    let len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: passes a readable int of the stated size.
+    let rc = unsafe { libc::setsockopt(fd, level, name, (&raw const value).cast(), len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The leading part of the kernel's `struct tcp_info`, up to the fields we
 /// read. The kernel copies min(optlen, its size), so a prefix is fine.
 #[repr(C)]
@@ -23,29 +47,15 @@ struct TcpInfoPrefix {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TcpInfo {
     pub state: u8,
-    /// Bytes of ours the peer has acknowledged.
+    /// Bytes of ours the peer has acknowledged (the SYN and FIN count one each).
     pub bytes_acked: u64,
-    /// Bytes received in sequence from the peer.
+    /// Bytes received in sequence from the peer (a FIN counts one).
     pub bytes_received: u64,
 }
 
 pub fn tcp_info(fd: RawFd) -> io::Result<TcpInfo> {
-    let mut info = TcpInfoPrefix::default();
-    let mut len = mem::size_of::<TcpInfoPrefix>() as libc::socklen_t;
-    // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (len as usize) < mem::size_of::<TcpInfoPrefix>() {
+    let (info, len) = get::<TcpInfoPrefix>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    if len < mem::size_of::<TcpInfoPrefix>() {
         return Err(io::Error::other(
             "kernel tcp_info too short (needs Linux 4.1+)",
         ));
@@ -59,22 +69,7 @@ pub fn tcp_info(fd: RawFd) -> io::Result<TcpInfo> {
 
 /// The socket's cookie: a stable 64-bit id the eBPF program can also read.
 pub fn cookie(fd: RawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` is a writable u64 and `len` says so.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+    get::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE).map(|(c, _)| c)
 }
 
 /// Bytes in the send queue not yet acknowledged by the peer (SIOCOUTQ).
@@ -88,33 +83,31 @@ pub fn unacked_send_queue(fd: RawFd) -> io::Result<u64> {
     Ok(n as u64)
 }
 
-/// Sets SO_RCVLOWAT. On TCP this also re-checks the receive queue and calls
-/// the socket's data-ready callback if bytes are waiting, which is how bytes
-/// that arrived before the socket joined the sockmap reach the verdict program.
-pub fn set_rcvlowat(fd: RawFd, bytes: i32) -> io::Result<()> {
-    // SAFETY: passes a readable int of the stated size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const bytes).cast(),
-            mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Total bytes that have entered this socket's send queue since it opened:
-/// acknowledged plus still queued. The two reads are not atomic; reading the
-/// acknowledged count first can only under-count, never over-count.
+/// Total bytes that have entered this socket's send queue since it opened
+/// (acknowledged plus still queued), with its TCP state. Only differences
+/// are meaningful. The two reads are not atomic; reading the acknowledged
+/// count first can only under-count, never over-count.
 pub fn bytes_queued_total(fd: RawFd) -> io::Result<(u8, u64)> {
     let info = tcp_info(fd)?;
     let queued = unacked_send_queue(fd)?;
     Ok((info.state, info.bytes_acked + queued))
+}
+
+/// Sets SO_RCVLOWAT. On TCP this also re-checks the receive queue and calls
+/// the socket's data-ready callback if bytes are waiting, which is how bytes
+/// that arrived before the socket joined the sockmap reach the verdict program.
+pub fn set_rcvlowat(fd: RawFd, bytes: i32) -> io::Result<()> {
+    set(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+pub fn window_clamp(fd: RawFd) -> io::Result<i32> {
+    get::<libc::c_int>(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP).map(|(v, _)| v)
+}
+
+/// Caps the receive window this socket advertises (the kernel's minimum
+/// is about 1 KiB, below which it advertises a zero window).
+pub fn set_window_clamp(fd: RawFd, bytes: i32) -> io::Result<()> {
+    set(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, bytes)
 }
 
 /// What a non-blocking poll(2) says about the socket right now:
@@ -131,40 +124,4 @@ pub fn closed_or_failed(fd: RawFd) -> io::Result<(bool, bool)> {
     }
     let failed = p.revents & (libc::POLLERR | libc::POLLNVAL) != 0;
     Ok((p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0, failed))
-}
-
-pub fn window_clamp(fd: RawFd) -> io::Result<i32> {
-    let mut v: i32 = 0;
-    let mut len = mem::size_of::<i32>() as libc::socklen_t;
-    // SAFETY: writes one int of the stated size.
-    if unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_WINDOW_CLAMP,
-            (&raw mut v).cast(),
-            &mut len,
-        )
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(v)
-}
-
-pub fn set_window_clamp(fd: RawFd, v: i32) -> io::Result<()> {
-    // SAFETY: passes a readable int of the stated size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_WINDOW_CLAMP,
-            (&raw const v).cast(),
-            mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }

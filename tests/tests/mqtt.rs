@@ -1,0 +1,507 @@
+//! Real MQTT peers through splicer, in both offload modes: mosquitto with
+//! mosquitto_pub/mosquitto_sub, and an aedes broker (with
+//! aedes-protocol-decoder) with MQTT.js clients, to check the PROXY header
+//! splicer sends is what a real broker decodes.
+use std::{
+    fs,
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use splicer_tests::*;
+
+const STEP: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------- helpers
+
+/// A peer run in the background whose stdout must be compared exactly, so
+/// stdout and stderr go to separate files (Proc merges them). Killed on
+/// drop, like Proc.
+struct Piped {
+    name: String,
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Piped {
+    fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Result<Piped> {
+        let out = dir.join(format!("{name}.stdout"));
+        let err = dir.join(format!("{name}.stderr"));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out)?)
+            .stderr(fs::File::create(&err)?)
+            .spawn()
+            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
+        Ok(Piped {
+            name: name.into(),
+            child,
+            out,
+            err,
+        })
+    }
+
+    fn stdout(&self) -> String {
+        fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Waits until stdout has a line containing `needle`.
+    fn wait_stdout(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.stdout().lines().find(|l| l.contains(needle)) {
+                return Ok(l.to_string());
+            }
+            if let Some(st) = self.child.try_wait()? {
+                bail!(
+                    "{} exited ({st}) before printing {needle:?}\nstdout:\n{}stderr:\n{}",
+                    self.name,
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} did not print {needle:?} within {timeout:?}\nstdout:\n{}stderr:\n{}",
+                self.name,
+                self.stdout(),
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit; returns (status, stdout, stderr).
+    fn finish(&mut self, timeout: Duration) -> Result<(ExitStatus, String, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok((st, self.stdout(), self.stderr()));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} still running after {timeout:?}\nstdout:\n{}stderr:\n{}",
+                self.name,
+                self.stdout(),
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Piped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Starts mosquitto on BROKER_IP:<free port>. It logs everything to stderr
+/// (unbuffered, unlike its stdout) so the test can follow CONNECT,
+/// SUBSCRIBE and PUBLISH as the broker handles them.
+fn start_mosquitto(dir: &Path) -> Result<(Proc, SocketAddr)> {
+    let addr = SocketAddr::new(IpAddr::V4(BROKER_IP), free_port(BROKER_IP));
+    let conf = dir.join("mosquitto.conf");
+    // mosquitto 2.x only listens on loopback without an explicit listener.
+    fs::write(
+        &conf,
+        format!(
+            "listener {} {}\nallow_anonymous true\npersistence false\n\
+             log_dest stderr\nlog_type all\n",
+            addr.port(),
+            addr.ip()
+        ),
+    )?;
+    let mut broker = Proc::spawn(
+        "mosquitto",
+        dir,
+        Command::new("mosquitto").arg("-c").arg(&conf),
+    )?;
+    // Ready means accepting TCP connections, not just started.
+    let deadline = Instant::now() + STEP;
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if let Some(st) = broker.child.try_wait()? {
+            bail!("mosquitto exited ({st}):\n{}", broker.output());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "mosquitto does not accept connections on {addr}:\n{}",
+            broker.output()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok((broker, addr))
+}
+
+/// Starts the aedes broker peer on BROKER_IP with a port it picks itself;
+/// returns it once its `ready` line is out.
+fn start_aedes(dir: &Path) -> Result<(Proc, SocketAddr)> {
+    let peers = peers_dir();
+    ensure!(
+        peers.join("node_modules").is_dir(),
+        "{}/node_modules is missing: run `npm ci` there",
+        peers.display()
+    );
+    let mut broker = Proc::spawn(
+        "aedes",
+        dir,
+        Command::new("node")
+            .arg(peers.join("aedes-broker.js"))
+            .args(["--host", &BROKER_IP.to_string(), "--port", "0"]),
+    )?;
+    let ready = wait_json_line(
+        &mut broker,
+        |l| is_event(l, "ready"),
+        Duration::from_secs(20),
+    )?;
+    let port: u16 = json_field(&ready, "port")
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no port in {ready}"))?;
+    Ok((broker, SocketAddr::new(IpAddr::V4(BROKER_IP), port)))
+}
+
+/// The MQTT.js client peer, connecting to splicer from CLIENT_IP.
+fn client_cmd(splicer: &Splicer, id: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("node");
+    cmd.arg(peers_dir().join("mqtt-client.js"))
+        .args(["--url", &format!("mqtt://{}", splicer.listen)])
+        .args(["--id", id, "--bind-host", &CLIENT_IP.to_string()])
+        .args(args);
+    cmd
+}
+
+/// Runs the MQTT.js client to completion; fails unless it exits 0.
+/// Returns its stdout (JSON lines).
+fn run_client(splicer: &Splicer, id: &str, args: &[&str]) -> Result<String> {
+    let (st, out, err) =
+        run_with_timeout(&mut client_cmd(splicer, id, args), Duration::from_secs(20))?;
+    ensure!(
+        st.success(),
+        "mqtt-client {id} exited {st}\nstdout:\n{out}stderr:\n{err}"
+    );
+    Ok(out)
+}
+
+fn is_event(line: &str, event: &str) -> bool {
+    json_field(line, "event").as_deref() == Some(event)
+}
+
+/// Lines of JSON output whose "event" is `event`.
+fn events<'a>(out: &'a str, event: &str) -> Vec<&'a str> {
+    out.lines().filter(|l| is_event(l, event)).collect()
+}
+
+/// A `key=value` word of a splicer close line.
+fn close_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(pat.as_str()))
+}
+
+fn close_num(line: &str, key: &str) -> Result<u64> {
+    close_value(line, key)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no numeric {key}= in close line: {line}"))
+}
+
+// ------------------------------------------------ 1. mosquitto pub/sub
+
+fn mosquitto_pub_sub(mode: &str) -> Result<()> {
+    let dir = scratch(&format!("mqtt-mosquitto-{mode}"));
+    let (mut broker, broker_addr) = start_mosquitto(&dir)?;
+    // mosquitto does not read PROXY headers.
+    let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--send-proxy", "off"])?;
+    let (host, port) = (SPLICER_IP.to_string(), splicer.listen.port().to_string());
+    let bind = CLIENT_IP.to_string();
+    let mut ids = Vec::new();
+    for qos in ["0", "1"] {
+        let topic = format!("splicer-e2e/{mode}/qos{qos}");
+        let sub_id = format!("sub-{mode}-q{qos}");
+        let mut sub = Piped::spawn(
+            &dir,
+            &sub_id,
+            Command::new("mosquitto_sub")
+                .args(["-h", &host, "-p", &port, "-A", &bind, "-i", &sub_id])
+                .args(["-t", &topic, "-q", qos, "-C", "3", "-v"]),
+        )?;
+        ids.push(sub_id.clone());
+        // The broker logs the SUBACK once the subscription is in place.
+        broker
+            .wait_line(&format!("Sending SUBACK to {sub_id}"), STEP)
+            .with_context(|| format!("subscriber: {}", sub.stderr()))?;
+        let msgs: Vec<String> = (1..=3).map(|i| format!("{mode}-qos{qos}-msg{i}")).collect();
+        for (i, msg) in msgs.iter().enumerate() {
+            let pub_id = format!("pub-{mode}-q{qos}-{i}");
+            let (st, out, err) = run_with_timeout(
+                Command::new("mosquitto_pub")
+                    .args(["-h", &host, "-p", &port, "-A", &bind, "-i", &pub_id])
+                    .args(["-t", &topic, "-q", qos, "-m", msg]),
+                STEP,
+            )?;
+            ensure!(st.success(), "mosquitto_pub {pub_id}: {st}\n{out}{err}");
+            ids.push(pub_id.clone());
+            // Each publisher is its own connection through splicer; wait for
+            // the broker to have this one before the next, so the order is
+            // defined even at QoS 0.
+            broker.wait_line(&format!("Received PUBLISH from {pub_id} "), STEP)?;
+        }
+        let (st, out, err) = sub.finish(STEP)?;
+        let want: String = msgs.iter().map(|m| format!("{topic} {m}\n")).collect();
+        ensure!(
+            out == want,
+            "qos {qos}: subscriber printed\n{out:?}\nexpected\n{want:?}\nstderr: {err}"
+        );
+        ensure!(st.success(), "qos {qos}: mosquitto_sub exited {st}: {err}");
+    }
+
+    // The broker saw every client arrive from splicer's side (127.0.0.1),
+    // not from the clients' own 127.0.0.2.
+    for id in &ids {
+        let line = broker.wait_line(&format!(" as {id} "), STEP)?;
+        ensure!(
+            line.contains("connected from 127.0.0.1:"),
+            "{id} did not reach mosquitto through splicer: {line}"
+        );
+    }
+    // And splicer logged one close line per connection.
+    let closed = splicer.wait_closed(ids.len(), STEP)?;
+    for l in &closed {
+        eprintln!("{mode}: {l}");
+    }
+    ensure!(
+        closed.len() == ids.len(),
+        "{} close lines for {} connections:\n{}",
+        closed.len(),
+        ids.len(),
+        closed.join("\n")
+    );
+    let up = broker_addr.to_string();
+    for l in &closed {
+        ensure!(
+            close_value(l, "client").is_some_and(|c| c.starts_with("127.0.0.2:"))
+                && close_value(l, "upstream") == Some(up.as_str()),
+            "unexpected close line: {l}"
+        );
+        // every MQTT session sends CONNECT and receives CONNACK
+        ensure!(
+            close_num(l, "client_to_upstream")? > 0 && close_num(l, "upstream_to_client")? > 0,
+            "no traffic in close line: {l}"
+        );
+    }
+    let kernel: Vec<u64> = closed
+        .iter()
+        .map(|l| close_num(l, "kernel_bytes"))
+        .collect::<Result<_>>()?;
+    if mode == "sockmap" {
+        ensure!(
+            kernel.iter().any(|&k| k > 0),
+            "sockmap: no connection has kernel_bytes > 0:\n{}",
+            closed.join("\n")
+        );
+    } else {
+        ensure!(
+            kernel.iter().all(|&k| k == 0),
+            "userspace: kernel_bytes > 0:\n{}",
+            closed.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// mosquitto_sub receives, in order, exactly what mosquitto_pub sent
+/// through splicer, at QoS 0 and QoS 1.
+#[test]
+fn mosquitto_pub_sub_through_splicer() -> Result<()> {
+    for mode in MODES {
+        mosquitto_pub_sub(mode).with_context(|| format!("offload {mode}"))?;
+    }
+    Ok(())
+}
+
+// ------------------------------------ 2. aedes decodes the PROXY header
+
+/// One client through a splicer with `--send-proxy send_proxy`; checks the
+/// address aedes reports for it. `is_proxy` is the header version expected,
+/// None for no header (then aedes must see splicer's own address).
+fn aedes_client_address(
+    mode: &str,
+    broker: &mut Proc,
+    broker_addr: SocketAddr,
+    send_proxy: &str,
+    is_proxy: Option<u32>,
+) -> Result<()> {
+    let dir = scratch(&format!("mqtt-aedes-{mode}-{send_proxy}"));
+    let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--send-proxy", send_proxy])?;
+    let id = format!("addr-{mode}-{send_proxy}");
+    let out = run_client(&splicer, &id, &["--publish", "t/x", "hello"])?;
+    let connected = *events(&out, "connected")
+        .first()
+        .with_context(|| format!("no connected line:\n{out}"))?;
+    ensure!(
+        json_field(connected, "localAddress").as_deref() == Some("127.0.0.2"),
+        "client not bound to 127.0.0.2: {connected}"
+    );
+    let local_port = json_field(connected, "localPort").context("no localPort")?;
+
+    let seen = wait_json_line(
+        broker,
+        |l| is_event(l, "client") && json_field(l, "id").as_deref() == Some(id.as_str()),
+        STEP,
+    )?;
+    eprintln!("{mode} send-proxy {send_proxy}: {seen}");
+    let field = |f: &str| json_field(&seen, f).unwrap_or_default();
+    // The broker's TCP peer is always splicer...
+    ensure!(
+        field("socketIp") == "127.0.0.1",
+        "TCP peer is not splicer: {seen}"
+    );
+    // ...and the address it reports comes from the header, if any.
+    match is_proxy {
+        Some(v) => {
+            ensure!(field("ip") == "127.0.0.2", "ip: {seen}");
+            ensure!(
+                field("port") == local_port,
+                "port (client's is {local_port}): {seen}"
+            );
+            ensure!(
+                field("isProxy") == v.to_string(),
+                "isProxy (want {v}): {seen}"
+            );
+        }
+        None => {
+            ensure!(field("ip") == "127.0.0.1", "ip without a header: {seen}");
+            ensure!(field("isProxy") == "0", "isProxy without a header: {seen}");
+        }
+    }
+    // MQTT after the header got through too.
+    wait_json_line(
+        broker,
+        |l| {
+            is_event(l, "publish")
+                && json_field(l, "client").as_deref() == Some(id.as_str())
+                && json_field(l, "topic").as_deref() == Some("t/x")
+                && json_field(l, "payload").as_deref() == Some("hello")
+        },
+        STEP,
+    )?;
+    let closed = splicer.wait_closed(1, STEP)?;
+    ensure!(
+        close_value(&closed[0], "client") == Some(format!("127.0.0.2:{local_port}").as_str()),
+        "close line is not for the client at 127.0.0.2:{local_port}: {}",
+        closed[0]
+    );
+    Ok(())
+}
+
+/// aedes-protocol-decoder resolves the PROXY v1/v2 header splicer sends to
+/// the real client address and port; without a header (the negative
+/// control) it sees splicer's 127.0.0.1.
+#[test]
+fn aedes_sees_real_client_address_with_proxy_header() -> Result<()> {
+    for mode in MODES {
+        let dir = scratch(&format!("mqtt-aedes-{mode}"));
+        let (mut broker, broker_addr) = start_aedes(&dir)?;
+        for (send_proxy, is_proxy) in [("v1", Some(1)), ("v2", Some(2)), ("off", None)] {
+            aedes_client_address(mode, &mut broker, broker_addr, send_proxy, is_proxy)
+                .with_context(|| format!("offload {mode}, --send-proxy {send_proxy}"))?;
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------- 3. QoS 1 round trip through splicer
+
+fn roundtrip(mode: &str) -> Result<()> {
+    let dir = scratch(&format!("mqtt-roundtrip-{mode}"));
+    let (_broker, broker_addr) = start_aedes(&dir)?;
+    let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--send-proxy", "v2"])?;
+    let sub_id = format!("rt-sub-{mode}");
+    let mut sub = Piped::spawn(
+        &dir,
+        &sub_id,
+        &mut client_cmd(
+            &splicer,
+            &sub_id,
+            &[
+                "--subscribe",
+                "t/rt",
+                "--count",
+                "2",
+                "--qos",
+                "1",
+                "--timeout-ms",
+                "20000",
+            ],
+        ),
+    )?;
+    // The client prints `subscribed` after its SUBACK.
+    sub.wait_stdout("\"event\":\"subscribed\"", STEP)?;
+    let payloads = [format!("{mode}-one"), format!("{mode}-two")];
+    let out = run_client(
+        &splicer,
+        &format!("rt-pub-{mode}"),
+        &[
+            "--publish",
+            "t/rt",
+            &payloads[0],
+            "--publish",
+            "t/rt",
+            &payloads[1],
+            "--qos",
+            "1",
+        ],
+    )?;
+    // At QoS 1 `published` means the broker acked it.
+    ensure!(events(&out, "published").len() == 2, "publisher:\n{out}");
+    let (st, out, err) = sub.finish(Duration::from_secs(25))?;
+    let got: Vec<(String, String)> = events(&out, "message")
+        .iter()
+        .map(|l| {
+            (
+                json_field(l, "topic").unwrap_or_default(),
+                json_field(l, "payload").unwrap_or_default(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = payloads
+        .iter()
+        .map(|p| ("t/rt".into(), p.clone()))
+        .collect();
+    ensure!(
+        got == want,
+        "subscriber got {got:?}, want {want:?}\nstdout:\n{out}stderr:\n{err}"
+    );
+    ensure!(st.success(), "subscriber exited {st}: {err}");
+    // Both sessions went through splicer.
+    let closed = splicer.wait_closed(2, STEP)?;
+    ensure!(
+        closed
+            .iter()
+            .all(|l| close_value(l, "client").is_some_and(|c| c.starts_with("127.0.0.2:"))),
+        "close lines:\n{}",
+        closed.join("\n")
+    );
+    Ok(())
+}
+
+/// Two MQTT.js clients through splicer (PROXY v2 to aedes): QoS 1 messages
+/// published by one reach the other, in order.
+#[test]
+fn mqtt_client_roundtrip_qos1_through_splicer() -> Result<()> {
+    for mode in MODES {
+        roundtrip(mode).with_context(|| format!("offload {mode}"))?;
+    }
+    Ok(())
+}
