@@ -11,6 +11,8 @@
 //!   came before it (counters from the verdict program against TCP_INFO).
 //! - Only ESTABLISHED sockets can join a sockmap. A side that has already
 //!   half-closed stays with the userspace relay, per direction.
+//! - Redirects get no backpressure from the kernel; a lagging peer gets it
+//!   from a clamped TCP window on the source (see WINDOW).
 use std::{
     net::Shutdown,
     os::fd::{AsFd, AsRawFd},
