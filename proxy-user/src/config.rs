@@ -5,7 +5,9 @@ use std::{fmt, net::SocketAddr, path::Path, str::FromStr, time::Duration};
 use anyhow::{bail, Context as _, Result};
 use serde::{de, Deserialize, Deserializer};
 
-use crate::proxy_protocol::Version;
+use ipnet::IpNet;
+
+use crate::proxy_protocol::{Accept, Version};
 
 /// `--send-proxy`: which PROXY protocol header to write upstream first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -24,6 +26,39 @@ impl SendProxy {
             SendProxy::V2 => Some(Version::V2),
         }
     }
+}
+
+/// `--accept-proxy`: which PROXY header every peer must send first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptProxy {
+    Off,
+    V1,
+    V2,
+    /// Either, told apart by the first bytes.
+    Auto,
+}
+
+impl AcceptProxy {
+    pub fn accept(self) -> Option<Accept> {
+        match self {
+            AcceptProxy::Off => None,
+            AcceptProxy::V1 => Some(Accept::V1),
+            AcceptProxy::V2 => Some(Accept::V2),
+            AcceptProxy::Auto => Some(Accept::Auto),
+        }
+    }
+}
+
+/// `--untrusted-proxy`: what to do with a PROXY header from a peer outside
+/// `--trusted-proxy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UntrustedProxy {
+    /// Use the peer's own address, log and count the spoof attempt.
+    Ignore,
+    /// Close the connection.
+    Reject,
 }
 
 /// `--offload`: who carries the bulk bytes once a connection is set up.
@@ -82,6 +117,8 @@ impl fmt::Display for Dur {
 }
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// As EMQX's listener `proxy_protocol_timeout`.
+pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One listener, fully resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +128,13 @@ pub struct Listener {
     pub upstreams: Vec<SocketAddr>,
     pub send_proxy: SendProxy,
     pub connect_timeout: Duration,
+    pub accept_proxy: AcceptProxy,
+    /// Peers whose PROXY headers are believed (nginx `set_real_ip_from`).
+    pub trusted_proxies: Vec<IpNet>,
+    /// Send a trusted inbound header upstream verbatim instead of re-emitting.
+    pub proxy_passthrough: bool,
+    pub proxy_timeout: Duration,
+    pub untrusted_proxy: UntrustedProxy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,18 +152,50 @@ struct FileConfig {
     log_level: Option<LogLevel>,
     offload: Option<OffloadMode>,
     #[serde(default)]
-    listener: Vec<FileListener>,
+    listener: Vec<ListenerSpec>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A listener as written in the file or given by flags: unset keys take
+/// their defaults in `resolve`, the one place defaults live.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileListener {
-    name: Option<String>,
-    listen: SocketAddr,
+pub struct ListenerSpec {
+    pub name: Option<String>,
+    pub listen: Option<SocketAddr>,
     #[serde(default)]
-    upstream: Vec<SocketAddr>,
-    send_proxy: Option<SendProxy>,
-    connect_timeout: Option<Dur>,
+    pub upstream: Vec<SocketAddr>,
+    pub send_proxy: Option<SendProxy>,
+    pub connect_timeout: Option<Dur>,
+    pub accept_proxy: Option<AcceptProxy>,
+    #[serde(default)]
+    pub trusted_proxy: Vec<IpNet>,
+    #[serde(default)]
+    pub proxy_passthrough: bool,
+    pub proxy_timeout: Option<Dur>,
+    pub untrusted_proxy: Option<UntrustedProxy>,
+}
+
+impl ListenerSpec {
+    pub fn resolve(self, index: usize) -> Result<Listener> {
+        let name = self.name.unwrap_or_else(|| format!("listener{index}"));
+        let Some(listen) = self.listen else {
+            bail!("listener `{name}`: key `listen` is required");
+        };
+        Ok(Listener {
+            name,
+            listen,
+            upstreams: self.upstream,
+            send_proxy: self.send_proxy.unwrap_or(SendProxy::Off),
+            connect_timeout: self
+                .connect_timeout
+                .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+            accept_proxy: self.accept_proxy.unwrap_or(AcceptProxy::Off),
+            trusted_proxies: self.trusted_proxy,
+            proxy_passthrough: self.proxy_passthrough,
+            proxy_timeout: self.proxy_timeout.map_or(DEFAULT_PROXY_TIMEOUT, |d| d.0),
+            untrusted_proxy: self.untrusted_proxy.unwrap_or(UntrustedProxy::Ignore),
+        })
+    }
 }
 
 /// Settings that can come from flags and override the file.
@@ -138,14 +214,9 @@ impl Config {
             .listener
             .into_iter()
             .enumerate()
-            .map(|(i, l)| Listener {
-                name: l.name.unwrap_or_else(|| format!("listener{i}")),
-                listen: l.listen,
-                upstreams: l.upstream,
-                send_proxy: l.send_proxy.unwrap_or(SendProxy::Off),
-                connect_timeout: l.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
-            })
-            .collect();
+            .map(|(i, l)| l.resolve(i))
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| anyhow::anyhow!("{origin}: {e:#}"))?;
         let config = Config {
             log_level: overrides
                 .log_level
@@ -182,6 +253,15 @@ impl Config {
             }
             if l.connect_timeout.is_zero() {
                 bail!("{at}: key `connect-timeout`: must be greater than zero");
+            }
+            if l.proxy_timeout.is_zero() {
+                bail!("{at}: key `proxy-timeout`: must be greater than zero");
+            }
+            if l.proxy_passthrough && l.accept_proxy == AcceptProxy::Off {
+                bail!("{at}: key `proxy-passthrough`: needs `accept-proxy` (there is no inbound header to pass through)");
+            }
+            if l.accept_proxy != AcceptProxy::Off && l.trusted_proxies.is_empty() {
+                bail!("{at}: key `trusted-proxy`: `accept-proxy` needs at least one trusted CIDR, or every header would be thrown away");
             }
             if l.upstreams.contains(&l.listen) {
                 bail!(
@@ -265,6 +345,63 @@ mod tests {
         let c = Config::from_toml(text, "t", &o).unwrap();
         assert_eq!(c.offload, OffloadMode::Sockmap);
         assert_eq!(c.log_level, log::LevelFilter::Trace);
+    }
+
+    #[test]
+    fn multi_tier_keys() {
+        let c = parse(
+            r#"
+            [[listener]]
+            listen = "127.0.0.1:1883"
+            upstream = ["127.0.0.1:11883"]
+            accept-proxy = "auto"
+            trusted-proxy = ["10.0.0.0/8", "fd00::/8", "192.168.1.7/32"]
+            proxy-passthrough = true
+            proxy-timeout = "1500ms"
+            untrusted-proxy = "reject"
+            "#,
+        )
+        .unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.accept_proxy, AcceptProxy::Auto);
+        assert_eq!(l.trusted_proxies.len(), 3);
+        assert_eq!(l.trusted_proxies[1], "fd00::/8".parse::<IpNet>().unwrap());
+        assert!(l.proxy_passthrough);
+        assert_eq!(l.proxy_timeout, Duration::from_millis(1500));
+        assert_eq!(l.untrusted_proxy, UntrustedProxy::Reject);
+        let c = parse("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n")
+            .unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.accept_proxy, AcceptProxy::Off);
+        assert_eq!(l.proxy_timeout, DEFAULT_PROXY_TIMEOUT);
+        assert_eq!(l.untrusted_proxy, UntrustedProxy::Ignore);
+    }
+
+    #[test]
+    fn multi_tier_errors_name_the_key() {
+        let base = "[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n";
+        let e = err(&format!("{base}accept-proxy = \"v3\"\n"));
+        assert!(e.contains("accept-proxy") && e.contains("auto"), "{e}");
+        let e = err(&format!(
+            "{base}accept-proxy = \"auto\"\ntrusted-proxy = [\"10.0.0.0/33\"]\n"
+        ));
+        assert!(e.contains("trusted-proxy"), "{e}");
+        let e = err(&format!("{base}accept-proxy = \"auto\"\n"));
+        assert!(
+            e.contains("`trusted-proxy`") && e.contains("at least one"),
+            "{e}"
+        );
+        let e = err(&format!("{base}proxy-passthrough = true\n"));
+        assert!(
+            e.contains("`proxy-passthrough`") && e.contains("accept-proxy"),
+            "{e}"
+        );
+        let e = err(&format!("{base}untrusted-proxy = \"drop\"\n"));
+        assert!(e.contains("untrusted-proxy") && e.contains("reject"), "{e}");
+        let e = err(&format!("{base}accept-proxy = \"v1\"\ntrusted-proxy = [\"10.0.0.1/32\"]\nproxy-timeout = \"0s\"\n"));
+        assert!(e.contains("`proxy-timeout`"), "{e}");
+        let e = err("[[listener]]\nupstream = [\"127.0.0.1:2\"]\n");
+        assert!(e.contains("`listen`") && e.contains("required"), "{e}");
     }
 
     #[test]

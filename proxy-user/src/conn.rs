@@ -12,19 +12,21 @@ use std::{
 use tokio::net::TcpStream;
 
 use crate::{
+    accept_proxy::{self, Identity},
     balance::RoundRobin,
     config::Listener,
     metrics::{dec, inc, COUNTERS},
     offload::Offload,
-    proxy_protocol,
     relay::{self, End},
     splice::{self, Direction},
+    trust::Trusted,
     watch::Watcher,
 };
 
 /// What a listener's connections share.
 pub struct ListenerCtx {
     pub config: Listener,
+    pub trusted: Trusted,
     pub balancer: RoundRobin,
     pub offload: Arc<Offload>,
 }
@@ -32,31 +34,53 @@ pub struct ListenerCtx {
 pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
     inc(&COUNTERS.accepted);
     inc(&COUNTERS.active);
+    serve(&ctx, client, peer).await;
+    dec(&COUNTERS.active);
+    inc(&COUNTERS.closed);
+}
+
+async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let name = &ctx.config.name;
-    let Some((upstream, upstream_addr)) = connect_upstream(&ctx).await else {
+    let id = match accept_proxy::identify(&ctx.config, &ctx.trusted, &client, peer).await {
+        Ok(id) => id,
+        Err(why) => {
+            inc(&COUNTERS.proxy_rejected);
+            log::warn!("[{name}] {peer}: rejected: {why}");
+            return;
+        }
+    };
+    if let (Some((h, _)), false) = (&id.inbound, id.trusted) {
+        inc(&COUNTERS.proxy_untrusted);
+        log::warn!(
+            "[{name}] {peer}: PROXY header from an untrusted peer ignored (it claimed {}); using the peer's address",
+            h.addresses.map_or("no address".into(), |(src, _)| src.to_string())
+        );
+    }
+    // Which client this is, for logs: the real one, and the hop if different.
+    let who = match id.client == peer {
+        true => format!("client={peer}"),
+        false => format!("client={} via={peer}", id.client),
+    };
+    let Some((upstream, upstream_addr)) = connect_upstream(ctx).await else {
         inc(&COUNTERS.upstream_down);
-        log::warn!("[{name}] {peer}: every upstream is down, closing the client");
-        dec(&COUNTERS.active);
-        inc(&COUNTERS.closed);
+        log::warn!("[{name}] {who}: every upstream is down, closing the client");
         return;
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let t = match proxy(&ctx, client, upstream, peer).await {
+    let t = match proxy(ctx, &id, client, upstream).await {
         Ok(t) => t,
         Err(e) => {
-            log::warn!("[{name}] {peer} -> {upstream_addr}: {e:#}");
+            log::warn!("[{name}] {who} -> {upstream_addr}: {e:#}");
             Totals {
                 how: "error",
                 ..Totals::default()
             }
         }
     };
-    dec(&COUNTERS.active);
-    inc(&COUNTERS.closed);
     log::info!(
-        "[{name}] closed client={peer} upstream={upstream_addr} client_to_upstream={} upstream_to_client={} \
+        "[{name}] closed {who} upstream={upstream_addr} client_to_upstream={} upstream_to_client={} \
          kernel_bytes={} duration={:.3}s end={}",
         t.c2u,
         t.u2c,
@@ -97,14 +121,16 @@ struct Totals {
 /// closes both sockets.
 async fn proxy(
     ctx: &ListenerCtx,
+    id: &Identity,
     client: TcpStream,
     upstream: TcpStream,
-    peer: SocketAddr,
 ) -> anyhow::Result<Totals> {
-    if let Some(version) = ctx.config.send_proxy.version() {
-        let header = proxy_protocol::build(version, peer, client.local_addr()?);
+    if let Some(header) = accept_proxy::upstream_header(&ctx.config, id, client.local_addr()?) {
         relay::write_all(&upstream, &header).await?;
     }
+    // What userspace consumed of the client (its PROXY header), so the FIN
+    // check knows every later byte went through the kernel.
+    let consumed = id.inbound.as_ref().map_or(0, |(_, raw)| raw.len() as u64);
     let Some(maps) = ctx.offload.maps() else {
         inc(&COUNTERS.relayed);
         return Ok(relayed(&client, &upstream).await);
@@ -127,7 +153,9 @@ async fn proxy(
             watcher.watch(upstream.as_raw_fd())?,
         );
         let how = drive(
-            Direction::new(maps, &client, &cw, &upstream, c, handoff.upstream_base).run(),
+            Direction::new(maps, &client, &cw, &upstream, c, handoff.upstream_base)
+                .consumed(consumed)
+                .run(),
             Direction::new(maps, &upstream, &uw, &client, u, handoff.client_base).run(),
             splice::wait_reset(&client, &cw),
             splice::wait_reset(&upstream, &uw),
@@ -148,6 +176,7 @@ async fn proxy(
             match handoff.client_spliced {
                 true => {
                     Direction::new(maps, &client, &cw, &upstream, c, handoff.upstream_base)
+                        .consumed(consumed)
                         .run()
                         .await
                 }

@@ -1,6 +1,7 @@
 //! splicer: accepts MQTT clients, connects each to an upstream broker, tells
 //! the broker who the client is (PROXY protocol), and lets an eBPF sockmap
 //! program carry the bytes from then on.
+mod accept_proxy;
 mod balance;
 mod cli;
 mod config;
@@ -13,6 +14,7 @@ mod proxy_protocol;
 mod relay;
 mod sockopt;
 mod splice;
+mod trust;
 mod watch;
 
 use std::sync::Arc;
@@ -53,13 +55,14 @@ async fn run(config: config::Config) -> Result<()> {
     let mut bound = Vec::new();
     for l in &config.listeners {
         let ctx = conn::ListenerCtx {
+            trusted: trust::Trusted::new(&l.trusted_proxies),
             balancer: balance::RoundRobin::new(l.upstreams.clone()),
             config: l.clone(),
             offload: offload.clone(),
         };
         let listener = listener::bind(&ctx)?;
         log::info!(
-            "[{}] listening on {} -> {} (send-proxy {:?})",
+            "[{}] listening on {} -> {} (send-proxy {:?}, accept-proxy {:?}{})",
             l.name,
             listener.local_addr()?,
             l.upstreams
@@ -67,7 +70,13 @@ async fn run(config: config::Config) -> Result<()> {
                 .map(|u| u.to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
-            l.send_proxy
+            l.send_proxy,
+            l.accept_proxy,
+            if l.proxy_passthrough {
+                ", passthrough"
+            } else {
+                ""
+            }
         );
         bound.push((Arc::new(ctx), listener));
     }

@@ -15,6 +15,10 @@ pub struct Counters {
     pub spliced: AtomicU64,
     /// Connections (or one direction of one) relayed in userspace.
     pub relayed: AtomicU64,
+    /// Connections refused for a missing, bad, late or untrusted PROXY header.
+    pub proxy_rejected: AtomicU64,
+    /// PROXY headers from untrusted peers that were ignored (spoof attempts).
+    pub proxy_untrusted: AtomicU64,
 }
 
 pub static COUNTERS: Counters = Counters {
@@ -25,6 +29,8 @@ pub static COUNTERS: Counters = Counters {
     upstream_connect_failed: AtomicU64::new(0),
     spliced: AtomicU64::new(0),
     relayed: AtomicU64::new(0),
+    proxy_rejected: AtomicU64::new(0),
+    proxy_untrusted: AtomicU64::new(0),
 };
 
 pub fn inc(c: &AtomicU64) {
@@ -39,9 +45,10 @@ impl Counters {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "accepted={} active={} closed={} spliced={} relayed={} upstream_down={} upstream_connect_failed={}",
+            "accepted={} active={} closed={} spliced={} relayed={} upstream_down={} upstream_connect_failed={} \
+             proxy_rejected={} proxy_untrusted={}",
             g(&self.accepted), g(&self.active), g(&self.closed), g(&self.spliced), g(&self.relayed),
-            g(&self.upstream_down), g(&self.upstream_connect_failed)
+            g(&self.upstream_down), g(&self.upstream_connect_failed), g(&self.proxy_rejected), g(&self.proxy_untrusted)
         )
     }
 }

@@ -149,6 +149,14 @@ impl<'a, S: AsFd, D: AsFd> Direction<'a, S, D> {
         }
     }
 
+    /// Bytes userspace read from `src` before the handoff (a PROXY header).
+    pub fn consumed(self, bytes: u64) -> Self {
+        Direction {
+            src_user_bytes: bytes,
+            ..self
+        }
+    }
+
     /// Runs until the direction ends. On FIN, waits until every byte before
     /// it sits in `dst`'s send queue, then half-closes `dst`.
     pub async fn run(&self) -> End {

@@ -188,6 +188,25 @@ pub fn test_peers() -> Result<()> {
     Ok(())
 }
 
+/// cargo-fuzz, for `cargo +nightly fuzz run` (libFuzzer needs -Z sanitizer,
+/// so a rustup nightly toolchain; rust-src is not needed). Ok(false) when
+/// there is no nightly toolchain, so the caller can skip fuzzing.
+pub fn fuzzer() -> Result<bool> {
+    let has_nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_nightly {
+        return Ok(false);
+    }
+    if !cargo_bin().join("cargo-fuzz").exists() {
+        eprintln!("installing cargo-fuzz");
+        run_cmd(Command::new("cargo").args(["install", "cargo-fuzz"]))?;
+    }
+    Ok(true)
+}
+
 fn has_command(name: &str) -> bool {
     Command::new(name)
         .arg("--version")

@@ -123,5 +123,25 @@ fn test(filter: Option<String>) -> Result<()> {
                 "--test-threads=1",
             ])
             .args(&filter),
+    )?;
+    if filter.first().is_none_or(|f| f.contains("fuzz")) {
+        fuzz()?;
+    }
+    Ok(())
+}
+
+/// Coverage-guided fuzzing of the PROXY protocol parser, for 60 s.
+fn fuzz() -> Result<()> {
+    if !install::fuzzer()? {
+        eprintln!("fuzz: skipped, no nightly toolchain");
+        return Ok(());
+    }
+    eprintln!("fuzz: fuzzing the PROXY protocol parser for 60 s (cargo +nightly fuzz run proxy_protocol in fuzz/)");
+    run_cmd(
+        Command::new("cargo")
+            .current_dir(root().join("fuzz"))
+            .env("PATH", install::path_with_cargo_bin())
+            .args(["+nightly", "fuzz", "run", "proxy_protocol", "--"])
+            .args(["-max_total_time=60", "-rss_limit_mb=2048"]),
     )
 }

@@ -1,0 +1,177 @@
+//! Reading the PROXY header a listener requires from its peers, and
+//! deciding whose address is the client's.
+//!
+//! The header is read with MSG_PEEK and then exactly its length consumed,
+//! so every byte after it stays in the kernel queue for the splice.
+use std::{io, net::SocketAddr};
+
+use tokio::{io::Interest, net::TcpStream};
+
+use crate::{
+    config::{Listener, UntrustedProxy},
+    proxy_protocol::{self, Header, ParseError, Version},
+    trust::{canonical, Trusted},
+};
+
+/// Largest header we read: v1 is at most 107 bytes; v2 may carry TLVs.
+const MAX_HEADER: usize = 16 * 1024;
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    Missing,
+    Invalid(String),
+    TooLong,
+    Timeout,
+    /// The peer closed or reset before a whole header arrived.
+    Closed,
+    /// `--untrusted-proxy reject`.
+    Untrusted,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::Missing => write!(f, "no PROXY header"),
+            Rejection::Invalid(why) => write!(f, "invalid PROXY header: {why}"),
+            Rejection::TooLong => write!(f, "PROXY header too long"),
+            Rejection::Timeout => write!(f, "PROXY header not complete in time"),
+            Rejection::Closed => write!(f, "closed before a complete PROXY header"),
+            Rejection::Untrusted => write!(f, "PROXY header from an untrusted peer"),
+        }
+    }
+}
+
+/// Who the client is, as far as this connection can tell.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The real client: from a trusted header, else the peer itself.
+    pub client: SocketAddr,
+    /// The header as received (trusted or not), and its bytes.
+    pub inbound: Option<(Header, Vec<u8>)>,
+    /// Whether the inbound header was believed.
+    pub trusted: bool,
+}
+
+/// Reads the listener's required PROXY header (if any) and decides the
+/// client's address. `peer` is the TCP peer.
+pub async fn identify(
+    config: &Listener,
+    trusted: &Trusted,
+    stream: &TcpStream,
+    peer: SocketAddr,
+) -> Result<Identity, Rejection> {
+    let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
+    let Some(accept) = config.accept_proxy.accept() else {
+        return Ok(Identity {
+            client: peer,
+            inbound: None,
+            trusted: false,
+        });
+    };
+    let (header, raw) = tokio::time::timeout(config.proxy_timeout, read_header(stream, accept))
+        .await
+        .map_err(|_| Rejection::Timeout)??;
+    if !trusted.contains(peer.ip()) {
+        if config.untrusted_proxy == UntrustedProxy::Reject {
+            return Err(Rejection::Untrusted);
+        }
+        return Ok(Identity {
+            client: peer,
+            inbound: Some((header, raw)),
+            trusted: false,
+        });
+    }
+    // LOCAL, UNKNOWN and non-TCP families carry no client address.
+    let client = header.addresses.map_or(peer, |(src, _)| {
+        SocketAddr::new(canonical(src.ip()), src.port())
+    });
+    Ok(Identity {
+        client,
+        inbound: Some((header, raw)),
+        trusted: true,
+    })
+}
+
+/// Peeks until a whole header is there, then consumes exactly its bytes.
+async fn read_header(
+    stream: &TcpStream,
+    accept: proxy_protocol::Accept,
+) -> Result<(Header, Vec<u8>), Rejection> {
+    let mut buf = vec![0u8; MAX_HEADER];
+    loop {
+        stream.readable().await.map_err(|_| Rejection::Closed)?;
+        let n = match stream.try_io(Interest::READABLE, || {
+            socket2::SockRef::from(stream).peek(uninit(&mut buf))
+        }) {
+            Ok(0) => return Err(Rejection::Closed),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(Rejection::Closed),
+        };
+        match proxy_protocol::parse(&buf[..n], accept) {
+            Ok(header) => {
+                let raw = buf[..header.len].to_vec();
+                consume(stream, header.len).await?;
+                return Ok((header, raw));
+            }
+            Err(ParseError::Incomplete) if n == MAX_HEADER => return Err(Rejection::TooLong),
+            Err(ParseError::Incomplete) => {
+                // The bytes so far stay queued; wait for more to arrive.
+                let _ = stream.try_io(Interest::READABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+            }
+            Err(ParseError::Missing) => return Err(Rejection::Missing),
+            Err(ParseError::TooLong) => return Err(Rejection::TooLong),
+            Err(ParseError::Invalid(why)) => return Err(Rejection::Invalid(why)),
+        }
+    }
+}
+
+/// Reads and drops exactly `len` bytes, already known to be queued.
+async fn consume(stream: &TcpStream, mut len: usize) -> Result<(), Rejection> {
+    let mut sink = vec![0u8; len];
+    while len > 0 {
+        stream.readable().await.map_err(|_| Rejection::Closed)?;
+        match stream.try_read(&mut sink[..len]) {
+            Ok(0) => return Err(Rejection::Closed),
+            Ok(n) => len -= n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(Rejection::Closed),
+        }
+    }
+    Ok(())
+}
+
+fn uninit(buf: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
+    // SAFETY: u8 and MaybeUninit<u8> have the same layout, and every u8 is
+    // initialised; socket2 only writes into the slice.
+    unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) }
+}
+
+/// The PROXY header to write upstream, if any. A trusted inbound header is
+/// passed on verbatim with `proxy-passthrough`; otherwise a header is built
+/// (`send-proxy`) with the real client as source and this node's address as
+/// destination, keeping a trusted v2 header's TLVs. An untrusted peer's
+/// claims never reach the broker: its header is replaced by one that names
+/// the peer itself.
+pub fn upstream_header(config: &Listener, id: &Identity, local: SocketAddr) -> Option<Vec<u8>> {
+    let inbound = id.inbound.as_ref();
+    if let (true, true, Some((_, raw))) = (config.proxy_passthrough, id.trusted, inbound) {
+        return Some(raw.clone());
+    }
+    let passthrough_version = inbound
+        .filter(|_| config.proxy_passthrough)
+        .map(|(h, _)| h.version);
+    match config.send_proxy.version().or(passthrough_version)? {
+        Version::V1 => Some(proxy_protocol::build_v1(id.client, local)),
+        Version::V2 => {
+            let tlvs = match (inbound, id.trusted) {
+                (Some((h, _)), true) => proxy_protocol::tlvs_for_reemit(&h.tlvs),
+                _ => Vec::new(),
+            };
+            Some(proxy_protocol::build_v2(id.client, local, &tlvs))
+        }
+    }
+}
