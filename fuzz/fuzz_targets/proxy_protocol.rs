@@ -38,7 +38,11 @@ fn check(data: &[u8], accept: Accept, h: &Header) {
     }
 
     // The header alone parses the same: nothing after it was looked at.
-    assert_eq!(parse(&data[..h.len], accept).as_ref(), Ok(h), "header alone");
+    assert_eq!(
+        parse(&data[..h.len], accept).as_ref(),
+        Ok(h),
+        "header alone"
+    );
     // Auto agrees with the listener that accepts only this version.
     if accept == Accept::Auto {
         let only = match h.version {

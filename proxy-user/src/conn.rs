@@ -128,21 +128,27 @@ async fn proxy(
     if let Some(header) = accept_proxy::upstream_header(&ctx.config, id, client.local_addr()?) {
         relay::write_all(&upstream, &header).await?;
     }
-    // What userspace consumed of the client (its PROXY header), so the FIN
-    // check knows every later byte went through the kernel.
-    let consumed = id.inbound.as_ref().map_or(0, |(_, raw)| raw.len() as u64);
+    // What userspace consumed of the client (its PROXY header and the rest
+    // of the data queued with it), so the FIN check knows every later byte
+    // went through the kernel.
+    let mut consumed = 0;
+    let mut c2u_early = 0;
+    if let Some((_, raw)) = &id.inbound {
+        c2u_early = relay::forward_queued(&client, &upstream).await?;
+        consumed = raw.len() as u64 + c2u_early;
+    }
     let Some(maps) = ctx.offload.maps() else {
         inc(&COUNTERS.relayed);
-        return Ok(relayed(&client, &upstream).await);
+        return Ok(relayed(&client, &upstream, c2u_early).await);
     };
     let handoff = splice::handoff(maps, &client, &upstream);
     let Some((c, u)) = handoff.cookies else {
         inc(&COUNTERS.relayed);
-        return Ok(relayed(&client, &upstream).await);
+        return Ok(relayed(&client, &upstream, c2u_early).await);
     };
     let watcher = Watcher::get()?;
     // Bytes relayed in userspace; the kernel's own count is in the links.
-    let (c2u_user, u2c_user) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (c2u_user, u2c_user) = (AtomicU64::new(c2u_early), AtomicU64::new(0));
     let how = if handoff.client_spliced && handoff.upstream_spliced {
         inc(&COUNTERS.spliced);
         // The kernel carries both ways: leave tokio's epoll (which would
@@ -215,9 +221,9 @@ async fn proxy(
     })
 }
 
-/// Both directions relayed in userspace.
-async fn relayed(client: &TcpStream, upstream: &TcpStream) -> Totals {
-    let (c2u, u2c) = (AtomicU64::new(0), AtomicU64::new(0));
+/// Both directions relayed in userspace; `c2u_early` bytes already were.
+async fn relayed(client: &TcpStream, upstream: &TcpStream, c2u_early: u64) -> Totals {
+    let (c2u, u2c) = (AtomicU64::new(c2u_early), AtomicU64::new(0));
     let how = drive(
         relay::user_direction(client, upstream, &c2u),
         relay::user_direction(upstream, client, &u2c),

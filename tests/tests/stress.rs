@@ -117,8 +117,13 @@ fn serve_one(mut s: TcpStream, errors: Arc<Mutex<Vec<String>>>, listen: SocketAd
     }
 }
 
-fn client_one(to: SocketAddr, plan: Plan) -> Result<()> {
+/// `behind_lb`: the client plays a trusted load balancer and sends a PROXY
+/// header (naming itself) right before its data, in the same burst.
+fn client_one(to: SocketAddr, plan: Plan, behind_lb: bool) -> Result<()> {
     let mut s = connect_from_client(to)?;
+    if behind_lb {
+        s.write_all(&expected_v1(s.local_addr()?, to))?;
+    }
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut w = s.try_clone()?;
     let writer = move || -> Result<()> {
@@ -142,10 +147,14 @@ fn client_one(to: SocketAddr, plan: Plan) -> Result<()> {
     Ok(())
 }
 
-fn stress(mode: &str) -> Result<()> {
-    let dir = scratch(&format!("stress-{mode}"));
+fn stress(mode: &str, behind_lb: bool) -> Result<()> {
+    let dir = scratch(&format!("stress-{mode}-{behind_lb}"));
     let (listener, upstream) = listen_on(BROKER_IP)?;
-    let splicer = splicer_in_mode(&dir, mode, upstream, &["--send-proxy", "v2"])?;
+    let mut args = vec!["--send-proxy", "v2"];
+    if behind_lb {
+        args.extend(["--accept-proxy", "v1", "--trusted-proxy", "127.0.0.2/32"]);
+    }
+    let splicer = splicer_in_mode(&dir, mode, upstream, &args)?;
     let errors = Arc::new(Mutex::new(Vec::new()));
     let listen = splicer.listen;
     {
@@ -162,7 +171,7 @@ fn stress(mode: &str) -> Result<()> {
                     return;
                 }
                 let plan = Plan::new(i as u64);
-                if let Err(e) = client_one(listen, plan) {
+                if let Err(e) = client_one(listen, plan, behind_lb) {
                     errors
                         .lock()
                         .unwrap()
@@ -227,10 +236,22 @@ fn accept_loop(listener: TcpListener, errors: Arc<Mutex<Vec<String>>>, listen: S
 
 #[test]
 fn stress_sockmap() -> Result<()> {
-    stress("sockmap")
+    stress("sockmap", false)
 }
 
 #[test]
 fn stress_userspace() -> Result<()> {
-    stress("userspace")
+    stress("userspace", false)
+}
+
+/// The same, with every connection opening with a PROXY header that splicer
+/// must consume, so the handoff happens with the client's data already queued.
+#[test]
+fn stress_sockmap_behind_lb() -> Result<()> {
+    stress("sockmap", true)
+}
+
+#[test]
+fn stress_userspace_behind_lb() -> Result<()> {
+    stress("userspace", true)
 }
