@@ -19,7 +19,7 @@ use crate::{
     offload::Offload,
     relay::{self, End},
     splice::{self, Direction},
-    trust::Trusted,
+    trust::{self, Trusted},
     watch::Watcher,
 };
 
@@ -58,7 +58,8 @@ async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) {
         );
     }
     // Which client this is, for logs: the real one, and the hop if different.
-    let who = match id.client == peer {
+    let who = match id.client.ip() == trust::canonical(peer.ip()) && id.client.port() == peer.port()
+    {
         true => format!("client={peer}"),
         false => format!("client={} via={peer}", id.client),
     };
