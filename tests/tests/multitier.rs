@@ -878,7 +878,7 @@ fn untrusted_ignored(mode: &str) -> Result<()> {
 fn untrusted_rejected(mode: &str) -> Result<()> {
     let dir = scratch(&format!("multitier-spoof-reject-{mode}"));
     let (sink_l, sink_addr) = listen_on(BROKER_IP)?;
-    let splicer = splicer_in_mode(
+    let mut splicer = splicer_in_mode(
         &dir,
         mode,
         sink_addr,
