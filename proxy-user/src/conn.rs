@@ -41,6 +41,8 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
 
 async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
+    // An IPv4 client on a dual-stack listener is logged as IPv4, as trusted.
+    let peer = SocketAddr::new(trust::canonical(peer.ip()), peer.port());
     let name = &ctx.config.name;
     let id = match accept_proxy::identify(&ctx.config, &ctx.trusted, &client, peer).await {
         Ok(id) => id,
