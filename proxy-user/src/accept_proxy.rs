@@ -1,14 +1,15 @@
 //! Reading the PROXY header a listener requires from its peers, and
 //! deciding whose address is the client's.
 //!
-//! The header is read with MSG_PEEK and then exactly its length consumed,
-//! so every byte after it stays in the kernel queue for the splice.
-use std::{io, net::SocketAddr};
+//! The header is read with MSG_PEEK and then exactly its length consumed
+//! (see peek.rs).
+use std::net::SocketAddr;
 
-use tokio::{io::Interest, net::TcpStream};
+use tokio::net::TcpStream;
 
 use crate::{
     config::{Listener, UntrustedProxy},
+    peek::{self, PeekError, Step},
     proxy_protocol::{self, Header, ParseError, Version},
     trust::{canonical, Trusted},
 };
@@ -98,56 +99,24 @@ async fn read_header(
     stream: &TcpStream,
     accept: proxy_protocol::Accept,
 ) -> Result<(Header, Vec<u8>), Rejection> {
-    let mut buf = vec![0u8; MAX_HEADER];
-    loop {
-        stream.readable().await.map_err(|_| Rejection::Closed)?;
-        let n = match stream.try_io(Interest::READABLE, || {
-            socket2::SockRef::from(stream).peek(uninit(&mut buf))
-        }) {
-            Ok(0) => return Err(Rejection::Closed),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Err(Rejection::Closed),
-        };
-        match proxy_protocol::parse(&buf[..n], accept) {
-            Ok(header) => {
-                let raw = buf[..header.len].to_vec();
-                consume(stream, header.len).await?;
-                return Ok((header, raw));
+    let parsed = peek::read_preamble(stream, MAX_HEADER, |buf| {
+        match proxy_protocol::parse(buf, accept) {
+            Ok(h) => {
+                let len = h.len;
+                Step::Done(h, len)
             }
-            Err(ParseError::Incomplete) if n == MAX_HEADER => return Err(Rejection::TooLong),
-            Err(ParseError::Incomplete) => {
-                // The bytes so far stay queued; wait for more to arrive.
-                let _ = stream.try_io(Interest::READABLE, || {
-                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                });
-            }
-            Err(ParseError::Missing) => return Err(Rejection::Missing),
-            Err(ParseError::TooLong) => return Err(Rejection::TooLong),
-            Err(ParseError::Invalid(why)) => return Err(Rejection::Invalid(why)),
+            Err(ParseError::Incomplete) => Step::More,
+            Err(ParseError::Missing) => Step::Fail(Rejection::Missing),
+            Err(ParseError::TooLong) => Step::Fail(Rejection::TooLong),
+            Err(ParseError::Invalid(why)) => Step::Fail(Rejection::Invalid(why)),
         }
-    }
-}
-
-/// Reads and drops exactly `len` bytes, already known to be queued.
-async fn consume(stream: &TcpStream, mut len: usize) -> Result<(), Rejection> {
-    let mut sink = vec![0u8; len];
-    while len > 0 {
-        stream.readable().await.map_err(|_| Rejection::Closed)?;
-        match stream.try_read(&mut sink[..len]) {
-            Ok(0) => return Err(Rejection::Closed),
-            Ok(n) => len -= n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Err(Rejection::Closed),
-        }
-    }
-    Ok(())
-}
-
-fn uninit(buf: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
-    // SAFETY: u8 and MaybeUninit<u8> have the same layout, and every u8 is
-    // initialised; socket2 only writes into the slice.
-    unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) }
+    })
+    .await;
+    parsed.map_err(|e| match e {
+        PeekError::Parser(r) => r,
+        PeekError::TooLong => Rejection::TooLong,
+        PeekError::Closed => Rejection::Closed,
+    })
 }
 
 /// The PROXY header to write upstream, if any. A trusted inbound header is

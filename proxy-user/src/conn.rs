@@ -145,7 +145,7 @@ async fn proxy(
         return Ok(relayed(&client, &upstream, c2u_early).await);
     };
     let handoff = splice::handoff(maps, &client, &upstream);
-    let Some((c, u)) = handoff.cookies else {
+    let (Some((c, u)), Some(signals)) = (handoff.cookies, &handoff.signals) else {
         inc(&COUNTERS.relayed);
         return Ok(relayed(&client, &upstream, c2u_early).await);
     };
@@ -162,10 +162,21 @@ async fn proxy(
             watcher.watch(upstream.as_raw_fd())?,
         );
         let how = drive(
-            Direction::new(maps, &client, &cw, &upstream, c, handoff.upstream_base)
-                .consumed(consumed)
-                .run(),
-            Direction::new(maps, &upstream, &uw, &client, u, handoff.client_base).run(),
+            Direction::new(
+                maps,
+                (&client, &cw, &signals.0),
+                &upstream,
+                handoff.upstream_base,
+            )
+            .consumed(consumed)
+            .run(),
+            Direction::new(
+                maps,
+                (&upstream, &uw, &signals.1),
+                &client,
+                handoff.client_base,
+            )
+            .run(),
             splice::wait_reset(&client, &cw),
             splice::wait_reset(&upstream, &uw),
         )
@@ -184,10 +195,15 @@ async fn proxy(
         let c2u = async {
             match handoff.client_spliced {
                 true => {
-                    Direction::new(maps, &client, &cw, &upstream, c, handoff.upstream_base)
-                        .consumed(consumed)
-                        .run()
-                        .await
+                    Direction::new(
+                        maps,
+                        (&client, &cw, &signals.0),
+                        &upstream,
+                        handoff.upstream_base,
+                    )
+                    .consumed(consumed)
+                    .run()
+                    .await
                 }
                 false => relay::user_direction(&client, &upstream, &c2u_user).await,
             }
@@ -195,9 +211,14 @@ async fn proxy(
         let u2c = async {
             match handoff.upstream_spliced {
                 true => {
-                    Direction::new(maps, &upstream, &uw, &client, u, handoff.client_base)
-                        .run()
-                        .await
+                    Direction::new(
+                        maps,
+                        (&upstream, &uw, &signals.1),
+                        &client,
+                        handoff.client_base,
+                    )
+                    .run()
+                    .await
                 }
                 false => relay::user_direction(&upstream, &client, &u2c_user).await,
             }

@@ -156,6 +156,10 @@ pub struct LimitSignal<'a> {
 }
 
 impl LimitSignal<'_> {
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
     pub async fn wait(&self) {
         self.notify.notified().await;
     }

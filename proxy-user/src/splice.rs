@@ -23,13 +23,21 @@ use tokio::net::TcpStream;
 
 use proxy_common::Link;
 
-use crate::{ebpf_maps::Maps, relay::End, sockopt, watch::Watch};
+use crate::{
+    ebpf_maps::{LimitSignal, Maps},
+    relay::End,
+    sockopt,
+    watch::Watch,
+};
 
 /// What the kernel now holds of a connection.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Handoff {
+#[derive(Default)]
+pub struct Handoff<'a> {
     /// Cookies (client, upstream), once both are in LINKS and TARGETS.
     pub cookies: Option<(u64, u64)>,
+    /// Flow-control signals for (client, upstream), registered with their
+    /// first limit before either socket could redirect a byte.
+    pub signals: Option<(LimitSignal<'a>, LimitSignal<'a>)>,
     /// Whether the kernel carries client->upstream, and upstream->client.
     pub client_spliced: bool,
     pub upstream_spliced: bool,
@@ -41,7 +49,7 @@ pub struct Handoff {
 
 /// Puts both sockets in the maps. Never fails: what could not be handed
 /// over stays with the userspace relay, which is always correct.
-pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream) -> Handoff {
+pub fn handoff<'a>(maps: &'a Maps, client: &TcpStream, upstream: &TcpStream) -> Handoff<'a> {
     let (Ok(c), Ok(u)) = (
         sockopt::cookie(client.as_raw_fd()),
         sockopt::cookie(upstream.as_raw_fd()),
@@ -68,8 +76,15 @@ pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream) -> Handoff
     ) else {
         return Handoff::default();
     };
+    let signals = (maps.on_limit(c), maps.on_limit(u));
+    for cookie in [c, u] {
+        if let Err(e) = maps.set_limit(cookie, WINDOW) {
+            log::warn!("socket {cookie}: no flow control: {e:#}");
+        }
+    }
     let mut handoff = Handoff {
         cookies: Some((c, u)),
+        signals: Some(signals),
         client_base,
         upstream_base,
         ..Handoff::default()
@@ -120,6 +135,8 @@ pub struct Direction<'a, S: AsFd, D: AsFd> {
     maps: &'a Maps,
     src: &'a S,
     src_watch: &'a Watch,
+    /// `src`'s flow-control signal (see WINDOW), from the handoff.
+    signal: &'a LimitSignal<'a>,
     dst: &'a D,
     cookie: u64,
     /// What userspace read from `src` before the handoff.
@@ -129,19 +146,19 @@ pub struct Direction<'a, S: AsFd, D: AsFd> {
 }
 
 impl<'a, S: AsFd, D: AsFd> Direction<'a, S, D> {
-    /// `cookie` is `src`'s; `dst_base` is `dst`'s send-queue total at the handoff.
+    /// `dst_base` is `dst`'s send-queue total at the handoff.
     pub fn new(
         maps: &'a Maps,
-        src: &'a S,
-        src_watch: &'a Watch,
+        (src, src_watch, signal): (&'a S, &'a Watch, &'a LimitSignal<'a>),
         dst: &'a D,
-        cookie: u64,
         dst_base: u64,
     ) -> Self {
+        let cookie = signal.cookie();
         Direction {
             maps,
             src,
             src_watch,
+            signal,
             dst,
             cookie,
             src_user_bytes: 0,
@@ -160,8 +177,6 @@ impl<'a, S: AsFd, D: AsFd> Direction<'a, S, D> {
     /// Runs until the direction ends. On FIN, waits until every byte before
     /// it sits in `dst`'s send queue, then half-closes `dst`.
     pub async fn run(&self) -> End {
-        let signal = self.maps.on_limit(self.cookie);
-        self.set_limit(WINDOW);
         loop {
             match sockopt::closed_or_failed(self.src.as_fd().as_raw_fd()) {
                 Err(_) => return End::SrcReset,
@@ -170,7 +185,7 @@ impl<'a, S: AsFd, D: AsFd> Direction<'a, S, D> {
             }
             tokio::select! {
                 _ = self.src_watch.changed() => {}
-                _ = signal.wait() => {
+                _ = self.signal.wait() => {
                     if let Err(end) = self.keep_up().await {
                         return end;
                     }
