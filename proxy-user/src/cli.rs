@@ -1,16 +1,11 @@
 //! Command-line flags. `--config FILE` runs several listeners from TOML;
 //! without it, `--listen` and `--upstream` describe one listener.
-use std::{net::SocketAddr, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Parser;
 
-use ipnet::IpNet;
-
-use crate::config::{
-    AcceptProxy, Config, Dur, ListenerSpec, LogLevel, OffloadMode, Overrides, SendProxy,
-    UntrustedProxy,
-};
+use crate::config::{Config, ListenerSpec, LogLevel, OffloadMode, Overrides};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,38 +17,12 @@ pub struct Cli {
     /// TOML config file with one or more [[listener]] tables.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Address to accept clients on (single-listener mode).
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
-    /// Upstream broker address; repeat for several (round-robin).
-    #[arg(long, value_name = "ADDR")]
-    pub upstream: Vec<SocketAddr>,
-    /// PROXY protocol header to write upstream before any client byte.
-    #[arg(long, value_enum, value_name = "off|v1|v2")]
-    pub send_proxy: Option<SendProxy>,
+    /// One listener from flags (without --config).
+    #[command(flatten)]
+    pub listener: ListenerSpec,
     /// Who forwards bulk bytes: the eBPF sockmap, userspace, or auto.
     #[arg(long, value_enum, value_name = "auto|sockmap|userspace")]
     pub offload: Option<OffloadMode>,
-    /// Give up on an upstream connect after this long and try the next [default: 5s].
-    #[arg(long, value_name = "DURATION")]
-    pub connect_timeout: Option<Dur>,
-    /// Require a PROXY header first from every peer: off, v1, v2, or auto
-    /// (either) [default: off].
-    #[arg(long, value_enum, value_name = "off|v1|v2|auto")]
-    pub accept_proxy: Option<AcceptProxy>,
-    /// Peers whose PROXY headers are believed (repeatable; IPv4 or IPv6 CIDR).
-    #[arg(long, value_name = "CIDR")]
-    pub trusted_proxy: Vec<IpNet>,
-    /// Send a trusted peer's PROXY header upstream unchanged.
-    #[arg(long)]
-    pub proxy_passthrough: bool,
-    /// How long a peer may take to send its whole PROXY header [default: 3s].
-    #[arg(long, value_name = "DURATION")]
-    pub proxy_timeout: Option<Dur>,
-    /// A PROXY header from an untrusted peer: ignore it (use the peer's
-    /// address) or reject the connection [default: ignore].
-    #[arg(long, value_enum, value_name = "ignore|reject")]
-    pub untrusted_proxy: Option<UntrustedProxy>,
     /// off, error, warn, info, debug or trace [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<LogLevel>,
@@ -68,39 +37,18 @@ impl Cli {
             log_level: self.log_level.map(|l| l.0),
             offload: self.offload,
         };
-        let spec = ListenerSpec {
-            name: None,
-            listen: self.listen,
-            upstream: self.upstream,
-            send_proxy: self.send_proxy,
-            connect_timeout: self.connect_timeout,
-            accept_proxy: self.accept_proxy,
-            trusted_proxy: self.trusted_proxy,
-            proxy_passthrough: self.proxy_passthrough,
-            proxy_timeout: self.proxy_timeout,
-            untrusted_proxy: self.untrusted_proxy,
-        };
         if let Some(path) = &self.config {
-            if spec.listen.is_some()
-                || !spec.upstream.is_empty()
-                || spec.send_proxy.is_some()
-                || spec.connect_timeout.is_some()
-                || spec.accept_proxy.is_some()
-                || !spec.trusted_proxy.is_empty()
-                || spec.proxy_passthrough
-                || spec.proxy_timeout.is_some()
-                || spec.untrusted_proxy.is_some()
-            {
+            if self.listener != ListenerSpec::default() {
                 bail!("--config cannot be combined with listener flags (--listen, --upstream, --send-proxy, ...): put them in the file");
             }
             return Config::from_file(path, &overrides);
         }
-        if spec.listen.is_none() {
+        if self.listener.listen.is_none() {
             bail!("nothing to do: give --config FILE, or --listen ADDR with --upstream ADDR");
         }
         let listener = ListenerSpec {
             name: Some("default".into()),
-            ..spec
+            ..self.listener
         }
         .resolve(0)?;
         let config = Config {
@@ -118,6 +66,8 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{AcceptProxy, SendProxy, UntrustedProxy};
+    use ipnet::IpNet;
 
     fn config(args: &[&str]) -> Result<Config> {
         Cli::try_parse_from(std::iter::once("splicer").chain(args.iter().copied()))?.into_config()

@@ -50,6 +50,24 @@ impl AcceptProxy {
     }
 }
 
+/// `--protocol`: what the listener's clients speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Ws,
+}
+
+/// `--forwarded-for` / `--forwarded-port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardMode {
+    /// Replace what came in (nginx `$remote_addr`).
+    Override,
+    /// Add to what came in (nginx `$proxy_add_x_forwarded_for`).
+    Append,
+}
+
 /// `--untrusted-proxy`: what to do with a PROXY header from a peer outside
 /// `--trusted-proxy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -119,6 +137,22 @@ impl fmt::Display for Dur {
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// As EMQX's listener `proxy_protocol_timeout`.
 pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_WS_HEADER_MAX: usize = 16 * 1024;
+pub const DEFAULT_WS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A WebSocket listener's upgrade handling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WsOptions {
+    /// None accepts any path.
+    pub path: Option<String>,
+    pub forwarded_for: ForwardMode,
+    pub forwarded_port: ForwardMode,
+    pub real_ip_header: Option<String>,
+    pub real_ip_recursive: bool,
+    pub set_real_ip_header: Option<String>,
+    pub header_max: usize,
+    pub header_timeout: Duration,
+}
 
 /// One listener, fully resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,6 +169,8 @@ pub struct Listener {
     pub proxy_passthrough: bool,
     pub proxy_timeout: Duration,
     pub untrusted_proxy: UntrustedProxy,
+    /// Some for WebSocket listeners.
+    pub ws: Option<WsOptions>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,24 +191,77 @@ struct FileConfig {
     listener: Vec<ListenerSpec>,
 }
 
-/// A listener as written in the file or given by flags: unset keys take
-/// their defaults in `resolve`, the one place defaults live.
-#[derive(Debug, Default, Deserialize)]
+/// A listener as written in the file or given by flags (the same struct
+/// is both the serde table and the clap flags, so keys and flags cannot
+/// drift apart). Unset keys take their defaults in `resolve`.
+#[derive(Debug, Default, PartialEq, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ListenerSpec {
+    /// The listener's name in logs (file only).
+    #[arg(skip)]
     pub name: Option<String>,
+    /// Address to accept clients on.
+    #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Upstream broker address; repeat for several (round-robin).
+    #[arg(long, value_name = "ADDR")]
     #[serde(default)]
     pub upstream: Vec<SocketAddr>,
+    /// PROXY protocol header to write upstream before any client byte [default: off].
+    #[arg(long, value_enum, value_name = "off|v1|v2")]
     pub send_proxy: Option<SendProxy>,
+    /// Give up on an upstream connect after this long and try the next [default: 5s].
+    #[arg(long, value_name = "DURATION")]
     pub connect_timeout: Option<Dur>,
+    /// Require a PROXY header first from every peer: off, v1, v2, or auto
+    /// (either) [default: off].
+    #[arg(long, value_enum, value_name = "off|v1|v2|auto")]
     pub accept_proxy: Option<AcceptProxy>,
+    /// Peers whose PROXY headers (and forwarding headers) are believed;
+    /// repeatable, IPv4 or IPv6 CIDR.
+    #[arg(long, value_name = "CIDR")]
     #[serde(default)]
     pub trusted_proxy: Vec<IpNet>,
+    /// Send a trusted peer's PROXY header upstream unchanged.
+    #[arg(long)]
     #[serde(default)]
     pub proxy_passthrough: bool,
+    /// How long a peer may take to send its whole PROXY header [default: 3s].
+    #[arg(long, value_name = "DURATION")]
     pub proxy_timeout: Option<Dur>,
+    /// A PROXY header from an untrusted peer: ignore it (use the peer's
+    /// address) or reject the connection [default: ignore].
+    #[arg(long, value_enum, value_name = "ignore|reject")]
     pub untrusted_proxy: Option<UntrustedProxy>,
+    /// tcp (MQTT over TCP) or ws (MQTT over WebSocket) [default: tcp].
+    #[arg(long, value_enum, value_name = "tcp|ws")]
+    pub protocol: Option<Protocol>,
+    /// ws: the WebSocket path; `*` accepts any [default: /mqtt].
+    #[arg(long, value_name = "PATH")]
+    pub ws_path: Option<String>,
+    /// ws: X-Forwarded-For: override (the client) or append (to what came in) [default: override].
+    #[arg(long, value_enum, value_name = "override|append")]
+    pub forwarded_for: Option<ForwardMode>,
+    /// ws: X-Forwarded-Port, likewise [default: override].
+    #[arg(long, value_enum, value_name = "override|append")]
+    pub forwarded_port: Option<ForwardMode>,
+    /// ws: take the real client from this header when the peer is trusted
+    /// (e.g. X-Forwarded-For).
+    #[arg(long, value_name = "NAME")]
+    pub real_ip_header: Option<String>,
+    /// ws: the real client is the rightmost untrusted address, not the rightmost.
+    #[arg(long)]
+    #[serde(default)]
+    pub real_ip_recursive: bool,
+    /// ws: send the real client upstream in this header (e.g. X-Real-IP).
+    #[arg(long, value_name = "NAME")]
+    pub set_real_ip_header: Option<String>,
+    /// ws: largest upgrade request head, in bytes [default: 16384].
+    #[arg(long, value_name = "BYTES")]
+    pub ws_header_max: Option<usize>,
+    /// ws: how long a client may take to send the upgrade request [default: 5s].
+    #[arg(long, value_name = "DURATION")]
+    pub ws_header_timeout: Option<Dur>,
 }
 
 impl ListenerSpec {
@@ -181,6 +270,22 @@ impl ListenerSpec {
         let Some(listen) = self.listen else {
             bail!("listener `{name}`: key `listen` is required");
         };
+        let protocol = self.protocol.unwrap_or(Protocol::Tcp);
+        if protocol == Protocol::Tcp {
+            let ws_only = [
+                ("ws-path", self.ws_path.is_some()),
+                ("forwarded-for", self.forwarded_for.is_some()),
+                ("forwarded-port", self.forwarded_port.is_some()),
+                ("real-ip-header", self.real_ip_header.is_some()),
+                ("real-ip-recursive", self.real_ip_recursive),
+                ("set-real-ip-header", self.set_real_ip_header.is_some()),
+                ("ws-header-max", self.ws_header_max.is_some()),
+                ("ws-header-timeout", self.ws_header_timeout.is_some()),
+            ];
+            if let Some((key, _)) = ws_only.iter().find(|(_, set)| *set) {
+                bail!("listener `{name}`: key `{key}` applies to WebSocket listeners only (protocol = \"ws\")");
+            }
+        }
         Ok(Listener {
             name,
             listen,
@@ -194,6 +299,22 @@ impl ListenerSpec {
             proxy_passthrough: self.proxy_passthrough,
             proxy_timeout: self.proxy_timeout.map_or(DEFAULT_PROXY_TIMEOUT, |d| d.0),
             untrusted_proxy: self.untrusted_proxy.unwrap_or(UntrustedProxy::Ignore),
+            ws: (protocol == Protocol::Ws).then(|| WsOptions {
+                path: match self.ws_path.as_deref() {
+                    Some("*") => None,
+                    Some(p) => Some(p.to_string()),
+                    None => Some("/mqtt".to_string()),
+                },
+                forwarded_for: self.forwarded_for.unwrap_or(ForwardMode::Override),
+                forwarded_port: self.forwarded_port.unwrap_or(ForwardMode::Override),
+                real_ip_header: self.real_ip_header,
+                real_ip_recursive: self.real_ip_recursive,
+                set_real_ip_header: self.set_real_ip_header,
+                header_max: self.ws_header_max.unwrap_or(DEFAULT_WS_HEADER_MAX),
+                header_timeout: self
+                    .ws_header_timeout
+                    .map_or(DEFAULT_WS_HEADER_TIMEOUT, |d| d.0),
+            }),
         })
     }
 }
@@ -259,6 +380,41 @@ impl Config {
             }
             if l.proxy_passthrough && l.accept_proxy == AcceptProxy::Off {
                 bail!("{at}: key `proxy-passthrough`: needs `accept-proxy` (there is no inbound header to pass through)");
+            }
+            if let Some(ws) = &l.ws {
+                if ws.real_ip_recursive && ws.real_ip_header.is_none() {
+                    bail!("{at}: key `real-ip-recursive`: needs `real-ip-header`");
+                }
+                if ws.real_ip_header.is_some() && l.trusted_proxies.is_empty() {
+                    bail!("{at}: key `real-ip-header`: needs `trusted-proxy` (whose headers to believe)");
+                }
+                for (key, name) in [
+                    ("real-ip-header", &ws.real_ip_header),
+                    ("set-real-ip-header", &ws.set_real_ip_header),
+                ] {
+                    if let Some(n) = name {
+                        if n.is_empty()
+                            || !n
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                        {
+                            bail!("{at}: key `{key}`: `{n}` is not a header name");
+                        }
+                    }
+                }
+                if let Some(p) = &ws.path {
+                    if !p.starts_with('/') {
+                        bail!(
+                            "{at}: key `ws-path`: `{p}` must start with / (or be * for any path)"
+                        );
+                    }
+                }
+                if !(1024..=1 << 20).contains(&ws.header_max) {
+                    bail!("{at}: key `ws-header-max`: must be between 1024 and 1048576 bytes");
+                }
+                if ws.header_timeout.is_zero() {
+                    bail!("{at}: key `ws-header-timeout`: must be greater than zero");
+                }
             }
             if l.accept_proxy != AcceptProxy::Off && l.trusted_proxies.is_empty() {
                 bail!("{at}: key `trusted-proxy`: `accept-proxy` needs at least one trusted CIDR, or every header would be thrown away");
@@ -402,6 +558,81 @@ mod tests {
         assert!(e.contains("`proxy-timeout`"), "{e}");
         let e = err("[[listener]]\nupstream = [\"127.0.0.1:2\"]\n");
         assert!(e.contains("`listen`") && e.contains("required"), "{e}");
+    }
+
+    #[test]
+    fn websocket_keys() {
+        let c = parse(
+            r#"
+            [[listener]]
+            listen = "127.0.0.1:8083"
+            upstream = ["127.0.0.1:18083"]
+            protocol = "ws"
+            ws-path = "/mqtt"
+            forwarded-for = "append"
+            forwarded-port = "append"
+            trusted-proxy = ["10.0.0.0/8"]
+            real-ip-header = "X-Forwarded-For"
+            real-ip-recursive = true
+            set-real-ip-header = "X-Real-IP"
+            ws-header-max = 8192
+            ws-header-timeout = "2s"
+            [[listener]]
+            listen = "127.0.0.1:8084"
+            upstream = ["127.0.0.1:18083"]
+            protocol = "ws"
+            ws-path = "*"
+            "#,
+        )
+        .unwrap();
+        let ws = c.listeners[0].ws.as_ref().unwrap();
+        assert_eq!(ws.path.as_deref(), Some("/mqtt"));
+        assert_eq!(ws.forwarded_for, ForwardMode::Append);
+        assert_eq!(ws.forwarded_port, ForwardMode::Append);
+        assert_eq!(ws.real_ip_header.as_deref(), Some("X-Forwarded-For"));
+        assert!(ws.real_ip_recursive);
+        assert_eq!(ws.set_real_ip_header.as_deref(), Some("X-Real-IP"));
+        assert_eq!(ws.header_max, 8192);
+        assert_eq!(ws.header_timeout, Duration::from_secs(2));
+        let ws = c.listeners[1].ws.as_ref().unwrap();
+        assert_eq!(ws.path, None);
+        assert_eq!(ws.forwarded_for, ForwardMode::Override);
+        assert_eq!(ws.header_max, DEFAULT_WS_HEADER_MAX);
+        assert!(c.listeners.iter().all(|l| l.send_proxy == SendProxy::Off));
+        let tcp = parse("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n")
+            .unwrap();
+        assert!(tcp.listeners[0].ws.is_none());
+    }
+
+    #[test]
+    fn websocket_errors_name_the_key() {
+        let base = "[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n";
+        let e = err(&format!("{base}ws-path = \"/x\"\n"));
+        assert!(
+            e.contains("`ws-path`") && e.contains("WebSocket listeners only"),
+            "{e}"
+        );
+        let ws = format!("{base}protocol = \"ws\"\n");
+        let e = err(&format!("{ws}real-ip-recursive = true\n"));
+        assert!(
+            e.contains("`real-ip-recursive`") && e.contains("real-ip-header"),
+            "{e}"
+        );
+        let e = err(&format!("{ws}real-ip-header = \"X-Forwarded-For\"\n"));
+        assert!(
+            e.contains("`real-ip-header`") && e.contains("trusted-proxy"),
+            "{e}"
+        );
+        let e = err(&format!("{ws}set-real-ip-header = \"X Real\"\n"));
+        assert!(e.contains("`set-real-ip-header`"), "{e}");
+        let e = err(&format!("{ws}ws-path = \"mqtt\"\n"));
+        assert!(e.contains("`ws-path`"), "{e}");
+        let e = err(&format!("{ws}ws-header-max = 10\n"));
+        assert!(e.contains("`ws-header-max`"), "{e}");
+        let e = err(&format!("{ws}forwarded-for = \"replace\"\n"));
+        assert!(e.contains("forwarded-for") && e.contains("append"), "{e}");
+        let e = err(&format!("{base}protocol = \"mqtt\"\n"));
+        assert!(e.contains("protocol") && e.contains("ws"), "{e}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
 use tokio::net::TcpStream;
 
 use crate::{
-    accept_proxy::{self, Identity},
+    accept_proxy,
     balance::RoundRobin,
     config::Listener,
     metrics::{dec, inc, COUNTERS},
@@ -21,6 +21,7 @@ use crate::{
     splice::{self, Direction},
     trust::{self, Trusted},
     watch::Watcher,
+    ws,
 };
 
 /// What a listener's connections share.
@@ -44,7 +45,7 @@ async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) {
     // An IPv4 client on a dual-stack listener is logged as IPv4, as trusted.
     let peer = SocketAddr::new(trust::canonical(peer.ip()), peer.port());
     let name = &ctx.config.name;
-    let id = match accept_proxy::identify(&ctx.config, &ctx.trusted, &client, peer).await {
+    let mut id = match accept_proxy::identify(&ctx.config, &ctx.trusted, &client, peer).await {
         Ok(id) => id,
         Err(why) => {
             inc(&COUNTERS.proxy_rejected);
@@ -59,9 +60,32 @@ async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) {
             h.addresses.map_or("no address".into(), |(src, _)| src.to_string())
         );
     }
+    let local = match client.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let mut consumed = id.inbound.as_ref().map_or(0, |(_, raw)| raw.len() as u64);
+    let mut head = Vec::new();
+    if let Some(ws) = &ctx.config.ws {
+        match ws::upgrade(ws, &ctx.trusted, &client, id.client).await {
+            Ok(up) => {
+                // The header resolution may name an earlier client.
+                id.client = SocketAddr::new(up.client, id.client.port());
+                consumed += up.consumed as u64;
+                head = up.head;
+            }
+            Err(refusal) => {
+                inc(&COUNTERS.ws_refused);
+                log::warn!(
+                    "[{name}] {peer}: refused WebSocket upgrade ({}): {refusal:?}",
+                    refusal.status()
+                );
+                return;
+            }
+        }
+    }
     // Which client this is, for logs: the real one, and the hop if different.
-    let who = match id.client.ip() == trust::canonical(peer.ip()) && id.client.port() == peer.port()
-    {
+    let who = match id.client == peer {
         true => format!("client={peer}"),
         false => format!("client={} via={peer}", id.client),
     };
@@ -72,7 +96,9 @@ async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) {
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let t = match proxy(ctx, &id, client, upstream).await {
+    let mut bytes = accept_proxy::upstream_header(&ctx.config, &id, local).unwrap_or_default();
+    bytes.extend_from_slice(&head);
+    let t = match proxy(ctx, Preface { bytes, consumed }, client, upstream).await {
         Ok(t) => t,
         Err(e) => {
             log::warn!("[{name}] {who} -> {upstream_addr}: {e:#}");
@@ -122,23 +148,31 @@ struct Totals {
 
 /// Forwards until both directions are closed or one side resets, then
 /// closes both sockets.
+/// What goes upstream before the client's own bytes, and what userspace
+/// has already read of the client.
+struct Preface {
+    /// PROXY header and/or rewritten upgrade request.
+    bytes: Vec<u8>,
+    /// Bytes read from the client (its PROXY header, its upgrade request).
+    consumed: u64,
+}
+
 async fn proxy(
     ctx: &ListenerCtx,
-    id: &Identity,
+    preface: Preface,
     client: TcpStream,
     upstream: TcpStream,
 ) -> anyhow::Result<Totals> {
-    if let Some(header) = accept_proxy::upstream_header(&ctx.config, id, client.local_addr()?) {
-        relay::write_all(&upstream, &header).await?;
-    }
-    // What userspace consumed of the client (its PROXY header and the rest
-    // of the data queued with it), so the FIN check knows every later byte
-    // went through the kernel.
+    relay::write_all(&upstream, &preface.bytes).await?;
+    // Once userspace has read from the client, it also forwards whatever
+    // else is queued (see relay::forward_queued), so that the kernel only
+    // ever gets untouched skbs. `consumed` then covers every byte userspace
+    // took, so the FIN check knows all later ones went through the kernel.
     let mut consumed = 0;
     let mut c2u_early = 0;
-    if let Some((_, raw)) = &id.inbound {
+    if preface.consumed > 0 {
         c2u_early = relay::forward_queued(&client, &upstream).await?;
-        consumed = raw.len() as u64 + c2u_early;
+        consumed = preface.consumed + c2u_early;
     }
     let Some(maps) = ctx.offload.maps() else {
         inc(&COUNTERS.relayed);

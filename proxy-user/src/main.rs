@@ -7,6 +7,7 @@ mod cli;
 mod config;
 mod conn;
 mod ebpf_maps;
+mod http_upgrade;
 mod listener;
 mod metrics;
 mod offload;
@@ -18,6 +19,7 @@ mod sockopt;
 mod splice;
 mod trust;
 mod watch;
+mod ws;
 
 use std::sync::Arc;
 

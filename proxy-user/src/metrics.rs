@@ -19,6 +19,8 @@ pub struct Counters {
     pub proxy_rejected: AtomicU64,
     /// PROXY headers from untrusted peers that were ignored (spoof attempts).
     pub proxy_untrusted: AtomicU64,
+    /// WebSocket upgrade requests refused (bad, wrong path, too big, too slow).
+    pub ws_refused: AtomicU64,
 }
 
 pub static COUNTERS: Counters = Counters {
@@ -31,6 +33,7 @@ pub static COUNTERS: Counters = Counters {
     relayed: AtomicU64::new(0),
     proxy_rejected: AtomicU64::new(0),
     proxy_untrusted: AtomicU64::new(0),
+    ws_refused: AtomicU64::new(0),
 };
 
 pub fn inc(c: &AtomicU64) {
@@ -46,9 +49,9 @@ impl Counters {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
             "accepted={} active={} closed={} spliced={} relayed={} upstream_down={} upstream_connect_failed={} \
-             proxy_rejected={} proxy_untrusted={}",
+             proxy_rejected={} proxy_untrusted={} ws_refused={}",
             g(&self.accepted), g(&self.active), g(&self.closed), g(&self.spliced), g(&self.relayed),
-            g(&self.upstream_down), g(&self.upstream_connect_failed), g(&self.proxy_rejected), g(&self.proxy_untrusted)
+            g(&self.upstream_down), g(&self.upstream_connect_failed), g(&self.proxy_rejected), g(&self.proxy_untrusted), g(&self.ws_refused)
         )
     }
 }

@@ -11,7 +11,6 @@ use crate::trust::{canonical, Trusted};
 /// it, the rightmost one that is not itself trusted (the leftmost if all
 /// are). An entry that is not an IP address ends the walk: the last good
 /// address found so far stands.
-#[allow(dead_code)] // used by WebSocket listeners (issue #4), being wired in
 pub fn resolve(peer: IpAddr, list: &[String], trusted: &Trusted, recursive: bool) -> IpAddr {
     let peer = canonical(peer);
     if !trusted.contains(peer) {

@@ -130,18 +130,22 @@ fn test(filter: Option<String>) -> Result<()> {
     Ok(())
 }
 
-/// Coverage-guided fuzzing of the PROXY protocol parser, for 60 s.
+/// Coverage-guided fuzzing of the two parsers that read what clients send:
+/// the PROXY protocol parser and the WebSocket upgrade rewriter, 30 s each.
 fn fuzz() -> Result<()> {
     if !install::fuzzer()? {
         eprintln!("fuzz: skipped, no nightly toolchain");
         return Ok(());
     }
-    eprintln!("fuzz: fuzzing the PROXY protocol parser for 60 s (cargo +nightly fuzz run proxy_protocol in fuzz/)");
-    run_cmd(
-        Command::new("cargo")
-            .current_dir(root().join("fuzz"))
-            .env("PATH", install::path_with_cargo_bin())
-            .args(["+nightly", "fuzz", "run", "proxy_protocol", "--"])
-            .args(["-max_total_time=60", "-rss_limit_mb=2048"]),
-    )
+    for target in ["proxy_protocol", "http_upgrade"] {
+        eprintln!("fuzz: fuzzing {target} for 30 s (cargo +nightly fuzz run {target} in fuzz/)");
+        run_cmd(
+            Command::new("cargo")
+                .current_dir(root().join("fuzz"))
+                .env("PATH", install::path_with_cargo_bin())
+                .args(["+nightly", "fuzz", "run", target, "--"])
+                .args(["-max_total_time=30", "-rss_limit_mb=2048"]),
+        )?;
+    }
+    Ok(())
 }
