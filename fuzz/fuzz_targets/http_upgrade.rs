@@ -90,11 +90,13 @@ fn check(data: &[u8]) {
             forwarded_for: Edit::Set("192.0.2.1".into()),
             forwarded_port: Edit::Set("8083".into()),
             set_header: None,
+            remove: Vec::new(),
         },
         Forwarding {
             forwarded_for: Edit::Append("2001:db8::1".into()),
             forwarded_port: Edit::Append("443".into()),
             set_header: Some((REAL_IP.into(), "2001:db8::1".into())),
+            remove: Vec::new(),
         },
     ];
     for f in &forwardings {

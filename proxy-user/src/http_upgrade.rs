@@ -218,8 +218,11 @@ impl Head {
             (Some(key), None) if is_websocket_key(key) => {}
             _ => return bad("missing or invalid Sec-WebSocket-Key"),
         }
-        if self.list_bytes("sec-websocket-version") != [WEBSOCKET_VERSION.as_bytes()] {
-            return bad("Sec-WebSocket-Version must be 13");
+        match self.list_bytes("sec-websocket-version").as_slice() {
+            [v] if *v == WEBSOCKET_VERSION.as_bytes() => {}
+            // RFC 6455 4.2.2: a version we do not speak gets 426 naming ours.
+            [_] => return Err(Refusal::UpgradeRequired),
+            _ => return bad("missing or repeated Sec-WebSocket-Version"),
         }
         Ok(())
     }
@@ -284,6 +287,9 @@ pub struct Forwarding {
     /// X-Forwarded-For / X-Forwarded-Port (the edits above govern those). It
     /// should not name a field of the handshake itself (Host, Upgrade, ...).
     pub set_header: Option<(String, String)>,
+    /// Fields to drop without replacement, e.g. an untrusted client's own
+    /// X-Real-IP when no real-IP header is set. Same name rules as above.
+    pub remove: Vec<String>,
 }
 
 /// The rewritten head: the request line and every header line exactly as
@@ -323,6 +329,9 @@ pub fn rewrite(head_bytes: &[u8], head: &Head, f: &Forwarding) -> Vec<u8> {
         name.eq_ignore_ascii_case(X_FORWARDED_FOR.as_bytes())
             || name.eq_ignore_ascii_case(X_FORWARDED_PORT.as_bytes())
             || set_name.is_some_and(|n| name.eq_ignore_ascii_case(n))
+            || f.remove
+                .iter()
+                .any(|r| is_token(r) && name.eq_ignore_ascii_case(r.as_bytes()))
     };
 
     let mut out = Vec::with_capacity(head_bytes.len() + 128);
@@ -448,6 +457,7 @@ mod tests {
             forwarded_for: xff,
             forwarded_port: xfp,
             set_header: real.map(|ip| ("X-Real-IP".to_string(), ip.to_string())),
+            remove: Vec::new(),
         }
     }
 
@@ -593,6 +603,22 @@ mod tests {
         assert!(show(&out).ends_with(
             "Host: broker.example:8083\r\nX-Forwarded-For: 2001:db8::1\r\nX-Forwarded-Port: 443\r\n\r\n"
         ));
+    }
+
+    #[test]
+    fn remove_drops_a_field_without_replacement() {
+        let req = b"GET /mqtt HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nx-real-ip: 6.6.6.6\r\nX-Other: 1\r\n\r\n";
+        let head = parse_head(req, 4096).unwrap().unwrap();
+        let f = Forwarding {
+            forwarded_for: Edit::Set("10.0.0.1".into()),
+            forwarded_port: Edit::Set("1".into()),
+            set_header: None,
+            remove: vec!["X-Real-IP".into()],
+        };
+        let out = rewrite(&req[..head.len], &head, &f);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.to_ascii_lowercase().contains("x-real-ip"), "{text}");
+        assert!(text.contains("X-Other: 1\r\n"), "{text}");
     }
 
     #[test]
@@ -774,7 +800,20 @@ mod tests {
             "Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSocket-Version",
         );
         assert!(bad(check(two_keys.as_bytes(), None)));
-        for version in ["8", "", "13, 8", "130"] {
+        // A single version we do not speak: 426 (RFC 6455 4.2.2); none or
+        // several: malformed.
+        for version in ["8", "130"] {
+            let r = s.replace(
+                "Sec-WebSocket-Version: 13",
+                &format!("Sec-WebSocket-Version: {version}"),
+            );
+            assert_eq!(
+                check(r.as_bytes(), None),
+                Err(Refusal::UpgradeRequired),
+                "version {version:?}"
+            );
+        }
+        for version in ["", "13, 8"] {
             let r = s.replace(
                 "Sec-WebSocket-Version: 13",
                 &format!("Sec-WebSocket-Version: {version}"),
@@ -905,6 +944,7 @@ mod tests {
             forwarded_for: set("192.0.2.1\r\nX-Evil: 1"),
             forwarded_port: append(" 80\n\r"),
             set_header: Some(("X-Real-IP".into(), "\r\n\r\nGET /admin HTTP/1.1\0".into())),
+            remove: Vec::new(),
         };
         let out = rewritten(MQTTJS, &f);
         let back = head(&out);
@@ -920,6 +960,7 @@ mod tests {
             forwarded_for: set(" \r\n"),
             forwarded_port: append(""),
             set_header: Some(("X-Evil: 1\r\nX".into(), "v".into())),
+            remove: Vec::new(),
         };
         let out = rewritten(&req, &f);
         assert_eq!(out, upgrade_with(""));
@@ -928,6 +969,7 @@ mod tests {
             forwarded_for: set("a"),
             forwarded_port: set("1"),
             set_header: Some(("x-forwarded-for".into(), "b".into())),
+            remove: Vec::new(),
         };
         assert_eq!(
             values(&head(&rewritten(&req, &f)), "X-Forwarded-For"),
@@ -1062,6 +1104,7 @@ mod tests {
                 forwarded_for: xff.clone(),
                 forwarded_port: xfp.clone(),
                 set_header: real.clone().map(|ip| ("X-Real-IP".to_string(), ip)),
+                remove: Vec::new(),
             };
             let out = rewrite(&buf[..h.len], &h, &f);
 

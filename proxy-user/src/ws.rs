@@ -2,13 +2,13 @@
 //! limits), refuse it with a proper HTTP response, or rewrite its
 //! forwarding headers for the broker. Parsing and rewriting are in
 //! http_upgrade.rs; the real-IP walk in realip.rs.
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tokio::net::TcpStream;
 
 use crate::{
     config::{ForwardMode, WsOptions},
-    http_upgrade::{self, Edit, Forwarding, Head, Refusal},
+    http_upgrade::{self, Edit, Forwarding, Refusal},
     peek::{self, PeekError, Step},
     realip, relay,
     trust::Trusted,
@@ -21,7 +21,7 @@ pub struct Upgrade {
     /// Bytes of the original head consumed from the client.
     pub consumed: usize,
     /// The real client after X-Forwarded-For resolution.
-    pub client: std::net::IpAddr,
+    pub client: IpAddr,
 }
 
 /// Reads the upgrade request from `client` within the configured limits.
@@ -62,6 +62,7 @@ pub async fn upgrade(
         Ok(ok) => ok,
         Err(refusal) => {
             let _ = relay::write_all(client, &refusal.response()).await;
+            close_gently(client);
             return Err(refusal);
         }
     };
@@ -69,7 +70,7 @@ pub async fn upgrade(
         Some(name) => realip::resolve(peer.ip(), &head.list(name), trusted, ws.real_ip_recursive),
         None => peer.ip(),
     };
-    let forwarding = forwarding(ws, &head, peer, client_ip);
+    let forwarding = forwarding(ws, trusted.contains(peer.ip()), peer, client_ip);
     Ok(Upgrade {
         head: http_upgrade::rewrite(&raw, &head, &forwarding),
         consumed: raw.len(),
@@ -79,13 +80,10 @@ pub async fn upgrade(
 
 /// nginx's variables: `override` sets the real client (`$remote_addr`, which
 /// the realip module rewrites); `append` adds the direct peer
-/// (`$proxy_add_x_forwarded_for`, built on `$realip_remote_addr`).
-fn forwarding(
-    ws: &WsOptions,
-    _head: &Head,
-    peer: SocketAddr,
-    client: std::net::IpAddr,
-) -> Forwarding {
+/// (`$proxy_add_x_forwarded_for`, built on `$realip_remote_addr`). An
+/// untrusted peer's own X-Real-IP is dropped (brokers such as aedes prefer
+/// it to X-Forwarded-For) unless `set-real-ip-header` replaces it anyway.
+fn forwarding(ws: &WsOptions, peer_trusted: bool, peer: SocketAddr, client: IpAddr) -> Forwarding {
     let edit = |mode: ForwardMode, own: String, direct: String| match mode {
         ForwardMode::Override => Edit::Set(own),
         ForwardMode::Append => Edit::Append(direct),
@@ -101,5 +99,25 @@ fn forwarding(
             .set_real_ip_header
             .clone()
             .map(|name| (name, client.to_string())),
+        remove: match peer_trusted {
+            true => Vec::new(),
+            false => vec![X_REAL_IP.to_string()],
+        },
     }
+}
+
+const X_REAL_IP: &str = "X-Real-IP";
+
+/// Reads what is left of a refused request and half-closes, so the client
+/// gets the response and a FIN rather than a reset (closing a socket with
+/// unread bytes makes the kernel send RST, which can destroy the response).
+fn close_gently(client: &TcpStream) {
+    let mut buf = [0u8; 16 * 1024];
+    for _ in 0..16 {
+        match client.try_read(&mut buf) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+    let _ = socket2::SockRef::from(client).shutdown(std::net::Shutdown::Write);
 }

@@ -1,0 +1,1598 @@
+//! MQTT over WebSocket (issue 4): splicer's `--protocol ws` listener reads
+//! the HTTP upgrade request, rewrites its forwarding headers the way the
+//! nginx `location /mqtt { proxy_set_header ... }` blocks of the EMQX guide
+//! do, and then splices the 101 response and every frame.
+//!
+//! Addresses: 127.0.0.2 client, 127.0.0.3 splicer (every tier, on its own
+//! port), 127.0.0.4 sink or broker, 127.0.0.5 nginx (listens there and
+//! binds its upstream side there too). splicer's own upstream connections
+//! come from 127.0.0.1, so that is the address the next tier appends.
+//!
+//! The "sink" is a TcpListener in the test that reads the request head
+//! exactly as the broker would get it, so headers can be compared byte for
+//! byte. The WebSocket frames and the Sec-WebSocket-Accept hash are built
+//! here by hand (no extra crates).
+use std::{
+    fs,
+    io::{BufReader, BufWriter, Cursor, ErrorKind, Read, Write},
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use splicer_tests::*;
+
+const STEP: Duration = Duration::from_secs(10);
+const NGINX_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
+
+/// RFC 6455 section 1.3's example key and the Accept it must produce.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// The headers splicer rewrites; every other header must pass untouched.
+const FORWARDING: [&str; 3] = ["x-forwarded-for", "x-forwarded-port", "x-real-ip"];
+
+/// The guide's real client, behind an outer hop.
+const REAL_CLIENT: &str = "115.236.21.86";
+
+// ------------------------------------------------------------ net helpers
+
+fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip), port)
+}
+
+fn show(b: &[u8]) -> String {
+    b.escape_ascii().to_string()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A TCP connection to `to` from `from` (any port), with bounded I/O.
+fn connect_from(from: Ipv4Addr, to: SocketAddr) -> Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.bind(&v4(from, 0).into())?;
+    sock.connect_timeout(&to.into(), Duration::from_secs(5))
+        .with_context(|| format!("connect {from} -> {to}"))?;
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(STEP))?;
+    s.set_write_timeout(Some(STEP))?;
+    Ok(s)
+}
+
+fn local(s: &TcpStream) -> SocketAddr {
+    s.local_addr().expect("local_addr")
+}
+
+/// Accepts one connection within `timeout`, or None.
+fn accept_within(l: &TcpListener, timeout: Duration) -> Result<Option<TcpStream>> {
+    l.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(STEP))?;
+                s.set_write_timeout(Some(STEP))?;
+                return Ok(Some(s));
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether something LISTENs on `addr` (from /proc/net/tcp, so the check
+/// opens no connection a proxy would forward).
+fn is_listening(addr: SocketAddr) -> bool {
+    let SocketAddr::V4(a) = addr else {
+        return false;
+    };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(a.ip().octets()),
+        a.port()
+    );
+    fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A")
+        })
+}
+
+// ----------------------------------------------------------- HTTP helpers
+
+/// A WebSocket upgrade request as MQTT.js sends it, with `extra` header
+/// lines (without CRLF) in the middle, so removed or moved ones show.
+fn upgrade_request(host: SocketAddr, path: &str, key: &str, extra: &[&str]) -> Vec<u8> {
+    let mut lines = vec![
+        format!("GET {path} HTTP/1.1"),
+        format!("Host: {host}"),
+        "Upgrade: websocket".into(),
+        "Connection: Upgrade".into(),
+    ];
+    lines.extend(extra.iter().map(|l| l.to_string()));
+    lines.extend([
+        format!("Sec-WebSocket-Key: {key}"),
+        "Sec-WebSocket-Version: 13".into(),
+        "Sec-WebSocket-Protocol: mqtt".into(),
+        "x-SPLICER-test:  keep   THIS,as-is ;q=1".into(),
+        "User-Agent: splicer-e2e/1.0".into(),
+    ]);
+    (lines.join("\r\n") + "\r\n\r\n").into_bytes()
+}
+
+/// Reads an HTTP head through its blank line. Returns the head and any
+/// bytes read past it (a server may send frames right behind the 101).
+fn read_head(s: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>)> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(i) = find(&got, b"\r\n\r\n") {
+            let rest = got.split_off(i + 4);
+            return Ok((got, rest));
+        }
+        ensure!(got.len() < 64 * 1024, "no end of head in 64 KiB");
+        let n = s
+            .read(&mut buf)
+            .with_context(|| format!("reading a head, got so far: {}", show(&got)))?;
+        ensure!(n > 0, "EOF inside a head, got: {}", show(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The header lines of a head (no request line, no CRLFs).
+fn header_lines(head: &[u8]) -> Vec<&[u8]> {
+    let body = head.strip_suffix(b"\r\n\r\n").unwrap_or(head);
+    let mut lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
+    for l in &mut lines {
+        *l = l.strip_suffix(b"\r").unwrap_or(l);
+    }
+    lines.remove(0);
+    lines
+}
+
+fn first_line(head: &[u8]) -> String {
+    String::from_utf8_lossy(head.split(|&b| b == b'\r').next().unwrap_or(b"")).into_owned()
+}
+
+fn line_name(line: &[u8]) -> String {
+    let name = line.split(|&b| b == b':').next().unwrap_or(b"");
+    String::from_utf8_lossy(name).trim().to_ascii_lowercase()
+}
+
+/// The values of every `name` header, trimmed, in order.
+fn header_values(head: &[u8], name: &str) -> Vec<String> {
+    header_lines(head)
+        .into_iter()
+        .filter(|l| line_name(l) == name.to_ascii_lowercase())
+        .map(|l| {
+            let v = &l[l.iter().position(|&b| b == b':').unwrap() + 1..];
+            String::from_utf8_lossy(v).trim().to_string()
+        })
+        .collect()
+}
+
+/// What one forwarding header must look like in the rewritten head.
+enum Want<'a> {
+    /// Exactly one line, exactly `Name: value`.
+    Line(&'a str),
+    /// Exactly one, any value.
+    One,
+    Absent,
+}
+
+/// Checks the head splicer sent on against the one it got: the request
+/// line and every non-forwarding header byte for byte and in order, the
+/// forwarding headers only after all of those (appended at the end), and
+/// each of them as `want` says.
+fn check_rewrite(sent: &[u8], got: &[u8], want: &[(&str, Want)]) -> Result<()> {
+    let ctx = || format!("\nsent:\n{}\ngot:\n{}", show(sent), show(got));
+    ensure!(
+        first_line(sent) == first_line(got),
+        "request line changed{}",
+        ctx()
+    );
+    let is_fwd = |l: &&[u8]| FORWARDING.contains(&line_name(l).as_str());
+    let kept_sent: Vec<&[u8]> = header_lines(sent)
+        .into_iter()
+        .filter(|l| !is_fwd(l))
+        .collect();
+    let got_lines = header_lines(got);
+    let kept_got: Vec<&[u8]> = got_lines.iter().copied().filter(|l| !is_fwd(l)).collect();
+    ensure!(
+        kept_sent == kept_got,
+        "the other headers did not pass byte for byte, in order{}",
+        ctx()
+    );
+    if let Some(first_fwd) = got_lines.iter().position(is_fwd) {
+        ensure!(
+            got_lines[first_fwd..].iter().all(is_fwd),
+            "forwarding headers are not at the end of the head{}",
+            ctx()
+        );
+    }
+    for (name, w) in want {
+        let lines: Vec<String> = got_lines
+            .iter()
+            .filter(|l| line_name(l) == name.to_ascii_lowercase())
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect();
+        match w {
+            Want::Line(line) => ensure!(
+                lines == [*line],
+                "want exactly one {line:?}, got {lines:?}{}",
+                ctx()
+            ),
+            Want::One => ensure!(
+                lines.len() == 1,
+                "want exactly one {name}, got {lines:?}{}",
+                ctx()
+            ),
+            Want::Absent => ensure!(lines.is_empty(), "want no {name}, got {lines:?}{}", ctx()),
+        }
+    }
+    Ok(())
+}
+
+/// The sink: accepts one connection and reads its request head. Returns
+/// the connection, the head and any bytes that came right behind it.
+fn sink_head(l: &TcpListener) -> Result<(TcpStream, Vec<u8>, Vec<u8>)> {
+    let mut s = accept_within(l, STEP)?.context("nothing connected to the sink")?;
+    let (head, rest) = read_head(&mut s).context("sink")?;
+    Ok((s, head, rest))
+}
+
+/// Sends `req` from `from` to `to` and returns (client address, the head
+/// the sink got). Both connections are closed afterwards.
+fn request_through(
+    from: Ipv4Addr,
+    to: SocketAddr,
+    req: &[u8],
+    sink_l: &TcpListener,
+) -> Result<(SocketAddr, Vec<u8>)> {
+    let mut c = connect_from(from, to)?;
+    let client = local(&c);
+    c.write_all(req)?;
+    let (s, head, rest) = sink_head(sink_l)?;
+    ensure!(
+        rest.is_empty(),
+        "sink got {} bytes after the head",
+        rest.len()
+    );
+    drop(c);
+    drop(s);
+    Ok((client, head))
+}
+
+// ---------------------------------------------------- splicer close lines
+
+fn close_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(pat.as_str()))
+}
+
+fn close_num(line: &str, key: &str) -> Result<u64> {
+    close_value(line, key)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no numeric {key}= in close line: {line}"))
+}
+
+/// Waits for the close line whose client= is `client`.
+fn close_line_for(s: &Splicer, client: SocketAddr) -> Result<String> {
+    let want = client.to_string();
+    let deadline = Instant::now() + STEP;
+    loop {
+        if let Some(l) = s
+            .closed_lines()
+            .into_iter()
+            .find(|l| close_value(l, "client") == Some(want.as_str()))
+        {
+            return Ok(l);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no close line for client={want}:\n{}",
+            s.proc.output()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One splicer tier with `--protocol ws`, in its own log directory (two
+/// tiers in one directory would share splicer.log).
+fn ws_tier(
+    dir: &Path,
+    name: &str,
+    mode: &str,
+    upstream: SocketAddr,
+    extra: &[&str],
+) -> Result<Splicer> {
+    let d = dir.join(name);
+    fs::create_dir_all(&d)?;
+    let mut args = vec!["--protocol", "ws"];
+    args.extend_from_slice(extra);
+    splicer_in_mode(&d, mode, upstream, &args).with_context(|| format!("starting {name}"))
+}
+
+// -------------------------------------------- WebSocket frames and hashes
+
+/// SHA-1 (FIPS 180-4), only for Sec-WebSocket-Accept.
+fn sha1(data: &[u8]) -> [u8; 20] {
+    let mut h: [u32; 5] = [0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0];
+    let mut msg = data.to_vec();
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend((data.len() as u64 * 8).to_be_bytes());
+    for block in msg.chunks(64) {
+        let mut w = [0u32; 80];
+        for i in 0..16 {
+            w[i] = u32::from_be_bytes(block[4 * i..4 * i + 4].try_into().unwrap());
+        }
+        for i in 16..80 {
+            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e] = h;
+        for (i, wi) in w.iter().enumerate() {
+            let (f, k) = match i {
+                0..=19 => ((b & c) | (!b & d), 0x5A827999),
+                20..=39 => (b ^ c ^ d, 0x6ED9EBA1),
+                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1BBCDC),
+                _ => (b ^ c ^ d, 0xCA62C1D6),
+            };
+            let t = a
+                .rotate_left(5)
+                .wrapping_add(f)
+                .wrapping_add(e)
+                .wrapping_add(k)
+                .wrapping_add(*wi);
+            (e, d, c, b, a) = (d, c, b.rotate_left(30), a, t);
+        }
+        for (x, y) in h.iter_mut().zip([a, b, c, d, e]) {
+            *x = x.wrapping_add(y);
+        }
+    }
+    let mut out = [0u8; 20];
+    for (i, x) in h.iter().enumerate() {
+        out[4 * i..4 * i + 4].copy_from_slice(&x.to_be_bytes());
+    }
+    out
+}
+
+fn base64(data: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn ws_accept(key: &str) -> String {
+    base64(&sha1(
+        format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+    ))
+}
+
+/// A mask key that differs per frame (never all zero).
+fn mask_key(i: u64) -> [u8; 4] {
+    ((i as u32).wrapping_mul(0x9E37_79B9) ^ 0xA5A5_5A5A).to_be_bytes()
+}
+
+/// One final frame: `opcode`, `payload`, masked with `mask` if given
+/// (clients must mask, servers must not).
+fn frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => f.push(m | n as u8),
+        n if n <= 0xffff => {
+            f.push(m | 126);
+            f.extend((n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(m | 127);
+            f.extend((n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(k) => {
+            f.extend(k);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+        None => f.extend_from_slice(payload),
+    }
+    f
+}
+
+/// Payload bytes per bulk frame (a 2-byte extended length).
+const FRAME_PAYLOAD: usize = 32 * 1024;
+
+/// Writes `len` pattern bytes as binary frames, then a Close frame and a
+/// FIN.
+fn send_frames(s: TcpStream, seed: u64, len: u64, masked: bool) -> Result<()> {
+    let mut w = BufWriter::with_capacity(256 * 1024, s.try_clone()?);
+    let mut p = Pattern::new(seed);
+    let mut chunk = vec![0u8; FRAME_PAYLOAD];
+    let (mut left, mut i) = (len, 0u64);
+    while left > 0 {
+        let n = left.min(FRAME_PAYLOAD as u64) as usize;
+        p.fill(&mut chunk[..n]);
+        w.write_all(&frame(0x2, &chunk[..n], masked.then(|| mask_key(i))))
+            .with_context(|| format!("writing frame {i}"))?;
+        left -= n as u64;
+        i += 1;
+    }
+    w.write_all(&frame(0x8, &[], masked.then(|| mask_key(i))))?;
+    w.flush()?;
+    s.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+/// Reads binary frames until a Close frame, checks every payload byte
+/// against the pattern and that masking is as a `masked` sender's must
+/// be, then expects EOF. `early` is what was read past the head already.
+fn expect_frames(s: TcpStream, early: Vec<u8>, seed: u64, len: u64, masked: bool) -> Result<()> {
+    let mut r = BufReader::with_capacity(256 * 1024, Cursor::new(early).chain(s));
+    let mut p = Pattern::new(seed);
+    let (mut got, mut frames) = (0u64, 0u64);
+    let mut payload = vec![0u8; FRAME_PAYLOAD];
+    let mut want = vec![0u8; FRAME_PAYLOAD];
+    loop {
+        let at = || format!("frame {frames}, after {got} of {len} payload bytes");
+        let mut h = [0u8; 2];
+        r.read_exact(&mut h).with_context(at)?;
+        let n = match h[1] & 0x7f {
+            126 => {
+                let mut b = [0u8; 2];
+                r.read_exact(&mut b)?;
+                u16::from_be_bytes(b) as u64
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                r.read_exact(&mut b)?;
+                u64::from_be_bytes(b)
+            }
+            n => n as u64,
+        };
+        ensure!(
+            (h[1] & 0x80 != 0) == masked,
+            "{}: mask bit {} (want {masked})",
+            at(),
+            h[1] >> 7
+        );
+        let mut key = [0u8; 4];
+        if masked {
+            r.read_exact(&mut key)?;
+        }
+        if h[0] == 0x88 {
+            ensure!(n == 0, "{}: Close frame with {n} bytes", at());
+            break;
+        }
+        ensure!(
+            h[0] == 0x82 && n as usize <= FRAME_PAYLOAD && got + n <= len,
+            "{}: unexpected frame header {:02x} {:02x}, length {n}",
+            at(),
+            h[0],
+            h[1]
+        );
+        let n = n as usize;
+        r.read_exact(&mut payload[..n]).with_context(at)?;
+        if masked {
+            for (i, b) in payload[..n].iter_mut().enumerate() {
+                *b ^= key[i % 4];
+            }
+        }
+        p.fill(&mut want[..n]);
+        if payload[..n] != want[..n] {
+            let i = (0..n).find(|&i| payload[i] != want[i]).unwrap();
+            bail!("payload byte {} differs ({})", got + i as u64, at());
+        }
+        got += n as u64;
+        frames += 1;
+    }
+    ensure!(got == len, "Close after {got} of {len} payload bytes");
+    let mut extra = [0u8; 1];
+    ensure!(
+        r.read(&mut extra).context("waiting for EOF after Close")? == 0,
+        "bytes after the Close frame"
+    );
+    Ok(())
+}
+
+// ----------------------------------------------------------------- peers
+
+/// A peer whose stdout (JSON lines) is read apart from its stderr. Killed
+/// on drop.
+struct Piped {
+    name: String,
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Piped {
+    fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Result<Piped> {
+        let out = dir.join(format!("{name}.stdout"));
+        let err = dir.join(format!("{name}.stderr"));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out)?)
+            .stderr(fs::File::create(&err)?)
+            .spawn()
+            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
+        Ok(Piped {
+            name: name.into(),
+            child,
+            out,
+            err,
+        })
+    }
+
+    fn stdout(&self) -> String {
+        fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    fn wait_stdout(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.stdout().lines().find(|l| l.contains(needle)) {
+                return Ok(l.to_string());
+            }
+            if let Some(st) = self.child.try_wait()? {
+                bail!(
+                    "{} exited ({st}) before printing {needle:?}\nstdout:\n{}stderr:\n{}",
+                    self.name,
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} did not print {needle:?} within {timeout:?}\nstdout:\n{}stderr:\n{}",
+                self.name,
+                self.stdout(),
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn finish(&mut self, timeout: Duration) -> Result<(ExitStatus, String, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok((st, self.stdout(), self.stderr()));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} still running after {timeout:?}\nstdout:\n{}stderr:\n{}",
+                self.name,
+                self.stdout(),
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Piped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn is_event(line: &str, event: &str) -> bool {
+    json_field(line, "event").as_deref() == Some(event)
+}
+
+/// The aedes broker peer with its WebSocket listener on BROKER_IP.
+fn start_aedes_ws(dir: &Path) -> Result<(Proc, SocketAddr)> {
+    let peers = peers_dir();
+    ensure!(
+        peers.join("node_modules").is_dir(),
+        "{}/node_modules is missing: run `npm ci` there",
+        peers.display()
+    );
+    let mut broker = Proc::spawn(
+        "aedes",
+        dir,
+        Command::new("node")
+            .arg(peers.join("aedes-broker.js"))
+            .args(["--host", &BROKER_IP.to_string()])
+            .args(["--port", "0", "--ws-port", "0"]),
+    )?;
+    let ready = wait_json_line(
+        &mut broker,
+        |l| is_event(l, "ready"),
+        Duration::from_secs(20),
+    )?;
+    let port: u16 = json_field(&ready, "wsPort")
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no wsPort in {ready}"))?;
+    Ok((broker, v4(BROKER_IP, port)))
+}
+
+/// mqtt-client.js over `ws://{to}/mqtt` from CLIENT_IP.
+fn ws_client_cmd(to: SocketAddr, id: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("node");
+    cmd.arg(peers_dir().join("mqtt-client.js"))
+        .args(["--url", &format!("ws://{to}/mqtt")])
+        .args(["--id", id, "--bind-host", &CLIENT_IP.to_string()])
+        .args(args);
+    cmd
+}
+
+/// Runs mqtt-client.js to completion; fails unless it exits 0 bound to
+/// 127.0.0.2. Returns its stdout.
+fn run_ws_client(to: SocketAddr, id: &str, args: &[&str]) -> Result<String> {
+    let (st, out, err) =
+        run_with_timeout(&mut ws_client_cmd(to, id, args), Duration::from_secs(25))?;
+    ensure!(
+        st.success(),
+        "mqtt-client {id} exited {st}\nstdout:\n{out}stderr:\n{err}"
+    );
+    let connected = out
+        .lines()
+        .find(|l| is_event(l, "connected"))
+        .with_context(|| format!("{id}: no connected line:\n{out}"))?;
+    ensure!(
+        json_field(connected, "localAddress").as_deref() == Some("127.0.0.2"),
+        "{id} not bound to 127.0.0.2: {connected}"
+    );
+    Ok(out)
+}
+
+/// Waits for aedes' `client` line for `id` and checks the address its
+/// protocol decoder took from the upgrade headers.
+fn aedes_ws_client(broker: &mut Proc, id: &str, ip: &str) -> Result<String> {
+    let seen = wait_json_line(
+        broker,
+        |l| is_event(l, "client") && json_field(l, "id").as_deref() == Some(id),
+        STEP,
+    )?;
+    eprintln!("aedes: {seen}");
+    let field = |f: &str| json_field(&seen, f).unwrap_or_default();
+    ensure!(field("ip") == ip, "aedes should report ip {ip}: {seen}");
+    ensure!(
+        field("transport") == "ws" && field("source") == "decoder",
+        "not decoded from a WebSocket upgrade: {seen}"
+    );
+    ensure!(
+        field("socketIp") == "127.0.0.1",
+        "aedes' TCP peer is not splicer: {seen}"
+    );
+    Ok(seen)
+}
+
+/// Subscriber and publisher (separate connections, both through `to`)
+/// round-trip two QoS 1 messages; returns the two client ids.
+fn pub_sub_roundtrip(
+    dir: &Path,
+    to: SocketAddr,
+    tag: &str,
+    sub_extra: &[&str],
+) -> Result<[String; 2]> {
+    let topic = format!("ws/{tag}");
+    let sub_id = format!("ws-sub-{tag}");
+    let pub_id = format!("ws-pub-{tag}");
+    let mut args = vec![
+        "--subscribe",
+        &topic,
+        "--count",
+        "2",
+        "--qos",
+        "1",
+        "--timeout-ms",
+        "20000",
+    ];
+    args.extend_from_slice(sub_extra);
+    let mut sub = Piped::spawn(dir, &sub_id, &mut ws_client_cmd(to, &sub_id, &args))?;
+    sub.wait_stdout("\"event\":\"subscribed\"", STEP)?;
+    let payloads = [format!("{tag}-one"), format!("{tag}-two")];
+    let out = run_ws_client(
+        to,
+        &pub_id,
+        &[
+            "--publish",
+            &topic,
+            &payloads[0],
+            "--publish",
+            &topic,
+            &payloads[1],
+            "--qos",
+            "1",
+            "--timeout-ms",
+            "20000",
+        ],
+    )?;
+    // At QoS 1 `published` means the broker acked it.
+    ensure!(
+        out.lines().filter(|l| is_event(l, "published")).count() == 2,
+        "publisher:\n{out}"
+    );
+    let (st, out, err) = sub.finish(Duration::from_secs(25))?;
+    let got: Vec<(String, String)> = out
+        .lines()
+        .filter(|l| is_event(l, "message"))
+        .map(|l| {
+            (
+                json_field(l, "topic").unwrap_or_default(),
+                json_field(l, "payload").unwrap_or_default(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = payloads
+        .iter()
+        .map(|p| (topic.clone(), p.clone()))
+        .collect();
+    ensure!(
+        got == want,
+        "subscriber got {got:?}, want {want:?}\nstdout:\n{out}stderr:\n{err}"
+    );
+    ensure!(st.success(), "subscriber exited {st}: {err}");
+    Ok([sub_id, pub_id])
+}
+
+/// Every close line names a 127.0.0.2 client and the upstream; in sockmap
+/// mode the kernel carried bytes, in userspace mode none.
+fn check_close_lines(s: &Splicer, n: usize, mode: &str, upstream: SocketAddr) -> Result<()> {
+    let closed = s.wait_closed(n, STEP)?;
+    let up = upstream.to_string();
+    for l in &closed {
+        eprintln!("{mode}: {l}");
+        ensure!(
+            close_value(l, "client").is_some_and(|c| c.starts_with("127.0.0.2:"))
+                && close_value(l, "upstream") == Some(up.as_str()),
+            "unexpected close line: {l}"
+        );
+    }
+    ensure!(closed.len() == n, "{} close lines, want {n}", closed.len());
+    let kernel: Vec<u64> = closed
+        .iter()
+        .map(|l| close_num(l, "kernel_bytes"))
+        .collect::<Result<_>>()?;
+    if mode == "sockmap" {
+        ensure!(
+            kernel.iter().all(|&k| k > 0),
+            "sockmap: a WebSocket session was not spliced in the kernel:\n{}",
+            closed.join("\n")
+        );
+    } else {
+        ensure!(
+            kernel.iter().all(|&k| k == 0),
+            "userspace: kernel_bytes > 0:\n{}",
+            closed.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// mosquitto with a `protocol websockets` listener on BROKER_IP, or Err
+/// with the reason it cannot run (then the caller skips).
+fn start_mosquitto_ws(dir: &Path) -> Result<std::result::Result<(Proc, SocketAddr), String>> {
+    // mosquitto 2.0.11 (Debian 12) refuses to start with only a websockets
+    // listener ("Unable to start any listening sockets"), so there is a TCP
+    // one too; and libwebsockets binds the wildcard address whatever the
+    // listener line says, so the port must be free on [::] as well.
+    let tcp_port = free_port(BROKER_IP);
+    let ws_port = loop {
+        let p = free_port(BROKER_IP);
+        if TcpListener::bind(("::", p)).is_ok() && TcpListener::bind(("0.0.0.0", p)).is_ok() {
+            break p;
+        }
+    };
+    let conf = dir.join("mosquitto.conf");
+    fs::write(
+        &conf,
+        format!(
+            "listener {tcp_port} {BROKER_IP}\n\
+             listener {ws_port} {BROKER_IP}\nprotocol websockets\n\
+             allow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n"
+        ),
+    )?;
+    let mut broker = Proc::spawn(
+        "mosquitto",
+        dir,
+        Command::new("mosquitto").arg("-c").arg(&conf),
+    )?;
+    let addr = v4(BROKER_IP, ws_port);
+    let deadline = Instant::now() + STEP;
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if let Some(st) = broker.child.try_wait()? {
+            let out = broker.output();
+            if out.to_ascii_lowercase().contains("websockets") {
+                return Ok(Err(format!(
+                    "mosquitto has no usable websockets ({st}):\n{out}"
+                )));
+            }
+            bail!("mosquitto exited ({st}):\n{out}");
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "mosquitto does not accept connections on {addr}:\n{}",
+            broker.output()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Ok((broker, addr)))
+}
+
+/// nginx (http module) in the foreground, single process, all inside `dir`,
+/// as a method 2 middle tier: appends $proxy_add_x_forwarded_for and
+/// connects upstream from 127.0.0.5.
+fn start_nginx_ws(dir: &Path, upstream: SocketAddr) -> Result<(Proc, SocketAddr)> {
+    let listen = v4(NGINX_IP, free_port(NGINX_IP));
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    fs::write(
+        &conf,
+        format!(
+            "pid {d}/nginx.pid;\n\
+             error_log {d}/nginx-error.log info;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n\
+             access_log {d}/nginx-access.log;\n\
+             client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+             server {{\n\
+               listen {listen};\n\
+               location /mqtt {{\n\
+                 proxy_pass http://{upstream};\n\
+                 proxy_http_version 1.1;\n\
+                 proxy_set_header Upgrade $http_upgrade;\n\
+                 proxy_set_header Connection \"Upgrade\";\n\
+                 proxy_set_header Host $host;\n\
+                 proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+                 proxy_bind {NGINX_IP};\n\
+               }}\n\
+             }}\n\
+             }}\n"
+        ),
+    )?;
+    let mut p = Proc::spawn(
+        "nginx",
+        dir,
+        Command::new("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off; master_process off;"]),
+    )?;
+    let deadline = Instant::now() + STEP;
+    while !is_listening(listen) {
+        if let Some(st) = p.child.try_wait()? {
+            bail!("nginx exited ({st}):\n{}", p.output());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "nginx does not listen on {listen}:\n{}",
+            p.output()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok((p, listen))
+}
+
+// ---------------------------------------- 1. MQTT.js to aedes and mosquitto
+
+fn mqttjs_over_ws_in(mode: &str) -> Result<()> {
+    let dir = scratch(&format!("ws-mqttjs-{mode}"));
+
+    // aedes: its decoder reports the address from X-Forwarded-For.
+    let (mut broker, broker_addr) = start_aedes_ws(&dir)?;
+    let splicer = ws_tier(&dir, "splicer-aedes", mode, broker_addr, &[])?;
+    // The subscriber also forges X-Forwarded-For (override replaces it) and
+    // X-Real-IP (which aedes would prefer; splicer drops it from an
+    // untrusted peer).
+    let ids = pub_sub_roundtrip(
+        &dir,
+        splicer.listen,
+        &format!("aedes-{mode}"),
+        &[
+            "--ws-header",
+            "X-Forwarded-For: 6.6.6.6",
+            "--ws-header",
+            "X-Real-IP: 6.6.6.6",
+        ],
+    )?;
+    for id in &ids {
+        let seen = aedes_ws_client(&mut broker, id, "127.0.0.2")?;
+        ensure!(
+            json_field(&seen, "x-forwarded-for").as_deref() == Some("127.0.0.2"),
+            "aedes got X-Forwarded-For other than the client's own address: {seen}"
+        );
+    }
+    check_close_lines(&splicer, 2, mode, broker_addr)?;
+
+    // mosquitto's own websockets listener.
+    let mdir = dir.join("mosquitto");
+    fs::create_dir_all(&mdir)?;
+    let (mosq, mosq_addr) = match start_mosquitto_ws(&mdir)? {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIPPED the mosquitto part: {why}");
+            return Ok(());
+        }
+    };
+    let splicer = ws_tier(&dir, "splicer-mosquitto", mode, mosq_addr, &[])?;
+    let ids = pub_sub_roundtrip(&mdir, splicer.listen, &format!("mosq-{mode}"), &[])?;
+    // Both sessions reached mosquitto (through splicer, from 127.0.0.1).
+    for id in &ids {
+        let line = mosq
+            .lines_with(&format!(" as {id} "))
+            .into_iter()
+            .next()
+            .with_context(|| format!("mosquitto never saw {id}:\n{}", mosq.output()))?;
+        // lws listens dual-stack, so it may print the mapped form.
+        ensure!(
+            line.contains("from 127.0.0.1:") || line.contains("from ::ffff:127.0.0.1:"),
+            "{id} did not reach mosquitto through splicer: {line}"
+        );
+    }
+    check_close_lines(&splicer, 2, mode, mosq_addr)?;
+    Ok(())
+}
+
+/// MQTT.js over ws://127.0.0.3:P/mqtt (bound to 127.0.0.2) through splicer
+/// `--protocol ws`: aedes' decoder reports 127.0.0.2 (a forged
+/// X-Forwarded-For is overridden) and a QoS 1 pub/sub round trip works; the
+/// same round trip works through to mosquitto's websockets listener. In
+/// sockmap mode every session was spliced in the kernel.
+#[test]
+fn mqttjs_over_ws_to_aedes_and_mosquitto() -> Result<()> {
+    for mode in MODES {
+        mqttjs_over_ws_in(mode).with_context(|| format!("offload {mode}"))?;
+    }
+    Ok(())
+}
+
+// -------------------------------------- 2. method 1: override, then append
+
+fn method1_in(mode: &str) -> Result<()> {
+    let dir = scratch(&format!("ws-method1-{mode}"));
+    let (sink_l, sink_addr) = listen_on(BROKER_IP)?;
+    // LB2 appends both headers, like the guide's LB 2.
+    let lb2 = ws_tier(
+        &dir,
+        "lb2",
+        mode,
+        sink_addr,
+        &["--forwarded-for", "append", "--forwarded-port", "append"],
+    )?;
+    let lb1 = ws_tier(
+        &dir,
+        "lb1",
+        mode,
+        lb2.listen,
+        &["--forwarded-for", "override"],
+    )?;
+    // The guide's spoof: the client claims to be local.
+    let sent = upgrade_request(
+        lb1.listen,
+        "/mqtt",
+        WS_KEY,
+        &["X-Forwarded-For: 127.0.0.1", "X-Forwarded-Port: 1"],
+    );
+    let (client, head) = request_through(CLIENT_IP, lb1.listen, &sent, &sink_l)?;
+    eprintln!("{mode}: the sink got\n{}", String::from_utf8_lossy(&head));
+
+    // LB2 saw LB1 as 127.0.0.1:N; its close line says which N.
+    let lb2_line = lb2.wait_closed(1, STEP)?.remove(0);
+    let lb1_side: SocketAddr = close_value(&lb2_line, "client")
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("LB2 close line: {lb2_line}"))?;
+    ensure!(
+        lb1_side.ip() == Ipv4Addr::LOCALHOST,
+        "LB2's peer should be LB1 (127.0.0.1): {lb2_line}"
+    );
+    check_rewrite(
+        &sent,
+        &head,
+        &[
+            (
+                "X-Forwarded-For",
+                Want::Line("X-Forwarded-For: 127.0.0.2, 127.0.0.1"),
+            ),
+            (
+                "X-Forwarded-Port",
+                Want::Line(&format!(
+                    "X-Forwarded-Port: {}, {}",
+                    client.port(),
+                    lb1_side.port()
+                )),
+            ),
+            ("X-Real-IP", Want::Absent),
+        ],
+    )?;
+    close_line_for(&lb1, client)?;
+
+    // End to end with a real client and broker: aedes takes the leftmost
+    // X-Forwarded-For entry, which must be the client, not the forgery.
+    let adir = dir.join("aedes");
+    fs::create_dir_all(&adir)?;
+    let (mut broker, broker_addr) = start_aedes_ws(&adir)?;
+    let lb2 = ws_tier(
+        &adir,
+        "lb2",
+        mode,
+        broker_addr,
+        &["--forwarded-for", "append"],
+    )?;
+    let lb1 = ws_tier(
+        &adir,
+        "lb1",
+        mode,
+        lb2.listen,
+        &["--forwarded-for", "override"],
+    )?;
+    let id = format!("ws-m1-{mode}");
+    run_ws_client(
+        lb1.listen,
+        &id,
+        &[
+            "--ws-header",
+            "X-Forwarded-For: 127.0.0.1",
+            "--publish",
+            "t/m1",
+            "hi",
+        ],
+    )?;
+    let seen = aedes_ws_client(&mut broker, &id, "127.0.0.2")?;
+    ensure!(
+        json_field(&seen, "x-forwarded-for").as_deref() == Some("127.0.0.2, 127.0.0.1"),
+        "aedes got the wrong X-Forwarded-For: {seen}"
+    );
+    Ok(())
+}
+
+/// The guide's method 1 with two splicer tiers: a raw client forges
+/// `X-Forwarded-For: 127.0.0.1` → LB1 (override) → LB2 (append) → sink.
+/// The sink sees exactly one `X-Forwarded-For: 127.0.0.2, 127.0.0.1` and
+/// `X-Forwarded-Port: <client port>, <LB1's port>`, appended after every
+/// other header, which all arrive byte for byte in order. Then MQTT.js
+/// through the same chain to aedes: aedes reports 127.0.0.2.
+#[test]
+fn method1_override_then_append() -> Result<()> {
+    for mode in MODES {
+        method1_in(mode).with_context(|| format!("offload {mode}"))?;
+    }
+    Ok(())
+}
+
+// ------------------------------------ 3. method 2: trusted, real-ip walk
+
+const REAL_IP_ARGS: [&str; 8] = [
+    "--forwarded-for",
+    "append",
+    "--trusted-proxy",
+    "127.0.0.0/8",
+    "--real-ip-header",
+    "X-Forwarded-For",
+    "--set-real-ip-header",
+    "X-Real-IP",
+];
+
+/// The client's request for method 2: it sits behind an outer hop that
+/// named the real client, and it also forges an X-Real-IP that the
+/// innermost tier must replace.
+fn method2_request(to: SocketAddr) -> Vec<u8> {
+    upgrade_request(
+        to,
+        "/mqtt",
+        WS_KEY,
+        &[
+            format!("X-Forwarded-For: {REAL_CLIENT}").as_str(),
+            "X-Real-IP: 6.6.6.6",
+        ],
+    )
+}
+
+fn method2_in(mode: &str, recursive: bool) -> Result<()> {
+    let tag = if recursive { "rec" } else { "norec" };
+    let dir = scratch(&format!("ws-method2-{mode}-{tag}"));
+    let (sink_l, sink_addr) = listen_on(BROKER_IP)?;
+    let mut lb3_args = REAL_IP_ARGS.to_vec();
+    if recursive {
+        lb3_args.push("--real-ip-recursive");
+    }
+    let lb3 = ws_tier(&dir, "lb3", mode, sink_addr, &lb3_args)?;
+    let append = ["--forwarded-for", "append"];
+
+    // All splicer: LB1 → LB2 → LB3. LB3 gets "REAL, 127.0.0.2, 127.0.0.1"
+    // from peer 127.0.0.1; the rightmost entry is what LB2 appended.
+    let lb2 = ws_tier(&dir, "lb2", mode, lb3.listen, &append)?;
+    let lb1 = ws_tier(&dir, "lb1", mode, lb2.listen, &append)?;
+    let sent = method2_request(lb1.listen);
+    let (_, head) = request_through(CLIENT_IP, lb1.listen, &sent, &sink_l)?;
+    eprintln!(
+        "{mode} recursive={recursive}, splicer chain: the sink got\n{}",
+        String::from_utf8_lossy(&head)
+    );
+    let real_ip = if recursive { REAL_CLIENT } else { "127.0.0.1" };
+    check_rewrite(
+        &sent,
+        &head,
+        &[
+            (
+                "X-Forwarded-For",
+                Want::Line(&format!(
+                    "X-Forwarded-For: {REAL_CLIENT}, 127.0.0.2, 127.0.0.1, 127.0.0.1"
+                )),
+            ),
+            ("X-Real-IP", Want::Line(&format!("X-Real-IP: {real_ip}"))),
+            ("X-Forwarded-Port", Want::One),
+        ],
+    )?;
+
+    // nginx as the middle tier: LB3's peer is now 127.0.0.5 and the
+    // rightmost entry (LB1's 127.0.0.1, appended by nginx) differs from it,
+    // so recursive off must pick the entry, not the peer.
+    let ndir = dir.join("nginx");
+    fs::create_dir_all(&ndir)?;
+    let (_nginx, nginx_addr) = start_nginx_ws(&ndir, lb3.listen)?;
+    let lb1n = ws_tier(&dir, "lb1-nginx", mode, nginx_addr, &append)?;
+    let mut c = connect_from(CLIENT_IP, lb1n.listen)?;
+    c.write_all(&method2_request(lb1n.listen))?;
+    let (s, head, _) = sink_head(&sink_l)?;
+    drop(c);
+    drop(s);
+    eprintln!(
+        "{mode} recursive={recursive}, via nginx: the sink got\n{}",
+        String::from_utf8_lossy(&head)
+    );
+    let xff = header_values(&head, "X-Forwarded-For");
+    let want_xff = format!("{REAL_CLIENT}, 127.0.0.2, 127.0.0.1, 127.0.0.5");
+    ensure!(
+        xff == [want_xff.clone()],
+        "via nginx: X-Forwarded-For {xff:?}, want [{want_xff:?}]"
+    );
+    let real = header_values(&head, "X-Real-IP");
+    ensure!(
+        real == [real_ip],
+        "via nginx: X-Real-IP {real:?}, want [{real_ip:?}]"
+    );
+    // nginx re-sent the upgrade headers; they still reached the broker side.
+    ensure!(
+        header_values(&head, "Sec-WebSocket-Key") == [WS_KEY]
+            && header_values(&head, "Upgrade") == ["websocket"],
+        "via nginx: upgrade headers lost:\n{}",
+        show(&head)
+    );
+    Ok(())
+}
+
+/// An untrusted peer's X-Forwarded-For counts for nothing: X-Real-IP is the
+/// peer itself.
+fn method2_untrusted_in(mode: &str) -> Result<()> {
+    let dir = scratch(&format!("ws-method2-untrusted-{mode}"));
+    let (sink_l, sink_addr) = listen_on(BROKER_IP)?;
+    let mut args = REAL_IP_ARGS.to_vec();
+    args[3] = "127.0.0.5/32";
+    args.push("--real-ip-recursive");
+    let lb = ws_tier(&dir, "lb", mode, sink_addr, &args)?;
+    let sent = method2_request(lb.listen);
+    let (_, head) = request_through(CLIENT_IP, lb.listen, &sent, &sink_l)?;
+    check_rewrite(
+        &sent,
+        &head,
+        &[
+            (
+                "X-Forwarded-For",
+                Want::Line(&format!("X-Forwarded-For: {REAL_CLIENT}, 127.0.0.2")),
+            ),
+            ("X-Real-IP", Want::Line("X-Real-IP: 127.0.0.2")),
+        ],
+    )
+}
+
+/// With aedes behind the innermost tier: its decoder prefers X-Real-IP,
+/// so it reports the real client.
+fn method2_aedes_in(mode: &str) -> Result<()> {
+    let dir = scratch(&format!("ws-method2-aedes-{mode}"));
+    let (mut broker, broker_addr) = start_aedes_ws(&dir)?;
+    let mut args = REAL_IP_ARGS.to_vec();
+    args.push("--real-ip-recursive");
+    let lb2 = ws_tier(&dir, "lb2", mode, broker_addr, &args)?;
+    let lb1 = ws_tier(
+        &dir,
+        "lb1",
+        mode,
+        lb2.listen,
+        &["--forwarded-for", "append"],
+    )?;
+    let id = format!("ws-m2-{mode}");
+    run_ws_client(
+        lb1.listen,
+        &id,
+        &[
+            "--ws-header",
+            &format!("X-Forwarded-For: {REAL_CLIENT}"),
+            "--ws-header",
+            "X-Real-IP: 6.6.6.6",
+            "--publish",
+            "t/m2",
+            "hi",
+        ],
+    )?;
+    aedes_ws_client(&mut broker, &id, REAL_CLIENT)?;
+    Ok(())
+}
+
+/// The guide's method 2: every tier appends, the innermost has
+/// `--trusted-proxy 127.0.0.0/8 --real-ip-header X-Forwarded-For
+/// --set-real-ip-header X-Real-IP`. With `--real-ip-recursive`, X-Real-IP is
+/// 115.236.21.86 (the client's claimed real client, behind it); without, the
+/// rightmost entry (the address the previous tier appended), as in the
+/// guide's last capture. The client's forged X-Real-IP is replaced, and the
+/// innermost tier appends its direct peer ($realip_remote_addr). Run with
+/// three splicer tiers and with nginx as the middle tier; an untrusted
+/// peer's header is ignored; aedes behind the chain reports the real client.
+#[test]
+fn method2_real_ip_recursive() -> Result<()> {
+    for mode in MODES {
+        for recursive in [true, false] {
+            method2_in(mode, recursive)
+                .with_context(|| format!("offload {mode}, recursive {recursive}"))?;
+        }
+        method2_untrusted_in(mode).with_context(|| format!("offload {mode}, untrusted"))?;
+        method2_aedes_in(mode).with_context(|| format!("offload {mode}, aedes"))?;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------ 4. refusals
+
+/// Reads a refusal to the end: the response, then EOF or a reset (splicer
+/// closes with the unread request still queued). Returns (status line,
+/// "EOF"|"RST"). The response must be complete.
+fn read_refusal(c: &mut TcpStream) -> Result<(String, &'static str)> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        match c.read(&mut buf) {
+            Ok(0) => break "EOF",
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break "RST",
+            Err(e) => bail!("the connection was not closed ({e}); got {}", show(&got)),
+        }
+    };
+    let i = find(&got, b"\r\n\r\n")
+        .with_context(|| format!("incomplete HTTP response: {}", show(&got)))?;
+    let (head, body) = (&got[..i + 4], &got[i + 4..]);
+    if let Some(len) = header_values(head, "Content-Length").first() {
+        ensure!(
+            len.parse::<usize>().ok() == Some(body.len()),
+            "Content-Length {len} but a {}-byte body: {}",
+            body.len(),
+            show(&got)
+        );
+    }
+    Ok((first_line(head), end))
+}
+
+fn refusals_in(mode: &str) -> Result<()> {
+    let dir = scratch(&format!("ws-refusals-{mode}"));
+    // The upstream: nothing may connect to it until the valid upgrade.
+    let (sink_l, sink_addr) = listen_on(BROKER_IP)?;
+    let mut splicer = ws_tier(
+        &dir,
+        "splicer",
+        mode,
+        sink_addr,
+        &["--ws-header-max", "2048", "--ws-header-timeout", "500ms"],
+    )?;
+    let to = splicer.listen;
+    let valid = |path: &str| upgrade_request(to, path, WS_KEY, &[]);
+    let oversized = upgrade_request(
+        to,
+        "/mqtt",
+        WS_KEY,
+        &[format!("X-Padding: {}", "p".repeat(3000)).as_str()],
+    );
+    let half = valid("/mqtt")[..60].to_vec();
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        ("wrong path", valid("/other"), "HTTP/1.1 404 Not Found"),
+        (
+            "not an upgrade",
+            format!("GET /mqtt HTTP/1.1\r\nHost: {to}\r\n\r\n").into_bytes(),
+            "HTTP/1.1 426 Upgrade Required",
+        ),
+        (
+            "garbage",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n".to_vec(),
+            "HTTP/1.1 400 Bad Request",
+        ),
+        (
+            "oversized head",
+            oversized,
+            "HTTP/1.1 431 Request Header Fields Too Large",
+        ),
+        ("slowloris", half, "HTTP/1.1 408 Request Timeout"),
+    ];
+    for (what, bytes, want) in &cases {
+        let mut c = connect_from(CLIENT_IP, to)?;
+        let t0 = Instant::now();
+        c.write_all(bytes)?;
+        let (status, end) = read_refusal(&mut c).with_context(|| what.to_string())?;
+        let took = t0.elapsed();
+        eprintln!("{mode}: {what}: {status:?}, then {end}, after {took:?}");
+        ensure!(status == *want, "{what}: got {status:?}, want {want:?}");
+        if *what == "slowloris" {
+            ensure!(
+                took >= Duration::from_millis(400) && took <= Duration::from_secs(2),
+                "slowloris answered after {took:?} (--ws-header-timeout 500ms)"
+            );
+        } else {
+            ensure!(
+                took < Duration::from_millis(400),
+                "{what}: answered only after {took:?}"
+            );
+        }
+    }
+    ensure!(
+        accept_within(&sink_l, Duration::from_millis(300))?.is_none(),
+        "a refused request reached the upstream"
+    );
+    let refused = splicer.proc.lines_with("refused WebSocket upgrade (");
+    for (_, _, want) in &cases {
+        let code = &want[9..12];
+        ensure!(
+            refused
+                .iter()
+                .any(|l| l.contains(&format!("refused WebSocket upgrade ({code}"))),
+            "no `refused WebSocket upgrade ({code}` log line:\n{}",
+            splicer.proc.output()
+        );
+    }
+
+    // splicer is still healthy: a valid upgrade goes through.
+    let sent = valid("/mqtt");
+    let (client, head) = request_through(CLIENT_IP, to, &sent, &sink_l)?;
+    check_rewrite(
+        &sent,
+        &head,
+        &[("X-Forwarded-For", Want::Line("X-Forwarded-For: 127.0.0.2"))],
+    )?;
+    close_line_for(&splicer, client)?;
+
+    splicer.proc.stop();
+    let stopping = splicer.proc.lines_with("stopping:");
+    ensure!(
+        stopping.len() == 1 && stopping[0].split_whitespace().any(|w| w == "ws_refused=5"),
+        "want ws_refused=5 in the stopping line:\n{}",
+        splicer.proc.output()
+    );
+    Ok(())
+}
+
+/// One ws listener (`--ws-header-max 2048 --ws-header-timeout 500ms`):
+/// wrong path → 404, a GET without Upgrade → 426, garbage → 400, a 3 KB
+/// head → 431, half a head and silence → 408 after 0.4–2 s. Each status
+/// line is exact, the response complete (Content-Length matches), then the
+/// connection closes; each is logged; nothing connects upstream. A valid
+/// upgrade still works afterwards, and the `stopping:` line at SIGTERM
+/// counts ws_refused=5.
+#[test]
+fn refusals_get_status_codes() -> Result<()> {
+    for mode in MODES {
+        refusals_in(mode).with_context(|| format!("offload {mode}"))?;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------- 5. early frames are kept
+
+fn early_frames_in(mode: &str) -> Result<()> {
+    let dir = scratch(&format!("ws-early-{mode}"));
+    let (sink_l, sink_addr) = listen_on(BROKER_IP)?;
+    let splicer = ws_tier(&dir, "splicer", mode, sink_addr, &[])?;
+    let sent = upgrade_request(splicer.listen, "/mqtt", WS_KEY, &[]);
+    // An MQTT CONNECT in a masked binary frame, as a client that does not
+    // wait for the 101 sends it.
+    let connect = [
+        0x10, 0x10, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x04, b'e',
+        b'a', b'r', b'l',
+    ];
+    let early = frame(0x2, &connect, Some(mask_key(7)));
+    let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+    let client = local(&c);
+    c.write_all(&[&sent[..], &early].concat())?;
+
+    let (mut s, head, mut rest) = sink_head(&sink_l)?;
+    check_rewrite(
+        &sent,
+        &head,
+        &[("X-Forwarded-For", Want::Line("X-Forwarded-For: 127.0.0.2"))],
+    )?;
+    let mut buf = [0u8; 1024];
+    while rest.len() < early.len() {
+        let n = s.read(&mut buf).with_context(|| {
+            format!(
+                "sink: {} of the {} early frame bytes",
+                rest.len(),
+                early.len()
+            )
+        })?;
+        ensure!(
+            n > 0,
+            "EOF after {} of {} early frame bytes",
+            rest.len(),
+            early.len()
+        );
+        rest.extend_from_slice(&buf[..n]);
+    }
+    ensure!(
+        rest == early,
+        "after the head the sink got {}, want {}",
+        show(&rest),
+        show(&early)
+    );
+    // And nothing else: the client's FIN comes next.
+    c.shutdown(Shutdown::Write)?;
+    let more = read_to_end_timeout(&mut s, STEP)?;
+    ensure!(more.is_empty(), "sink got extra bytes {}", show(&more));
+    drop(s);
+    ensure!(
+        read_to_end_timeout(&mut c, STEP)?.is_empty(),
+        "client got bytes it was never sent"
+    );
+    close_line_for(&splicer, client)?;
+    Ok(())
+}
+
+/// The client writes the upgrade request and a masked binary frame in one
+/// write: the sink gets the rewritten head followed by exactly those frame
+/// bytes, and nothing more.
+#[test]
+fn early_frames_after_the_upgrade_are_kept() -> Result<()> {
+    for mode in MODES {
+        early_frames_in(mode).with_context(|| format!("offload {mode}"))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------- 6. bulk frames each way
+
+const BULK: u64 = 64 << 20;
+
+fn bulk_in(mode: &str) -> Result<()> {
+    ensure!(
+        ws_accept(WS_KEY) == WS_ACCEPT,
+        "the test's own SHA-1/base64 is wrong: {}",
+        ws_accept(WS_KEY)
+    );
+    let dir = scratch(&format!("ws-bulk-{mode}"));
+    let (server_l, server_addr) = listen_on(BROKER_IP)?;
+    let splicer = ws_tier(&dir, "splicer", mode, server_addr, &[])?;
+    let timeout = Some(Duration::from_secs(60));
+
+    // A per-run key, so the Accept check proves this request's key arrived.
+    let mut raw = [0u8; 16];
+    Pattern::new(u64::from(splicer.listen.port())).fill(&mut raw);
+    let key = base64(&raw);
+    let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+    let client = local(&c);
+    c.write_all(&upgrade_request(splicer.listen, "/mqtt", &key, &[]))?;
+
+    // The upstream answers like a WebSocket server.
+    let (mut s, head, early) = sink_head(&server_l)?;
+    ensure!(early.is_empty(), "client frames before the 101");
+    let got_key = header_values(&head, "Sec-WebSocket-Key");
+    ensure!(
+        got_key == [key.clone()],
+        "server got key {got_key:?}, sent {key}"
+    );
+    s.write_all(
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\
+             Sec-WebSocket-Protocol: mqtt\r\n\r\n",
+            ws_accept(&key)
+        )
+        .as_bytes(),
+    )?;
+    let (resp, early) = read_head(&mut c).context("client: the 101")?;
+    ensure!(
+        first_line(&resp) == "HTTP/1.1 101 Switching Protocols",
+        "client got {}",
+        show(&resp)
+    );
+    ensure!(
+        header_values(&resp, "Sec-WebSocket-Accept") == [ws_accept(&key)],
+        "wrong Sec-WebSocket-Accept: {}",
+        show(&resp)
+    );
+
+    for sock in [&c, &s] {
+        sock.set_read_timeout(timeout)?;
+        sock.set_write_timeout(timeout)?;
+    }
+    let cpu0 = splicer.proc.cpu_seconds();
+    let t0 = Instant::now();
+    let (c2, s2) = (c.try_clone()?, s.try_clone()?);
+    let (c3, s3) = (c.try_clone()?, s.try_clone()?);
+    let jobs = [
+        thread::spawn(move || send_frames(c2, 1, BULK, true).context("client → server: sending")),
+        thread::spawn(move || {
+            expect_frames(s2, Vec::new(), 1, BULK, true).context("client → server: receiving")
+        }),
+        thread::spawn(move || send_frames(s3, 2, BULK, false).context("server → client: sending")),
+        thread::spawn(move || {
+            expect_frames(c3, early, 2, BULK, false).context("server → client: receiving")
+        }),
+    ];
+    for j in jobs {
+        j.join().expect("bulk thread panicked")?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = splicer.proc.cpu_seconds() - cpu0;
+    eprintln!(
+        "{mode}: 2 x 64 MiB of frames in {secs:.2} s ({:.0} MiB/s each way); \
+         splicer CPU during the transfer: {cpu:.3} s",
+        64.0 / secs
+    );
+    drop(c);
+    drop(s);
+
+    let line = close_line_for(&splicer, client)?;
+    eprintln!("{mode}: {line}");
+    for key in ["client_to_upstream", "upstream_to_client"] {
+        ensure!(close_num(&line, key)? >= BULK, "{key} below 64 MiB: {line}");
+    }
+    let kernel = close_num(&line, "kernel_bytes")?;
+    if mode == "sockmap" {
+        ensure!(
+            kernel >= 2 * BULK,
+            "sockmap: kernel_bytes < 128 MiB: {line}"
+        );
+    } else {
+        ensure!(kernel == 0, "userspace: kernel_bytes > 0: {line}");
+    }
+    Ok(())
+}
+
+/// A real upgrade through splicer to a WebSocket server written here (the
+/// client checks Sec-WebSocket-Accept), then 64 MiB of binary frames each
+/// way at once (client frames masked, server frames not): every payload
+/// byte arrives in order, both Close frames and EOFs arrive; in sockmap
+/// mode the kernel carried ≥ 128 MiB. splicer's CPU time during the
+/// transfer is printed, not asserted.
+#[test]
+fn bulk_ws_frames_each_way() -> Result<()> {
+    for mode in MODES {
+        bulk_in(mode).with_context(|| format!("offload {mode}"))?;
+    }
+    Ok(())
+}
