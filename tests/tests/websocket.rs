@@ -1596,3 +1596,57 @@ fn bulk_ws_frames_each_way() -> Result<()> {
     }
     Ok(())
 }
+
+// ------------------------------------ 7. PROXY headers on a ws listener
+
+/// `--send-proxy` on a ws listener: the PROXY header goes first, then the
+/// rewritten request. `--accept-proxy` from a trusted hop: its header names
+/// the client, whose address then appears in both.
+fn proxy_headers_in(mode: &str) -> Result<()> {
+    let dir = scratch(&format!("ws-proxy-{mode}"));
+    let (sink_l, sink_addr) = listen_on(BROKER_IP)?;
+    let s = ws_tier(
+        &dir,
+        "splicer",
+        mode,
+        sink_addr,
+        &[
+            "--send-proxy",
+            "v1",
+            "--accept-proxy",
+            "v1",
+            "--trusted-proxy",
+            "127.0.0.2/32",
+        ],
+    )?;
+    let claimed = v4(Ipv4Addr::new(203, 0, 113, 9), 4321);
+    let mut req = expected_v1(claimed, s.listen);
+    req.extend(upgrade_request(s.listen, "/mqtt", WS_KEY, &[]));
+    let mut c = connect_from(CLIENT_IP, s.listen)?;
+    c.write_all(&req)?;
+    let mut up = accept_within(&sink_l, STEP)?.context("nothing reached the sink")?;
+    let header = read_proxy_header(&mut up)?;
+    ensure!(
+        header == expected_v1(claimed, s.listen),
+        "{mode}: PROXY header {}",
+        show(&header)
+    );
+    let (head, rest) = read_head(&mut up)?;
+    ensure!(rest.is_empty(), "{mode}: bytes after the head");
+    ensure!(
+        header_values(&head, "x-forwarded-for") == ["203.0.113.9"],
+        "{mode}: {}",
+        show(&head)
+    );
+    ensure!(
+        header_values(&head, "x-forwarded-port") == ["4321"],
+        "{mode}: {}",
+        show(&head)
+    );
+    Ok(())
+}
+
+#[test]
+fn proxy_headers_on_a_ws_listener() -> Result<()> {
+    MODES.iter().try_for_each(|m| proxy_headers_in(m))
+}
