@@ -92,8 +92,9 @@ fn test(filter: Option<String>) -> Result<()> {
     let bin = build::all(true)?;
     let root = root();
     let filter: Vec<String> = filter.into_iter().collect();
+    let mut tally = Tally::default();
     // Unit tests: config, PROXY protocol, balancing, ...
-    run_cmd(
+    tally.run(
         build::cargo()
             .current_dir(&root)
             .args([
@@ -109,7 +110,7 @@ fn test(filter: Option<String>) -> Result<()> {
     )?;
     // End to end, against real brokers and proxies. One at a time: they
     // measure CPU and count fds, and the machine has two cores.
-    run_cmd(
+    tally.run(
         build::cargo()
             .current_dir(&root)
             .env("SPLICER_BIN", &bin)
@@ -127,7 +128,53 @@ fn test(filter: Option<String>) -> Result<()> {
     if filter.first().is_none_or(|f| f.contains("fuzz")) {
         fuzz()?;
     }
+    // One closing line for the whole run (cargo prints one per test binary).
+    println!("{} passed, {} failed", tally.passed, tally.failed);
     Ok(())
+}
+
+/// Adds up cargo test's `test result:` lines while passing output through.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    fn run(&mut self, cmd: &mut Command) -> Result<()> {
+        use std::io::{BufRead, BufReader};
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {cmd:?}"))?;
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| {
+                    rest.split(';')
+                        .find_map(|part| {
+                            part.trim().strip_suffix(word).map(|n| {
+                                n.trim()
+                                    .trim_start_matches("ok.")
+                                    .trim_start_matches("FAILED.")
+                                    .trim()
+                                    .to_string()
+                            })
+                        })
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                self.passed += count("passed");
+                self.failed += count("failed");
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("command failed ({status}): {cmd:?}");
+        }
+        Ok(())
+    }
 }
 
 /// Coverage-guided fuzzing of the two parsers that read what clients send:
