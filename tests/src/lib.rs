@@ -17,9 +17,18 @@ use std::{
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 
+pub mod net;
+pub mod peers;
+pub use net::*;
+pub use peers::*;
+
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 pub const SPLICER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 pub const BROKER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
+
+/// How long one step of a test (a peer starting, a line or a connection
+/// arriving) may take.
+pub const STEP: Duration = Duration::from_secs(10);
 
 /// Both offload modes; most tests run once in each.
 pub const MODES: [&str; 2] = ["sockmap", "userspace"];
@@ -241,6 +250,43 @@ impl Splicer {
             thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// Waits for the close line whose client= is `client`, for tests that
+    /// run several connections and check one of them.
+    pub fn close_line_for(&self, client: SocketAddr, timeout: Duration) -> Result<String> {
+        let want = client.to_string();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .closed_lines()
+                .into_iter()
+                .find(|l| close_field(l, "client") == Some(want.as_str()))
+            {
+                return Ok(l);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no close line for client={want}:\n{}",
+                self.proc.output()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A `key=value` word of a splicer close line (which is not JSON, so
+/// json_field does not apply).
+pub fn close_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(pat.as_str()))
+}
+
+/// A numeric `key=` of a close line; an error if it is missing.
+pub fn close_num(line: &str, key: &str) -> Result<u64> {
+    close_field(line, key)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no numeric {key}= in close line: {line}"))
 }
 
 /// Starts splicer in `mode` forwarding to `upstream` and checks that the
@@ -526,4 +572,10 @@ pub fn json_field(line: &str, field: &str) -> Option<String> {
             .trim()
             .to_string(),
     )
+}
+
+/// Whether a peer's JSON line is the `event` one (the Node peers tag every
+/// line with "event").
+pub fn is_event(line: &str, event: &str) -> bool {
+    json_field(line, "event").as_deref() == Some(event)
 }

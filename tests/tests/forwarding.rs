@@ -2,7 +2,7 @@
 //! without leaks, and the kernel (not splicer) carrying the payload.
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, TcpListener, TcpStream},
     process::Command,
     sync::{
         atomic::{AtomicUsize, Ordering},

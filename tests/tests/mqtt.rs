@@ -2,218 +2,50 @@
 //! mosquitto_pub/mosquitto_sub, and an aedes broker (with
 //! aedes-protocol-decoder) with MQTT.js clients, to check the PROXY header
 //! splicer sends is what a real broker decodes.
-use std::{
-    fs,
-    net::{IpAddr, SocketAddr, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    thread,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use splicer_tests::*;
 
-const STEP: Duration = Duration::from_secs(10);
-
 // ---------------------------------------------------------------- helpers
-
-/// A peer run in the background whose stdout must be compared exactly, so
-/// stdout and stderr go to separate files (Proc merges them). Killed on
-/// drop, like Proc.
-struct Piped {
-    name: String,
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Piped {
-    fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Result<Piped> {
-        let out = dir.join(format!("{name}.stdout"));
-        let err = dir.join(format!("{name}.stderr"));
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&out)?)
-            .stderr(fs::File::create(&err)?)
-            .spawn()
-            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
-        Ok(Piped {
-            name: name.into(),
-            child,
-            out,
-            err,
-        })
-    }
-
-    fn stdout(&self) -> String {
-        fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        fs::read_to_string(&self.err).unwrap_or_default()
-    }
-
-    /// Waits until stdout has a line containing `needle`.
-    fn wait_stdout(&mut self, needle: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(l) = self.stdout().lines().find(|l| l.contains(needle)) {
-                return Ok(l.to_string());
-            }
-            if let Some(st) = self.child.try_wait()? {
-                bail!(
-                    "{} exited ({st}) before printing {needle:?}\nstdout:\n{}stderr:\n{}",
-                    self.name,
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{} did not print {needle:?} within {timeout:?}\nstdout:\n{}stderr:\n{}",
-                self.name,
-                self.stdout(),
-                self.stderr()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for the process to exit; returns (status, stdout, stderr).
-    fn finish(&mut self, timeout: Duration) -> Result<(ExitStatus, String, String)> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                return Ok((st, self.stdout(), self.stderr()));
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{} still running after {timeout:?}\nstdout:\n{}stderr:\n{}",
-                self.name,
-                self.stdout(),
-                self.stderr()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Piped {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// Starts mosquitto on BROKER_IP:<free port>. It logs everything to stderr
 /// (unbuffered, unlike its stdout) so the test can follow CONNECT,
 /// SUBSCRIBE and PUBLISH as the broker handles them.
 fn start_mosquitto(dir: &Path) -> Result<(Proc, SocketAddr)> {
-    let addr = SocketAddr::new(IpAddr::V4(BROKER_IP), free_port(BROKER_IP));
-    let conf = dir.join("mosquitto.conf");
+    let addr = v4(BROKER_IP, free_port(BROKER_IP));
     // mosquitto 2.x only listens on loopback without an explicit listener.
-    fs::write(
-        &conf,
-        format!(
-            "listener {} {}\nallow_anonymous true\npersistence false\n\
-             log_dest stderr\nlog_type all\n",
-            addr.port(),
-            addr.ip()
-        ),
-    )?;
-    let mut broker = Proc::spawn(
-        "mosquitto",
-        dir,
-        Command::new("mosquitto").arg("-c").arg(&conf),
-    )?;
-    // Ready means accepting TCP connections, not just started.
-    let deadline = Instant::now() + STEP;
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        if let Some(st) = broker.child.try_wait()? {
-            bail!("mosquitto exited ({st}):\n{}", broker.output());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "mosquitto does not accept connections on {addr}:\n{}",
-            broker.output()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    Ok((broker, addr))
-}
-
-/// Starts the aedes broker peer on BROKER_IP with a port it picks itself;
-/// returns it once its `ready` line is out.
-fn start_aedes(dir: &Path) -> Result<(Proc, SocketAddr)> {
-    let peers = peers_dir();
-    ensure!(
-        peers.join("node_modules").is_dir(),
-        "{}/node_modules is missing: run `npm ci` there",
-        peers.display()
+    let conf = format!(
+        "listener {} {}\nallow_anonymous true\npersistence false\n\
+         log_dest stderr\nlog_type all\n",
+        addr.port(),
+        addr.ip()
     );
-    let mut broker = Proc::spawn(
-        "aedes",
-        dir,
-        Command::new("node")
-            .arg(peers.join("aedes-broker.js"))
-            .args(["--host", &BROKER_IP.to_string(), "--port", "0"]),
-    )?;
-    let ready = wait_json_line(
-        &mut broker,
-        |l| is_event(l, "ready"),
-        Duration::from_secs(20),
-    )?;
-    let port: u16 = json_field(&ready, "port")
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no port in {ready}"))?;
-    Ok((broker, SocketAddr::new(IpAddr::V4(BROKER_IP), port)))
+    match spawn_mosquitto(dir, &conf, addr)? {
+        Ok(broker) => Ok((broker, addr)),
+        Err((st, out)) => bail!("mosquitto exited ({st}):\n{out}"),
+    }
 }
 
 /// The MQTT.js client peer, connecting to splicer from CLIENT_IP.
 fn client_cmd(splicer: &Splicer, id: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new("node");
-    cmd.arg(peers_dir().join("mqtt-client.js"))
-        .args(["--url", &format!("mqtt://{}", splicer.listen)])
-        .args(["--id", id, "--bind-host", &CLIENT_IP.to_string()])
-        .args(args);
-    cmd
+    mqtt_client_cmd(&format!("mqtt://{}", splicer.listen), id, args)
 }
 
 /// Runs the MQTT.js client to completion; fails unless it exits 0.
 /// Returns its stdout (JSON lines).
 fn run_client(splicer: &Splicer, id: &str, args: &[&str]) -> Result<String> {
-    let (st, out, err) =
-        run_with_timeout(&mut client_cmd(splicer, id, args), Duration::from_secs(20))?;
-    ensure!(
-        st.success(),
-        "mqtt-client {id} exited {st}\nstdout:\n{out}stderr:\n{err}"
-    );
-    Ok(out)
-}
-
-fn is_event(line: &str, event: &str) -> bool {
-    json_field(line, "event").as_deref() == Some(event)
+    run_mqtt_client(
+        &format!("mqtt://{}", splicer.listen),
+        id,
+        args,
+        Duration::from_secs(20),
+    )
 }
 
 /// Lines of JSON output whose "event" is `event`.
 fn events<'a>(out: &'a str, event: &str) -> Vec<&'a str> {
     out.lines().filter(|l| is_event(l, event)).collect()
-}
-
-/// A `key=value` word of a splicer close line.
-fn close_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("{key}=");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(pat.as_str()))
-}
-
-fn close_num(line: &str, key: &str) -> Result<u64> {
-    close_value(line, key)
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no numeric {key}= in close line: {line}"))
 }
 
 // ------------------------------------------------ 1. mosquitto pub/sub
@@ -290,8 +122,8 @@ fn mosquitto_pub_sub(mode: &str) -> Result<()> {
     let up = broker_addr.to_string();
     for l in &closed {
         ensure!(
-            close_value(l, "client").is_some_and(|c| c.starts_with("127.0.0.2:"))
-                && close_value(l, "upstream") == Some(up.as_str()),
+            close_field(l, "client").is_some_and(|c| c.starts_with("127.0.0.2:"))
+                && close_field(l, "upstream") == Some(up.as_str()),
             "unexpected close line: {l}"
         );
         // every MQTT session sends CONNECT and receives CONNACK
@@ -346,20 +178,10 @@ fn aedes_client_address(
     let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--send-proxy", send_proxy])?;
     let id = format!("addr-{mode}-{send_proxy}");
     let out = run_client(&splicer, &id, &["--publish", "t/x", "hello"])?;
-    let connected = *events(&out, "connected")
-        .first()
-        .with_context(|| format!("no connected line:\n{out}"))?;
-    ensure!(
-        json_field(connected, "localAddress").as_deref() == Some("127.0.0.2"),
-        "client not bound to 127.0.0.2: {connected}"
-    );
+    let connected = client_connected(&out, &id)?;
     let local_port = json_field(connected, "localPort").context("no localPort")?;
 
-    let seen = wait_json_line(
-        broker,
-        |l| is_event(l, "client") && json_field(l, "id").as_deref() == Some(id.as_str()),
-        STEP,
-    )?;
+    let seen = aedes_client(broker, &id)?;
     eprintln!("{mode} send-proxy {send_proxy}: {seen}");
     let field = |f: &str| json_field(&seen, f).unwrap_or_default();
     // The broker's TCP peer is always splicer...
@@ -398,7 +220,7 @@ fn aedes_client_address(
     )?;
     let closed = splicer.wait_closed(1, STEP)?;
     ensure!(
-        close_value(&closed[0], "client") == Some(format!("127.0.0.2:{local_port}").as_str()),
+        close_field(&closed[0], "client") == Some(format!("127.0.0.2:{local_port}").as_str()),
         "close line is not for the client at 127.0.0.2:{local_port}: {}",
         closed[0]
     );
@@ -489,7 +311,7 @@ fn roundtrip(mode: &str) -> Result<()> {
     ensure!(
         closed
             .iter()
-            .all(|l| close_value(l, "client").is_some_and(|c| c.starts_with("127.0.0.2:"))),
+            .all(|l| close_field(l, "client").is_some_and(|c| c.starts_with("127.0.0.2:"))),
         "close lines:\n{}",
         closed.join("\n")
     );

@@ -14,7 +14,7 @@
 use std::{
     fs,
     io::{ErrorKind, Read, Write},
-    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener},
     path::Path,
     process::Command,
     thread,
@@ -24,7 +24,6 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use splicer_tests::*;
 
-const STEP: Duration = Duration::from_secs(10);
 const NGINX_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
 const HAPROXY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
@@ -42,56 +41,10 @@ const DISCONNECT: &[u8] = &[0xe0, 0x00];
 
 // ---------------------------------------------------------------- helpers
 
-fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(ip), port)
-}
-
-fn show(b: &[u8]) -> String {
-    b.escape_ascii().to_string()
-}
-
 fn payload(seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; PAYLOAD_LEN];
     Pattern::new(seed).fill(&mut v);
     v
-}
-
-/// A TCP connection to `to` from the local address `from` (any port).
-fn connect_from(from: Ipv4Addr, to: SocketAddr) -> Result<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    sock.bind(&v4(from, 0).into())?;
-    sock.connect_timeout(&to.into(), Duration::from_secs(5))
-        .with_context(|| format!("connect {from} -> {to}"))?;
-    let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(STEP))?;
-    s.set_write_timeout(Some(STEP))?;
-    Ok(s)
-}
-
-fn local(s: &TcpStream) -> SocketAddr {
-    s.local_addr().expect("local_addr")
-}
-
-/// Accepts one connection within `timeout`, or None.
-fn accept_within(l: &TcpListener, timeout: Duration) -> Result<Option<TcpStream>> {
-    l.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match l.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false)?;
-                s.set_read_timeout(Some(STEP))?;
-                s.set_write_timeout(Some(STEP))?;
-                return Ok(Some(s));
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e.into()),
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// The header-capturing upstream: accepts one connection, reads exactly one
@@ -145,82 +98,21 @@ fn send_through(
     Ok((client, header))
 }
 
-/// Whether something LISTENs on `addr` (from /proc/net/tcp, so that the
-/// check does not open a connection the proxy would forward).
-fn is_listening(addr: SocketAddr) -> bool {
-    let SocketAddr::V4(a) = addr else {
-        return false;
-    };
-    let want = format!(
-        "{:08X}:{:04X}",
-        u32::from_le_bytes(a.ip().octets()),
-        a.port()
-    );
-    fs::read_to_string("/proc/net/tcp")
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A")
-        })
-}
-
-fn wait_listening(p: &mut Proc, addr: SocketAddr) -> Result<()> {
-    let deadline = Instant::now() + STEP;
-    while !is_listening(addr) {
-        if let Some(st) = p.child.try_wait()? {
-            bail!(
-                "{} exited ({st}) before listening on {addr}:\n{}",
-                p.name,
-                p.output()
-            );
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{} does not listen on {addr} after {STEP:?}:\n{}",
-            p.name,
-            p.output()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-/// nginx in the foreground, single process, everything inside `dir`;
-/// `stream_body` goes inside `stream { }`.
-fn start_nginx(dir: &Path, listen: SocketAddr, stream_body: &str) -> Result<Proc> {
-    let conf = dir.join("nginx.conf");
-    fs::write(
-        &conf,
-        format!(
-            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
-             pid {d}/nginx.pid;\n\
-             error_log {d}/nginx-error.log info;\n\
-             events {{ worker_connections 256; }}\n\
-             stream {{\n{stream_body}\n}}\n",
-            d = dir.display()
-        ),
-    )?;
-    let mut p = Proc::spawn(
-        "nginx",
+/// nginx with the stream module; `stream_body` goes inside `stream { }`.
+fn start_nginx_stream(dir: &Path, listen: SocketAddr, stream_body: &str) -> Result<Proc> {
+    start_nginx(
         dir,
-        Command::new("nginx")
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&conf)
-            .args(["-g", "daemon off; master_process off;"]),
-    )?;
-    wait_listening(&mut p, listen)?;
-    Ok(p)
+        listen,
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n",
+        &format!("stream {{\n{stream_body}\n}}\n"),
+    )
 }
 
 /// nginx as LB 1 as in the guide: `proxy_protocol on` towards `upstream`,
 /// its upstream side bound to 127.0.0.5.
 fn nginx_lb1(dir: &Path, upstream: SocketAddr) -> Result<(Proc, SocketAddr)> {
     let listen = v4(NGINX_IP, free_port(NGINX_IP));
-    let p = start_nginx(
+    let p = start_nginx_stream(
         dir,
         listen,
         &format!(
@@ -250,13 +142,6 @@ fn start_haproxy(dir: &Path, listens: &[SocketAddr], cfg: &str) -> Result<Proc> 
     Ok(p)
 }
 
-/// A `key=value` word of a splicer close line.
-fn close_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("{key}=");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(pat.as_str()))
-}
-
 /// Waits for splicer's close line for `client` and checks its `via=`
 /// (None: no via= at all) and, if given, client_to_upstream.
 fn check_close(
@@ -265,36 +150,20 @@ fn check_close(
     via_ip: Option<&str>,
     c2u: Option<usize>,
 ) -> Result<String> {
-    let want = client.to_string();
-    let deadline = Instant::now() + STEP;
-    let line = loop {
-        if let Some(l) = s
-            .closed_lines()
-            .into_iter()
-            .find(|l| close_value(l, "client") == Some(want.as_str()))
-        {
-            break l;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "no close line for client={want}:\n{}",
-            s.proc.output()
-        );
-        thread::sleep(Duration::from_millis(20));
-    };
+    let line = s.close_line_for(client, STEP)?;
     match via_ip {
         Some(ip) => ensure!(
-            close_value(&line, "via").is_some_and(|v| v.starts_with(&format!("{ip}:"))),
+            close_field(&line, "via").is_some_and(|v| v.starts_with(&format!("{ip}:"))),
             "close line should say via={ip}:...: {line}"
         ),
         None => ensure!(
-            close_value(&line, "via").is_none(),
+            close_field(&line, "via").is_none(),
             "unexpected via=: {line}"
         ),
     }
     if let Some(n) = c2u {
         ensure!(
-            close_value(&line, "client_to_upstream") == Some(n.to_string().as_str()),
+            close_field(&line, "client_to_upstream") == Some(n.to_string().as_str()),
             "client_to_upstream should be {n}: {line}"
         );
     }
@@ -303,59 +172,16 @@ fn check_close(
 
 // ----------------------------------------------------- aedes and MQTT.js
 
-fn is_event(line: &str, event: &str) -> bool {
-    json_field(line, "event").as_deref() == Some(event)
-}
-
-/// The aedes broker peer (with aedes-protocol-decoder) on BROKER_IP.
-fn start_aedes(dir: &Path) -> Result<(Proc, SocketAddr)> {
-    let peers = peers_dir();
-    ensure!(
-        peers.join("node_modules").is_dir(),
-        "{}/node_modules is missing: run `npm ci` there",
-        peers.display()
-    );
-    let mut broker = Proc::spawn(
-        "aedes",
-        dir,
-        Command::new("node")
-            .arg(peers.join("aedes-broker.js"))
-            .args(["--host", &BROKER_IP.to_string(), "--port", "0"]),
-    )?;
-    let ready = wait_json_line(
-        &mut broker,
-        |l| is_event(l, "ready"),
-        Duration::from_secs(20),
-    )?;
-    let port: u16 = json_field(&ready, "port")
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no port in {ready}"))?;
-    Ok((broker, v4(BROKER_IP, port)))
-}
-
 /// mqtt-client.js from CLIENT_IP to `to`: connects, publishes its own id
 /// on t/multitier, disconnects. Returns the client's local port.
 fn mqtt_publish(to: SocketAddr, id: &str) -> Result<u16> {
-    let (st, out, err) = run_with_timeout(
-        Command::new("node")
-            .arg(peers_dir().join("mqtt-client.js"))
-            .args(["--url", &format!("mqtt://{to}"), "--id", id])
-            .args(["--bind-host", &CLIENT_IP.to_string()])
-            .args(["--publish", "t/multitier", id]),
+    let out = run_mqtt_client(
+        &format!("mqtt://{to}"),
+        id,
+        &["--publish", "t/multitier", id],
         Duration::from_secs(20),
     )?;
-    ensure!(
-        st.success(),
-        "mqtt-client {id} exited {st}\nstdout:\n{out}stderr:\n{err}"
-    );
-    let connected = out
-        .lines()
-        .find(|l| is_event(l, "connected"))
-        .with_context(|| format!("no connected line:\n{out}"))?;
-    ensure!(
-        json_field(connected, "localAddress").as_deref() == Some("127.0.0.2"),
-        "client not bound to 127.0.0.2: {connected}"
-    );
+    let connected = client_connected(&out, id)?;
     json_field(connected, "localPort")
         .and_then(|p| p.parse().ok())
         .with_context(|| format!("no localPort: {connected}"))
@@ -364,11 +190,7 @@ fn mqtt_publish(to: SocketAddr, id: &str) -> Result<u16> {
 /// Checks what aedes decoded for client `id`: the address and port it
 /// reports, the PROXY version, and that its TCP peer is splicer.
 fn aedes_saw(broker: &mut Proc, id: &str, client: SocketAddr, is_proxy: u32) -> Result<()> {
-    let seen = wait_json_line(
-        broker,
-        |l| is_event(l, "client") && json_field(l, "id").as_deref() == Some(id),
-        STEP,
-    )?;
+    let seen = aedes_client(broker, id)?;
     eprintln!("aedes: {seen}");
     let field = |f: &str| json_field(&seen, f).unwrap_or_default();
     ensure!(
@@ -591,7 +413,7 @@ fn splicer_in_front_of_nginx_in(mode: &str) -> Result<()> {
     let access = dir.join("nginx-access.log");
     // nginx as LB 2 of the guide's non-passthrough set-up, trusting splicer
     // (whose upstream connections come from 127.0.0.1).
-    let _nginx = start_nginx(
+    let _nginx = start_nginx_stream(
         &dir,
         nginx_addr,
         &format!(
@@ -1003,7 +825,7 @@ fn ipv4_mapped(mode: &str) -> Result<()> {
     let clients: Vec<SocketAddr> = splicer
         .closed_lines()
         .iter()
-        .filter_map(|l| close_value(l, "client")?.parse().ok())
+        .filter_map(|l| close_field(l, "client")?.parse().ok())
         .map(unmapped)
         .collect();
     ensure!(

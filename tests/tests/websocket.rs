@@ -15,9 +15,9 @@
 use std::{
     fs,
     io::{BufReader, BufWriter, Cursor, ErrorKind, Read, Write},
-    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -25,7 +25,6 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use splicer_tests::*;
 
-const STEP: Duration = Duration::from_secs(10);
 const NGINX_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
 
 /// RFC 6455 section 1.3's example key and the Accept it must produce.
@@ -40,75 +39,8 @@ const REAL_CLIENT: &str = "115.236.21.86";
 
 // ------------------------------------------------------------ net helpers
 
-fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(ip), port)
-}
-
-fn show(b: &[u8]) -> String {
-    b.escape_ascii().to_string()
-}
-
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// A TCP connection to `to` from `from` (any port), with bounded I/O.
-fn connect_from(from: Ipv4Addr, to: SocketAddr) -> Result<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    sock.bind(&v4(from, 0).into())?;
-    sock.connect_timeout(&to.into(), Duration::from_secs(5))
-        .with_context(|| format!("connect {from} -> {to}"))?;
-    let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(STEP))?;
-    s.set_write_timeout(Some(STEP))?;
-    Ok(s)
-}
-
-fn local(s: &TcpStream) -> SocketAddr {
-    s.local_addr().expect("local_addr")
-}
-
-/// Accepts one connection within `timeout`, or None.
-fn accept_within(l: &TcpListener, timeout: Duration) -> Result<Option<TcpStream>> {
-    l.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match l.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false)?;
-                s.set_read_timeout(Some(STEP))?;
-                s.set_write_timeout(Some(STEP))?;
-                return Ok(Some(s));
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e.into()),
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Whether something LISTENs on `addr` (from /proc/net/tcp, so the check
-/// opens no connection a proxy would forward).
-fn is_listening(addr: SocketAddr) -> bool {
-    let SocketAddr::V4(a) = addr else {
-        return false;
-    };
-    let want = format!(
-        "{:08X}:{:04X}",
-        u32::from_le_bytes(a.ip().octets()),
-        a.port()
-    );
-    fs::read_to_string("/proc/net/tcp")
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A")
-        })
 }
 
 // ----------------------------------------------------------- HTTP helpers
@@ -276,40 +208,7 @@ fn request_through(
     Ok((client, head))
 }
 
-// ---------------------------------------------------- splicer close lines
-
-fn close_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("{key}=");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(pat.as_str()))
-}
-
-fn close_num(line: &str, key: &str) -> Result<u64> {
-    close_value(line, key)
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no numeric {key}= in close line: {line}"))
-}
-
-/// Waits for the close line whose client= is `client`.
-fn close_line_for(s: &Splicer, client: SocketAddr) -> Result<String> {
-    let want = client.to_string();
-    let deadline = Instant::now() + STEP;
-    loop {
-        if let Some(l) = s
-            .closed_lines()
-            .into_iter()
-            .find(|l| close_value(l, "client") == Some(want.as_str()))
-        {
-            return Ok(l);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "no close line for client={want}:\n{}",
-            s.proc.output()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
+// ---------------------------------------------------- splicer tiers
 
 /// One splicer tier with `--protocol ws`, in its own log directory (two
 /// tiers in one directory would share splicer.log).
@@ -525,162 +424,28 @@ fn expect_frames(s: TcpStream, early: Vec<u8>, seed: u64, len: u64, masked: bool
 
 // ----------------------------------------------------------------- peers
 
-/// A peer whose stdout (JSON lines) is read apart from its stderr. Killed
-/// on drop.
-struct Piped {
-    name: String,
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Piped {
-    fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Result<Piped> {
-        let out = dir.join(format!("{name}.stdout"));
-        let err = dir.join(format!("{name}.stderr"));
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&out)?)
-            .stderr(fs::File::create(&err)?)
-            .spawn()
-            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
-        Ok(Piped {
-            name: name.into(),
-            child,
-            out,
-            err,
-        })
-    }
-
-    fn stdout(&self) -> String {
-        fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        fs::read_to_string(&self.err).unwrap_or_default()
-    }
-
-    fn wait_stdout(&mut self, needle: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(l) = self.stdout().lines().find(|l| l.contains(needle)) {
-                return Ok(l.to_string());
-            }
-            if let Some(st) = self.child.try_wait()? {
-                bail!(
-                    "{} exited ({st}) before printing {needle:?}\nstdout:\n{}stderr:\n{}",
-                    self.name,
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{} did not print {needle:?} within {timeout:?}\nstdout:\n{}stderr:\n{}",
-                self.name,
-                self.stdout(),
-                self.stderr()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn finish(&mut self, timeout: Duration) -> Result<(ExitStatus, String, String)> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                return Ok((st, self.stdout(), self.stderr()));
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{} still running after {timeout:?}\nstdout:\n{}stderr:\n{}",
-                self.name,
-                self.stdout(),
-                self.stderr()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Piped {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn is_event(line: &str, event: &str) -> bool {
-    json_field(line, "event").as_deref() == Some(event)
-}
-
-/// The aedes broker peer with its WebSocket listener on BROKER_IP.
-fn start_aedes_ws(dir: &Path) -> Result<(Proc, SocketAddr)> {
-    let peers = peers_dir();
-    ensure!(
-        peers.join("node_modules").is_dir(),
-        "{}/node_modules is missing: run `npm ci` there",
-        peers.display()
-    );
-    let mut broker = Proc::spawn(
-        "aedes",
-        dir,
-        Command::new("node")
-            .arg(peers.join("aedes-broker.js"))
-            .args(["--host", &BROKER_IP.to_string()])
-            .args(["--port", "0", "--ws-port", "0"]),
-    )?;
-    let ready = wait_json_line(
-        &mut broker,
-        |l| is_event(l, "ready"),
-        Duration::from_secs(20),
-    )?;
-    let port: u16 = json_field(&ready, "wsPort")
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no wsPort in {ready}"))?;
-    Ok((broker, v4(BROKER_IP, port)))
-}
-
 /// mqtt-client.js over `ws://{to}/mqtt` from CLIENT_IP.
 fn ws_client_cmd(to: SocketAddr, id: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new("node");
-    cmd.arg(peers_dir().join("mqtt-client.js"))
-        .args(["--url", &format!("ws://{to}/mqtt")])
-        .args(["--id", id, "--bind-host", &CLIENT_IP.to_string()])
-        .args(args);
-    cmd
+    mqtt_client_cmd(&format!("ws://{to}/mqtt"), id, args)
 }
 
 /// Runs mqtt-client.js to completion; fails unless it exits 0 bound to
 /// 127.0.0.2. Returns its stdout.
 fn run_ws_client(to: SocketAddr, id: &str, args: &[&str]) -> Result<String> {
-    let (st, out, err) =
-        run_with_timeout(&mut ws_client_cmd(to, id, args), Duration::from_secs(25))?;
-    ensure!(
-        st.success(),
-        "mqtt-client {id} exited {st}\nstdout:\n{out}stderr:\n{err}"
-    );
-    let connected = out
-        .lines()
-        .find(|l| is_event(l, "connected"))
-        .with_context(|| format!("{id}: no connected line:\n{out}"))?;
-    ensure!(
-        json_field(connected, "localAddress").as_deref() == Some("127.0.0.2"),
-        "{id} not bound to 127.0.0.2: {connected}"
-    );
+    let out = run_mqtt_client(
+        &format!("ws://{to}/mqtt"),
+        id,
+        args,
+        Duration::from_secs(25),
+    )?;
+    client_connected(&out, id)?;
     Ok(out)
 }
 
 /// Waits for aedes' `client` line for `id` and checks the address its
 /// protocol decoder took from the upgrade headers.
 fn aedes_ws_client(broker: &mut Proc, id: &str, ip: &str) -> Result<String> {
-    let seen = wait_json_line(
-        broker,
-        |l| is_event(l, "client") && json_field(l, "id").as_deref() == Some(id),
-        STEP,
-    )?;
+    let seen = aedes_client(broker, id)?;
     eprintln!("aedes: {seen}");
     let field = |f: &str| json_field(&seen, f).unwrap_or_default();
     ensure!(field("ip") == ip, "aedes should report ip {ip}: {seen}");
@@ -772,8 +537,8 @@ fn check_close_lines(s: &Splicer, n: usize, mode: &str, upstream: SocketAddr) ->
     for l in &closed {
         eprintln!("{mode}: {l}");
         ensure!(
-            close_value(l, "client").is_some_and(|c| c.starts_with("127.0.0.2:"))
-                && close_value(l, "upstream") == Some(up.as_str()),
+            close_field(l, "client").is_some_and(|c| c.starts_with("127.0.0.2:"))
+                && close_field(l, "upstream") == Some(up.as_str()),
             "unexpected close line: {l}"
         );
     }
@@ -812,40 +577,19 @@ fn start_mosquitto_ws(dir: &Path) -> Result<std::result::Result<(Proc, SocketAdd
             break p;
         }
     };
-    let conf = dir.join("mosquitto.conf");
-    fs::write(
-        &conf,
-        format!(
-            "listener {tcp_port} {BROKER_IP}\n\
-             listener {ws_port} {BROKER_IP}\nprotocol websockets\n\
-             allow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n"
-        ),
-    )?;
-    let mut broker = Proc::spawn(
-        "mosquitto",
-        dir,
-        Command::new("mosquitto").arg("-c").arg(&conf),
-    )?;
+    let conf = format!(
+        "listener {tcp_port} {BROKER_IP}\n\
+         listener {ws_port} {BROKER_IP}\nprotocol websockets\n\
+         allow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n"
+    );
     let addr = v4(BROKER_IP, ws_port);
-    let deadline = Instant::now() + STEP;
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        if let Some(st) = broker.child.try_wait()? {
-            let out = broker.output();
-            if out.to_ascii_lowercase().contains("websockets") {
-                return Ok(Err(format!(
-                    "mosquitto has no usable websockets ({st}):\n{out}"
-                )));
-            }
-            bail!("mosquitto exited ({st}):\n{out}");
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "mosquitto does not accept connections on {addr}:\n{}",
-            broker.output()
-        );
-        thread::sleep(Duration::from_millis(20));
+    match spawn_mosquitto(dir, &conf, addr)? {
+        Ok(broker) => Ok(Ok((broker, addr))),
+        Err((st, out)) if out.to_ascii_lowercase().contains("websockets") => Ok(Err(format!(
+            "mosquitto has no usable websockets ({st}):\n{out}"
+        ))),
+        Err((st, out)) => bail!("mosquitto exited ({st}):\n{out}"),
     }
-    Ok(Ok((broker, addr)))
 }
 
 /// nginx (http module) in the foreground, single process, all inside `dir`,
@@ -854,14 +598,12 @@ fn start_mosquitto_ws(dir: &Path) -> Result<std::result::Result<(Proc, SocketAdd
 fn start_nginx_ws(dir: &Path, upstream: SocketAddr) -> Result<(Proc, SocketAddr)> {
     let listen = v4(NGINX_IP, free_port(NGINX_IP));
     let d = dir.display();
-    let conf = dir.join("nginx.conf");
-    fs::write(
-        &conf,
-        format!(
-            "pid {d}/nginx.pid;\n\
-             error_log {d}/nginx-error.log info;\n\
-             events {{ worker_connections 256; }}\n\
-             http {{\n\
+    let p = start_nginx(
+        dir,
+        listen,
+        "",
+        &format!(
+            "http {{\n\
              access_log {d}/nginx-access.log;\n\
              client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
@@ -880,28 +622,6 @@ fn start_nginx_ws(dir: &Path, upstream: SocketAddr) -> Result<(Proc, SocketAddr)
              }}\n"
         ),
     )?;
-    let mut p = Proc::spawn(
-        "nginx",
-        dir,
-        Command::new("nginx")
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&conf)
-            .args(["-g", "daemon off; master_process off;"]),
-    )?;
-    let deadline = Instant::now() + STEP;
-    while !is_listening(listen) {
-        if let Some(st) = p.child.try_wait()? {
-            bail!("nginx exited ({st}):\n{}", p.output());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "nginx does not listen on {listen}:\n{}",
-            p.output()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
     Ok((p, listen))
 }
 
@@ -1010,7 +730,7 @@ fn method1_in(mode: &str) -> Result<()> {
 
     // LB2 saw LB1 as 127.0.0.1:N; its close line says which N.
     let lb2_line = lb2.wait_closed(1, STEP)?.remove(0);
-    let lb1_side: SocketAddr = close_value(&lb2_line, "client")
+    let lb1_side: SocketAddr = close_field(&lb2_line, "client")
         .and_then(|c| c.parse().ok())
         .with_context(|| format!("LB2 close line: {lb2_line}"))?;
     ensure!(
@@ -1036,7 +756,7 @@ fn method1_in(mode: &str) -> Result<()> {
             ("X-Real-IP", Want::Absent),
         ],
     )?;
-    close_line_for(&lb1, client)?;
+    lb1.close_line_for(client, STEP)?;
 
     // End to end with a real client and broker: aedes takes the leftmost
     // X-Forwarded-For entry, which must be the client, not the forgery.
@@ -1385,7 +1105,7 @@ fn refusals_in(mode: &str) -> Result<()> {
         &head,
         &[("X-Forwarded-For", Want::Line("X-Forwarded-For: 127.0.0.2"))],
     )?;
-    close_line_for(&splicer, client)?;
+    splicer.close_line_for(client, STEP)?;
 
     splicer.proc.stop();
     let stopping = splicer.proc.lines_with("stopping:");
@@ -1468,7 +1188,7 @@ fn early_frames_in(mode: &str) -> Result<()> {
         read_to_end_timeout(&mut c, STEP)?.is_empty(),
         "client got bytes it was never sent"
     );
-    close_line_for(&splicer, client)?;
+    splicer.close_line_for(client, STEP)?;
     Ok(())
 }
 
@@ -1566,7 +1286,7 @@ fn bulk_in(mode: &str) -> Result<()> {
     drop(c);
     drop(s);
 
-    let line = close_line_for(&splicer, client)?;
+    let line = splicer.close_line_for(client, STEP)?;
     eprintln!("{mode}: {line}");
     for key in ["client_to_upstream", "upstream_to_client"] {
         ensure!(close_num(&line, key)? >= BULK, "{key} below 64 MiB: {line}");

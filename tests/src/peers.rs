@@ -1,0 +1,276 @@
+//! Real peers the tests run next to splicer: aedes and MQTT.js (Node, from
+//! `peers_dir()`), mosquitto and nginx.
+use std::{
+    fs,
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+
+use crate::{
+    is_event, is_listening, json_field, peers_dir, run_with_timeout, v4, wait_json_line, Proc,
+    BROKER_IP, CLIENT_IP, STEP,
+};
+
+/// A peer run in the background whose stdout must be compared exactly, so
+/// stdout and stderr go to separate files (Proc merges them). Killed on
+/// drop, like Proc.
+pub struct Piped {
+    name: String,
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Piped {
+    pub fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Result<Piped> {
+        let out = dir.join(format!("{name}.stdout"));
+        let err = dir.join(format!("{name}.stderr"));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out)?)
+            .stderr(fs::File::create(&err)?)
+            .spawn()
+            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
+        Ok(Piped {
+            name: name.into(),
+            child,
+            out,
+            err,
+        })
+    }
+
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Waits until stdout has a line containing `needle`.
+    pub fn wait_stdout(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.stdout().lines().find(|l| l.contains(needle)) {
+                return Ok(l.to_string());
+            }
+            if let Some(st) = self.child.try_wait()? {
+                bail!(
+                    "{} exited ({st}) before printing {needle:?}\nstdout:\n{}stderr:\n{}",
+                    self.name,
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} did not print {needle:?} within {timeout:?}\nstdout:\n{}stderr:\n{}",
+                self.name,
+                self.stdout(),
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit; returns (status, stdout, stderr).
+    pub fn finish(&mut self, timeout: Duration) -> Result<(ExitStatus, String, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok((st, self.stdout(), self.stderr()));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} still running after {timeout:?}\nstdout:\n{}stderr:\n{}",
+                self.name,
+                self.stdout(),
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Piped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The aedes broker peer (with aedes-protocol-decoder) on BROKER_IP with a
+/// port it picks itself; returns it and its MQTT address once its `ready`
+/// line is out.
+pub fn start_aedes(dir: &Path) -> Result<(Proc, SocketAddr)> {
+    aedes(dir, false)
+}
+
+/// As start_aedes, with a WebSocket listener too; returns that listener's
+/// address.
+pub fn start_aedes_ws(dir: &Path) -> Result<(Proc, SocketAddr)> {
+    aedes(dir, true)
+}
+
+fn aedes(dir: &Path, ws: bool) -> Result<(Proc, SocketAddr)> {
+    let peers = peers_dir();
+    ensure!(
+        peers.join("node_modules").is_dir(),
+        "{}/node_modules is missing: run `npm ci` there",
+        peers.display()
+    );
+    let mut cmd = Command::new("node");
+    cmd.arg(peers.join("aedes-broker.js"))
+        .args(["--host", &BROKER_IP.to_string(), "--port", "0"]);
+    if ws {
+        cmd.args(["--ws-port", "0"]);
+    }
+    let mut broker = Proc::spawn("aedes", dir, &mut cmd)?;
+    let ready = wait_json_line(
+        &mut broker,
+        |l| is_event(l, "ready"),
+        Duration::from_secs(20),
+    )?;
+    let key = if ws { "wsPort" } else { "port" };
+    let port: u16 = json_field(&ready, key)
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no {key} in {ready}"))?;
+    Ok((broker, v4(BROKER_IP, port)))
+}
+
+/// Waits for aedes' `client` line for client `id`: what its protocol
+/// decoder made of the connection (ip, port, isProxy, socketIp, ...).
+pub fn aedes_client(broker: &mut Proc, id: &str) -> Result<String> {
+    wait_json_line(
+        broker,
+        |l| is_event(l, "client") && json_field(l, "id").as_deref() == Some(id),
+        STEP,
+    )
+}
+
+/// The MQTT.js client peer (mqtt-client.js) for `url` (mqtt:// or ws://),
+/// bound to CLIENT_IP; `args` say what it does.
+pub fn mqtt_client_cmd(url: &str, id: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("node");
+    cmd.arg(peers_dir().join("mqtt-client.js"))
+        .args(["--url", url])
+        .args(["--id", id, "--bind-host", &CLIENT_IP.to_string()])
+        .args(args);
+    cmd
+}
+
+/// Runs the MQTT.js client to completion; fails unless it exits 0 within
+/// `timeout`. Returns its stdout (JSON lines).
+pub fn run_mqtt_client(url: &str, id: &str, args: &[&str], timeout: Duration) -> Result<String> {
+    let (st, out, err) = run_with_timeout(&mut mqtt_client_cmd(url, id, args), timeout)?;
+    ensure!(
+        st.success(),
+        "mqtt-client {id} exited {st}\nstdout:\n{out}stderr:\n{err}"
+    );
+    Ok(out)
+}
+
+/// The MQTT.js client's `connected` line in `out`, checked to be bound to
+/// 127.0.0.2 (so the address a broker reports can be told from splicer's).
+pub fn client_connected<'a>(out: &'a str, id: &str) -> Result<&'a str> {
+    let connected = out
+        .lines()
+        .find(|l| is_event(l, "connected"))
+        .with_context(|| format!("{id}: no connected line:\n{out}"))?;
+    ensure!(
+        json_field(connected, "localAddress").as_deref() == Some("127.0.0.2"),
+        "{id} not bound to 127.0.0.2: {connected}"
+    );
+    Ok(connected)
+}
+
+/// Runs mosquitto with the config text `conf` and waits until it accepts
+/// TCP connections on `addr` (ready means accepting, not just started). If
+/// it exits first, returns its status and output instead, so the caller
+/// can tell a missing feature from a failure.
+pub fn spawn_mosquitto(
+    dir: &Path,
+    conf: &str,
+    addr: SocketAddr,
+) -> Result<std::result::Result<Proc, (ExitStatus, String)>> {
+    let path = dir.join("mosquitto.conf");
+    fs::write(&path, conf)?;
+    let mut broker = Proc::spawn(
+        "mosquitto",
+        dir,
+        Command::new("mosquitto").arg("-c").arg(&path),
+    )?;
+    let deadline = Instant::now() + STEP;
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if let Some(st) = broker.child.try_wait()? {
+            return Ok(Err((st, broker.output())));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "mosquitto does not accept connections on {addr}:\n{}",
+            broker.output()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Ok(broker))
+}
+
+/// Waits until `p` listens on `addr`, without connecting (see
+/// is_listening); fails if it exits first.
+pub fn wait_listening(p: &mut Proc, addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + STEP;
+    while !is_listening(addr) {
+        if let Some(st) = p.child.try_wait()? {
+            bail!(
+                "{} exited ({st}) before listening on {addr}:\n{}",
+                p.name,
+                p.output()
+            );
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} does not listen on {addr} after {STEP:?}:\n{}",
+            p.name,
+            p.output()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// nginx in the foreground, single process, everything inside `dir`, once
+/// it listens on `listen`. The config is `top` (e.g. load_module, which
+/// must come first), the pid/error_log/events lines every test needs, then
+/// `blocks` (the stream or http block).
+pub fn start_nginx(dir: &Path, listen: SocketAddr, top: &str, blocks: &str) -> Result<Proc> {
+    let conf = dir.join("nginx.conf");
+    fs::write(
+        &conf,
+        format!(
+            "{top}pid {d}/nginx.pid;\n\
+             error_log {d}/nginx-error.log info;\n\
+             events {{ worker_connections 256; }}\n\
+             {blocks}",
+            d = dir.display()
+        ),
+    )?;
+    let mut p = Proc::spawn(
+        "nginx",
+        dir,
+        Command::new("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off; master_process off;"]),
+    )?;
+    wait_listening(&mut p, listen)?;
+    Ok(p)
+}
