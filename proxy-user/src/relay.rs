@@ -47,23 +47,18 @@ pub async fn user_direction(src: &TcpStream, dst: &TcpStream, bytes: &AtomicU64)
 /// handed whole skbs, so the rest of an skb whose front userspace consumed
 /// would be spliced again from its start. Draining the queue leaves only
 /// untouched skbs for the kernel.
-pub fn forward_queued<'a>(
-    src: &'a TcpStream,
-    dst: &'a TcpStream,
-) -> impl std::future::Future<Output = io::Result<u64>> + 'a {
-    async move {
-        let mut buf = vec![0u8; BUF_SIZE];
-        let mut total = 0u64;
-        loop {
-            match src.try_read(&mut buf) {
-                Ok(0) => return Ok(total),
-                Ok(n) => {
-                    write_all(dst, &buf[..n]).await?;
-                    total += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
-                Err(e) => return Err(e),
+pub async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+    let mut buf = vec![0u8; BUF_SIZE];
+    let mut total = 0u64;
+    loop {
+        match src.try_read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                write_all(dst, &buf[..n]).await?;
+                total += n as u64;
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+            Err(e) => return Err(e),
         }
     }
 }
