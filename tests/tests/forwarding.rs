@@ -280,7 +280,7 @@ fn churn_leaves_nothing_behind() -> Result<()> {
             "{mode}: {fds_before} fds before, {fds_after} after {N} connections"
         );
         if mode == "sockmap" {
-            for map in ["LINKS", "TARGETS", "SPLICED"] {
+            for map in ["LINKS", "TARGETS", "SPLICED", "LIMITS"] {
                 let n = bpf_map_entries(splicer.proc.pid(), map)?;
                 ensure!(
                     n == 0,
