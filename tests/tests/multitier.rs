@@ -320,15 +320,37 @@ fn passthrough_behind_nginx_in(mode: &str) -> Result<()> {
     {
         let dir = scratch(&format!("multitier-pass-aedes-{mode}"));
         let (mut broker, broker_addr) = start_aedes(&dir)?;
-        let splicer = splicer_in_mode(&dir, mode, broker_addr, &args)?;
-        let (_nginx, nginx_addr) = nginx_lb1(&dir, splicer.listen)?;
-        let id = format!("pass-{mode}");
-        let port = mqtt_publish(nginx_addr, &id)?;
-        let client = v4(CLIENT_IP, port);
-        aedes_saw(&mut broker, &id, client, 1)?;
-        aedes_got_publish(&mut broker, &id)?;
-        check_close(&splicer, client, Some("127.0.0.5"), None)?;
+        mqtt_via_nginx(
+            &dir,
+            mode,
+            (&mut broker, broker_addr),
+            &args,
+            &format!("pass-{mode}"),
+            1,
+        )?;
     }
+    Ok(())
+}
+
+/// MQTT.js (from CLIENT_IP) → nginx LB 1 → splicer with `args` → aedes:
+/// aedes reports the client's own address and port, with the PROXY
+/// `version` it got, and the publish arrives; splicer's close line names
+/// the client and nginx as the hop.
+fn mqtt_via_nginx(
+    dir: &Path,
+    mode: &str,
+    (broker, broker_addr): (&mut Proc, SocketAddr),
+    args: &[&str],
+    id: &str,
+    version: u32,
+) -> Result<()> {
+    let splicer = splicer_in_mode(dir, mode, broker_addr, args)?;
+    let (_nginx, nginx_addr) = nginx_lb1(dir, splicer.listen)?;
+    let port = mqtt_publish(nginx_addr, id)?;
+    let client = v4(CLIENT_IP, port);
+    aedes_saw(broker, id, client, version)?;
+    aedes_got_publish(broker, id)?;
+    check_close(&splicer, client, Some("127.0.0.5"), None)?;
     Ok(())
 }
 
@@ -380,14 +402,8 @@ fn reemit_behind_nginx_in(mode: &str) -> Result<()> {
         // aedes: the client's address, not nginx's 127.0.0.5.
         {
             let dir = scratch(&format!("multitier-reemit-mqtt-{mode}-{send_proxy}"));
-            let splicer = splicer_in_mode(&dir, mode, broker_addr, &args)?;
-            let (_nginx, nginx_addr) = nginx_lb1(&dir, splicer.listen)?;
             let id = format!("reemit-{mode}-{send_proxy}");
-            let port = mqtt_publish(nginx_addr, &id)?;
-            let client = v4(CLIENT_IP, port);
-            aedes_saw(&mut broker, &id, client, version)?;
-            aedes_got_publish(&mut broker, &id)?;
-            check_close(&splicer, client, Some("127.0.0.5"), None)?;
+            mqtt_via_nginx(&dir, mode, (&mut broker, broker_addr), &args, &id, version)?;
         }
     }
     Ok(())
