@@ -24,18 +24,29 @@ const BUF_SIZE: usize = 64 * 1024;
 /// Copies `src` to `dst` until EOF, then half-closes `dst`. `bytes` counts
 /// what was passed on, and stays right if this future is dropped mid-way.
 pub async fn user_direction(src: &TcpStream, dst: &TcpStream, bytes: &AtomicU64) -> End {
-    let mut buf = vec![0u8; BUF_SIZE];
     loop {
-        let n = match read_some(src, &mut buf).await {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(_) => return End::SrcReset,
-        };
-        if write_all(dst, &buf[..n]).await.is_err() {
-            return End::DstFailed;
+        if src.readable().await.is_err() {
+            return End::SrcReset;
         }
-        bytes.fetch_add(n as u64, Relaxed);
+        // The buffer lives only while bytes flow, so an idle connection
+        // holds none (MQTT connections are idle most of the time).
+        let mut buf = vec![0u8; BUF_SIZE];
+        loop {
+            let n = match src.try_read(&mut buf) {
+                Ok(0) => return half_close(dst),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return End::SrcReset,
+            };
+            if write_all(dst, &buf[..n]).await.is_err() {
+                return End::DstFailed;
+            }
+            bytes.fetch_add(n as u64, Relaxed);
+        }
     }
+}
+
+fn half_close(dst: &TcpStream) -> End {
     match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
         Ok(()) => End::Fin,
         Err(_) => End::DstFailed,
@@ -59,16 +70,6 @@ pub async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> io::Result<u64>
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
             Err(e) => return Err(e),
-        }
-    }
-}
-
-async fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        src.readable().await?;
-        match src.try_read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            r => return r,
         }
     }
 }
