@@ -54,7 +54,27 @@ fn main() -> Result<()> {
         .block_on(run(config))
 }
 
+/// Each client costs two fds (client and upstream). Many systems start
+/// processes with a soft limit of 1024; take what the hard limit allows.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                log::debug!("open files limit raised from {old} to {}", lim.rlim_cur);
+            }
+        }
+    }
+}
+
 async fn run(config: config::Config) -> Result<()> {
+    raise_fd_limit();
     let offload = Arc::new(offload::Offload::init(config.offload, config.log_level)?);
     let mut bound = Vec::new();
     for l in &config.listeners {
