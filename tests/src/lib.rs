@@ -579,3 +579,34 @@ pub fn json_field(line: &str, field: &str) -> Option<String> {
 pub fn is_event(line: &str, event: &str) -> bool {
     json_field(line, "event").as_deref() == Some(event)
 }
+
+/// Checks the close lines' `kernel_bytes=` against the offload mode: in
+/// userspace mode every one is 0; in sockmap mode every one (`every`) or at
+/// least one (short sessions may close before the handoff) is above 0.
+pub fn check_kernel_bytes(closed: &[String], mode: &str, every: bool) -> Result<()> {
+    let kernel: Vec<u64> = closed
+        .iter()
+        .map(|l| close_num(l, "kernel_bytes"))
+        .collect::<Result<_>>()?;
+    if mode == "sockmap" {
+        let spliced = |k: &u64| *k > 0;
+        let ok = if every {
+            kernel.iter().all(spliced)
+        } else {
+            kernel.iter().any(spliced)
+        };
+        ensure!(
+            ok,
+            "sockmap: kernel_bytes not above 0 in {} close lines:\n{}",
+            if every { "all" } else { "any" },
+            closed.join("\n")
+        );
+    } else {
+        ensure!(
+            kernel.iter().all(|&k| k == 0),
+            "userspace: kernel_bytes > 0:\n{}",
+            closed.join("\n")
+        );
+    }
+    Ok(())
+}

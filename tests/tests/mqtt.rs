@@ -132,24 +132,7 @@ fn mosquitto_pub_sub(mode: &str) -> Result<()> {
             "no traffic in close line: {l}"
         );
     }
-    let kernel: Vec<u64> = closed
-        .iter()
-        .map(|l| close_num(l, "kernel_bytes"))
-        .collect::<Result<_>>()?;
-    if mode == "sockmap" {
-        ensure!(
-            kernel.iter().any(|&k| k > 0),
-            "sockmap: no connection has kernel_bytes > 0:\n{}",
-            closed.join("\n")
-        );
-    } else {
-        ensure!(
-            kernel.iter().all(|&k| k == 0),
-            "userspace: kernel_bytes > 0:\n{}",
-            closed.join("\n")
-        );
-    }
-    Ok(())
+    check_kernel_bytes(&closed, mode, false)
 }
 
 /// mosquitto_sub receives, in order, exactly what mosquitto_pub sent

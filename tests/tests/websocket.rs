@@ -543,24 +543,7 @@ fn check_close_lines(s: &Splicer, n: usize, mode: &str, upstream: SocketAddr) ->
         );
     }
     ensure!(closed.len() == n, "{} close lines, want {n}", closed.len());
-    let kernel: Vec<u64> = closed
-        .iter()
-        .map(|l| close_num(l, "kernel_bytes"))
-        .collect::<Result<_>>()?;
-    if mode == "sockmap" {
-        ensure!(
-            kernel.iter().all(|&k| k > 0),
-            "sockmap: a WebSocket session was not spliced in the kernel:\n{}",
-            closed.join("\n")
-        );
-    } else {
-        ensure!(
-            kernel.iter().all(|&k| k == 0),
-            "userspace: kernel_bytes > 0:\n{}",
-            closed.join("\n")
-        );
-    }
-    Ok(())
+    check_kernel_bytes(&closed, mode, true)
 }
 
 /// mosquitto with a `protocol websockets` listener on BROKER_IP, or Err
