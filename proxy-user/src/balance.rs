@@ -1,49 +1,262 @@
-//! Choosing an upstream: round-robin over a listener's upstreams, with the
-//! rest in order as fallbacks when a connect fails.
+//! Choosing an upstream for a new client: round-robin, least-conn or
+//! source hashing, by weight, over the upstreams that are up. The first
+//! candidate is the choice; the rest are the fallbacks tried in order when
+//! a connect fails.
 use std::{
-    net::SocketAddr,
-    sync::atomic::{AtomicUsize, Ordering},
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering::Relaxed},
+        Arc, Mutex,
+    },
 };
 
+use crate::{config::Balance, health::UpstreamState};
+
 #[derive(Debug)]
-pub struct RoundRobin {
-    upstreams: Vec<SocketAddr>,
-    next: AtomicUsize,
+pub struct Balancer {
+    kind: Balance,
+    upstreams: Vec<(Arc<UpstreamState>, u32)>,
+    /// Smooth weighted round-robin's running weights, one per upstream.
+    current: Mutex<Vec<i64>>,
+    /// Rotates ties in least-conn so equal upstreams share the load.
+    turn: AtomicUsize,
 }
 
-impl RoundRobin {
-    pub fn new(upstreams: Vec<SocketAddr>) -> Self {
-        RoundRobin {
+impl Balancer {
+    /// `upstreams` with their weights; weight 0 takes no new clients.
+    pub fn new(kind: Balance, upstreams: Vec<(Arc<UpstreamState>, u32)>) -> Self {
+        let n = upstreams.len();
+        Balancer {
+            kind,
             upstreams,
-            next: AtomicUsize::new(0),
+            current: Mutex::new(vec![0; n]),
+            turn: AtomicUsize::new(0),
         }
     }
 
-    /// Every upstream once, starting at the next one in turn.
-    pub fn candidates(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        let n = self.upstreams.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(move |i| self.upstreams[(start + i) % n])
+    pub fn upstreams(&self) -> impl Iterator<Item = &Arc<UpstreamState>> {
+        self.upstreams.iter().map(|(u, _)| u)
     }
+
+    /// The upstreams to try for a client, best first. Empty when every
+    /// upstream is down.
+    pub fn candidates(&self, client: IpAddr) -> Vec<Arc<UpstreamState>> {
+        let live: Vec<usize> = (0..self.upstreams.len())
+            .filter(|&i| self.upstreams[i].1 > 0 && self.upstreams[i].0.is_up())
+            .collect();
+        let order = match self.kind {
+            Balance::RoundRobin => self.round_robin(&live),
+            Balance::LeastConn => self.least_conn(live),
+            Balance::Source => self.source(live, client),
+        };
+        order
+            .into_iter()
+            .map(|i| self.upstreams[i].0.clone())
+            .collect()
+    }
+
+    /// nginx's smooth weighted round-robin: weights 5,1,1 give a a b a c a a,
+    /// not a a a a a b c. The rest follow in list order as fallbacks.
+    fn round_robin(&self, live: &[usize]) -> Vec<usize> {
+        let first = {
+            let mut current = self.current.lock().unwrap();
+            let mut total = 0;
+            for &i in live {
+                current[i] += i64::from(self.upstreams[i].1);
+                total += i64::from(self.upstreams[i].1);
+            }
+            // The highest running weight; ties go to the earlier upstream.
+            let Some(&best) = live.iter().rev().max_by_key(|&&i| current[i]) else {
+                return Vec::new();
+            };
+            current[best] -= total;
+            best
+        };
+        let at = live.iter().position(|&i| i == first).unwrap();
+        live[at..].iter().chain(&live[..at]).copied().collect()
+    }
+
+    /// Fewest live connections per unit of weight first.
+    fn least_conn(&self, mut live: Vec<usize>) -> Vec<usize> {
+        let n = live.len().max(1);
+        live.rotate_left(self.turn.fetch_add(1, Relaxed) % n);
+        // active/weight compared without division; the sort is stable, so
+        // ties keep the rotated order.
+        let load = |i: usize| (self.upstreams[i].0.active(), u64::from(self.upstreams[i].1));
+        live.sort_by(|&a, &b| {
+            let ((aa, aw), (ba, bw)) = (load(a), load(b));
+            (aa * bw).cmp(&(ba * aw))
+        });
+        live
+    }
+
+    /// Weighted rendezvous hashing on the client IP: every upstream gets a
+    /// score from hash(client, upstream) and the highest wins. Removing an
+    /// upstream moves only the clients it had; adding one takes only the
+    /// clients it now scores highest for. The hash is fixed (not
+    /// randomised per process), so several splicer nodes and restarts agree.
+    fn source(&self, mut live: Vec<usize>, client: IpAddr) -> Vec<usize> {
+        let score = |i: usize| {
+            let (u, w) = &self.upstreams[i];
+            let h = hash(client, &u.addr.to_string());
+            // A uniform number in (0, 1); score = -w / ln(u).
+            let unit = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            -f64::from(*w) / unit.ln()
+        };
+        live.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
+        live
+    }
+}
+
+/// FNV-1a over the client address and the upstream's name, then a
+/// SplitMix64 finish so nearby inputs spread over all 64 bits.
+fn hash(client: IpAddr, upstream: &str) -> u64 {
+    let octets: Vec<u8> = match crate::trust::canonical(client) {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in octets.iter().chain(&[0xff]).chain(upstream.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Health, HealthCheck};
+    use std::{net::SocketAddr, time::Duration};
+
+    fn state(addr: &str) -> Arc<UpstreamState> {
+        let m = crate::metrics::METRICS.upstream("balance-unit", addr);
+        Arc::new(UpstreamState::new("balance-unit", addr.parse().unwrap(), m))
+    }
+
+    fn balancer(kind: Balance, ups: &[(&str, u32)]) -> Balancer {
+        Balancer::new(kind, ups.iter().map(|(a, w)| (state(a), *w)).collect())
+    }
+
+    fn first(b: &Balancer, client: &str) -> SocketAddr {
+        b.candidates(client.parse().unwrap())[0].addr
+    }
+
+    fn port(a: SocketAddr) -> u16 {
+        a.port()
+    }
+
+    fn take_down(u: &UpstreamState) {
+        let h = Health {
+            check: HealthCheck::Tcp,
+            interval: Duration::from_secs(1),
+            rise: 1,
+            fall: 1,
+        };
+        u.report(&h, Err("test".into()));
+        assert!(!u.is_up());
+    }
 
     #[test]
-    fn rotates_and_lists_every_upstream_once() {
-        let a: Vec<SocketAddr> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
-            .iter()
-            .map(|s| s.parse().unwrap())
+    fn round_robin_rotates_and_lists_every_live_upstream_once() {
+        let b = balancer(Balance::RoundRobin, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1), ("127.0.0.1:3", 1)]);
+        let orders: Vec<Vec<u16>> = (0..4)
+            .map(|_| b.candidates([127, 0, 0, 9].into()).iter().map(|u| u.addr.port()).collect())
             .collect();
-        let rr = RoundRobin::new(a.clone());
-        let firsts: Vec<_> = (0..4)
-            .map(|_| rr.candidates().collect::<Vec<_>>())
-            .collect();
-        assert_eq!(firsts[0], vec![a[0], a[1], a[2]]);
-        assert_eq!(firsts[1], vec![a[1], a[2], a[0]]);
-        assert_eq!(firsts[2], vec![a[2], a[0], a[1]]);
-        assert_eq!(firsts[3], vec![a[0], a[1], a[2]]);
+        assert_eq!(orders, [vec![1, 2, 3], vec![2, 3, 1], vec![3, 1, 2], vec![1, 2, 3]]);
+    }
+
+    #[test]
+    fn round_robin_is_smooth_and_weighted() {
+        let b = balancer(Balance::RoundRobin, &[("127.0.0.1:1", 5), ("127.0.0.1:2", 1), ("127.0.0.1:3", 1)]);
+        let seq: Vec<u16> = (0..7).map(|_| port(first(&b, "127.0.0.9"))).collect();
+        assert_eq!(seq, [1, 1, 2, 1, 3, 1, 1]);
+    }
+
+    #[test]
+    fn down_and_zero_weight_upstreams_get_no_clients() {
+        let b = balancer(Balance::RoundRobin, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 0), ("127.0.0.1:3", 1)]);
+        take_down(&b.upstreams[0].0);
+        for _ in 0..5 {
+            let c: Vec<u16> = b.candidates([127, 0, 0, 9].into()).iter().map(|u| u.addr.port()).collect();
+            assert_eq!(c, [3]);
+        }
+        take_down(&b.upstreams[2].0);
+        assert!(b.candidates([127, 0, 0, 9].into()).is_empty());
+    }
+
+    #[test]
+    fn least_conn_prefers_the_least_loaded_per_weight() {
+        let b = balancer(Balance::LeastConn, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 2), ("127.0.0.1:3", 1)]);
+        b.upstreams[0].0.metrics.active.set(3);
+        b.upstreams[1].0.metrics.active.set(4); // 2 per unit of weight
+        b.upstreams[2].0.metrics.active.set(1);
+        let c: Vec<u16> = b.candidates([127, 0, 0, 9].into()).iter().map(|u| u.addr.port()).collect();
+        assert_eq!(c, [3, 2, 1]);
+        // Equal loads take turns.
+        for (u, _) in &b.upstreams {
+            u.metrics.active.set(0);
+        }
+        let firsts: Vec<u16> = (0..3).map(|_| port(first(&b, "127.0.0.9"))).collect();
+        let mut sorted = firsts.clone();
+        sorted.sort();
+        assert_eq!(sorted, [1, 2, 3], "{firsts:?}");
+    }
+
+    fn clients() -> Vec<IpAddr> {
+        (0..3000u32)
+            .map(|i| IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]))
+            .collect()
+    }
+
+    #[test]
+    fn source_is_sticky_and_removing_an_upstream_moves_only_its_clients() {
+        let three = [("127.0.0.1:1", 1), ("127.0.0.1:2", 1), ("127.0.0.1:3", 1)];
+        let b3 = balancer(Balance::Source, &three);
+        let b2 = balancer(Balance::Source, &[three[0], three[2]]);
+        let mut share = [0; 3];
+        for c in clients() {
+            let before = b3.candidates(c)[0].addr;
+            assert_eq!(before, b3.candidates(c)[0].addr, "same client, same upstream");
+            share[port(before) as usize - 1] += 1;
+            let after = b2.candidates(c)[0].addr;
+            if port(before) != 2 {
+                assert_eq!(before, after, "{c} moved although its upstream stayed");
+            }
+        }
+        // Roughly a third each (3000 clients; a fair split is 1000).
+        assert!(share.iter().all(|&n| (850..1150).contains(&n)), "{share:?}");
+    }
+
+    #[test]
+    fn source_skips_a_down_upstream_without_moving_the_others() {
+        let b = balancer(Balance::Source, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1), ("127.0.0.1:3", 1)]);
+        let before: Vec<_> = clients().into_iter().map(|c| first(&b, &c.to_string())).collect();
+        take_down(&b.upstreams[0].0);
+        for (c, was) in clients().into_iter().zip(before) {
+            let now = first(&b, &c.to_string());
+            assert_ne!(port(now), 1);
+            if port(was) != 1 {
+                assert_eq!(was, now);
+            }
+        }
+    }
+
+    #[test]
+    fn source_follows_weights() {
+        let b = balancer(Balance::Source, &[("127.0.0.1:1", 3), ("127.0.0.1:2", 1)]);
+        let heavy = clients().into_iter().filter(|&c| port(b.candidates(c)[0].addr) == 1).count();
+        // A 3:1 split of 3000 is 2250.
+        assert!((2100..2400).contains(&heavy), "{heavy}");
+    }
+
+    #[test]
+    fn source_hash_is_stable_across_builds() {
+        // Several nodes and restarts must agree: pin the function.
+        assert_eq!(hash([10, 0, 0, 1].into(), "127.0.0.1:1883"), hash([10, 0, 0, 1].into(), "127.0.0.1:1883"));
+        assert_ne!(hash([10, 0, 0, 1].into(), "127.0.0.1:1883"), hash([10, 0, 0, 2].into(), "127.0.0.1:1883"));
+        assert_eq!(hash("::ffff:10.0.0.1".parse().unwrap(), "x"), hash([10, 0, 0, 1].into(), "x"));
     }
 }

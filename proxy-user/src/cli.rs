@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Parser;
 
-use crate::config::{Config, ListenerSpec, LogLevel, OffloadMode, Overrides};
+use std::net::SocketAddr;
+
+use crate::config::{Config, Dur, ListenerSpec, LogLevel, OffloadMode, Overrides, DEFAULT_DRAIN_TIMEOUT};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,17 +28,49 @@ pub struct Cli {
     /// off, error, warn, info, debug or trace [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<LogLevel>,
+    /// Serve Prometheus metrics on this address at /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// On SIGTERM, how long live connections may take to finish [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    pub drain_timeout: Option<Dur>,
     /// Check the configuration, print it, and exit.
     #[arg(long)]
     pub check: bool,
 }
 
+/// Where SIGHUP re-reads the configuration from.
+pub struct ReloadSource {
+    pub path: PathBuf,
+    overrides: Overrides,
+}
+
+impl ReloadSource {
+    pub fn load(&self) -> Result<Config> {
+        Config::from_file(&self.path, &self.overrides)
+    }
+}
+
 impl Cli {
-    pub fn into_config(self) -> Result<Config> {
-        let overrides = Overrides {
+    fn overrides(&self) -> Overrides {
+        Overrides {
             log_level: self.log_level.map(|l| l.0),
             offload: self.offload,
-        };
+            metrics: self.metrics,
+            drain_timeout: self.drain_timeout.map(|d| d.0),
+        }
+    }
+
+    /// The config file, when there is one (flags leave nothing to re-read).
+    pub fn reload_source(&self) -> Option<ReloadSource> {
+        self.config.clone().map(|path| ReloadSource {
+            path,
+            overrides: self.overrides(),
+        })
+    }
+
+    pub fn into_config(self) -> Result<Config> {
+        let overrides = self.overrides();
         if let Some(path) = &self.config {
             if self.listener != ListenerSpec::default() {
                 bail!("--config cannot be combined with listener flags (--listen, --upstream, --send-proxy, ...): put them in the file");
@@ -54,6 +88,8 @@ impl Cli {
         let config = Config {
             log_level: overrides.log_level.unwrap_or(log::LevelFilter::Info),
             offload: overrides.offload.unwrap_or(OffloadMode::Auto),
+            metrics: overrides.metrics,
+            drain_timeout: overrides.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             listeners: vec![listener],
         };
         config

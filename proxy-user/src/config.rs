@@ -134,6 +134,92 @@ impl fmt::Display for Dur {
     }
 }
 
+/// `--balance`: how a listener picks an upstream for a new client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// In turn, in proportion to weight (nginx's smooth weighted round-robin).
+    RoundRobin,
+    /// The upstream with the fewest live connections per unit of weight.
+    LeastConn,
+    /// A hash of the real client IP: the same client lands on the same broker.
+    Source,
+}
+
+/// `--health-check`: how upstreams are probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheck {
+    /// No active checks and no passive marking: every upstream is always tried.
+    Off,
+    /// A TCP connect every interval.
+    Tcp,
+    /// An MQTT CONNECT answered by a CONNACK (after a PROXY header if the
+    /// listener sends them).
+    Mqtt,
+}
+
+/// One upstream broker: `ADDR` or `ADDR weight=N` (HAProxy's `weight`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// 0 takes no new clients (to drain a broker by reload); default 1.
+    pub weight: u32,
+}
+
+pub const MAX_WEIGHT: u32 = 256;
+
+impl FromStr for Upstream {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut words = s.split_whitespace();
+        let addr = words.next().unwrap_or("");
+        let addr = addr
+            .parse()
+            .map_err(|_| format!("`{addr}` is not an address like 127.0.0.1:1883 or [::1]:1883"))?;
+        let mut weight = 1;
+        for w in words {
+            weight = w
+                .strip_prefix("weight=")
+                .and_then(|n| n.parse().ok())
+                .filter(|n| *n <= MAX_WEIGHT)
+                .ok_or_else(|| format!("`{w}` in `{s}`: expected weight=N with N from 0 to {MAX_WEIGHT}"))?;
+        }
+        Ok(Upstream { addr, weight })
+    }
+}
+
+impl<'de> Deserialize<'de> for Upstream {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.weight {
+            1 => write!(f, "{}", self.addr),
+            w => write!(f, "{} weight={w}", self.addr),
+        }
+    }
+}
+
+/// Active health checks, HAProxy style.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    pub check: HealthCheck,
+    pub interval: Duration,
+    /// Consecutive successes that bring a down upstream back.
+    pub rise: u32,
+    /// Consecutive failures (checks or client connects) that take it down.
+    pub fall: u32,
+}
+
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// As EMQX's listener `proxy_protocol_timeout`.
 pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -159,7 +245,15 @@ pub struct WsOptions {
 pub struct Listener {
     pub name: String,
     pub listen: SocketAddr,
-    pub upstreams: Vec<SocketAddr>,
+    pub upstreams: Vec<Upstream>,
+    pub balance: Balance,
+    pub health: Health,
+    /// Real client addresses let in; empty lets everyone in (unless denied).
+    pub allow: Vec<IpNet>,
+    /// Real client addresses turned away; wins over `allow`.
+    pub deny: Vec<IpNet>,
+    /// Live clients beyond which new ones are refused; None is no limit.
+    pub max_conns: Option<u64>,
     pub send_proxy: SendProxy,
     pub connect_timeout: Duration,
     pub accept_proxy: AcceptProxy,
@@ -177,6 +271,10 @@ pub struct Listener {
 pub struct Config {
     pub log_level: log::LevelFilter,
     pub offload: OffloadMode,
+    /// Where to serve Prometheus metrics at /metrics.
+    pub metrics: Option<SocketAddr>,
+    /// How long SIGTERM waits for live connections before closing them.
+    pub drain_timeout: Duration,
     pub listeners: Vec<Listener>,
 }
 
@@ -187,6 +285,8 @@ pub struct Config {
 struct FileConfig {
     log_level: Option<LogLevel>,
     offload: Option<OffloadMode>,
+    metrics: Option<SocketAddr>,
+    drain_timeout: Option<Dur>,
     #[serde(default)]
     listener: Vec<ListenerSpec>,
 }
@@ -203,10 +303,37 @@ pub struct ListenerSpec {
     /// Address to accept clients on.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-    /// Upstream broker address; repeat for several (round-robin).
+    /// Upstream broker: `ADDR` or `"ADDR weight=N"`; repeat for several.
     #[arg(long, value_name = "ADDR")]
     #[serde(default)]
-    pub upstream: Vec<SocketAddr>,
+    pub upstream: Vec<Upstream>,
+    /// How to pick an upstream [default: round-robin].
+    #[arg(long, value_enum, value_name = "round-robin|least-conn|source")]
+    pub balance: Option<Balance>,
+    /// Active upstream checks [default: off].
+    #[arg(long, value_enum, value_name = "off|tcp|mqtt")]
+    pub health_check: Option<HealthCheck>,
+    /// Time between checks of one upstream [default: 2s].
+    #[arg(long, value_name = "DURATION")]
+    pub health_interval: Option<Dur>,
+    /// Consecutive good checks that bring an upstream back [default: 2].
+    #[arg(long, value_name = "N")]
+    pub health_rise: Option<u32>,
+    /// Consecutive failures (checks or client connects) that take an
+    /// upstream down [default: 3].
+    #[arg(long, value_name = "N")]
+    pub health_fall: Option<u32>,
+    /// Real client CIDRs let in; repeatable. Without any, all are let in.
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default)]
+    pub allow: Vec<IpNet>,
+    /// Real client CIDRs turned away (wins over --allow); repeatable.
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default)]
+    pub deny: Vec<IpNet>,
+    /// Refuse new clients while this many are connected [default: no limit].
+    #[arg(long, value_name = "N")]
+    pub max_conns: Option<u64>,
     /// PROXY protocol header to write upstream before any client byte [default: off].
     #[arg(long, value_enum, value_name = "off|v1|v2")]
     pub send_proxy: Option<SendProxy>,
@@ -290,6 +417,18 @@ impl ListenerSpec {
             name,
             listen,
             upstreams: self.upstream,
+            balance: self.balance.unwrap_or(Balance::RoundRobin),
+            health: Health {
+                check: self.health_check.unwrap_or(HealthCheck::Off),
+                interval: self
+                    .health_interval
+                    .map_or(DEFAULT_HEALTH_INTERVAL, |d| d.0),
+                rise: self.health_rise.unwrap_or(DEFAULT_HEALTH_RISE),
+                fall: self.health_fall.unwrap_or(DEFAULT_HEALTH_FALL),
+            },
+            allow: self.allow,
+            deny: self.deny,
+            max_conns: self.max_conns,
             send_proxy: self.send_proxy.unwrap_or(SendProxy::Off),
             connect_timeout: self
                 .connect_timeout
@@ -324,6 +463,8 @@ impl ListenerSpec {
 pub struct Overrides {
     pub log_level: Option<log::LevelFilter>,
     pub offload: Option<OffloadMode>,
+    pub metrics: Option<SocketAddr>,
+    pub drain_timeout: Option<Duration>,
 }
 
 impl Config {
@@ -347,6 +488,11 @@ impl Config {
                 .offload
                 .or(file.offload)
                 .unwrap_or(OffloadMode::Auto),
+            metrics: overrides.metrics.or(file.metrics),
+            drain_timeout: overrides
+                .drain_timeout
+                .or(file.drain_timeout.map(|d| d.0))
+                .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             listeners,
         };
         config
@@ -371,6 +517,18 @@ impl Config {
             let at = format!("listener `{}`", l.name);
             if l.upstreams.is_empty() {
                 bail!("{at}: key `upstream`: at least one upstream address is required");
+            }
+            if l.upstreams.iter().all(|u| u.weight == 0) {
+                bail!("{at}: key `upstream`: every weight is 0, so no upstream would take a client");
+            }
+            if l.health.interval.is_zero() {
+                bail!("{at}: key `health-interval`: must be greater than zero");
+            }
+            if l.health.rise == 0 || l.health.fall == 0 {
+                bail!("{at}: keys `health-rise` and `health-fall`: must be at least 1");
+            }
+            if l.max_conns == Some(0) {
+                bail!("{at}: key `max-conns`: 0 would refuse every client (leave it out for no limit)");
             }
             if l.connect_timeout.is_zero() {
                 bail!("{at}: key `connect-timeout`: must be greater than zero");
@@ -419,11 +577,16 @@ impl Config {
             if l.accept_proxy != AcceptProxy::Off && l.trusted_proxies.is_empty() {
                 bail!("{at}: key `trusted-proxy`: `accept-proxy` needs at least one trusted CIDR, or every header would be thrown away");
             }
-            if l.upstreams.contains(&l.listen) {
+            if l.upstreams.iter().any(|u| u.addr == l.listen) {
                 bail!(
                     "{at}: key `upstream`: {} is the listener's own address",
                     l.listen
                 );
+            }
+            for (j, u) in l.upstreams.iter().enumerate() {
+                if l.upstreams[..j].iter().any(|o| o.addr == u.addr) {
+                    bail!("{at}: key `upstream`: {} is listed twice (use weight=N)", u.addr);
+                }
             }
             for other in &self.listeners[..i] {
                 if other.name == l.name {
@@ -478,7 +641,7 @@ mod tests {
         let l = &c.listeners[0];
         assert_eq!(l.name, "mqtt");
         assert_eq!(l.listen, "127.0.0.1:1883".parse().unwrap());
-        assert_eq!(l.upstreams[1], "[::1]:11884".parse().unwrap());
+        assert_eq!(l.upstreams[1].addr, "[::1]:11884".parse().unwrap());
         assert_eq!(l.send_proxy, SendProxy::V2);
         assert_eq!(l.connect_timeout, Duration::from_millis(250));
         let l = &c.listeners[1];
@@ -497,6 +660,7 @@ mod tests {
         let o = Overrides {
             log_level: Some(log::LevelFilter::Trace),
             offload: Some(OffloadMode::Sockmap),
+            ..Overrides::default()
         };
         let c = Config::from_toml(text, "t", &o).unwrap();
         assert_eq!(c.offload, OffloadMode::Sockmap);
@@ -633,6 +797,77 @@ mod tests {
         assert!(e.contains("forwarded-for") && e.contains("append"), "{e}");
         let e = err(&format!("{base}protocol = \"mqtt\"\n"));
         assert!(e.contains("protocol") && e.contains("ws"), "{e}");
+    }
+
+    #[test]
+    fn operations_keys() {
+        let c = parse(
+            r#"
+            metrics = "127.0.0.1:9100"
+            drain-timeout = "10s"
+            [[listener]]
+            listen = "127.0.0.1:1"
+            upstream = ["127.0.0.1:2", "127.0.0.1:3 weight=5", "[::1]:4 weight=0"]
+            balance = "least-conn"
+            health-check = "mqtt"
+            health-interval = "500ms"
+            health-rise = 1
+            health-fall = 2
+            allow = ["10.0.0.0/8"]
+            deny = ["10.1.0.0/16"]
+            max-conns = 1000
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.drain_timeout, Duration::from_secs(10));
+        let l = &c.listeners[0];
+        let weights: Vec<u32> = l.upstreams.iter().map(|u| u.weight).collect();
+        assert_eq!(weights, [1, 5, 0]);
+        assert_eq!(l.balance, Balance::LeastConn);
+        assert_eq!(
+            l.health,
+            Health {
+                check: HealthCheck::Mqtt,
+                interval: Duration::from_millis(500),
+                rise: 1,
+                fall: 2
+            }
+        );
+        assert_eq!(l.allow, ["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        assert_eq!(l.deny, ["10.1.0.0/16".parse::<IpNet>().unwrap()]);
+        assert_eq!(l.max_conns, Some(1000));
+        let d = parse("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n").unwrap();
+        assert_eq!(d.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(d.metrics, None);
+        let l = &d.listeners[0];
+        assert_eq!((l.balance, l.health.check, l.max_conns), (Balance::RoundRobin, HealthCheck::Off, None));
+        assert_eq!((l.health.rise, l.health.fall, l.health.interval), (2, 3, Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn operations_errors_name_the_key() {
+        let with = |ups: &str, extra: &str| {
+            err(&format!("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [{ups}]\n{extra}\n"))
+        };
+        let e = with("\"127.0.0.1:2 weight=x\"", "");
+        assert!(e.contains("weight=N"), "{e}");
+        let e = with("\"127.0.0.1:2 weight=257\"", "");
+        assert!(e.contains("weight=N"), "{e}");
+        let e = with("\"127.0.0.1:2 weight=0\"", "");
+        assert!(e.contains("`upstream`") && e.contains("every weight is 0"), "{e}");
+        let e = with("\"127.0.0.1:2\", \"127.0.0.1:2 weight=2\"", "");
+        assert!(e.contains("listed twice"), "{e}");
+        let e = with("\"127.0.0.1:2\"", "balance = \"random\"");
+        assert!(e.contains("random"), "{e}");
+        let e = with("\"127.0.0.1:2\"", "health-fall = 0");
+        assert!(e.contains("`health-fall`"), "{e}");
+        let e = with("\"127.0.0.1:2\"", "health-interval = \"0s\"");
+        assert!(e.contains("`health-interval`"), "{e}");
+        let e = with("\"127.0.0.1:2\"", "max-conns = 0");
+        assert!(e.contains("`max-conns`"), "{e}");
+        let e = with("\"127.0.0.1:2\"", "allow = [\"10.0.0.300/8\"]");
+        assert!(e.contains("allow"), "{e}");
     }
 
     #[test]

@@ -12,57 +12,93 @@ use std::{
 use tokio::net::TcpStream;
 
 use crate::{
-    accept_proxy,
-    balance::RoundRobin,
+    accept_proxy::{self, Rejection},
+    access::Access,
+    balance::Balancer,
     config::Listener,
-    metrics::{dec, inc, COUNTERS},
+    health::UpstreamState,
+    http_upgrade::Refusal,
+    metrics::{self, CloseReason, ListenerMetrics, Path, Reject, LIVE},
     offload::Offload,
     relay::{self, End},
+    shutdown,
     splice::{self, Direction},
     trust::{self, Trusted},
     watch::Watcher,
     ws,
 };
 
-/// What a listener's connections share.
+/// What a listener's connections share. A reload builds a new one; live
+/// connections keep the one they started with.
 pub struct ListenerCtx {
     pub config: Listener,
     pub trusted: Trusted,
-    pub balancer: RoundRobin,
+    pub access: Access,
+    pub balancer: Balancer,
     pub offload: Arc<Offload>,
+    pub metrics: ListenerMetrics,
 }
 
+impl ListenerCtx {
+    /// `previous` is the same listener before a reload: upstreams it
+    /// already had keep their health state and connection counts.
+    pub fn new(config: Listener, offload: Arc<Offload>, previous: Option<&ListenerCtx>) -> Self {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let state = previous
+                    .and_then(|p| p.balancer.upstreams().find(|s| s.addr == u.addr).cloned())
+                    .unwrap_or_else(|| {
+                        let m = metrics::METRICS.upstream(&config.name, &u.addr.to_string());
+                        Arc::new(UpstreamState::new(&config.name, u.addr, m))
+                    });
+                (state, u.weight)
+            })
+            .collect();
+        ListenerCtx {
+            trusted: Trusted::new(&config.trusted_proxies),
+            access: Access::new(&config.allow, &config.deny),
+            balancer: Balancer::new(config.balance, upstreams),
+            metrics: ListenerMetrics::new(&config.name),
+            offload,
+            config,
+        }
+    }
+}
+
+/// Serves one accepted client; the accept loop has counted it.
 pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
-    inc(&COUNTERS.accepted);
-    inc(&COUNTERS.active);
-    serve(&ctx, client, peer).await;
-    dec(&COUNTERS.active);
-    inc(&COUNTERS.closed);
+    let reason = serve(&ctx, client, peer).await;
+    ctx.metrics.closed(reason);
 }
 
-async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) {
+async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) -> CloseReason {
     let started = Instant::now();
     // An IPv4 client on a dual-stack listener is logged as IPv4, as trusted.
     let peer = SocketAddr::new(trust::canonical(peer.ip()), peer.port());
     let name = &ctx.config.name;
+    let m = &ctx.metrics;
     let mut id = match accept_proxy::identify(&ctx.config, &ctx.trusted, &client, peer).await {
         Ok(id) => id,
         Err(why) => {
-            inc(&COUNTERS.proxy_rejected);
+            m.rejected(match why {
+                Rejection::Untrusted => Reject::untrusted_proxy_header,
+                _ => Reject::bad_proxy_header,
+            });
             log::warn!("[{name}] {peer}: rejected: {why}");
-            return;
+            return CloseReason::rejected;
         }
     };
     if let (Some((h, _)), false) = (&id.inbound, id.trusted) {
-        inc(&COUNTERS.proxy_untrusted);
+        m.untrusted_ignored();
         log::warn!(
             "[{name}] {peer}: PROXY header from an untrusted peer ignored (it claimed {}); using the peer's address",
             h.addresses.map_or("no address".into(), |(src, _)| src.to_string())
         );
     }
-    let local = match client.local_addr() {
-        Ok(a) => a,
-        Err(_) => return,
+    let Ok(local) = client.local_addr() else {
+        return CloseReason::error;
     };
     let mut consumed = id.inbound.as_ref().map_or(0, |(_, raw)| raw.len() as u64);
     let mut head = Vec::new();
@@ -75,12 +111,12 @@ async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) {
                 head = up.head;
             }
             Err(refusal) => {
-                inc(&COUNTERS.ws_refused);
+                m.rejected(Reject::bad_websocket_request);
                 log::warn!(
                     "[{name}] {peer}: refused WebSocket upgrade ({}): {refusal:?}",
                     refusal.status()
                 );
-                return;
+                return CloseReason::rejected;
             }
         }
     }
@@ -89,11 +125,20 @@ async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) {
         true => format!("client={peer}"),
         false => format!("client={} via={peer}", id.client),
     };
-    let Some((upstream, upstream_addr)) = connect_upstream(ctx).await else {
-        inc(&COUNTERS.upstream_down);
+    if !ctx.access.permits(id.client.ip()) {
+        m.rejected(Reject::access_denied);
+        log::warn!("[{name}] {who}: access denied (allow/deny)");
+        refuse(ctx, &client, Refusal::Forbidden).await;
+        return CloseReason::rejected;
+    }
+    let Some((upstream, state)) = connect_upstream(ctx, id.client).await else {
+        m.rejected(Reject::upstream_down);
         log::warn!("[{name}] {who}: every upstream is down, closing the client");
-        return;
+        refuse(ctx, &client, Refusal::BadGateway).await;
+        return CloseReason::rejected;
     };
+    let upstream_addr = state.addr;
+    state.metrics.active.inc();
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let mut bytes = accept_proxy::upstream_header(&ctx.config, &id, local).unwrap_or_default();
@@ -108,6 +153,7 @@ async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) {
             }
         }
     };
+    state.metrics.active.dec();
     log::info!(
         "[{name}] closed {who} upstream={upstream_addr} client_to_upstream={} upstream_to_client={} \
          kernel_bytes={} duration={:.3}s end={}",
@@ -117,21 +163,46 @@ async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) {
         started.elapsed().as_secs_f64(),
         t.how
     );
+    match t.how {
+        "client closed" => CloseReason::client_closed,
+        "upstream closed" => CloseReason::upstream_closed,
+        "client reset" => CloseReason::client_reset,
+        "upstream reset" => CloseReason::upstream_reset,
+        DRAINED => CloseReason::drained,
+        _ => CloseReason::error,
+    }
 }
 
-/// Tries each upstream once, in round-robin order, within connect-timeout.
-async fn connect_upstream(ctx: &ListenerCtx) -> Option<(TcpStream, SocketAddr)> {
+/// A WebSocket client gets an HTTP answer before the close; a TCP client
+/// just the close.
+async fn refuse(ctx: &ListenerCtx, client: &TcpStream, refusal: Refusal) {
+    if ctx.config.ws.is_some() {
+        ws::refuse(client, &refusal).await;
+    }
+}
+
+/// Tries the balancer's candidates in order, each within connect-timeout.
+/// Failures count toward the upstream's `fall` (passive health check).
+async fn connect_upstream(
+    ctx: &ListenerCtx,
+    client: SocketAddr,
+) -> Option<(TcpStream, Arc<UpstreamState>)> {
     let timeout = ctx.config.connect_timeout;
-    for addr in ctx.balancer.candidates() {
-        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => return Some((s, addr)),
-            Ok(Err(e)) => log::warn!("[{}] upstream {addr}: connect failed: {e}", ctx.config.name),
-            Err(_) => log::warn!(
-                "[{}] upstream {addr}: connect timed out after {timeout:?}",
-                ctx.config.name
-            ),
-        }
-        inc(&COUNTERS.upstream_connect_failed);
+    let name = &ctx.config.name;
+    for up in ctx.balancer.candidates(client.ip()) {
+        let started = Instant::now();
+        let why = match tokio::time::timeout(timeout, TcpStream::connect(up.addr)).await {
+            Ok(Ok(s)) => {
+                up.metrics.connect.observe(started.elapsed().as_secs_f64());
+                up.report(&ctx.config.health, Ok(()));
+                return Some((s, up));
+            }
+            Ok(Err(e)) => format!("connect failed: {e}"),
+            Err(_) => format!("connect timed out after {timeout:?}"),
+        };
+        log::warn!("[{name}] upstream {}: {why}", up.addr);
+        up.metrics.failures.inc();
+        up.report(&ctx.config.health, Err(why));
     }
     None
 }
@@ -172,22 +243,24 @@ async fn proxy(
     let mut c2u_early = 0;
     if preface.consumed > 0 {
         c2u_early = relay::forward_queued(&client, &upstream).await?;
+        user_bytes(ctx, C2U).inc_by(c2u_early);
         consumed = preface.consumed + c2u_early;
     }
     let Some(maps) = ctx.offload.maps() else {
-        inc(&COUNTERS.relayed);
-        return Ok(relayed(&client, &upstream, c2u_early).await);
+        ctx.metrics.offloaded(Path::userspace);
+        return Ok(relayed(ctx, &client, &upstream, c2u_early).await);
     };
     let handoff = splice::handoff(maps, &client, &upstream);
     let (Some((c, u)), Some(signals)) = (handoff.cookies, &handoff.signals) else {
-        inc(&COUNTERS.relayed);
-        return Ok(relayed(&client, &upstream, c2u_early).await);
+        ctx.metrics.offloaded(Path::userspace);
+        return Ok(relayed(ctx, &client, &upstream, c2u_early).await);
     };
+    LIVE.track((c, u), &ctx.metrics);
     let watcher = Watcher::get()?;
     // Bytes relayed in userspace; the kernel's own count is in the links.
     let (c2u_user, u2c_user) = (AtomicU64::new(c2u_early), AtomicU64::new(0));
     let how = if handoff.client_spliced && handoff.upstream_spliced {
-        inc(&COUNTERS.spliced);
+        ctx.metrics.offloaded(Path::kernel);
         // The kernel carries both ways: leave tokio's epoll (which would
         // wake for every skb) and wait on the splice watcher alone.
         let (client, upstream) = (client.into_std()?, upstream.into_std()?);
@@ -221,7 +294,7 @@ async fn proxy(
     } else {
         // One side half-closed before the handoff: the kernel carries the
         // other direction, userspace this one.
-        inc(&COUNTERS.relayed);
+        ctx.metrics.offloaded(Path::userspace);
         let (cw, uw) = (
             watcher.watch(client.as_raw_fd())?,
             watcher.watch(upstream.as_raw_fd())?,
@@ -239,7 +312,7 @@ async fn proxy(
                     .run()
                     .await
                 }
-                false => relay::user_direction(&client, &upstream, &c2u_user).await,
+                false => relay::user_direction(&client, &upstream, &c2u_user, user_bytes(ctx, C2U)).await,
             }
         };
         let u2c = async {
@@ -254,7 +327,7 @@ async fn proxy(
                     .run()
                     .await
                 }
-                false => relay::user_direction(&upstream, &client, &u2c_user).await,
+                false => relay::user_direction(&upstream, &client, &u2c_user, user_bytes(ctx, U2C)).await,
             }
         };
         let how = drive(
@@ -271,6 +344,7 @@ async fn proxy(
     };
     // Both sockets are closed (so out of the sockhashes) before their links go.
     let (c_link, u_link) = splice::forget(maps, (c, u));
+    LIVE.finish(c, (c_link.redirected, u_link.redirected));
     Ok(Totals {
         c2u: c2u_user.load(Relaxed) + c_link.redirected,
         u2c: u2c_user.load(Relaxed) + u_link.redirected,
@@ -280,11 +354,11 @@ async fn proxy(
 }
 
 /// Both directions relayed in userspace; `c2u_early` bytes already were.
-async fn relayed(client: &TcpStream, upstream: &TcpStream, c2u_early: u64) -> Totals {
+async fn relayed(ctx: &ListenerCtx, client: &TcpStream, upstream: &TcpStream, c2u_early: u64) -> Totals {
     let (c2u, u2c) = (AtomicU64::new(c2u_early), AtomicU64::new(0));
     let how = drive(
-        relay::user_direction(client, upstream, &c2u),
-        relay::user_direction(upstream, client, &u2c),
+        relay::user_direction(client, upstream, &c2u, user_bytes(ctx, C2U)),
+        relay::user_direction(upstream, client, &u2c, user_bytes(ctx, U2C)),
         relay::wait_reset(client),
         relay::wait_reset(upstream),
     )
@@ -299,23 +373,41 @@ async fn relayed(client: &TcpStream, upstream: &TcpStream, c2u_early: u64) -> To
 }
 
 /// Passes a reset on: both sockets will close with RST instead of FIN.
+/// At the end of a drain, both get a FIN now, whatever they were doing.
 fn abort_if_reset(how: &str, client: &impl AsFd, upstream: &impl AsFd) {
     if how.ends_with("reset") {
         relay::abort_on_close(client);
         relay::abort_on_close(upstream);
     }
+    if how == DRAINED {
+        for s in [client.as_fd(), upstream.as_fd()] {
+            let _ = socket2::SockRef::from(&s).shutdown(std::net::Shutdown::Write);
+        }
+    }
+}
+
+/// The close line's `end=` when a SIGTERM drain ran out of time.
+const DRAINED: &str = "drained";
+
+const C2U: metrics::Direction = metrics::Direction::client_to_upstream;
+const U2C: metrics::Direction = metrics::Direction::upstream_to_client;
+
+fn user_bytes(ctx: &ListenerCtx, d: metrics::Direction) -> &prometheus_client::metrics::counter::Counter {
+    ctx.metrics.bytes(d, Path::userspace)
 }
 
 /// Runs both directions. A FIN in one direction leaves the other running
 /// (half-close); a reset anywhere ends both. `*_reset` resolve if that
-/// side is reset after its FIN was passed on.
+/// side is reset after its FIN was passed on. A drain that runs out of
+/// time ends both.
 async fn drive(
     c2u: impl Future<Output = End>,
     u2c: impl Future<Output = End>,
     client_reset: impl Future<Output = End>,
     upstream_reset: impl Future<Output = End>,
 ) -> &'static str {
-    tokio::pin!(c2u, u2c, client_reset, upstream_reset);
+    let drained = shutdown::forced();
+    tokio::pin!(c2u, u2c, client_reset, upstream_reset, drained);
     let (mut c2u_end, mut u2c_end) = (None, None);
     let mut first_fin = None;
     loop {
@@ -330,6 +422,7 @@ async fn drive(
             }
             e = &mut client_reset, if c2u_end == Some(End::Fin) && u2c_end.is_none() => c2u_end = Some(e),
             e = &mut upstream_reset, if u2c_end == Some(End::Fin) && c2u_end.is_none() => u2c_end = Some(e),
+            () = &mut drained => return DRAINED,
         }
         match (c2u_end, u2c_end) {
             (Some(End::SrcReset), _) | (_, Some(End::DstFailed)) => return "client reset",

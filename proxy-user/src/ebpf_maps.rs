@@ -213,12 +213,49 @@ fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        let s_text = s.to_string();
+        // aya repeats a message one level down ("failed to create map `X`").
+        if !text.ends_with(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
         source = s.source();
     }
     if text.contains("Operation not permitted") || text.contains("Permission denied") {
-        anyhow!("permission denied loading eBPF (run as root, or grant CAP_BPF and CAP_NET_ADMIN): {text}")
+        // Name the capability that is missing: CAP_BPF for any map or
+        // program, CAP_NET_ADMIN for the sockhash maps and the sk_skb
+        // program. CAP_SYS_ADMIN (21) stands in for both.
+        const CAP_NET_ADMIN: u32 = 12;
+        const CAP_SYS_ADMIN: u32 = 21;
+        const CAP_BPF: u32 = 39;
+        let eff = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+                u64::from_str_radix(hex.trim(), 16).ok()
+            });
+        let missing: Vec<&str> = match eff {
+            Some(eff) if eff & (1 << CAP_SYS_ADMIN) == 0 => {
+                [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN")]
+                    .into_iter()
+                    .filter(|&(bit, _)| eff & (1 << bit) == 0)
+                    .map(|(_, name)| name)
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        let why = match eff {
+            None => "run as root, or grant CAP_BPF and CAP_NET_ADMIN".to_string(),
+            Some(_) if missing.is_empty() => "the process has the capabilities eBPF needs, so a \
+                 security module, seccomp filter or user namespace is refusing bpf()"
+                .to_string(),
+            Some(_) => format!(
+                "missing {}; run as root, or grant CAP_BPF and CAP_NET_ADMIN \
+                 (AmbientCapabilities= in dist/splicer.service)",
+                missing.join(" and ")
+            ),
+        };
+        anyhow!("permission denied loading eBPF ({why}): {text}")
     } else {
         anyhow!("loading eBPF failed (kernel without BPF sockmap/sk_skb support?): {text}")
     }

@@ -48,6 +48,10 @@ pub enum Refusal {
     /// 408: head not complete in time (the caller decides this; only the
     /// response is built here).
     Timeout,
+    /// 403: the real client is not allowed (allow/deny; the caller decides).
+    Forbidden,
+    /// 502: no upstream accepted a connection (the caller decides).
+    BadGateway,
 }
 
 impl Refusal {
@@ -58,6 +62,8 @@ impl Refusal {
             Refusal::Timeout => 408,
             Refusal::UpgradeRequired => 426,
             Refusal::TooLarge => 431,
+            Refusal::Forbidden => 403,
+            Refusal::BadGateway => 502,
         }
     }
 
@@ -69,6 +75,8 @@ impl Refusal {
             Refusal::Timeout => "Request Timeout",
             Refusal::UpgradeRequired => "Upgrade Required",
             Refusal::TooLarge => "Request Header Fields Too Large",
+            Refusal::Forbidden => "Forbidden",
+            Refusal::BadGateway => "Bad Gateway",
         }
     }
 
@@ -94,6 +102,8 @@ impl Refusal {
                 "This endpoint takes only WebSocket upgrade requests.".to_string()
             }
             Refusal::TooLarge => "The request head is too large.".to_string(),
+            Refusal::Forbidden => "Your address may not use this endpoint.".to_string(),
+            Refusal::BadGateway => "No broker is available.".to_string(),
         };
         let body = format!("{why}\n");
         let mut extra = String::new();
@@ -676,6 +686,8 @@ mod tests {
             (Refusal::Timeout, 408, "Request Timeout"),
             (Refusal::UpgradeRequired, 426, "Upgrade Required"),
             (Refusal::TooLarge, 431, "Request Header Fields Too Large"),
+            (Refusal::Forbidden, 403, "Forbidden"),
+            (Refusal::BadGateway, 502, "Bad Gateway"),
         ];
         for (r, status, reason) in cases {
             assert_eq!(r.status(), status);

@@ -1,36 +1,53 @@
-//! Binding a listener and accepting clients.
-use std::{sync::Arc, time::Duration};
+//! Binding a listener and accepting clients, with `max-conns`.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use socket2::{Domain, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 
-use crate::conn::{self, ListenerCtx};
+use crate::{
+    conn::{self, ListenerCtx},
+    metrics::{CloseReason, Reject},
+};
 
 /// Accept backlog: a broker restart makes every client reconnect at once.
 const BACKLOG: i32 = 4096;
 
-pub fn bind(ctx: &ListenerCtx) -> Result<TcpListener> {
-    let addr = ctx.config.listen;
+pub fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket
         .bind(&addr.into())
-        .with_context(|| format!("listener `{}`: cannot bind {addr}", ctx.config.name))?;
+        .with_context(|| format!("listener `{name}`: cannot bind {addr}"))?;
     socket.listen(BACKLOG)?;
     Ok(TcpListener::from_std(socket.into())?)
 }
 
-pub async fn serve(ctx: Arc<ListenerCtx>, listener: TcpListener) {
+/// Accepts until the task is aborted. Each client is served with the
+/// listener's settings current at its accept (a reload swaps them in `ctx`).
+pub async fn serve(ctx: watch::Receiver<Arc<ListenerCtx>>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
-                tokio::spawn(conn::handle(ctx.clone(), client, peer));
+                let ctx = ctx.borrow().clone();
+                // Counted here, not in the task, so max-conns is exact.
+                ctx.metrics.accepted();
+                let max = ctx.config.max_conns.unwrap_or(u64::MAX);
+                if ctx.metrics.active.get() as u64 > max {
+                    ctx.metrics.rejected(Reject::max_conns);
+                    ctx.metrics.closed(CloseReason::rejected);
+                    log::warn!(
+                        "[{}] {peer}: refused, the listener has max-conns = {max} clients",
+                        ctx.config.name
+                    );
+                    continue;
+                }
+                tokio::spawn(conn::handle(ctx, client, peer));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                log::error!("[{}] accept failed: {e}", ctx.config.name);
+                log::error!("[{}] accept failed: {e}", ctx.borrow().config.name);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

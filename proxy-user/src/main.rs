@@ -1,20 +1,25 @@
 //! splicer: accepts MQTT clients, connects each to an upstream broker, tells
 //! the broker who the client is (PROXY protocol), and lets an eBPF sockmap
 //! program carry the bytes from then on.
+mod access;
 mod accept_proxy;
 mod balance;
 mod cli;
 mod config;
 mod conn;
 mod ebpf_maps;
+mod health;
 mod http_upgrade;
 mod listener;
 mod metrics;
+mod metrics_server;
 mod offload;
 mod peek;
 mod proxy_protocol;
 mod realip;
 mod relay;
+mod server;
+mod shutdown;
 mod sockopt;
 mod splice;
 mod trust;
@@ -29,6 +34,7 @@ use clap::Parser;
 fn main() -> Result<()> {
     let cli = cli::Cli::parse();
     let check = cli.check;
+    let reload = cli.reload_source();
     let config = match cli.into_config() {
         Ok(c) => c,
         Err(e) => {
@@ -51,7 +57,7 @@ fn main() -> Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(config))
+        .block_on(run(config, reload))
 }
 
 /// Each client costs two fds (client and upstream). Many systems start
@@ -73,50 +79,65 @@ fn raise_fd_limit() {
     }
 }
 
-async fn run(config: config::Config) -> Result<()> {
+async fn run(config: config::Config, reload: Option<cli::ReloadSource>) -> Result<()> {
     raise_fd_limit();
     let offload = Arc::new(offload::Offload::init(config.offload, config.log_level)?);
-    let mut bound = Vec::new();
-    for l in &config.listeners {
-        let ctx = conn::ListenerCtx {
-            trusted: trust::Trusted::new(&l.trusted_proxies),
-            balancer: balance::RoundRobin::new(l.upstreams.clone()),
-            config: l.clone(),
-            offload: offload.clone(),
+    metrics::METRICS.set_offload_mode(match offload.maps() {
+        Some(_) => "sockmap",
+        None => "userspace",
+    });
+    if let Some(addr) = config.metrics {
+        let socket = metrics_server::bind(addr).await?;
+        log::info!("metrics: serving Prometheus text at http://{}/metrics", socket.local_addr()?);
+        tokio::spawn(metrics_server::serve(socket, offload.clone()));
+    }
+    let drain_timeout = config.drain_timeout;
+    let mut server = server::Server::start(config, offload)?;
+    let mut signals = Signals::new()?;
+    while signals.next().await == Signal::Reload {
+        let Some(source) = &reload else {
+            log::warn!("SIGHUP: splicer was started with flags, not --config: nothing to reload");
+            continue;
         };
-        let listener = listener::bind(&ctx)?;
-        log::info!(
-            "[{}] listening on {} -> {} (send-proxy {:?}, accept-proxy {:?}{})",
-            l.name,
-            listener.local_addr()?,
-            l.upstreams
-                .iter()
-                .map(|u| u.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            l.send_proxy,
-            l.accept_proxy,
-            if l.proxy_passthrough {
-                ", passthrough"
-            } else {
-                ""
-            }
-        );
-        bound.push((Arc::new(ctx), listener));
+        let result = source.load().and_then(|c| server.reload(c));
+        metrics::METRICS.reload(result.is_ok());
+        match result {
+            Ok(()) => log::info!("reload: {} applied", source.path.display()),
+            Err(e) => log::error!("reload refused, the running configuration stays: {e:#}"),
+        }
     }
-    for (ctx, listener) in bound {
-        tokio::spawn(listener::serve(ctx, listener));
-    }
-    wait_for_stop().await;
+    server.drain(drain_timeout).await;
     log::info!("stopping: {}", metrics::COUNTERS.summary());
     Ok(())
 }
 
-async fn wait_for_stop() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+#[derive(PartialEq)]
+enum Signal {
+    Reload,
+    Stop,
+}
+
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.hup.recv() => Signal::Reload,
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+        }
     }
 }

@@ -204,6 +204,20 @@ pub fn build(version: Version, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     }
 }
 
+/// A header for a connection with no client behind it (a health check):
+/// v1 `UNKNOWN`, v2 `LOCAL`, which receivers answer with their own view
+/// of the connection.
+pub fn local_header(version: Version) -> Vec<u8> {
+    match version {
+        Version::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        Version::V2 => {
+            let mut out = V2_SIGNATURE.to_vec();
+            out.extend_from_slice(&[0x20, 0x00, 0, 0]);
+            out
+        }
+    }
+}
+
 /// Parses a header at the start of `buf`; bytes after it are left alone.
 ///
 /// The version is told by the first byte (`P` or `\r`), so with `Accept::V1`
@@ -469,6 +483,17 @@ mod tests {
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn local_headers_carry_no_address() {
+        let v1 = local_header(Version::V1);
+        assert_eq!(v1, b"PROXY UNKNOWN\r\n");
+        let h = parse(&v1, Accept::Auto).unwrap();
+        assert_eq!((h.addresses, h.len), (None, v1.len()));
+        let v2 = local_header(Version::V2);
+        let h = parse(&v2, Accept::Auto).unwrap();
+        assert_eq!((h.command, h.addresses, h.len), (Command::Local, None, 16));
     }
 
     fn tlv(typ: u8, value: &[u8]) -> Vec<u8> {

@@ -6,6 +6,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering::Relaxed},
 };
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::{io::Interest, net::TcpStream};
 
 /// How one direction of a connection ended.
@@ -23,7 +24,13 @@ const BUF_SIZE: usize = 64 * 1024;
 
 /// Copies `src` to `dst` until EOF, then half-closes `dst`. `bytes` counts
 /// what was passed on, and stays right if this future is dropped mid-way.
-pub async fn user_direction(src: &TcpStream, dst: &TcpStream, bytes: &AtomicU64) -> End {
+/// `metric` is the listener's live byte counter.
+pub async fn user_direction(
+    src: &TcpStream,
+    dst: &TcpStream,
+    bytes: &AtomicU64,
+    metric: &Counter,
+) -> End {
     loop {
         if src.readable().await.is_err() {
             return End::SrcReset;
@@ -42,6 +49,7 @@ pub async fn user_direction(src: &TcpStream, dst: &TcpStream, bytes: &AtomicU64)
                 return End::DstFailed;
             }
             bytes.fetch_add(n as u64, Relaxed);
+            metric.inc_by(n as u64);
         }
     }
 }

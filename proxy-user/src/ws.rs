@@ -61,8 +61,7 @@ pub async fn upgrade(
     let (head, raw) = match result {
         Ok(ok) => ok,
         Err(refusal) => {
-            let _ = relay::write_all(client, &refusal.response()).await;
-            close_gently(client);
+            refuse(client, &refusal).await;
             return Err(refusal);
         }
     };
@@ -107,6 +106,12 @@ fn forwarding(ws: &WsOptions, peer_trusted: bool, peer: SocketAddr, client: IpAd
 }
 
 const X_REAL_IP: &str = "X-Real-IP";
+
+/// Answers a request with `refusal`'s HTTP response and half-closes.
+pub async fn refuse(client: &TcpStream, refusal: &Refusal) {
+    let _ = relay::write_all(client, &refusal.response()).await;
+    close_gently(client);
+}
 
 /// Reads what is left of a refused request and half-closes, so the client
 /// gets the response and a FIN rather than a reset (closing a socket with

@@ -1,0 +1,210 @@
+//! Upstream health, HAProxy style: `fall` consecutive failures (active
+//! checks, or connects made for clients) take an upstream down, `rise`
+//! consecutive good checks bring it back. A down upstream gets no new
+//! clients. State changes are logged and exported.
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering::Relaxed},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::{
+    config::{Health, HealthCheck, SendProxy},
+    metrics::UpstreamMetrics,
+    proxy_protocol,
+};
+
+/// One upstream of one listener. Kept across reloads while the listener
+/// still lists the address, so its state and live count carry over.
+#[derive(Debug)]
+pub struct UpstreamState {
+    pub addr: SocketAddr,
+    listener: String,
+    up: AtomicBool,
+    /// Consecutive successes while down, failures while up.
+    streak: AtomicU32,
+    pub metrics: UpstreamMetrics,
+}
+
+impl UpstreamState {
+    pub fn new(listener: &str, addr: SocketAddr, metrics: UpstreamMetrics) -> Self {
+        metrics.up.set(1);
+        UpstreamState {
+            addr,
+            listener: listener.to_string(),
+            up: AtomicBool::new(true),
+            streak: AtomicU32::new(0),
+            metrics,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+
+    /// Live client connections to this upstream (least-conn).
+    pub fn active(&self) -> u64 {
+        self.metrics.active.get().max(0) as u64
+    }
+
+    /// Records one check or connect result. `why` says what failed.
+    pub fn report(&self, health: &Health, result: Result<(), String>) {
+        if health.check == HealthCheck::Off {
+            return;
+        }
+        let up = self.is_up();
+        match (&result, up) {
+            // The normal cases: nothing to count.
+            (Ok(()), true) | (Err(_), false) => self.streak.store(0, Relaxed),
+            (Ok(()), false) => self.step(health.rise, true, "UP", &result),
+            (Err(_), true) => self.step(health.fall, false, "DOWN", &result),
+        }
+    }
+
+    fn step(&self, needed: u32, to: bool, word: &str, result: &Result<(), String>) {
+        let n = self.streak.fetch_add(1, Relaxed) + 1;
+        if n < needed {
+            return;
+        }
+        // Only the caller that flips the state logs it.
+        if self.up.swap(to, Relaxed) != to {
+            self.streak.store(0, Relaxed);
+            self.metrics.up.set(i64::from(to));
+            let why = match result {
+                Ok(()) => format!("{n} good checks"),
+                Err(e) => format!("{n} failures in a row, last: {e}"),
+            };
+            log::warn!("[{}] upstream {} is {word} ({why})", self.listener, self.addr);
+        }
+    }
+}
+
+/// Checks one upstream every `interval` until the task is aborted (on
+/// reload or removal of the listener).
+pub async fn check_loop(
+    state: Arc<UpstreamState>,
+    health: Health,
+    send_proxy: SendProxy,
+    timeout: Duration,
+) {
+    let timeout = timeout.min(health.interval);
+    let mut tick = tokio::time::interval(health.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result = match tokio::time::timeout(timeout, check(state.addr, health.check, send_proxy)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        };
+        if result.is_err() {
+            state.metrics.failures.inc();
+        }
+        state.report(&health, result);
+    }
+}
+
+/// One check: a TCP connect, or an MQTT CONNECT that must get a CONNACK
+/// with return code 0.
+async fn check(addr: SocketAddr, kind: HealthCheck, send_proxy: SendProxy) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    if kind != HealthCheck::Mqtt {
+        return Ok(());
+    }
+    // A broker that expects PROXY headers gets one saying "local": a
+    // check of the proxy itself, with no client behind it (HAProxy's
+    // check-send-proxy does the same).
+    let mut packet = send_proxy
+        .version()
+        .map_or_else(Vec::new, proxy_protocol::local_header);
+    packet.extend_from_slice(MQTT_CONNECT);
+    s.write_all(&packet).await.map_err(|e| format!("write: {e}"))?;
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack)
+        .await
+        .map_err(|e| format!("no CONNACK: {e}"))?;
+    match connack {
+        [0x20, 0x02, _, 0] => {
+            let _ = s.write_all(&[0xE0, 0x00]).await; // DISCONNECT
+            Ok(())
+        }
+        [0x20, 0x02, _, rc] => Err(format!("CONNACK refused the check, return code {rc}")),
+        other => Err(format!("not a CONNACK: {other:02x?}")),
+    }
+}
+
+/// MQTT 3.1.1 CONNECT: clean session, keep-alive 60 s, client id
+/// "splicer-health-check".
+const MQTT_CONNECT: &[u8] = &[
+    0x10, 32, // CONNECT, remaining length
+    0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, // protocol, level, flags, keep-alive
+    0, 20, b's', b'p', b'l', b'i', b'c', b'e', b'r', b'-', b'h', b'e', b'a', b'l', b't', b'h', b'-',
+    b'c', b'h', b'e', b'c', b'k',
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(rise: u32, fall: u32) -> Health {
+        Health {
+            check: HealthCheck::Tcp,
+            interval: Duration::from_secs(1),
+            rise,
+            fall,
+        }
+    }
+
+    fn state() -> UpstreamState {
+        let m = crate::metrics::METRICS.upstream("health-unit", "127.0.0.1:1");
+        UpstreamState::new("health-unit", "127.0.0.1:1".parse().unwrap(), m)
+    }
+
+    #[test]
+    fn falls_after_fall_failures_in_a_row_and_rises_after_rise() {
+        let h = health(2, 3);
+        let s = state();
+        let fail = || Err("refused".to_string());
+        s.report(&h, fail());
+        s.report(&h, fail());
+        s.report(&h, Ok(())); // breaks the streak
+        s.report(&h, fail());
+        s.report(&h, fail());
+        assert!(s.is_up());
+        s.report(&h, fail());
+        assert!(!s.is_up());
+        assert_eq!(s.metrics.up.get(), 0);
+        s.report(&h, Ok(()));
+        s.report(&h, fail()); // breaks the streak
+        s.report(&h, Ok(()));
+        assert!(!s.is_up());
+        s.report(&h, Ok(()));
+        assert!(s.is_up());
+        assert_eq!(s.metrics.up.get(), 1);
+    }
+
+    #[test]
+    fn off_never_marks_down() {
+        let h = Health {
+            check: HealthCheck::Off,
+            ..health(1, 1)
+        };
+        let s = state();
+        s.report(&h, Err("refused".into()));
+        assert!(s.is_up());
+    }
+
+    #[test]
+    fn connect_packet_length_matches() {
+        assert_eq!(MQTT_CONNECT[1] as usize, MQTT_CONNECT.len() - 2);
+    }
+}

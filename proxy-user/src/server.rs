@@ -1,0 +1,224 @@
+//! The running listeners: start them, reload them from a new config
+//! (SIGHUP), and drain them (SIGTERM).
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+use crate::{
+    config::{Config, HealthCheck, Listener},
+    conn::ListenerCtx,
+    health, listener,
+    metrics::COUNTERS,
+    offload::Offload,
+    shutdown,
+};
+
+pub struct Server {
+    config: Config,
+    offload: Arc<Offload>,
+    running: Vec<Running>,
+}
+
+struct Running {
+    ctx: watch::Sender<Arc<ListenerCtx>>,
+    accept: JoinHandle<()>,
+    checks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    fn config(&self) -> Listener {
+        self.ctx.borrow().config.clone()
+    }
+
+    fn stop_checks(&mut self) {
+        self.checks.drain(..).for_each(|c| c.abort());
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // Closes the listening socket; live connections are separate tasks.
+        self.accept.abort();
+        self.stop_checks();
+    }
+}
+
+impl Server {
+    pub fn start(config: Config, offload: Arc<Offload>) -> Result<Server> {
+        let mut running = Vec::new();
+        for l in &config.listeners {
+            let socket = listener::bind(&l.name, l.listen)?;
+            let ctx = Arc::new(ListenerCtx::new(l.clone(), offload.clone(), None));
+            running.push(launch(ctx, socket));
+        }
+        Ok(Server {
+            config,
+            offload,
+            running,
+        })
+    }
+
+    /// Applies `new`: added listeners start, removed ones stop accepting,
+    /// changed ones serve new clients with the new settings. Live
+    /// connections keep what they started with. All or nothing: if any
+    /// new address cannot be bound, nothing changes.
+    pub fn reload(&mut self, new: Config) -> Result<()> {
+        for (key, changed) in [
+            ("log-level", new.log_level != self.config.log_level),
+            ("offload", new.offload != self.config.offload),
+            ("metrics", new.metrics != self.config.metrics),
+        ] {
+            if changed {
+                log::warn!("reload: key `{key}` changed; it takes effect at the next restart");
+            }
+        }
+        let old: HashMap<String, Listener> = self
+            .running
+            .iter()
+            .map(|r| (r.config().name.clone(), r.config()))
+            .collect();
+        // Bind first, so a busy address refuses the whole reload.
+        let mut sockets = HashMap::new();
+        for l in &new.listeners {
+            if old.get(&l.name).is_none_or(|o| o.listen != l.listen) {
+                sockets.insert(l.name.clone(), listener::bind(&l.name, l.listen)?);
+            }
+        }
+        let mut previous: HashMap<String, Running> = self
+            .running
+            .drain(..)
+            .map(|r| (r.config().name.clone(), r))
+            .collect();
+        for l in &new.listeners {
+            let prev = previous.remove(&l.name);
+            match (prev, sockets.remove(&l.name)) {
+                (Some(r), None) if r.config() == *l => self.running.push(r),
+                (Some(mut r), None) => {
+                    let ctx = Arc::new(ListenerCtx::new(
+                        l.clone(),
+                        self.offload.clone(),
+                        Some(&r.ctx.borrow()),
+                    ));
+                    r.stop_checks();
+                    r.checks = spawn_checks(&ctx);
+                    r.ctx.send_replace(ctx);
+                    log::info!("[{}] reloaded: {}", l.name, describe(l));
+                    self.running.push(r);
+                }
+                (prev, Some(socket)) => {
+                    let ctx = Arc::new(ListenerCtx::new(
+                        l.clone(),
+                        self.offload.clone(),
+                        prev.as_ref().map(|r| r.ctx.borrow().clone()).as_deref(),
+                    ));
+                    drop(prev);
+                    self.running.push(launch(ctx, socket));
+                }
+                (None, None) => unreachable!("a new listener always has a socket"),
+            }
+        }
+        for name in previous.keys() {
+            log::info!("[{name}] removed: no longer accepting; live connections continue");
+        }
+        drop(previous);
+        self.config = new;
+        Ok(())
+    }
+
+    /// Stops accepting, waits up to `timeout` for live connections to
+    /// finish, then closes the rest with a FIN.
+    pub async fn drain(self, timeout: Duration) {
+        drop(self.running);
+        let live = || COUNTERS.active.load(Ordering::Relaxed);
+        if live() > 0 {
+            log::info!(
+                "draining: no longer accepting; waiting up to {timeout:?} for {} connections",
+                live()
+            );
+        }
+        if !wait_idle(timeout).await {
+            log::warn!("drain timeout: closing {} connections", live());
+            shutdown::force();
+            // Closing takes a few syscalls per connection; bound it anyway.
+            wait_idle(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+async fn wait_idle(timeout: Duration) -> bool {
+    let start = Instant::now();
+    while COUNTERS.active.load(Ordering::Relaxed) > 0 {
+        if start.elapsed() >= timeout {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+fn launch(ctx: Arc<ListenerCtx>, socket: TcpListener) -> Running {
+    let l = &ctx.config;
+    log::info!(
+        "[{}] listening on {} -> {}",
+        l.name,
+        socket.local_addr().map_or(l.listen, |a| a),
+        describe(l)
+    );
+    let checks = spawn_checks(&ctx);
+    let (tx, rx) = watch::channel(ctx);
+    Running {
+        ctx: tx,
+        accept: tokio::spawn(listener::serve(rx, socket)),
+        checks,
+    }
+}
+
+fn spawn_checks(ctx: &Arc<ListenerCtx>) -> Vec<JoinHandle<()>> {
+    let l = &ctx.config;
+    if l.health.check == HealthCheck::Off {
+        return Vec::new();
+    }
+    ctx.balancer
+        .upstreams()
+        .map(|u| {
+            tokio::spawn(health::check_loop(
+                u.clone(),
+                l.health,
+                l.send_proxy,
+                l.connect_timeout,
+            ))
+        })
+        .collect()
+}
+
+/// The listener's settings in one log line.
+fn describe(l: &Listener) -> String {
+    let upstreams: Vec<String> = l.upstreams.iter().map(|u| u.to_string()).collect();
+    let mut s = format!(
+        "{} (balance {:?}, send-proxy {:?}, accept-proxy {:?}",
+        upstreams.join(", "),
+        l.balance,
+        l.send_proxy,
+        l.accept_proxy
+    );
+    if l.proxy_passthrough {
+        s.push_str(", passthrough");
+    }
+    if l.health.check != HealthCheck::Off {
+        let h = &l.health;
+        s.push_str(&format!(
+            ", health-check {:?} every {:?} rise {} fall {}",
+            h.check, h.interval, h.rise, h.fall
+        ));
+    }
+    if let Some(m) = l.max_conns {
+        s.push_str(&format!(", max-conns {m}"));
+    }
+    s.push(')');
+    s
+}
