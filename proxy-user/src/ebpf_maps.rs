@@ -68,8 +68,10 @@ impl Maps {
             .program_mut(PROG_VERDICT)
             .ok_or_else(|| anyhow!("program {PROG_VERDICT} missing from the eBPF object"))?
             .try_into()?;
-        prog.load()
-            .map_err(|e| anyhow!("loading the sk_skb verdict program: {e}"))?;
+        prog.load().map_err(|e| {
+            explain_load_error(aya::EbpfError::ProgramError(e))
+                .context("loading the sk_skb verdict program")
+        })?;
         prog.attach(spliced.fd())
             .context("attaching the verdict program to the SPLICED sockhash")?;
         let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);

@@ -1,7 +1,7 @@
 //! Binding a listener and accepting clients, with `max-conns`.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use socket2::{Domain, Socket, Type};
 use tokio::{net::TcpListener, sync::watch};
 
@@ -17,9 +17,15 @@ pub fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("listener `{name}`: cannot bind {addr}"))?;
+    socket.bind(&addr.into()).map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+                " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+            }
+            _ => "",
+        };
+        anyhow::anyhow!("listener `{name}`: cannot bind {addr}: {e}{hint}")
+    })?;
     socket.listen(BACKLOG)?;
     Ok(TcpListener::from_std(socket.into())?)
 }
