@@ -21,6 +21,10 @@ pub struct Link {
     /// The last `LIMITS` value the program signalled on EVENTS, so each
     /// limit is signalled once.
     pub signalled: u64,
+    /// Userspace's handle for the connection (both sockets carry the same
+    /// one), which the program reports on EVENTS: it wakes the connection
+    /// without a lookup by cookie.
+    pub token: u64,
 }
 
 #[cfg(feature = "user")]

@@ -40,7 +40,8 @@ static SPLICED: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 #[map]
 static LIMITS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
-/// Cookies of sockets whose `redirected` reached their LIMITS mark.
+/// Tokens (see Link) of connections one of whose sockets' `redirected`
+/// reached its LIMITS mark.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
@@ -90,7 +91,10 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     if let Some(limit) = unsafe { LIMITS.get(&cookie).copied() } {
         if field(redirected) >= limit && field(signalled) != limit {
             set(signalled, limit);
-            if EVENTS.output::<u64>(cookie, 0).is_err() {
+            // SAFETY: as above; `token` is written only by userspace, before
+            // the socket joins SPLICED.
+            let token = unsafe { (*link).token };
+            if EVENTS.output::<u64>(token, 0).is_err() {
                 error!(&ctx, "splice: EVENTS full, socket {} not signalled", cookie);
             }
         }

@@ -9,17 +9,18 @@ use std::{
     time::Instant,
 };
 
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::watch};
 
 use crate::{
     accept_proxy::{self, Rejection},
     access::Access,
     balance::Balancer,
-    config::Listener,
+    config::{HealthCheck, Listener},
     health::UpstreamState,
     http_upgrade::Refusal,
-    metrics::{self, CloseReason, ListenerMetrics, Path, Reject, LIVE},
+    metrics::{self, CloseReason, ListenerMetrics, Path, Reject},
     offload::Offload,
+    park,
     relay::{self, End},
     shutdown,
     splice::{self, Direction},
@@ -53,9 +54,18 @@ impl ListenerCtx {
                         let m = metrics::METRICS.upstream(&config.name, &u.addr.to_string());
                         Arc::new(UpstreamState::new(&config.name, u.addr, m))
                     });
+                if config.health.check == HealthCheck::Off {
+                    state.force_up();
+                }
                 (state, u.weight)
             })
             .collect();
+        // Upstreams no longer listed leave /metrics.
+        for old in previous.iter().flat_map(|p| p.balancer.upstreams()) {
+            if !config.upstreams.iter().any(|u| u.addr == old.addr) {
+                metrics::METRICS.forget_upstream(&config.name, &old.addr.to_string());
+            }
+        }
         ListenerCtx {
             trusted: Trusted::new(&config.trusted_proxies),
             access: Access::new(&config.allow, &config.deny),
@@ -69,11 +79,13 @@ impl ListenerCtx {
 
 /// Serves one accepted client; the accept loop has counted it.
 pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
-    let reason = serve(&ctx, client, peer).await;
-    ctx.metrics.closed(reason);
+    if let Some(reason) = serve(&ctx, client, peer).await {
+        ctx.metrics.closed(reason);
+    }
 }
 
-async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) -> CloseReason {
+/// None when the connection ends up parked (park.rs closes and counts it).
+async fn serve(ctx: &Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) -> Option<CloseReason> {
     let started = Instant::now();
     // An IPv4 client on a dual-stack listener is logged as IPv4, as trusted.
     let peer = SocketAddr::new(trust::canonical(peer.ip()), peer.port());
@@ -87,7 +99,7 @@ async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) -> CloseR
                 _ => Reject::bad_proxy_header,
             });
             log::warn!("[{name}] {peer}: rejected: {why}");
-            return CloseReason::rejected;
+            return Some(CloseReason::rejected);
         }
     };
     if let (Some((h, _)), false) = (&id.inbound, id.trusted) {
@@ -98,7 +110,7 @@ async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) -> CloseR
         );
     }
     let Ok(local) = client.local_addr() else {
-        return CloseReason::error;
+        return Some(CloseReason::error);
     };
     let mut consumed = id.inbound.as_ref().map_or(0, |(_, raw)| raw.len() as u64);
     let mut head = Vec::new();
@@ -116,7 +128,7 @@ async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) -> CloseR
                     "[{name}] {peer}: refused WebSocket upgrade ({}): {refusal:?}",
                     refusal.status()
                 );
-                return CloseReason::rejected;
+                return Some(CloseReason::rejected);
             }
         }
     }
@@ -129,48 +141,84 @@ async fn serve(ctx: &ListenerCtx, client: TcpStream, peer: SocketAddr) -> CloseR
         m.rejected(Reject::access_denied);
         log::warn!("[{name}] {who}: access denied (allow/deny)");
         refuse(ctx, &client, Refusal::Forbidden).await;
-        return CloseReason::rejected;
+        return Some(CloseReason::rejected);
     }
     let Some((upstream, state)) = connect_upstream(ctx, id.client).await else {
         m.rejected(Reject::upstream_down);
         log::warn!("[{name}] {who}: every upstream is down, closing the client");
         refuse(ctx, &client, Refusal::BadGateway).await;
-        return CloseReason::rejected;
+        return Some(CloseReason::rejected);
     };
-    let upstream_addr = state.addr;
     state.metrics.active.inc();
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let mut bytes = accept_proxy::upstream_header(&ctx.config, &id, local).unwrap_or_default();
     bytes.extend_from_slice(&head);
-    let t = match proxy(ctx, Preface { bytes, consumed }, client, upstream).await {
-        Ok(t) => t,
+    let conn = Conn {
+        ctx,
+        started,
+        peer,
+        client: id.client,
+        upstream: &state,
+    };
+    let t = match proxy(&conn, Preface { bytes, consumed }, client, upstream).await {
+        Ok(Some(t)) => t,
+        Ok(None) => return None,
         Err(e) => {
-            log::warn!("[{name}] {who} -> {upstream_addr}: {e:#}");
+            log::warn!("[{name}] {who} -> {}: {e:#}", state.addr);
             Totals {
                 how: "error",
                 ..Totals::default()
             }
         }
     };
-    state.metrics.active.dec();
+    closed(ctx, peer, id.client, &state, &t, started.elapsed());
+    None
+}
+
+/// Logs a connection's close line and counts its end.
+pub fn closed(
+    ctx: &ListenerCtx,
+    peer: SocketAddr,
+    client: SocketAddr,
+    upstream: &UpstreamState,
+    t: &Totals,
+    duration: std::time::Duration,
+) {
+    upstream.metrics.active.dec();
+    let who = match client == peer {
+        true => format!("client={peer}"),
+        false => format!("client={client} via={peer}"),
+    };
     log::info!(
-        "[{name}] closed {who} upstream={upstream_addr} client_to_upstream={} upstream_to_client={} \
+        "[{}] closed {who} upstream={} client_to_upstream={} upstream_to_client={} \
          kernel_bytes={} duration={:.3}s end={}",
+        ctx.config.name,
+        upstream.addr,
         t.c2u,
         t.u2c,
         t.kernel,
-        started.elapsed().as_secs_f64(),
+        duration.as_secs_f64(),
         t.how
     );
-    match t.how {
+    ctx.metrics.closed(match t.how {
         "client closed" => CloseReason::client_closed,
         "upstream closed" => CloseReason::upstream_closed,
         "client reset" => CloseReason::client_reset,
         "upstream reset" => CloseReason::upstream_reset,
         DRAINED => CloseReason::drained,
         _ => CloseReason::error,
-    }
+    });
+}
+
+/// Who a connection is, for its close line and its parking.
+struct Conn<'a> {
+    ctx: &'a Arc<ListenerCtx>,
+    started: Instant,
+    /// The TCP peer, and the real client behind it.
+    peer: SocketAddr,
+    client: SocketAddr,
+    upstream: &'a Arc<UpstreamState>,
 }
 
 /// A WebSocket client gets an HTTP answer before the close; a TCP client
@@ -209,12 +257,12 @@ async fn connect_upstream(
 
 /// What a connection carried, for its close line.
 #[derive(Default)]
-struct Totals {
-    c2u: u64,
-    u2c: u64,
+pub struct Totals {
+    pub c2u: u64,
+    pub u2c: u64,
     /// Of those, bytes the kernel redirected (never seen by userspace).
-    kernel: u64,
-    how: &'static str,
+    pub kernel: u64,
+    pub how: &'static str,
 }
 
 /// Forwards until both directions are closed or one side resets, then
@@ -228,129 +276,133 @@ struct Preface {
     consumed: u64,
 }
 
+/// Ok(None): the connection is parked (park.rs carries on with it).
 async fn proxy(
-    ctx: &ListenerCtx,
+    conn: &Conn<'_>,
     preface: Preface,
     client: TcpStream,
     upstream: TcpStream,
-) -> anyhow::Result<Totals> {
+) -> anyhow::Result<Option<Totals>> {
+    let ctx = conn.ctx;
     relay::write_all(&upstream, &preface.bytes).await?;
     // Once userspace has read from the client, it also forwards whatever
     // else is queued (see relay::forward_queued), so that the kernel only
     // ever gets untouched skbs. `consumed` then covers every byte userspace
     // took, so the FIN check knows all later ones went through the kernel.
-    let mut consumed = 0;
     let mut c2u_early = 0;
     if preface.consumed > 0 {
         c2u_early = relay::forward_queued(&client, &upstream).await?;
-        user_bytes(ctx, C2U).inc_by(c2u_early);
-        consumed = preface.consumed + c2u_early;
+        ctx.metrics.user_bytes(C2U).inc_by(c2u_early);
     }
     let Some(maps) = ctx.offload.maps() else {
         ctx.metrics.offloaded(Path::userspace);
-        return Ok(relayed(ctx, &client, &upstream, c2u_early).await);
+        return Ok(Some(relayed(ctx, &client, &upstream, c2u_early).await));
     };
-    let handoff = splice::handoff(maps, &client, &upstream);
-    let (Some((c, u)), Some(signals)) = (handoff.cookies, &handoff.signals) else {
+    let token = park::token();
+    let handoff = splice::handoff(maps, &client, &upstream, token);
+    let Some((c, u)) = handoff.cookies else {
+        park::release(token);
         ctx.metrics.offloaded(Path::userspace);
-        return Ok(relayed(ctx, &client, &upstream, c2u_early).await);
+        return Ok(Some(relayed(ctx, &client, &upstream, c2u_early).await));
     };
-    LIVE.track((c, u), &ctx.metrics);
-    let watcher = Watcher::get()?;
-    // Bytes relayed in userspace; the kernel's own count is in the links.
-    let (c2u_user, u2c_user) = (AtomicU64::new(c2u_early), AtomicU64::new(0));
-    let how = if handoff.client_spliced && handoff.upstream_spliced {
+    if handoff.client_spliced && handoff.upstream_spliced {
+        // The kernel carries both ways: park it, with no task at all.
         ctx.metrics.offloaded(Path::kernel);
-        // The kernel carries both ways: leave tokio's epoll (which would
-        // wake for every skb) and wait on the splice watcher alone.
-        let (client, upstream) = (client.into_std()?, upstream.into_std()?);
-        let (cw, uw) = (
-            watcher.watch(client.as_raw_fd())?,
-            watcher.watch(upstream.as_raw_fd())?,
+        let spliced = park::Spliced::new(
+            token,
+            client,
+            upstream,
+            &handoff,
+            (preface.consumed, c2u_early),
+            conn.started,
+            (conn.peer, conn.client),
+            ctx.clone(),
+            conn.upstream.clone(),
         );
-        let how = drive(
-            Direction::new(
-                maps,
-                (&client, &cw, &signals.0),
-                &upstream,
-                handoff.upstream_base,
-            )
-            .consumed(consumed)
-            .run(),
-            Direction::new(
-                maps,
-                (&upstream, &uw, &signals.1),
-                &client,
-                handoff.client_base,
-            )
-            .run(),
-            splice::wait_reset(&client, &cw),
-            splice::wait_reset(&upstream, &uw),
-        )
-        .await;
-        abort_if_reset(how, &client, &upstream);
-        drop((cw, uw)); // deregister before the fds close and can be reused
-        how
-    } else {
-        // One side half-closed before the handoff: the kernel carries the
-        // other direction, userspace this one.
-        ctx.metrics.offloaded(Path::userspace);
-        let (cw, uw) = (
-            watcher.watch(client.as_raw_fd())?,
-            watcher.watch(upstream.as_raw_fd())?,
-        );
-        let c2u = async {
+        match spliced.and_then(|s| park::start(token, s)) {
+            Ok(()) => return Ok(None),
+            Err(e) => {
+                // The sockets are gone with the error; nothing to relay.
+                splice::forget(maps, (c, u));
+                park::release(token);
+                return Err(e.into());
+            }
+        }
+    }
+    // One side half-closed before the handoff: the kernel carries the
+    // other direction, userspace this one, in this task.
+    ctx.metrics.offloaded(Path::userspace);
+    let mut wake = park::waiter(token);
+    let watcher = Watcher::get()?;
+    watcher.add(client.as_raw_fd(), token)?;
+    watcher.add(upstream.as_raw_fd(), token)?;
+    let (c2u_user, u2c_user) = (AtomicU64::new(c2u_early), AtomicU64::new(0));
+    let consumed = preface.consumed + c2u_early;
+    let kernel_c2u = Direction::new(maps, client.as_fd(), upstream.as_fd(), c, handoff.upstream_base)
+        .consumed(consumed);
+    let kernel_u2c = Direction::new(maps, upstream.as_fd(), client.as_fd(), u, handoff.client_base);
+    let (w1, w2, w3) = (wake.clone(), wake.clone(), wake.clone());
+    let how = drive(
+        async {
             match handoff.client_spliced {
-                true => {
-                    Direction::new(
-                        maps,
-                        (&client, &cw, &signals.0),
-                        &upstream,
-                        handoff.upstream_base,
-                    )
-                    .consumed(consumed)
-                    .run()
-                    .await
-                }
+                true => kernel_direction(&kernel_c2u, w1).await,
                 false => relay::user_direction(&client, &upstream, &c2u_user, user_bytes(ctx, C2U)).await,
             }
-        };
-        let u2c = async {
+        },
+        async {
             match handoff.upstream_spliced {
-                true => {
-                    Direction::new(
-                        maps,
-                        (&upstream, &uw, &signals.1),
-                        &client,
-                        handoff.client_base,
-                    )
-                    .run()
-                    .await
-                }
+                true => kernel_direction(&kernel_u2c, w2).await,
                 false => relay::user_direction(&upstream, &client, &u2c_user, user_bytes(ctx, U2C)).await,
             }
-        };
-        let how = drive(
-            c2u,
-            u2c,
-            relay::wait_reset(&client),
-            relay::wait_reset(&upstream),
-        )
-        .await;
-        abort_if_reset(how, &client, &upstream);
-        drop((cw, uw));
-        drop((client, upstream));
-        how
-    };
+        },
+        reset_after_fin(&client, handoff.client_spliced, w3),
+        reset_after_fin(&upstream, handoff.upstream_spliced, {
+            wake.mark_unchanged();
+            wake
+        }),
+    )
+    .await;
+    abort_if_reset(how, &client, &upstream);
+    watcher.remove(client.as_raw_fd());
+    watcher.remove(upstream.as_raw_fd());
+    drop((client, upstream));
     // Both sockets are closed (so out of the sockhashes) before their links go.
     let (c_link, u_link) = splice::forget(maps, (c, u));
-    LIVE.finish(c, (c_link.redirected, u_link.redirected));
-    Ok(Totals {
+    park::release(token);
+    ctx.metrics.kernel.add_closed(c_link.redirected, u_link.redirected);
+    Ok(Some(Totals {
         c2u: c2u_user.load(Relaxed) + c_link.redirected,
         u2c: u2c_user.load(Relaxed) + u_link.redirected,
         kernel: c_link.redirected + u_link.redirected,
         how,
-    })
+    }))
+}
+
+/// A kernel-carried direction in a task: looks at it after every wake-up.
+async fn kernel_direction(d: &Direction<'_>, mut wake: watch::Receiver<()>) -> End {
+    loop {
+        if let Some(end) = d.advance().await {
+            return end;
+        }
+        if wake.changed().await.is_err() {
+            return End::DstFailed;
+        }
+    }
+}
+
+/// Resolves if `sock` is reset after its FIN was passed on.
+async fn reset_after_fin(sock: &TcpStream, spliced: bool, mut wake: watch::Receiver<()>) -> End {
+    if !spliced {
+        return relay::wait_reset(sock).await;
+    }
+    loop {
+        if splice::was_reset(sock.as_fd()) {
+            return End::SrcReset;
+        }
+        if wake.changed().await.is_err() {
+            return End::SrcReset;
+        }
+    }
 }
 
 /// Both directions relayed in userspace; `c2u_early` bytes already were.
@@ -374,7 +426,7 @@ async fn relayed(ctx: &ListenerCtx, client: &TcpStream, upstream: &TcpStream, c2
 
 /// Passes a reset on: both sockets will close with RST instead of FIN.
 /// At the end of a drain, both get a FIN now, whatever they were doing.
-fn abort_if_reset(how: &str, client: &impl AsFd, upstream: &impl AsFd) {
+pub fn abort_if_reset(how: &str, client: &impl AsFd, upstream: &impl AsFd) {
     if how.ends_with("reset") {
         relay::abort_on_close(client);
         relay::abort_on_close(upstream);
@@ -387,13 +439,13 @@ fn abort_if_reset(how: &str, client: &impl AsFd, upstream: &impl AsFd) {
 }
 
 /// The close line's `end=` when a SIGTERM drain ran out of time.
-const DRAINED: &str = "drained";
+pub const DRAINED: &str = "drained";
 
 const C2U: metrics::Direction = metrics::Direction::client_to_upstream;
 const U2C: metrics::Direction = metrics::Direction::upstream_to_client;
 
 fn user_bytes(ctx: &ListenerCtx, d: metrics::Direction) -> &prometheus_client::metrics::counter::Counter {
-    ctx.metrics.bytes(d, Path::userspace)
+    ctx.metrics.user_bytes(d)
 }
 
 /// Runs both directions. A FIN in one direction leaves the other running
@@ -424,11 +476,20 @@ async fn drive(
             e = &mut upstream_reset, if u2c_end == Some(End::Fin) && c2u_end.is_none() => u2c_end = Some(e),
             () = &mut drained => return DRAINED,
         }
-        match (c2u_end, u2c_end) {
-            (Some(End::SrcReset), _) | (_, Some(End::DstFailed)) => return "client reset",
-            (Some(End::DstFailed), _) | (_, Some(End::SrcReset)) => return "upstream reset",
-            (Some(_), Some(_)) => return first_fin.unwrap_or("closed"),
-            _ => {}
+        if let Some(how) = outcome(c2u_end, u2c_end, first_fin.unwrap_or("closed")) {
+            return how;
         }
+    }
+}
+
+/// How a connection ended, once it has: a reset anywhere ends both
+/// directions; otherwise both must have ended, and `first` says which
+/// side closed first.
+pub fn outcome(c2u: Option<End>, u2c: Option<End>, first: &'static str) -> Option<&'static str> {
+    match (c2u, u2c) {
+        (Some(End::SrcReset), _) | (_, Some(End::DstFailed)) => Some("client reset"),
+        (Some(End::DstFailed), _) | (_, Some(End::SrcReset)) => Some("upstream reset"),
+        (Some(_), Some(_)) => Some(first),
+        _ => None,
     }
 }

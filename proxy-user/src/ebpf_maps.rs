@@ -1,10 +1,6 @@
 //! Loading the eBPF object and operating its maps: which socket redirects to
 //! which, and the per-socket byte counters the verdict program keeps.
-use std::{
-    collections::HashMap as StdHashMap,
-    os::fd::AsRawFd,
-    sync::{Arc, Mutex},
-};
+use std::{os::fd::AsRawFd, sync::Mutex};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
@@ -15,7 +11,6 @@ use aya::{
 use proxy_common::{
     Link, MAP_EVENTS, MAP_LIMITS, MAP_LINKS, MAP_SPLICED, MAP_TARGETS, PROG_VERDICT,
 };
-use tokio::sync::Notify;
 
 /// The object `cargo xtask build` compiled; empty if built without it.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
@@ -23,8 +18,6 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub struct Maps {
     links: Mutex<HashMap<MapData, u64, Link>>,
     limits: Mutex<HashMap<MapData, u64, u64>>,
-    /// Who to wake when the program signals a socket's cookie on EVENTS.
-    waiters: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>,
     targets: Mutex<SockHash<MapData, u64>>,
     spliced: Mutex<SockHash<MapData, u64>>,
     pub prog_id: u32,
@@ -62,8 +55,7 @@ impl Maps {
         let spliced: SockHash<MapData, u64> = take(&mut ebpf, MAP_SPLICED)?.try_into()?;
         let limits: HashMap<MapData, u64, u64> = take(&mut ebpf, MAP_LIMITS)?.try_into()?;
         let events: RingBuf<MapData> = take(&mut ebpf, MAP_EVENTS)?.try_into()?;
-        let waiters = Arc::new(Mutex::new(StdHashMap::new()));
-        dispatch_events(events, waiters.clone())?;
+        dispatch_events(events)?;
         let prog: &mut SkSkb = ebpf
             .program_mut(PROG_VERDICT)
             .ok_or_else(|| anyhow!("program {PROG_VERDICT} missing from the eBPF object"))?
@@ -78,7 +70,6 @@ impl Maps {
         Ok(Maps {
             links: Mutex::new(links),
             limits: Mutex::new(limits),
-            waiters,
             targets: Mutex::new(targets),
             spliced: Mutex::new(spliced),
             prog_id,
@@ -86,9 +77,11 @@ impl Maps {
         })
     }
 
-    pub fn set_link(&self, cookie: u64, peer: u64) -> Result<()> {
+    /// `token` is the connection's handle in park.rs, reported on EVENTS.
+    pub fn set_link(&self, cookie: u64, peer: u64, token: u64) -> Result<()> {
         let link = Link {
             peer,
+            token,
             ..Link::default()
         };
         self.links
@@ -138,47 +131,13 @@ impl Maps {
             .context("LIMITS insert")
     }
 
-    /// Registers for the socket's limit signals; the returned guard
-    /// unregisters and drops the limit.
-    pub fn on_limit(&self, cookie: u64) -> LimitSignal<'_> {
-        let notify = Arc::new(Notify::new());
-        self.waiters.lock().unwrap().insert(cookie, notify.clone());
-        LimitSignal {
-            maps: self,
-            cookie,
-            notify,
-        }
+    pub fn remove_limit(&self, cookie: u64) {
+        let _ = self.limits.lock().unwrap().remove(&cookie);
     }
 }
 
-pub struct LimitSignal<'a> {
-    maps: &'a Maps,
-    cookie: u64,
-    notify: Arc<Notify>,
-}
-
-impl LimitSignal<'_> {
-    pub fn cookie(&self) -> u64 {
-        self.cookie
-    }
-
-    pub async fn wait(&self) {
-        self.notify.notified().await;
-    }
-}
-
-impl Drop for LimitSignal<'_> {
-    fn drop(&mut self) {
-        self.maps.waiters.lock().unwrap().remove(&self.cookie);
-        let _ = self.maps.limits.lock().unwrap().remove(&self.cookie);
-    }
-}
-
-/// Reads cookies off the EVENTS ring buffer and wakes their waiters.
-fn dispatch_events(
-    events: RingBuf<MapData>,
-    waiters: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>,
-) -> Result<()> {
+/// Reads tokens off the EVENTS ring buffer and wakes their connections.
+fn dispatch_events(events: RingBuf<MapData>) -> Result<()> {
     // SAFETY: the ring buffer owns its fd and keeps it open and unchanged
     // for as long as the AsyncFd holds it.
     let mut events = unsafe {
@@ -191,11 +150,8 @@ fn dispatch_events(
                 return;
             };
             while let Some(item) = guard.get_inner_mut().next() {
-                let Ok(bytes) = <[u8; 8]>::try_from(&*item) else {
-                    continue;
-                };
-                if let Some(n) = waiters.lock().unwrap().get(&u64::from_ne_bytes(bytes)) {
-                    n.notify_one();
+                if let Ok(bytes) = <[u8; 8]>::try_from(&*item) {
+                    crate::park::wake(u64::from_ne_bytes(bytes));
                 }
             }
             guard.clear_ready();

@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering::Relaxed},
-        Arc,
+        Arc, LazyLock,
     },
     time::Duration,
 };
@@ -43,6 +43,16 @@ impl UpstreamState {
             up: AtomicBool::new(true),
             streak: AtomicU32::new(0),
             metrics,
+        }
+    }
+
+    /// Health checks were turned off: nothing will ever bring it back, so
+    /// it is up from now on.
+    pub fn force_up(&self) {
+        self.streak.store(0, Relaxed);
+        if !self.up.swap(true, Relaxed) {
+            self.metrics.up.set(1);
+            log::info!("[{}] upstream {} is UP (health checks turned off)", self.listener, self.addr);
         }
     }
 
@@ -126,7 +136,7 @@ async fn check(addr: SocketAddr, kind: HealthCheck, send_proxy: SendProxy) -> Re
     let mut packet = send_proxy
         .version()
         .map_or_else(Vec::new, proxy_protocol::local_header);
-    packet.extend_from_slice(MQTT_CONNECT);
+    packet.extend_from_slice(&mqtt_connect(&CLIENT_ID));
     s.write_all(&packet).await.map_err(|e| format!("write: {e}"))?;
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack)
@@ -142,14 +152,25 @@ async fn check(addr: SocketAddr, kind: HealthCheck, send_proxy: SendProxy) -> Re
     }
 }
 
-/// MQTT 3.1.1 CONNECT: clean session, keep-alive 60 s, client id
-/// "splicer-health-check".
-const MQTT_CONNECT: &[u8] = &[
-    0x10, 32, // CONNECT, remaining length
-    0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, // protocol, level, flags, keep-alive
-    0, 20, b's', b'p', b'l', b'i', b'c', b'e', b'r', b'-', b'h', b'e', b'a', b'l', b't', b'h', b'-',
-    b'c', b'h', b'e', b'c', b'k',
-];
+/// One client id per process: brokers drop an existing session when the
+/// same id connects again, so several splicer nodes checking one broker
+/// must not share an id.
+static CLIENT_ID: LazyLock<String> = LazyLock::new(|| {
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("splicer-health-check-{:x}-{nonce:08x}", std::process::id())
+});
+
+/// MQTT 3.1.1 CONNECT: clean session, keep-alive 60 s, no will, no login.
+fn mqtt_connect(client_id: &str) -> Vec<u8> {
+    let id = client_id.as_bytes();
+    let mut p = vec![0x10, (12 + id.len()) as u8];
+    p.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60]);
+    p.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    p.extend_from_slice(id);
+    p
+}
 
 #[cfg(test)]
 mod tests {
@@ -204,7 +225,21 @@ mod tests {
     }
 
     #[test]
-    fn connect_packet_length_matches() {
-        assert_eq!(MQTT_CONNECT[1] as usize, MQTT_CONNECT.len() - 2);
+    fn connect_packet_is_whole_and_ids_are_per_process() {
+        let p = mqtt_connect("abc");
+        assert_eq!(p, [0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 3, b'a', b'b', b'c']);
+        assert!(CLIENT_ID.starts_with("splicer-health-check-"));
+        assert!(CLIENT_ID.len() < 100, "one length byte is enough");
+    }
+
+    #[test]
+    fn force_up_clears_a_down_state() {
+        let h = health(1, 1);
+        let s = state();
+        s.report(&h, Err("refused".into()));
+        assert!(!s.is_up());
+        s.force_up();
+        assert!(s.is_up());
+        assert_eq!(s.metrics.up.get(), 1);
     }
 }

@@ -14,6 +14,7 @@ mod listener;
 mod metrics;
 mod metrics_server;
 mod offload;
+mod park;
 mod peek;
 mod proxy_protocol;
 mod realip;
@@ -81,6 +82,7 @@ fn raise_fd_limit() {
 
 async fn run(config: config::Config, reload: Option<cli::ReloadSource>) -> Result<()> {
     raise_fd_limit();
+    park::init();
     let offload = Arc::new(offload::Offload::init(config.offload, config.log_level)?);
     metrics::METRICS.set_offload_mode(match offload.maps() {
         Some(_) => "sockmap",

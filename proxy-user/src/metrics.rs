@@ -3,12 +3,9 @@
 //!
 //! Each listener gets a `ListenerMetrics` with its label values resolved
 //! once, so counting a connection costs no allocation or map lookup.
-use std::{
-    collections::HashMap,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        LazyLock, Mutex,
-    },
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, LazyLock, Mutex,
 };
 
 use prometheus_client::{
@@ -221,7 +218,7 @@ impl Families {
     /// The Prometheus/OpenMetrics text exposition.
     pub fn encode(&self, maps: Option<&Maps>) -> String {
         if let Some(maps) = maps {
-            LIVE.sync(maps);
+            crate::park::sync_kernel_bytes(maps);
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
@@ -258,6 +255,20 @@ impl Families {
     }
 }
 
+impl Families {
+    /// A reload dropped the upstream: its series go.
+    pub fn forget_upstream(&self, listener: &str, upstream: &str) {
+        let l = UpstreamLabels {
+            listener: listener.into(),
+            upstream: upstream.into(),
+        };
+        self.upstream_up.remove(&l);
+        self.upstream_active.remove(&l);
+        self.upstream_failures.remove(&l);
+        self.upstream_connect.remove(&l);
+    }
+}
+
 /// One upstream's metric handles.
 #[derive(Clone, Debug)]
 pub struct UpstreamMetrics {
@@ -275,9 +286,10 @@ pub struct ListenerMetrics {
     closed: [Counter; CLOSE_REASONS.len()],
     rejected: [Counter; REJECTS.len()],
     untrusted_ignored: Counter,
-    /// [direction][path]
-    pub bytes: [[Counter; 2]; 2],
+    /// [direction][path]; the kernel ones are published by `kernel`.
+    bytes: [[Counter; 2]; 2],
     offloaded: [Counter; 2],
+    pub kernel: Arc<KernelBytes>,
 }
 
 impl ListenerMetrics {
@@ -294,6 +306,14 @@ impl ListenerMetrics {
                 })
             })
         };
+        let bytes = [
+            bytes(Direction::client_to_upstream),
+            bytes(Direction::upstream_to_client),
+        ];
+        let kernel = KernelBytes::for_listener(
+            listener,
+            [bytes[0][Path::kernel as usize].clone(), bytes[1][Path::kernel as usize].clone()],
+        );
         ListenerMetrics {
             accepted: m.accepted.get_or_create_owned(&l),
             active: m.active.get_or_create_owned(&l),
@@ -310,10 +330,8 @@ impl ListenerMetrics {
                 })
             }),
             untrusted_ignored: m.untrusted_ignored.get_or_create_owned(&l),
-            bytes: [
-                bytes(Direction::client_to_upstream),
-                bytes(Direction::upstream_to_client),
-            ],
+            bytes,
+            kernel,
             offloaded: [Path::kernel, Path::userspace].map(|path| {
                 m.offloaded.get_or_create_owned(&OffloadLabels {
                     listener: name(),
@@ -361,67 +379,56 @@ impl ListenerMetrics {
         });
     }
 
-    pub fn bytes(&self, direction: Direction, path: Path) -> &Counter {
-        &self.bytes[direction as usize][path as usize]
+    /// The userspace byte counter of a direction (the relay adds to it).
+    pub fn user_bytes(&self, direction: Direction) -> &Counter {
+        &self.bytes[direction as usize][Path::userspace as usize]
     }
 }
 
-/// Spliced connections whose kernel byte counts are still growing: a
-/// scrape reads their eBPF links so the bytes counter is live, and the
-/// close adds what is left. One lock, so a byte is never counted twice
-/// or lost between the two.
-pub struct Live {
-    spliced: Mutex<HashMap<u64, LiveSplice>>,
+/// One listener's kernel-carried bytes. The exported counters are set at
+/// each scrape to what closed connections carried plus what parked ones
+/// have carried so far (park::sync_kernel_bytes), so they grow while a
+/// spliced connection is open; one per listener name, kept across reloads.
+#[derive(Debug)]
+pub struct KernelBytes {
+    closed: [AtomicU64; 2],
+    counters: [Counter; 2],
 }
 
-struct LiveSplice {
-    cookies: (u64, u64),
-    reported: (u64, u64),
-    counters: (Counter, Counter),
-}
+static KERNEL: Mutex<Vec<(String, Arc<KernelBytes>)>> = Mutex::new(Vec::new());
 
-pub static LIVE: LazyLock<Live> = LazyLock::new(|| Live {
-    spliced: Mutex::new(HashMap::new()),
-});
-
-impl Live {
-    /// Starts following a connection's links (client, upstream cookies).
-    pub fn track(&self, cookies: (u64, u64), m: &ListenerMetrics) {
-        let counters = (
-            m.bytes(Direction::client_to_upstream, Path::kernel).clone(),
-            m.bytes(Direction::upstream_to_client, Path::kernel).clone(),
-        );
-        self.spliced.lock().unwrap().insert(
-            cookies.0,
-            LiveSplice {
-                cookies,
-                reported: (0, 0),
-                counters,
-            },
-        );
-    }
-
-    /// The connection closed with these final kernel byte counts.
-    pub fn finish(&self, client_cookie: u64, redirected: (u64, u64)) {
-        if let Some(mut s) = self.spliced.lock().unwrap().remove(&client_cookie) {
-            s.report(redirected);
+impl KernelBytes {
+    fn for_listener(name: &str, counters: [Counter; 2]) -> Arc<KernelBytes> {
+        let mut all = KERNEL.lock().unwrap();
+        if let Some((_, k)) = all.iter().find(|(n, _)| n == name) {
+            return k.clone();
         }
+        let k = Arc::new(KernelBytes {
+            closed: Default::default(),
+            counters,
+        });
+        all.push((name.to_string(), k.clone()));
+        k
     }
 
-    fn sync(&self, maps: &Maps) {
-        for s in self.spliced.lock().unwrap().values_mut() {
-            let read = |c| maps.link(c).map_or(0, |l| l.redirected);
-            let now = (read(s.cookies.0), read(s.cookies.1));
-            s.report(now);
+    /// A connection closed having redirected these (client to upstream,
+    /// upstream to client).
+    pub fn add_closed(&self, c2u: u64, u2c: u64) {
+        self.closed[0].fetch_add(c2u, Ordering::Relaxed);
+        self.closed[1].fetch_add(u2c, Ordering::Relaxed);
+    }
+
+    /// Brings every listener's counters up to closed + `live(listener)`.
+    /// A counter never goes back (a connection busy in a task at this
+    /// moment is simply counted at the next scrape).
+    pub fn publish_all(live: impl Fn(&KernelBytes) -> [u64; 2]) {
+        for (_, k) in KERNEL.lock().unwrap().iter() {
+            let live = live(k);
+            for d in 0..2 {
+                let total = k.closed[d].load(Ordering::Relaxed) + live[d];
+                k.counters[d].inc_by(total.saturating_sub(k.counters[d].get()));
+            }
         }
-    }
-}
-
-impl LiveSplice {
-    fn report(&mut self, now: (u64, u64)) {
-        self.counters.0.inc_by(now.0.saturating_sub(self.reported.0));
-        self.counters.1.inc_by(now.1.saturating_sub(self.reported.1));
-        self.reported = (now.0.max(self.reported.0), now.1.max(self.reported.1));
     }
 }
 
@@ -495,7 +502,9 @@ mod tests {
         m.rejected(Reject::access_denied);
         m.rejected(Reject::access_denied);
         m.closed(CloseReason::rejected);
-        m.bytes(Direction::client_to_upstream, Path::userspace).inc_by(42);
+        m.user_bytes(Direction::client_to_upstream).inc_by(42);
+        m.kernel.add_closed(7, 0);
+        KernelBytes::publish_all(|_| [0, 0]);
         let text = METRICS.encode(None);
         for line in [
             r#"splicer_connections_accepted_total{listener="unit"} 1"#,
@@ -504,6 +513,7 @@ mod tests {
             r#"splicer_rejections_total{listener="unit",reason="max_conns"} 0"#,
             r#"splicer_connections_closed_total{listener="unit",reason="rejected"} 1"#,
             r#"splicer_bytes_total{listener="unit",direction="client_to_upstream",path="userspace"} 42"#,
+            r#"splicer_bytes_total{listener="unit",direction="client_to_upstream",path="kernel"} 7"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in:\n{text}");
         }

@@ -11,6 +11,11 @@ static NOTIFY: Notify = Notify::const_new();
 pub fn force() {
     FORCED.store(true, Ordering::SeqCst);
     NOTIFY.notify_waiters();
+    crate::park::wake_all();
+}
+
+pub fn is_forced() -> bool {
+    FORCED.load(Ordering::SeqCst)
 }
 
 /// Resolves once `force` has been called (at once if it already was).

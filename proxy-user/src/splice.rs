@@ -15,7 +15,7 @@
 //!   from a clamped TCP window on the source (see WINDOW).
 use std::{
     net::Shutdown,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsRawFd, BorrowedFd},
     time::{Duration, Instant},
 };
 
@@ -23,21 +23,13 @@ use tokio::net::TcpStream;
 
 use proxy_common::Link;
 
-use crate::{
-    ebpf_maps::{LimitSignal, Maps},
-    relay::End,
-    sockopt,
-    watch::Watch,
-};
+use crate::{ebpf_maps::Maps, relay::End, sockopt};
 
 /// What the kernel now holds of a connection.
 #[derive(Default)]
-pub struct Handoff<'a> {
+pub struct Handoff {
     /// Cookies (client, upstream), once both are in LINKS and TARGETS.
     pub cookies: Option<(u64, u64)>,
-    /// Flow-control signals for (client, upstream), registered with their
-    /// first limit before either socket could redirect a byte.
-    pub signals: Option<(LimitSignal<'a>, LimitSignal<'a>)>,
     /// Whether the kernel carries client->upstream, and upstream->client.
     pub client_spliced: bool,
     pub upstream_spliced: bool,
@@ -47,9 +39,11 @@ pub struct Handoff<'a> {
     pub upstream_base: u64,
 }
 
-/// Puts both sockets in the maps. Never fails: what could not be handed
-/// over stays with the userspace relay, which is always correct.
-pub fn handoff<'a>(maps: &'a Maps, client: &TcpStream, upstream: &TcpStream) -> Handoff<'a> {
+/// Puts both sockets in the maps, with `token` (see park.rs) as the
+/// connection's handle for flow-control signals. Never fails: what could
+/// not be handed over stays with the userspace relay, which is always
+/// correct.
+pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream, token: u64) -> Handoff {
     let (Ok(c), Ok(u)) = (
         sockopt::cookie(client.as_raw_fd()),
         sockopt::cookie(upstream.as_raw_fd()),
@@ -57,8 +51,8 @@ pub fn handoff<'a>(maps: &'a Maps, client: &TcpStream, upstream: &TcpStream) -> 
         return Handoff::default();
     };
     let targets = maps
-        .set_link(c, u)
-        .and_then(|_| maps.set_link(u, c))
+        .set_link(c, u, token)
+        .and_then(|_| maps.set_link(u, c, token))
         .and_then(|_| maps.add_target(u, upstream))
         .and_then(|_| maps.add_target(c, client));
     if let Err(e) = targets {
@@ -76,7 +70,6 @@ pub fn handoff<'a>(maps: &'a Maps, client: &TcpStream, upstream: &TcpStream) -> 
     ) else {
         return Handoff::default();
     };
-    let signals = (maps.on_limit(c), maps.on_limit(u));
     for cookie in [c, u] {
         if let Err(e) = maps.set_limit(cookie, WINDOW) {
             log::warn!("socket {cookie}: no flow control: {e:#}");
@@ -84,7 +77,6 @@ pub fn handoff<'a>(maps: &'a Maps, client: &TcpStream, upstream: &TcpStream) -> 
     }
     let mut handoff = Handoff {
         cookies: Some((c, u)),
-        signals: Some(signals),
         client_base,
         upstream_base,
         ..Handoff::default()
@@ -107,16 +99,18 @@ pub fn handoff<'a>(maps: &'a Maps, client: &TcpStream, upstream: &TcpStream) -> 
     handoff
 }
 
-/// Forgets the connection's links once both sockets are closed (closing
-/// removes a socket from the sockhashes by itself). Returns the final
-/// (client, upstream) links for the byte counts.
+/// Forgets the connection's links and limits once both sockets are closed
+/// (closing removes a socket from the sockhashes by itself). Returns the
+/// final (client, upstream) links for the byte counts.
 pub fn forget(maps: &Maps, (c, u): (u64, u64)) -> (Link, Link) {
     let links = (
         maps.link(c).unwrap_or_default(),
         maps.link(u).unwrap_or_default(),
     );
-    maps.remove_link(c);
-    maps.remove_link(u);
+    for cookie in [c, u] {
+        maps.remove_link(cookie);
+        maps.remove_limit(cookie);
+    }
     links
 }
 
@@ -130,14 +124,12 @@ pub fn forget(maps: &Maps, (c, u): (u64, u64)) -> (Link, Link) {
 /// so it cannot lose or reorder a byte.
 pub const WINDOW: u64 = 16 << 20;
 
-/// One kernel-carried direction `src -> dst`.
-pub struct Direction<'a, S: AsFd, D: AsFd> {
+/// One kernel-carried direction `src -> dst`. It keeps no state of its
+/// own between calls, so a parked connection can rebuild it on each wake.
+pub struct Direction<'a> {
     maps: &'a Maps,
-    src: &'a S,
-    src_watch: &'a Watch,
-    /// `src`'s flow-control signal (see WINDOW), from the handoff.
-    signal: &'a LimitSignal<'a>,
-    dst: &'a D,
+    src: BorrowedFd<'a>,
+    dst: BorrowedFd<'a>,
     cookie: u64,
     /// What userspace read from `src` before the handoff.
     src_user_bytes: u64,
@@ -145,25 +137,28 @@ pub struct Direction<'a, S: AsFd, D: AsFd> {
     dst_base: u64,
 }
 
-impl<'a, S: AsFd, D: AsFd> Direction<'a, S, D> {
-    /// `dst_base` is `dst`'s send-queue total at the handoff.
+impl<'a> Direction<'a> {
+    /// `cookie` is `src`'s; `dst_base` is `dst`'s send-queue total at the
+    /// handoff.
     pub fn new(
         maps: &'a Maps,
-        (src, src_watch, signal): (&'a S, &'a Watch, &'a LimitSignal<'a>),
-        dst: &'a D,
+        src: BorrowedFd<'a>,
+        dst: BorrowedFd<'a>,
+        cookie: u64,
         dst_base: u64,
     ) -> Self {
-        let cookie = signal.cookie();
         Direction {
             maps,
             src,
-            src_watch,
-            signal,
             dst,
             cookie,
             src_user_bytes: 0,
             dst_base,
         }
+    }
+
+    pub fn src(&self) -> BorrowedFd<'a> {
+        self.src
     }
 
     /// Bytes userspace read from `src` before the handoff (a PROXY header).
@@ -174,36 +169,28 @@ impl<'a, S: AsFd, D: AsFd> Direction<'a, S, D> {
         }
     }
 
-    /// Runs until the direction ends. On FIN, waits until every byte before
-    /// it sits in `dst`'s send queue, then half-closes `dst`.
-    pub async fn run(&self) -> End {
-        loop {
-            match sockopt::closed_or_failed(self.src.as_fd().as_raw_fd()) {
-                Err(_) => return End::SrcReset,
-                Ok((false, false)) => {}
-                Ok(_) => break,
-            }
-            tokio::select! {
-                _ = self.src_watch.changed() => {}
-                _ = self.signal.wait() => {
-                    if let Err(end) = self.keep_up().await {
-                        return end;
-                    }
-                }
-            }
+    /// Does what `src`'s state calls for now, after any wake-up: while it is
+    /// open, keeps the flow control current (None); on FIN, waits until
+    /// every byte before it sits in `dst`'s send queue, half-closes `dst`
+    /// and returns Fin; on a reset, SrcReset.
+    pub async fn advance(&self) -> Option<End> {
+        match sockopt::closed_or_failed(self.src.as_raw_fd()) {
+            Err(_) => return Some(End::SrcReset),
+            Ok((false, false)) => return self.keep_up().await.err(),
+            Ok(_) => {}
         }
         // A reset sets the socket error; a FIN does not.
-        if let Ok(Some(e)) | Err(e) = socket2::SockRef::from(self.src).take_error() {
+        if let Ok(Some(e)) | Err(e) = socket2::SockRef::from(&self.src).take_error() {
             log::debug!("socket {}: error after read-closed: {e}", self.cookie);
-            return End::SrcReset;
+            return Some(End::SrcReset);
         }
         if let Err(end) = self.caught_up().await {
-            return end;
+            return Some(end);
         }
-        match socket2::SockRef::from(self.dst).shutdown(Shutdown::Write) {
+        Some(match socket2::SockRef::from(&self.dst).shutdown(Shutdown::Write) {
             Ok(()) => End::Fin,
             Err(_) => End::DstFailed,
-        }
+        })
     }
 
     fn set_limit(&self, limit: u64) {
@@ -215,7 +202,7 @@ impl<'a, S: AsFd, D: AsFd> Direction<'a, S, D> {
     /// (bytes redirected towards `dst`, bytes `dst`'s send queue has taken)
     /// since the handoff, or None if `dst` can no longer send.
     fn progress(&self) -> Option<(u64, u64)> {
-        let (state, total) = sockopt::bytes_queued_total(self.dst.as_fd().as_raw_fd()).ok()?;
+        let (state, total) = sockopt::bytes_queued_total(self.dst.as_raw_fd()).ok()?;
         if state != sockopt::TCP_ESTABLISHED && state != sockopt::TCP_CLOSE_WAIT {
             return None;
         }
@@ -225,16 +212,17 @@ impl<'a, S: AsFd, D: AsFd> Direction<'a, S, D> {
         ))
     }
 
-    /// Called each time the kernel has redirected up to the last limit. If
-    /// `dst` keeps up, sets the next limit; if it lags WINDOW behind, holds
-    /// the sender back until `dst` has caught up half way.
+    /// If `dst` keeps up, moves the limit (where the kernel signals next)
+    /// to WINDOW past what `dst` has taken; if it lags WINDOW behind, holds
+    /// the sender back until `dst` has caught up half way. Safe to call at
+    /// any time: a wake-up for another reason only moves the limit.
     async fn keep_up(&self) -> Result<(), End> {
         let (sent, taken) = self.progress().ok_or(End::DstFailed)?;
         if sent - taken.min(sent) < WINDOW {
             self.set_limit(taken + WINDOW);
             return Ok(());
         }
-        let fd = self.src.as_fd().as_raw_fd();
+        let fd = self.src.as_raw_fd();
         let open = sockopt::window_clamp(fd).unwrap_or(0).max(1 << 20);
         log::debug!(
             "socket {}: peer {} bytes behind, holding the sender",
@@ -250,7 +238,7 @@ impl<'a, S: AsFd, D: AsFd> Direction<'a, S, D> {
             match self.progress() {
                 None => break Err(End::DstFailed),
                 Some((sent, taken)) if sent - taken.min(sent) <= WINDOW / 2 => break Ok(taken),
-                // FIN or RST: nothing more will come; let `run` handle it.
+                // FIN or RST: nothing more will come; `advance` handles it next.
                 _ if sockopt::closed_or_failed(fd).map_or(true, |(c, f)| c || f) => break Ok(0),
                 Some(_) => {}
             }
@@ -270,7 +258,7 @@ impl<'a, S: AsFd, D: AsFd> Direction<'a, S, D> {
         loop {
             let seen = self.maps.link(self.cookie).map_or(0, |l| l.seen);
             // bytes_received counts the FIN's sequence number too.
-            let received = sockopt::tcp_info(self.src.as_fd().as_raw_fd())
+            let received = sockopt::tcp_info(self.src.as_raw_fd())
                 .map_or(0, |i| i.bytes_received.saturating_sub(1));
             let (sent, taken) = self.progress().ok_or(End::DstFailed)?;
             if received <= self.src_user_bytes + seen && taken >= sent {
@@ -296,14 +284,9 @@ impl<'a, S: AsFd, D: AsFd> Direction<'a, S, D> {
 /// How long the counters may stand still before we stop waiting for them.
 const STALL_LIMIT: Duration = Duration::from_secs(300);
 
-/// After a spliced socket's FIN has been passed on, resolves only if the
-/// socket is then reset, so the reset still reaches the other side.
-pub async fn wait_reset(sock: &impl AsFd, watch: &Watch) -> End {
-    loop {
-        let failed = sockopt::closed_or_failed(sock.as_fd().as_raw_fd()).map_or(true, |(_, f)| f);
-        if failed && !matches!(socket2::SockRef::from(sock).take_error(), Ok(None)) {
-            return End::SrcReset;
-        }
-        watch.changed().await;
-    }
+/// Whether a socket whose FIN was already passed on has since been reset
+/// (so the reset still reaches the other side).
+pub fn was_reset(sock: BorrowedFd<'_>) -> bool {
+    let failed = sockopt::closed_or_failed(sock.as_raw_fd()).map_or(true, |(_, f)| f);
+    failed && !matches!(socket2::SockRef::from(&sock).take_error(), Ok(None))
 }

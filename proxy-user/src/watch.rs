@@ -8,29 +8,15 @@
 //! only (EPOLLERR and EPOLLHUP are always reported): the kernel does not
 //! even wake it for data, only for a FIN or an error.
 use std::{
-    collections::HashMap,
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, OnceLock,
-    },
+    sync::OnceLock,
 };
 
-use tokio::sync::Notify;
-
+/// The epoll set; its thread wakes the connection (park.rs) whose token
+/// an event carries.
 pub struct Watcher {
     epoll: OwnedFd,
-    next: AtomicU64,
-    waiters: Mutex<HashMap<u64, Arc<Notify>>>,
-}
-
-/// One socket's registration; deregisters on drop.
-pub struct Watch {
-    watcher: &'static Watcher,
-    fd: RawFd,
-    token: u64,
-    notify: Arc<Notify>,
 }
 
 impl Watcher {
@@ -50,11 +36,7 @@ impl Watcher {
         let mut fresh = false;
         let w = WATCHER.get_or_init(|| {
             fresh = true;
-            Watcher {
-                epoll,
-                next: AtomicU64::new(1),
-                waiters: Mutex::new(HashMap::new()),
-            }
+            Watcher { epoll }
         });
         if fresh {
             std::thread::Builder::new()
@@ -84,20 +66,14 @@ impl Watcher {
                 log::error!("splice watcher stopped: {e}");
                 return;
             }
-            let waiters = self.waiters.lock().unwrap();
             for ev in &events[..n as usize] {
-                let token = ev.u64;
-                if let Some(n) = waiters.get(&token) {
-                    n.notify_one();
-                }
+                crate::park::wake(ev.u64);
             }
         }
     }
 
-    pub fn watch(&'static self, fd: RawFd) -> io::Result<Watch> {
-        let token = self.next.fetch_add(1, Ordering::Relaxed);
-        let notify = Arc::new(Notify::new());
-        self.waiters.lock().unwrap().insert(token, notify.clone());
+    /// Reports FIN, RST and HUP on `fd` as a wake-up of `token`.
+    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event {
             events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
             u64: token,
@@ -105,38 +81,21 @@ impl Watcher {
         // SAFETY: registers a valid fd with our epoll; `ev` is read only.
         if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0
         {
-            self.waiters.lock().unwrap().remove(&token);
             return Err(io::Error::last_os_error());
         }
-        Ok(Watch {
-            watcher: self,
-            fd,
-            token,
-            notify,
-        })
+        Ok(())
     }
-}
 
-impl Watch {
-    /// Resolves after the next FIN/RST/HUP event (or at once if one came
-    /// since the last call). Callers re-check the socket's state.
-    pub async fn changed(&self) {
-        self.notify.notified().await;
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        // SAFETY: removes our registration; the fd is still open here
-        // because the socket outlives its Watch.
+    /// Before `fd` closes (and its number can be reused).
+    pub fn remove(&self, fd: RawFd) {
+        // SAFETY: removes a registration; a missing one is harmless.
         unsafe {
             libc::epoll_ctl(
-                self.watcher.epoll.as_raw_fd(),
+                self.epoll.as_raw_fd(),
                 libc::EPOLL_CTL_DEL,
-                self.fd,
+                fd,
                 std::ptr::null_mut(),
             )
         };
-        self.watcher.waiters.lock().unwrap().remove(&self.token);
     }
 }

@@ -1,0 +1,423 @@
+//! Connections the kernel carries in both directions, parked between
+//! events. An idle MQTT connection can stay open for days; parked, it
+//! costs one slot of this table (about 80 bytes) and no task, no buffer,
+//! no registration anywhere else in userspace.
+//!
+//! A connection's token is its slot number. The watcher's epoll reports a
+//! FIN, RST or HUP on either socket with the token, and the verdict program
+//! reports a flow-control signal with it (Link::token). `wake` then hands
+//! the connection to a task that does what its sockets call for
+//! (splice::Direction::advance) and parks it again, or closes it.
+//! Connections that are only half in the kernel (one side half-closed
+//! before the handoff) run as ordinary tasks and get their wake-ups through
+//! a watch channel registered here.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, AsRawFd},
+    sync::{Arc, LazyLock, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use tokio::{net::TcpStream as TokioStream, runtime::Handle, sync::watch};
+
+use crate::{
+    conn::{self, ListenerCtx, Totals},
+    ebpf_maps::Maps,
+    health::UpstreamState,
+    metrics::KernelBytes,
+    relay::End,
+    shutdown, sockopt,
+    splice::{self, Direction},
+    watch::Watcher,
+};
+
+/// A fully spliced connection, as compact as it can be: it is all that
+/// remains of an idle one.
+pub struct Spliced {
+    client: std::net::TcpStream,
+    upstream: std::net::TcpStream,
+    /// Send-queue totals at the handoff (see splice::Direction).
+    client_base: u64,
+    upstream_base: u64,
+    /// Client bytes userspace took before the handoff: its PROXY header or
+    /// upgrade request, then what was forwarded right after it.
+    header: u32,
+    early: u32,
+    /// Milliseconds since START, for the close line's duration.
+    started: u64,
+    who: Who,
+    ends: Ends,
+    ctx: Arc<ListenerCtx>,
+    upstream_state: Arc<UpstreamState>,
+}
+
+impl Spliced {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        token: u64,
+        client: TokioStream,
+        upstream: TokioStream,
+        handoff: &splice::Handoff,
+        consumed: (u64, u64),
+        started: Instant,
+        who: (SocketAddr, SocketAddr),
+        ctx: Arc<ListenerCtx>,
+        upstream_state: Arc<UpstreamState>,
+    ) -> std::io::Result<Spliced> {
+        Ok(Spliced {
+            // Out of tokio's epoll, which would wake for every skb.
+            client: client.into_std()?,
+            upstream: upstream.into_std()?,
+            client_base: handoff.client_base,
+            upstream_base: handoff.upstream_base,
+            header: u32::try_from(consumed.0).unwrap_or(u32::MAX),
+            early: u32::try_from(consumed.1).unwrap_or(u32::MAX),
+            started: started.saturating_duration_since(*START).as_millis() as u64,
+            who: Who::new(token, who.0, who.1),
+            ends: Ends::default(),
+            ctx,
+            upstream_state,
+        })
+    }
+}
+
+static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Slot states besides "parked" (a Some in `slots`).
+const FREE: u8 = 0;
+/// A task holds the connection; no event has come since it took it.
+const BUSY: u8 = 1;
+/// A task holds the connection and an event came meanwhile: it must look
+/// again before parking.
+const PENDING: u8 = 2;
+const PARKED: u8 = 3;
+/// A half-relayed connection's task, woken through `waiters`.
+const WAITER: u8 = 4;
+
+struct Table {
+    slots: Vec<Option<Spliced>>,
+    state: Vec<u8>,
+    free: Vec<u32>,
+    waiters: HashMap<u64, watch::Sender<()>>,
+    /// IPv6 (and other non-IPv4) addresses of parked connections, which do
+    /// not fit in Who.
+    wide: HashMap<u64, (SocketAddr, SocketAddr)>,
+}
+
+static TABLE: LazyLock<Mutex<Table>> = LazyLock::new(|| {
+    Mutex::new(Table {
+        slots: Vec::new(),
+        state: Vec::new(),
+        free: Vec::new(),
+        waiters: HashMap::new(),
+        wide: HashMap::new(),
+    })
+});
+
+/// The runtime wake-ups spawn their tasks on (the watcher is a plain thread).
+static RUNTIME: OnceLock<Handle> = OnceLock::new();
+
+/// Called once, inside the runtime, before any connection is handed off.
+pub fn init() {
+    RUNTIME.get_or_init(Handle::current);
+    LazyLock::force(&START);
+}
+
+/// A new token; the caller holds the connection (BUSY) until it parks it.
+pub fn token() -> u64 {
+    let mut t = TABLE.lock().unwrap();
+    let i = match t.free.pop() {
+        Some(i) => i as usize,
+        None => {
+            t.slots.push(None);
+            t.state.push(FREE);
+            t.slots.len() - 1
+        }
+    };
+    t.state[i] = BUSY;
+    i as u64
+}
+
+/// Gives the token back (a connection that never parked).
+pub fn release(token: u64) {
+    let mut t = TABLE.lock().unwrap();
+    free(&mut t, token);
+}
+
+fn free(t: &mut Table, token: u64) {
+    let i = token as usize;
+    t.slots[i] = None;
+    t.state[i] = FREE;
+    t.waiters.remove(&token);
+    t.wide.remove(&token);
+    t.free.push(i as u32);
+}
+
+/// Registers a half-relayed connection's task for its wake-ups.
+pub fn waiter(token: u64) -> watch::Receiver<()> {
+    let (tx, rx) = watch::channel(());
+    let mut t = TABLE.lock().unwrap();
+    t.state[token as usize] = WAITER;
+    t.waiters.insert(token, tx);
+    rx
+}
+
+/// An event for `token`: FIN/RST/HUP on one of its sockets, or a
+/// flow-control signal. Stale tokens (a slot reused since) only cause a
+/// harmless extra look at the sockets.
+pub fn wake(token: u64) {
+    let mut t = TABLE.lock().unwrap();
+    let i = token as usize;
+    match t.state.get(i).copied() {
+        Some(BUSY) => t.state[i] = PENDING,
+        Some(PARKED) => {
+            let Some(conn) = t.slots[i].take() else {
+                return;
+            };
+            t.state[i] = BUSY;
+            if let Some(rt) = RUNTIME.get() {
+                rt.spawn(run(token, conn));
+            }
+        }
+        Some(WAITER) => {
+            if let Some(tx) = t.waiters.get(&token) {
+                tx.send_replace(());
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The end of a drain: every parked connection is woken to close.
+pub fn wake_all() {
+    let n = TABLE.lock().unwrap().state.len();
+    for token in 0..n as u64 {
+        wake(token);
+    }
+}
+
+/// Hands a freshly spliced connection to the table: it is looked at once
+/// (bytes may have moved, or a FIN come, during the handoff), then parked.
+pub fn start(token: u64, conn: Spliced) -> std::io::Result<()> {
+    let watcher = Watcher::get()?;
+    for s in [&conn.client, &conn.upstream] {
+        watcher.add(s.as_raw_fd(), token)?;
+    }
+    if let Some(rt) = RUNTIME.get() {
+        rt.spawn(run(token, conn));
+    }
+    Ok(())
+}
+
+/// Works on the connection until it parks or ends.
+async fn run(token: u64, mut conn: Spliced) {
+    loop {
+        if let Some(how) = advance(&mut conn).await {
+            finish(token, conn, how);
+            return;
+        }
+        let mut t = TABLE.lock().unwrap();
+        let i = token as usize;
+        if t.state[i] == PENDING {
+            t.state[i] = BUSY;
+            continue;
+        }
+        t.slots[i] = Some(conn);
+        t.state[i] = PARKED;
+        return;
+    }
+}
+
+/// Both directions, as far as their sockets' states allow; Some(end of
+/// the close line) once the connection is over.
+async fn advance(c: &mut Spliced) -> Option<&'static str> {
+    if shutdown::is_forced() {
+        return Some(conn::DRAINED);
+    }
+    let maps = c.ctx.offload.maps()?;
+    let (Ok(cc), Ok(uc)) = (
+        sockopt::cookie(c.client.as_raw_fd()),
+        sockopt::cookie(c.upstream.as_raw_fd()),
+    ) else {
+        return Some("error");
+    };
+    let c2u = Direction::new(maps, c.client.as_fd(), c.upstream.as_fd(), cc, c.upstream_base)
+        .consumed(u64::from(c.header) + u64::from(c.early));
+    let u2c = Direction::new(maps, c.upstream.as_fd(), c.client.as_fd(), uc, c.client_base);
+    let (a, b) = tokio::join!(
+        direction(c2u, c.ends.get(0)),
+        direction(u2c, c.ends.get(1))
+    );
+    c.ends.set(0, a);
+    c.ends.set(1, b);
+    conn::outcome(c.ends.get(0), c.ends.get(1), c.ends.first())
+}
+
+/// One direction after a wake-up: on while open, and a reset of its source
+/// after its FIN was passed on still counts.
+async fn direction(d: Direction<'_>, end: Option<End>) -> Option<End> {
+    match end {
+        None => d.advance().await,
+        Some(End::Fin) if splice::was_reset(d.src()) => Some(End::SrcReset),
+        other => other,
+    }
+}
+
+/// Closes the sockets, forgets the links and logs the close line.
+fn finish(token: u64, c: Spliced, how: &'static str) {
+    let cookies = (
+        sockopt::cookie(c.client.as_raw_fd()).unwrap_or(0),
+        sockopt::cookie(c.upstream.as_raw_fd()).unwrap_or(0),
+    );
+    conn::abort_if_reset(how, &c.client, &c.upstream);
+    if let Ok(w) = Watcher::get() {
+        w.remove(c.client.as_raw_fd());
+        w.remove(c.upstream.as_raw_fd());
+    }
+    let elapsed = START.elapsed().saturating_sub(Duration::from_millis(c.started));
+    let Spliced {
+        client,
+        upstream,
+        early,
+        who,
+        ctx,
+        upstream_state,
+        ..
+    } = c;
+    let Some(maps) = ctx.offload.maps() else {
+        return;
+    };
+    let ((cl, ul), (peer, real)) = {
+        let mut t = TABLE.lock().unwrap();
+        let addrs = who.addrs(&t, token);
+        // Both sockets closed (so out of the sockhashes) before their links
+        // go; the bytes move from live to closed while scrapes wait.
+        drop((client, upstream));
+        let links = splice::forget(maps, cookies);
+        ctx.metrics.kernel.add_closed(links.0.redirected, links.1.redirected);
+        free(&mut t, token);
+        (links, addrs)
+    };
+    let totals = Totals {
+        c2u: u64::from(early) + cl.redirected,
+        u2c: ul.redirected,
+        kernel: cl.redirected + ul.redirected,
+        how,
+    };
+    conn::closed(&ctx, peer, real, &upstream_state, &totals, elapsed);
+}
+
+/// Adds the kernel byte counts of every parked connection to each
+/// listener's counters, so a scrape sees bytes of connections still open.
+pub fn sync_kernel_bytes(maps: &Maps) {
+    let t = TABLE.lock().unwrap();
+    let mut live: HashMap<*const KernelBytes, (Arc<KernelBytes>, [u64; 2])> = HashMap::new();
+    for c in t.slots.iter().flatten() {
+        let read = |s: &std::net::TcpStream| {
+            sockopt::cookie(s.as_raw_fd())
+                .ok()
+                .and_then(|k| maps.link(k))
+                .map_or(0, |l| l.redirected)
+        };
+        let k = &c.ctx.metrics.kernel;
+        let e = live
+            .entry(Arc::as_ptr(k))
+            .or_insert_with(|| (k.clone(), [0, 0]));
+        e.1[0] += read(&c.client);
+        e.1[1] += read(&c.upstream);
+    }
+    KernelBytes::publish_all(|k| {
+        live.get(&(k as *const KernelBytes))
+            .map_or([0, 0], |(_, b)| *b)
+    });
+}
+
+/// Ends of both directions and which ended first, in one byte.
+#[derive(Default, Clone, Copy)]
+struct Ends(u8);
+
+impl Ends {
+    fn get(self, dir: u8) -> Option<End> {
+        match (self.0 >> (dir * 2)) & 3 {
+            1 => Some(End::Fin),
+            2 => Some(End::SrcReset),
+            3 => Some(End::DstFailed),
+            _ => None,
+        }
+    }
+
+    fn set(&mut self, dir: u8, end: Option<End>) {
+        let (Some(end), None) = (end, self.get(dir)) else {
+            if let (Some(e), Some(_)) = (end, self.get(dir)) {
+                // A FIN that turned into a reset.
+                self.0 = (self.0 & !(3 << (dir * 2))) | (code(e) << (dir * 2));
+            }
+            return;
+        };
+        self.0 |= code(end) << (dir * 2);
+        if self.0 & 0x30 == 0 {
+            self.0 |= 0x10 << dir;
+        }
+    }
+
+    /// What the close line says when both ended normally.
+    fn first(self) -> &'static str {
+        match self.0 & 0x30 {
+            0x20 => "upstream closed",
+            _ => "client closed",
+        }
+    }
+}
+
+fn code(e: End) -> u8 {
+    match e {
+        End::Fin => 1,
+        End::SrcReset => 2,
+        End::DstFailed => 3,
+    }
+}
+
+/// The client's addresses (TCP peer, real client) packed into 16 bytes
+/// when IPv4; other families go to the table's `wide` map.
+#[derive(Clone, Copy)]
+struct Who {
+    peer: u64,
+    client: u64,
+}
+
+/// Marks a Who whose addresses are in `wide`.
+const WIDE: u64 = u64::MAX;
+
+impl Who {
+    fn new(token: u64, peer: SocketAddr, client: SocketAddr) -> Who {
+        match (pack(peer), pack(client)) {
+            (Some(peer), Some(client)) => Who { peer, client },
+            _ => {
+                TABLE.lock().unwrap().wide.insert(token, (peer, client));
+                Who {
+                    peer: WIDE,
+                    client: WIDE,
+                }
+            }
+        }
+    }
+
+    fn addrs(&self, t: &Table, token: u64) -> (SocketAddr, SocketAddr) {
+        match self.peer {
+            WIDE => t.wide.get(&token).copied().unwrap_or((unpack(0), unpack(0))),
+            _ => (unpack(self.peer), unpack(self.client)),
+        }
+    }
+}
+
+fn pack(a: SocketAddr) -> Option<u64> {
+    match crate::trust::canonical(a.ip()) {
+        IpAddr::V4(ip) => Some((u64::from(u32::from(ip)) << 16) | u64::from(a.port())),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn unpack(v: u64) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(((v >> 16) as u32).into()), v as u16)
+}
