@@ -95,6 +95,7 @@ async fn run(config: config::Config, reload: Option<cli::ReloadSource>) -> Resul
     }
     let drain_timeout = config.drain_timeout;
     let mut server = server::Server::start(config, offload)?;
+    tokio::spawn(trim_heap());
     let mut signals = Signals::new()?;
     while signals.next().await == Signal::Reload {
         let Some(source) = &reload else {
@@ -111,6 +112,23 @@ async fn run(config: config::Config, reload: Option<cli::ReloadSource>) -> Resul
     server.drain(drain_timeout).await;
     log::info!("stopping: {}", metrics::COUNTERS.summary());
     Ok(())
+}
+
+/// A reconnect storm leaves the heap as large as its peak (glibc returns
+/// freed memory in the middle of an arena only on malloc_trim). Once
+/// connections have come and gone, hand the free pages back, so an idle
+/// node's RSS is what its live connections need, not its worst minute.
+async fn trim_heap() {
+    let mut seen = 0;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        let now = metrics::COUNTERS.accepted.load(std::sync::atomic::Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            // SAFETY: malloc_trim only releases free memory; no pointers involved.
+            unsafe { libc::malloc_trim(0) };
+        }
+    }
 }
 
 #[derive(PartialEq)]
