@@ -169,6 +169,11 @@ pub fn toolchain() -> Result<()> {
     run_cmd(&mut cmd)
 }
 
+/// What `cargo xtask bench` compares splicer with, and its MQTT broker.
+pub fn bench_peers() -> Result<()> {
+    apt_install(&["haproxy", "nginx", "libnginx-mod-stream", "mosquitto"])
+}
+
 /// Brokers, proxies and clients for the end-to-end tests.
 pub fn test_peers() -> Result<()> {
     apt_install(TEST_PACKAGES)?;

@@ -1,4 +1,5 @@
 //! `cargo xtask`: build, run and test splicer, installing what is missing.
+mod bench;
 mod build;
 mod install;
 
@@ -34,6 +35,17 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// Benchmark splicer (both offload modes) against a direct connection,
+    /// HAProxy and nginx on loopback; writes bench.md, bench.json and
+    /// bench.svg and prints the Markdown. Needs root.
+    Bench {
+        /// A short pass (about a minute) with small sizes: a smoke check.
+        #[arg(long)]
+        quick: bool,
+        /// Where the report goes [default: target/bench].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -42,6 +54,11 @@ fn main() -> Result<()> {
         Task::Build { debug } => build::all(!debug).map(|_| ()),
         Task::Run { args } => run(args),
         Task::Test { filter } => test(filter),
+        Task::Bench { quick, out } => {
+            let md = bench::run(quick, &out.unwrap_or_else(bench::default_out))?;
+            println!("{md}");
+            Ok(())
+        }
     }
 }
 
@@ -125,6 +142,13 @@ fn test(filter: Option<String>) -> Result<()> {
             ])
             .args(&filter),
     )?;
+    // The benchmark's short pass, so it can't rot: no timing is checked,
+    // but every forwarder must deliver every byte and message.
+    if filter.first().is_none_or(|f| f.contains("bench")) {
+        bench::run(true, &root.join("target/bench-quick"))?;
+        println!("bench --quick: ok (report in target/bench-quick/bench.md)");
+        tally.passed += 1;
+    }
     if filter.first().is_none_or(|f| f.contains("fuzz")) {
         fuzz()?;
     }
