@@ -197,16 +197,33 @@ pub fn wake_all() {
     }
 }
 
-/// Hands a freshly spliced connection to the table: it is looked at once
-/// (bytes may have moved, or a FIN come, during the handoff), then parked.
+/// Hands a freshly spliced connection to the table and parks it. Nothing
+/// is missed: adding a socket to the epoll set reports a FIN or RST that
+/// came before, and a flow-control signal during the handoff left the slot
+/// PENDING, which sends it to a task at once.
 pub fn start(token: u64, conn: Spliced) -> std::io::Result<()> {
     let watcher = Watcher::get()?;
     for s in [&conn.client, &conn.upstream] {
         watcher.add(s.as_raw_fd(), token)?;
     }
-    if let Some(rt) = RUNTIME.get() {
-        rt.spawn(run(token, conn));
+    if let Err(conn) = park(token, conn) {
+        if let Some(rt) = RUNTIME.get() {
+            rt.spawn(run(token, conn));
+        }
     }
+    Ok(())
+}
+
+/// Parks the connection, unless an event came while it was held.
+fn park(token: u64, conn: Spliced) -> Result<(), Spliced> {
+    let mut t = TABLE.lock().unwrap();
+    let i = token as usize;
+    if t.state[i] == PENDING {
+        t.state[i] = BUSY;
+        return Err(conn);
+    }
+    t.slots[i] = Some(conn);
+    t.state[i] = PARKED;
     Ok(())
 }
 
@@ -217,15 +234,10 @@ async fn run(token: u64, mut conn: Spliced) {
             finish(token, conn, how);
             return;
         }
-        let mut t = TABLE.lock().unwrap();
-        let i = token as usize;
-        if t.state[i] == PENDING {
-            t.state[i] = BUSY;
-            continue;
+        match park(token, conn) {
+            Ok(()) => return,
+            Err(c) => conn = c,
         }
-        t.slots[i] = Some(conn);
-        t.state[i] = PARKED;
-        return;
     }
 }
 
