@@ -423,9 +423,8 @@ impl KernelBytes {
     /// moment is simply counted at the next scrape).
     pub fn publish_all(live: impl Fn(&KernelBytes) -> [u64; 2]) {
         for (_, k) in KERNEL.lock().unwrap().iter() {
-            let live = live(k);
-            for d in 0..2 {
-                let total = k.closed[d].load(Ordering::Relaxed) + live[d];
+            for (d, live) in live(k).into_iter().enumerate() {
+                let total = k.closed[d].load(Ordering::Relaxed) + live;
                 k.counters[d].inc_by(total.saturating_sub(k.counters[d].get()));
             }
         }

@@ -5,7 +5,7 @@ use anyhow::{Context as _, Result};
 use crate::{config::OffloadMode, ebpf_maps::Maps, watch::Watcher};
 
 pub enum Offload {
-    Sockmap(Maps),
+    Sockmap(Box<Maps>),
     Userspace,
 }
 
@@ -23,7 +23,7 @@ impl Offload {
                     "offload: sockmap (sk_skb stream verdict, prog id {})",
                     maps.prog_id
                 );
-                Ok(Offload::Sockmap(maps))
+                Ok(Offload::Sockmap(Box::new(maps)))
             }
             OffloadMode::Auto => match load(level) {
                 Ok(maps) => {
@@ -31,7 +31,7 @@ impl Offload {
                         "offload: sockmap (sk_skb stream verdict, prog id {})",
                         maps.prog_id
                     );
-                    Ok(Offload::Sockmap(maps))
+                    Ok(Offload::Sockmap(Box::new(maps)))
                 }
                 Err(e) => {
                     log::warn!("offload: userspace, because the eBPF sockmap offload is unavailable: {e:#}");
