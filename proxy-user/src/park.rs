@@ -433,3 +433,38 @@ fn pack(a: SocketAddr) -> Option<u64> {
 fn unpack(v: u64) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(((v >> 16) as u32).into()), v as u16)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parked_connection_stays_small() {
+        // The whole point of parking: keep an idle connection's slot small.
+        assert!(std::mem::size_of::<Option<Spliced>>() <= 80);
+    }
+
+    #[test]
+    fn ends_record_each_direction_and_who_closed_first() {
+        let mut e = Ends::default();
+        assert_eq!((e.get(0), e.get(1)), (None, None));
+        e.set(1, Some(End::Fin));
+        e.set(0, Some(End::Fin));
+        assert_eq!((e.get(0), e.get(1), e.first()), (Some(End::Fin), Some(End::Fin), "upstream closed"));
+        // A FIN that later turns into a reset.
+        e.set(0, Some(End::SrcReset));
+        assert_eq!(e.get(0), Some(End::SrcReset));
+        let mut e = Ends::default();
+        e.set(0, Some(End::DstFailed));
+        assert_eq!((e.get(0), e.first()), (Some(End::DstFailed), "client closed"));
+    }
+
+    #[test]
+    fn ipv4_addresses_pack_and_others_do_not() {
+        let a: SocketAddr = "192.0.2.7:51234".parse().unwrap();
+        assert_eq!(unpack(pack(a).unwrap()), a);
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:51234".parse().unwrap();
+        assert_eq!(unpack(pack(mapped).unwrap()), a);
+        assert!(pack("[2001:db8::1]:1".parse().unwrap()).is_none());
+    }
+}
