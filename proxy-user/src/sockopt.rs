@@ -37,7 +37,9 @@ fn set(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> 
 struct TcpInfoPrefix {
     state: u8,
     _u8s: [u8; 7],
-    _u32s: [u32; 24],
+    _rto_ato_snd_mss: [u32; 3],
+    rcv_mss: u32,
+    _u32s: [u32; 20],
     _pacing_rate: u64,
     _max_pacing_rate: u64,
     bytes_acked: u64,
@@ -51,6 +53,8 @@ pub struct TcpInfo {
     pub bytes_acked: u64,
     /// Bytes received in sequence from the peer (a FIN counts one).
     pub bytes_received: u64,
+    /// The kernel's estimate of the peer's segment size.
+    pub rcv_mss: u32,
 }
 
 pub fn tcp_info(fd: RawFd) -> io::Result<TcpInfo> {
@@ -64,6 +68,7 @@ pub fn tcp_info(fd: RawFd) -> io::Result<TcpInfo> {
         state: info.state,
         bytes_acked: info.bytes_acked,
         bytes_received: info.bytes_received,
+        rcv_mss: info.rcv_mss,
     })
 }
 
@@ -108,6 +113,13 @@ pub fn window_clamp(fd: RawFd) -> io::Result<i32> {
 /// is about 1 KiB, below which it advertises a zero window).
 pub fn set_window_clamp(fd: RawFd, bytes: i32) -> io::Result<()> {
     set(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, bytes)
+}
+
+/// TCP_QUICKACK. Off: ACKs are delayed (the peer's next segment waits for
+/// the delayed-ACK timer when its window is full). On: an ACK that was
+/// being delayed goes out now, carrying the current window.
+pub fn set_quickack(fd: RawFd, on: bool) -> io::Result<()> {
+    set(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, libc::c_int::from(on))
 }
 
 /// What a non-blocking poll(2) says about the socket right now:

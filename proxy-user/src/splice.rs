@@ -214,8 +214,10 @@ impl<'a> Direction<'a> {
 
     /// If `dst` keeps up, moves the limit (where the kernel signals next)
     /// to WINDOW past what `dst` has taken; if it lags WINDOW behind, holds
-    /// the sender back until `dst` has caught up half way. Safe to call at
-    /// any time: a wake-up for another reason only moves the limit.
+    /// the sender back until `dst` has caught up half way: gently first
+    /// (see `slow_down`), and with a zero window if the lag still grows to
+    /// one and a half WINDOWs. Safe to call at any time: a wake-up for
+    /// another reason only moves the limit.
     async fn keep_up(&self) -> Result<(), End> {
         let (sent, taken) = self.progress().ok_or(End::DstFailed)?;
         if sent - taken.min(sent) < WINDOW {
@@ -229,8 +231,8 @@ impl<'a> Direction<'a> {
             self.cookie,
             sent - taken
         );
-        // The kernel's minimum clamp: the window closes as in-flight bytes land.
-        let _ = sockopt::set_window_clamp(fd, 1);
+        slow_down(fd);
+        let mut stopped = false;
         let mut delay = Duration::from_millis(1);
         let result = loop {
             tokio::time::sleep(delay).await;
@@ -240,10 +242,16 @@ impl<'a> Direction<'a> {
                 Some((sent, taken)) if sent - taken.min(sent) <= WINDOW / 2 => break Ok(taken),
                 // FIN or RST: nothing more will come; `advance` handles it next.
                 _ if sockopt::closed_or_failed(fd).map_or(true, |(c, f)| c || f) => break Ok(0),
+                Some((sent, taken)) if !stopped && sent - taken.min(sent) > WINDOW + WINDOW / 2 => {
+                    log::debug!("socket {}: peer still falling behind, stopping the sender", self.cookie);
+                    // The kernel's minimum clamp: a zero window once in-flight bytes land.
+                    let _ = sockopt::set_window_clamp(fd, 1);
+                    stopped = true;
+                }
                 Some(_) => {}
             }
         };
-        let _ = sockopt::set_window_clamp(fd, open);
+        release(fd, open);
         let taken = result?;
         self.set_limit(taken + WINDOW);
         Ok(())
@@ -279,6 +287,27 @@ impl<'a> Direction<'a> {
             delay = (delay * 2).min(Duration::from_millis(50));
         }
     }
+}
+
+/// Slows the sender down without a zero window: the window is clamped to
+/// one and a half of its segments, and ACKs are delayed. A zero window (or
+/// one smaller than a segment, which a sender treats the same) would put
+/// it in persist mode, and it would find out that the window opened again
+/// only at its next probe, 200 ms or more later; this way the ACK that
+/// reopens it goes out at once (`release`). When the peer is merely slower
+/// than the sender this is enough; when it has stopped reading, the lag
+/// keeps growing and `keep_up` closes the window.
+fn slow_down(fd: std::os::fd::RawFd) {
+    let mss = sockopt::tcp_info(fd).map_or(1460, |i| i.rcv_mss.max(536));
+    let _ = sockopt::set_quickack(fd, false);
+    let _ = sockopt::set_window_clamp(fd, (mss + mss / 2) as i32);
+}
+
+/// Opens the window again and sends the ACK that was being delayed, so
+/// the sender learns at once.
+fn release(fd: std::os::fd::RawFd, clamp: i32) {
+    let _ = sockopt::set_window_clamp(fd, clamp);
+    let _ = sockopt::set_quickack(fd, true);
 }
 
 /// How long the counters may stand still before we stop waiting for them.
