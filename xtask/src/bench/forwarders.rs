@@ -1,0 +1,223 @@
+//! The forwarders under test, each started from a config generated here,
+//! on its own port, in the foreground, with everything in a scratch dir.
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::PathBuf,
+    process::Command,
+};
+
+use anyhow::Result;
+
+use super::procs::Proc;
+
+/// Forwarders listen here; the bench's server and the broker use their
+/// own addresses (127.0.1.2 and .4), and clients come from 127.0.1.10-13.
+/// The end-to-end tests use 127.0.0.x, so both can run at once.
+pub const LISTEN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 3);
+
+/// Threads or worker processes for HAProxy and nginx: the machine's cores,
+/// which is also what splicer's runtime uses.
+pub fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    /// No forwarder: the client connects straight to the server.
+    Direct,
+    SplicerSockmap,
+    SplicerUserspace,
+    Haproxy,
+    /// HAProxy with `option splice-request` and `option splice-response`.
+    HaproxySplice,
+    Nginx,
+}
+
+pub const ALL: [Kind; 6] = [
+    Kind::Direct,
+    Kind::SplicerSockmap,
+    Kind::SplicerUserspace,
+    Kind::Haproxy,
+    Kind::HaproxySplice,
+    Kind::Nginx,
+];
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::SplicerSockmap => "splicer sockmap",
+            Kind::SplicerUserspace => "splicer userspace",
+            Kind::Haproxy => "haproxy",
+            Kind::HaproxySplice => "haproxy splice",
+            Kind::Nginx => "nginx",
+        }
+    }
+}
+
+/// What every forwarder of one phase shares.
+pub struct Setup {
+    pub dir: PathBuf,
+    pub splicer: PathBuf,
+    pub upstream: SocketAddr,
+    /// Send a PROXY v1 header upstream: v1 because nginx's stream module
+    /// can send no other, and all forwarders must do the same work.
+    pub send_proxy: bool,
+    /// Connections each must be able to hold (sizes nginx and HAProxy).
+    pub max_conns: usize,
+    /// The open-files limit everything runs with.
+    pub nofile: u64,
+}
+
+pub struct Forwarder {
+    pub kind: Kind,
+    /// Where clients connect (the upstream itself for `direct`).
+    pub addr: SocketAddr,
+    proc: Option<Proc>,
+}
+
+impl Forwarder {
+    pub fn start(kind: Kind, setup: &Setup) -> Result<Forwarder> {
+        let addr = match kind {
+            Kind::Direct => setup.upstream,
+            _ => SocketAddr::from((LISTEN_IP, free_port(LISTEN_IP))),
+        };
+        let mut f = Forwarder {
+            kind,
+            addr,
+            proc: None,
+        };
+        f.restart(setup)?;
+        Ok(f)
+    }
+
+    /// PID of the forwarder's main process (None for `direct`).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// Stops it if running and starts it anew on the same address, so a
+    /// step can measure memory from a fresh process.
+    pub fn restart(&mut self, setup: &Setup) -> Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+        let Some(mut cmd) = command(self.kind, setup, self.addr)? else {
+            return Ok(());
+        };
+        let name = self.kind.name().replace(' ', "-");
+        let mut p = Proc::spawn(&name, &setup.dir, &mut cmd)?;
+        p.wait_listening(self.addr)?;
+        self.proc = Some(p);
+        Ok(())
+    }
+
+    /// Fails with its log if it has died (checked after each step).
+    pub fn check_alive(&mut self) -> Result<()> {
+        match &mut self.proc {
+            Some(p) => p.check_alive(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The command line (and config file) for one forwarder.
+fn command(kind: Kind, s: &Setup, listen: SocketAddr) -> Result<Option<Command>> {
+    let up = s.upstream;
+    let name = kind.name().replace(' ', "-");
+    Ok(Some(match kind {
+        Kind::Direct => return Ok(None),
+        Kind::SplicerSockmap | Kind::SplicerUserspace => {
+            let mut c = Command::new(&s.splicer);
+            c.arg("--listen").arg(listen.to_string());
+            c.arg("--upstream").arg(up.to_string());
+            c.args(["--send-proxy", if s.send_proxy { "v1" } else { "off" }]);
+            let offload = if kind == Kind::SplicerSockmap {
+                "sockmap"
+            } else {
+                "userspace"
+            };
+            c.args(["--offload", offload, "--log-level", "warn"]);
+            c
+        }
+        Kind::Haproxy | Kind::HaproxySplice => {
+            let splice = if kind == Kind::HaproxySplice {
+                "    option splice-request\n    option splice-response\n"
+            } else {
+                ""
+            };
+            // maxpipes: by default HAProxy reserves maxconn/4 pipes (2 fds
+            // each) for splicing, which would not fit the idle workload in
+            // the open-files limit; a few hundred is far more than the
+            // other workloads keep busy at once.
+            let cfg = s.dir.join(format!("{name}.cfg"));
+            fs::write(
+                &cfg,
+                format!(
+                    "global\n    maxconn {max}\n    maxpipes 200\n    nbthread {threads}\n\
+                     defaults\n    mode tcp\n    maxconn {max}\n    timeout connect 5s\n    \
+                     timeout client 10m\n    timeout server 10m\n\
+                     listen fwd\n    bind {listen}\n{splice}    \
+                     server s1 {up}{proxy}\n",
+                    max = s.max_conns,
+                    threads = workers(),
+                    proxy = if s.send_proxy { " send-proxy" } else { "" },
+                ),
+            )?;
+            let mut c = Command::new("haproxy");
+            c.arg("-db").arg("-f").arg(cfg);
+            c
+        }
+        Kind::Nginx => {
+            let d = s.dir.join("nginx");
+            fs::create_dir_all(&d)?;
+            let conf = d.join("nginx.conf");
+            // Each connection takes two of nginx's connection slots (client
+            // and upstream), and nginx gives every slot memory up front.
+            // proxy_half_close: the bulk client half-closes and waits for
+            // the server's byte count, as HAProxy and splicer allow.
+            fs::write(
+                &conf,
+                format!(
+                    "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+                     daemon off;\nworker_processes {workers};\n\
+                     worker_rlimit_nofile {fds};\n\
+                     pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+                     events {{ worker_connections {slots}; }}\n\
+                     stream {{\n  server {{\n    listen {listen} backlog=4096;\n    \
+                     proxy_pass {up};\n    proxy_protocol {proxy};\n    \
+                     proxy_timeout 10m;\n    proxy_half_close on;\n  }}\n}}\n",
+                    workers = workers(),
+                    fds = s.nofile,
+                    slots = 2 * s.max_conns + 1024,
+                    d = d.display(),
+                    proxy = if s.send_proxy { "on" } else { "off" },
+                ),
+            )?;
+            let mut c = Command::new("nginx");
+            c.arg("-p")
+                .arg(&d)
+                .arg("-e")
+                .arg(d.join("error.log"))
+                .arg("-c")
+                .arg(conf);
+            c
+        }
+    }))
+}
+
+/// A port on `ip` that was free a moment ago, below the ephemeral range so
+/// that no client connection can be using it.
+pub fn free_port(ip: Ipv4Addr) -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(30500);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+}

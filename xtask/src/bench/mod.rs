@@ -1,0 +1,282 @@
+//! `cargo xtask bench`: splicer side by side with a direct connection,
+//! HAProxy and nginx, on loopback, in one run. Every forwarder runs at once
+//! on its own port in front of one server (the load generator's), and the
+//! steps take turns between them, so slow drift on a shared machine spreads
+//! over all of them instead of landing on one.
+mod chart;
+mod forwarders;
+mod procs;
+mod report;
+mod system;
+mod workloads;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use crate::{build, install, root, run_cmd};
+use forwarders::{Forwarder, Setup, ALL};
+use procs::Proc;
+use workloads::{Ctx, Sample, BULK1, BULK4, CONNRATE, IDLE, MQTT0, MQTT1, MQTT_PACED, PINGPONG};
+
+/// The load generator's server (PROXY header stripped, then discard/echo).
+const SERVER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 2);
+/// mosquitto, for the MQTT workload.
+const BROKER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 4);
+
+/// Sizes of one run; `--quick` shrinks them for a smoke check.
+#[derive(Serialize)]
+pub struct Plan {
+    pub quick: bool,
+    /// Each step is repeated this often; the report shows the median and
+    /// the range.
+    pub reps: usize,
+    /// Bulk: bytes in total (through 1 connection, or split over 4).
+    pub bulk_bytes: u64,
+    pub rounds: usize,
+    pub short_conns: usize,
+    pub concurrency: usize,
+    pub idle_conns: usize,
+    pub mqtt_publishers: usize,
+    /// Messages at QoS 0 and at QoS 1, as fast as they go.
+    pub mqtt_messages: [u64; 2],
+    /// Messages at QoS 0, paced at this many per second: latency below
+    /// saturation (at saturation it is mostly queueing).
+    pub mqtt_paced: (u64, f64),
+    /// No step runs longer (it stops early and reports what it did).
+    #[serde(with = "secs")]
+    pub max_time: Duration,
+    /// The longest wait for the machine to go quiet before a step.
+    #[serde(with = "secs")]
+    pub quiet_wait: Duration,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                quick,
+                reps: 1,
+                bulk_bytes: 200_000_000,
+                rounds: 2_000,
+                short_conns: 500,
+                concurrency: 32,
+                idle_conns: 1_000,
+                mqtt_publishers: 10,
+                mqtt_messages: [5_000, 2_000],
+                mqtt_paced: (2_000, 2_000.0),
+                max_time: Duration::from_secs(10),
+                quiet_wait: Duration::from_secs(1),
+            }
+        } else {
+            Plan {
+                quick,
+                reps: 3,
+                bulk_bytes: 2_000_000_000,
+                rounds: 20_000,
+                short_conns: 5_000,
+                concurrency: 32,
+                idle_conns: 20_000,
+                mqtt_publishers: 50,
+                mqtt_messages: [100_000, 30_000],
+                mqtt_paced: (15_000, 5_000.0),
+                max_time: Duration::from_secs(30),
+                quiet_wait: Duration::from_secs(2),
+            }
+        }
+    }
+}
+
+/// Installs what is missing, builds splicer and the load generator, runs
+/// every step and writes the report to `out`; returns the Markdown.
+pub fn run(quick: bool, out: &Path) -> Result<String> {
+    let started = Instant::now();
+    install::bench_peers()?;
+    // SPLICER_BIN benches a given build (an older one, for comparison)
+    // instead of building the work tree's; it must embed the eBPF object.
+    let splicer = match std::env::var_os("SPLICER_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => {
+            install::toolchain()?;
+            build::all(true)?
+        }
+    };
+    run_cmd(build::cargo().current_dir(root()).args([
+        "build",
+        "--release",
+        "-p",
+        "splicer-bench",
+    ]))?;
+    let loadgen = root().join("target/release/splicer-bench");
+    let mut plan = Plan::new(quick);
+    // A forwarder holds two fds per connection; children inherit the limit.
+    // Where it can't be raised far enough, hold as many as it allows.
+    let nofile = system::raise_nofile(2 * plan.idle_conns as u64 + 10_000)?;
+    let fd_room = (nofile as usize).saturating_sub(2_000) / 2;
+    if fd_room < plan.idle_conns {
+        eprintln!(
+            "bench: open-files limit {nofile} (not raisable here): idle holds {fd_room} connections, not {}",
+            plan.idle_conns
+        );
+        plan.idle_conns = fd_room;
+    }
+    let dir = std::env::temp_dir().join(format!("splicer-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    eprintln!("bench: logs and configs in {}", dir.display());
+
+    let machine = system::machine();
+    let step = |name: &str| {
+        eprintln!(
+            "bench: {name} ({:.0} s in)",
+            started.elapsed().as_secs_f64()
+        )
+    };
+    let mut samples = tcp_phase(&plan, &loadgen, &splicer, &dir, nofile, step)?;
+    samples.extend(mqtt_phase(&plan, &loadgen, &splicer, &dir, nofile, step)?);
+
+    let report = report::Report {
+        machine,
+        plan,
+        workers: forwarders::workers(),
+        nofile,
+        total_s: started.elapsed().as_secs_f64(),
+        samples,
+    };
+    let md = report::write(out, &report)?;
+    eprintln!(
+        "bench: done in {:.0} s; wrote {}/bench.md, bench.json, bench.svg",
+        report.total_s,
+        out.display()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(md)
+}
+
+/// Bulk, ping-pong, idle and connection rate, against the load
+/// generator's server, every forwarder sending a PROXY v1 header.
+fn tcp_phase(
+    plan: &Plan,
+    loadgen: &Path,
+    splicer: &Path,
+    dir: &Path,
+    nofile: u64,
+    step: impl Fn(&str),
+) -> Result<Vec<Sample>> {
+    let server_addr = SocketAddr::from((SERVER_IP, forwarders::free_port(SERVER_IP)));
+    let mut server = Proc::spawn(
+        "server",
+        dir,
+        Command::new(loadgen).args(["server", "--listen", &server_addr.to_string()]),
+    )?;
+    server.wait_listening(server_addr)?;
+    let setup = Setup {
+        dir: dir.to_path_buf(),
+        splicer: splicer.to_path_buf(),
+        upstream: server_addr,
+        send_proxy: true,
+        max_conns: plan.idle_conns + 100,
+        nofile,
+    };
+    let ctx = Ctx {
+        loadgen,
+        plan,
+        setup: &setup,
+    };
+    let mut fwds = start_all(&setup)?;
+    let mut samples = Vec::new();
+    for w in [BULK1, BULK4, PINGPONG, IDLE, CONNRATE] {
+        step(w);
+        samples.extend(rounds(&ctx, w, &mut fwds)?);
+    }
+    Ok(samples)
+}
+
+/// MQTT through every forwarder to mosquitto. Debian's mosquitto (2.0)
+/// cannot read PROXY headers, so in this phase no forwarder sends one.
+fn mqtt_phase(
+    plan: &Plan,
+    loadgen: &Path,
+    splicer: &Path,
+    dir: &Path,
+    nofile: u64,
+    step: impl Fn(&str),
+) -> Result<Vec<Sample>> {
+    let broker_addr = SocketAddr::from((BROKER_IP, forwarders::free_port(BROKER_IP)));
+    let conf = dir.join("mosquitto.conf");
+    // Nagle off, as brokers run in production (EMQX's default), so latency
+    // is the forwarder's and not a delayed ACK's.
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {} {}\nallow_anonymous true\npersistence false\n\
+             set_tcp_nodelay true\nmax_queued_messages 100000\n\
+             log_dest stderr\nlog_type error\nlog_type warning\n",
+            broker_addr.port(),
+            broker_addr.ip()
+        ),
+    )?;
+    let mut broker = Proc::spawn(
+        "mosquitto",
+        dir,
+        Command::new("mosquitto").arg("-c").arg(&conf),
+    )?;
+    broker.wait_listening(broker_addr)?;
+    let setup = Setup {
+        dir: dir.to_path_buf(),
+        splicer: splicer.to_path_buf(),
+        upstream: broker_addr,
+        send_proxy: false,
+        max_conns: plan.mqtt_publishers + 100,
+        nofile,
+    };
+    let ctx = Ctx {
+        loadgen,
+        plan,
+        setup: &setup,
+    };
+    let mut fwds = start_all(&setup)?;
+    let mut samples = Vec::new();
+    for w in [MQTT0, MQTT1, MQTT_PACED] {
+        step(w);
+        samples.extend(rounds(&ctx, w, &mut fwds)?);
+    }
+    broker.check_alive()?;
+    Ok(samples)
+}
+
+fn start_all(setup: &Setup) -> Result<Vec<Forwarder>> {
+    ALL.iter()
+        .map(|&k| Forwarder::start(k, setup).with_context(|| format!("starting {}", k.name())))
+        .collect()
+}
+
+/// `reps` rounds of one workload; each round visits every forwarder.
+fn rounds(ctx: &Ctx, workload: &'static str, fwds: &mut [Forwarder]) -> Result<Vec<Sample>> {
+    let mut out = Vec::new();
+    for rep in 0..ctx.plan.reps {
+        for f in fwds.iter_mut() {
+            out.push(ctx.run(workload, f, rep)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Where `cargo xtask bench` writes by default.
+pub fn default_out() -> PathBuf {
+    root().join("target/bench")
+}

@@ -1,0 +1,437 @@
+//! Turning samples into the report: medians and ranges, the Markdown
+//! tables (with ratios to HAProxy's better mode and to direct), the targets
+//! from issue 5, and the JSON and SVG files.
+use std::{fmt::Write as _, fs, path::Path};
+
+use anyhow::Result;
+use serde::Serialize;
+use serde_json::json;
+
+use super::{
+    chart,
+    forwarders::{Kind, ALL},
+    system::Machine,
+    workloads::*,
+    Plan,
+};
+
+#[derive(Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub plan: Plan,
+    /// HAProxy's nbthread and nginx's worker_processes.
+    pub workers: usize,
+    /// RLIMIT_NOFILE every process in the run had.
+    pub nofile: u64,
+    pub total_s: f64,
+    pub samples: Vec<Sample>,
+}
+
+#[derive(Serialize, Clone, Copy)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Report {
+    /// Median and range of one figure over the repetitions.
+    pub fn stat(&self, workload: &str, kind: Kind, metric: &str) -> Option<Stat> {
+        let mut v: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|s| s.workload == workload && s.forwarder == kind.name())
+            .filter_map(|s| s.metrics.get(metric).copied())
+            .filter(|v| v.is_finite())
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Stat {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            n,
+        })
+    }
+
+    fn median(&self, workload: &str, kind: Kind, metric: &str) -> Option<f64> {
+        self.stat(workload, kind, metric).map(|s| s.median)
+    }
+
+    /// The better of HAProxy's two modes for this figure.
+    pub fn haproxy_best(&self, workload: &str, metric: &str, better: Better) -> Option<f64> {
+        let a = self.median(workload, Kind::Haproxy, metric)?;
+        let b = self.median(workload, Kind::HaproxySplice, metric)?;
+        Some(match better {
+            Better::Higher => a.max(b),
+            Better::Lower => a.min(b),
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+pub enum Better {
+    Higher,
+    Lower,
+}
+
+/// What a figure is set beside.
+#[derive(Clone, Copy, PartialEq)]
+enum Ref {
+    /// Its ratio to HAProxy's better mode.
+    Haproxy,
+    /// Its ratio to direct.
+    Direct,
+    /// Its difference from direct (latencies: what the hop adds).
+    DirectDiff,
+}
+
+struct Col {
+    metric: &'static str,
+    title: &'static str,
+    better: Better,
+    refs: &'static [Ref],
+}
+
+const fn col(
+    metric: &'static str,
+    title: &'static str,
+    better: Better,
+    refs: &'static [Ref],
+) -> Col {
+    Col {
+        metric,
+        title,
+        better,
+        refs,
+    }
+}
+
+use Better::*;
+use Ref::*;
+
+/// The tables: (workload, columns).
+fn tables() -> Vec<(&'static str, Vec<Col>)> {
+    let bulk = || {
+        vec![
+            col("gb_per_s", "GB/s", Higher, &[Haproxy, Direct]),
+            col(
+                "forwarder_cpu_s_per_gb",
+                "forwarder CPU s/GB",
+                Lower,
+                &[Haproxy],
+            ),
+            col("system_cpu_s_per_gb", "system CPU s/GB", Lower, &[Direct]),
+        ]
+    };
+    // No latency at saturation: it is time spent queued (at QoS 1 in the
+    // broker's queue for the subscriber), bounded by the window; the paced
+    // table has the forwarders' own.
+    let mqtt = || {
+        vec![
+            col("msgs_per_s", "msg/s", Higher, &[Haproxy, Direct]),
+            col(
+                "forwarder_cpu_us_per_msg",
+                "forwarder CPU µs/msg",
+                Lower,
+                &[Haproxy],
+            ),
+        ]
+    };
+    vec![
+        (BULK1, bulk()),
+        (BULK4, bulk()),
+        (
+            PINGPONG,
+            vec![
+                col("p50_us", "p50 µs", Lower, &[DirectDiff, Haproxy]),
+                col("p99_us", "p99 µs", Lower, &[DirectDiff]),
+                col(
+                    "forwarder_cpu_us_per_round_trip",
+                    "forwarder CPU µs/round trip",
+                    Lower,
+                    &[Haproxy],
+                ),
+            ],
+        ),
+        (
+            CONNRATE,
+            vec![
+                col("conns_per_s", "conn/s", Higher, &[Haproxy, Direct]),
+                col(
+                    "forwarder_cpu_us_per_conn",
+                    "forwarder CPU µs/conn",
+                    Lower,
+                    &[Haproxy],
+                ),
+                col(
+                    "system_cpu_us_per_conn",
+                    "system CPU µs/conn",
+                    Lower,
+                    &[Direct],
+                ),
+            ],
+        ),
+        (
+            IDLE,
+            vec![
+                col(
+                    "forwarder_rss_bytes_per_conn",
+                    "forwarder RSS B/conn",
+                    Lower,
+                    &[Haproxy],
+                ),
+                col(
+                    "kernel_bytes_per_conn",
+                    "kernel B/conn",
+                    Lower,
+                    &[Haproxy, DirectDiff],
+                ),
+            ],
+        ),
+        (MQTT0, mqtt()),
+        (MQTT1, mqtt()),
+        (
+            MQTT_PACED,
+            vec![
+                col("p50_us", "p50 µs", Lower, &[DirectDiff]),
+                col("p99_us", "p99 µs", Lower, &[DirectDiff]),
+                col(
+                    "forwarder_cpu_us_per_msg",
+                    "forwarder CPU µs/msg",
+                    Lower,
+                    &[Haproxy],
+                ),
+            ],
+        ),
+    ]
+}
+
+/// A number with about three significant digits.
+pub fn num(v: f64) -> String {
+    let a = v.abs();
+    if !v.is_finite() {
+        "n/a".into()
+    } else if a >= 100.0 || a == 0.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        let decimals = (-a.log10().floor()) as usize + 2;
+        format!("{v:.decimals$}")
+    }
+}
+
+/// A difference, with its sign.
+fn signed(v: f64) -> String {
+    if v >= 0.0 {
+        format!("+{}", num(v))
+    } else {
+        num(v)
+    }
+}
+
+fn describe(workload: &str, p: &Plan, nofile: u64) -> String {
+    let gb = p.bulk_bytes as f64 / 1e9;
+    match workload {
+        BULK1 => format!("{gb} GB client → server through one connection; the server counts the bytes and the count must match."),
+        BULK4 => format!("{gb} GB in total, client → server, over 4 connections at once."),
+        PINGPONG => format!("{} round trips of 64 bytes on one connection (after 100 warm-up ones), Nagle off.", p.rounds),
+        IDLE => format!(
+            "{} connections held (as many as an open-files limit of {nofile} lets a forwarder hold, at 2 fds each, \
+             or the plan's number), each checked end to end with a 1-byte echo, through a freshly started forwarder. \
+             Forwarder RSS: VmRSS of its processes, holding minus before, per connection. \
+             Kernel: pages held by all slab caches (socket structs, inodes, files, epoll, BPF map entries; \
+             TIME_WAIT socks left out) plus TCP buffer pages, holding minus before, per connection, for the \
+             whole machine: so it includes the client's and server's sockets, which is what direct shows.",
+            p.idle_conns
+        ),
+        CONNRATE => format!(
+            "{} short connections, {} at a time: connect, 9 bytes out, 8 back, close.",
+            p.short_conns, p.concurrency
+        ),
+        MQTT0 | MQTT1 => format!(
+            "mosquitto as the broker; {} publishers and one subscriber (to `bench/#`), all through the forwarder, \
+             {} messages of 64 bytes as fast as they go, at most 500 on their way at once{}. \
+             Latency at saturation is time spent queued, so it is in the paced table only. \
+             No PROXY header in the MQTT workloads: Debian's mosquitto 2.0 cannot read one.",
+            p.mqtt_publishers,
+            p.mqtt_messages[usize::from(workload == MQTT1)],
+            if workload == MQTT1 {
+                ", each publisher waiting for its PUBACK before the next"
+            } else {
+                ""
+            }
+        ),
+        MQTT_PACED => format!(
+            "As QoS 0 above, but {} messages at a steady {} msg/s in total: the latency a forwarder adds below saturation.",
+            p.mqtt_paced.0, p.mqtt_paced.1
+        ),
+        _ => String::new(),
+    }
+}
+
+pub fn markdown(r: &Report) -> String {
+    let m = &r.machine;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Machine: {}, {} cores, {:.0} GiB, Linux {}; {}; {}; {}.",
+        m.cpu, m.cores, m.memory_gib, m.kernel, m.haproxy, m.nginx, m.mosquitto
+    );
+    let _ = writeln!(
+        s,
+        "\nAll on loopback. HAProxy `nbthread {w}`, nginx `worker_processes {w}`, splicer's runtime {w} threads (its default: one per core). \
+         Every forwarder sends a PROXY v1 header upstream (nginx can send no other). \
+         Each figure is the median of {n} run{plural} with the range in brackets; the forwarders take turns within each round. \
+         \"× HAProxy\" compares with the better of HAProxy's two modes for that figure; \
+         forwarder CPU is the on-CPU time of its processes; system CPU is the whole machine's busy time, load generator and broker included. \
+         {q}Run took {t:.0} s.\n",
+        w = r.workers,
+        n = r.plan.reps,
+        plural = if r.plan.reps == 1 { "" } else { "s" },
+        q = if r.plan.quick { "This was a `--quick` run: sizes are small and figures rough. " } else { "" },
+        t = r.total_s,
+    );
+    for (workload, cols) in tables() {
+        let _ = writeln!(
+            s,
+            "\n### {workload}\n\n{}\n",
+            describe(workload, &r.plan, r.nofile)
+        );
+        let mut header = vec!["forwarder".to_string()];
+        for c in &cols {
+            header.push(c.title.to_string());
+            for rf in c.refs {
+                header.push(match rf {
+                    Haproxy => "× HAProxy".into(),
+                    Direct => "× direct".into(),
+                    DirectDiff => "− direct".into(),
+                });
+            }
+        }
+        let _ = writeln!(s, "| {} |", header.join(" | "));
+        let _ = writeln!(s, "|{}", "---|".repeat(header.len()));
+        for kind in ALL {
+            let mut row = vec![kind.name().to_string()];
+            for c in &cols {
+                let own_cost = c.metric.starts_with("forwarder_") && kind == Kind::Direct;
+                let st = r.stat(workload, kind, c.metric).filter(|_| !own_cost);
+                row.push(match st {
+                    Some(st) if st.n > 1 => {
+                        format!("{} ({}–{})", num(st.median), num(st.min), num(st.max))
+                    }
+                    Some(st) => num(st.median),
+                    None => "—".into(),
+                });
+                for rf in c.refs {
+                    let base = match rf {
+                        Haproxy => r.haproxy_best(workload, c.metric, c.better),
+                        Direct | DirectDiff => r.median(workload, Kind::Direct, c.metric),
+                    };
+                    row.push(match (st, base) {
+                        (Some(st), Some(b)) if *rf == DirectDiff => {
+                            if kind == Kind::Direct {
+                                "—".into()
+                            } else {
+                                signed(st.median - b)
+                            }
+                        }
+                        (Some(st), Some(b)) if b != 0.0 => format!("{}×", num(st.median / b)),
+                        _ => "—".into(),
+                    });
+                }
+            }
+            let _ = writeln!(s, "| {} |", row.join(" | "));
+        }
+    }
+    s.push_str(&targets(r));
+    s
+}
+
+/// The targets issue 5 sets for splicer in sockmap mode, measured.
+fn targets(r: &Report) -> String {
+    let sm = Kind::SplicerSockmap;
+    let mut s =
+        String::from("\n### Targets (splicer sockmap)\n\n| target | measured | |\n|---|---|---|\n");
+    let mut line = |what: &str, measured: Option<(String, bool)>| {
+        let (text, ok) = measured.unwrap_or(("n/a".into(), false));
+        let _ = writeln!(
+            s,
+            "| {what} | {text} | {} |",
+            if ok { "met" } else { "missed" }
+        );
+    };
+    let ratio = |w: &str, m: &str, base: Option<f64>| Some(r.median(w, sm, m)? / base?);
+    let hp = |w: &str, m: &str, b: Better| r.haproxy_best(w, m, b);
+    let direct = |w: &str, m: &str| r.median(w, Kind::Direct, m);
+    line(
+        "bulk, 1 connection ≥ 1.3× HAProxy's best",
+        ratio(BULK1, "gb_per_s", hp(BULK1, "gb_per_s", Higher))
+            .map(|x| (format!("{}×", num(x)), x >= 1.3)),
+    );
+    line(
+        "bulk, 1 connection ≥ 0.6× direct",
+        ratio(BULK1, "gb_per_s", direct(BULK1, "gb_per_s"))
+            .map(|x| (format!("{}×", num(x)), x >= 0.6)),
+    );
+    line(
+        "forwarder CPU per GB ≤ 1% of HAProxy's",
+        ratio(
+            BULK1,
+            "forwarder_cpu_s_per_gb",
+            hp(BULK1, "forwarder_cpu_s_per_gb", Lower),
+        )
+        .map(|x| (format!("{}%", num(x * 100.0)), x <= 0.01)),
+    );
+    line(
+        "ping-pong p50 ≤ direct + 10 µs",
+        r.median(PINGPONG, sm, "p50_us")
+            .zip(direct(PINGPONG, "p50_us"))
+            .map(|(a, d)| (format!("direct {} µs", signed(a - d)), a - d <= 10.0)),
+    );
+    line(
+        "connections/s ≥ HAProxy's",
+        ratio(CONNRATE, "conns_per_s", hp(CONNRATE, "conns_per_s", Higher))
+            .map(|x| (format!("{}×", num(x)), x >= 1.0)),
+    );
+    line(
+        "idle RSS per connection ≤ 100 B",
+        r.median(IDLE, sm, "forwarder_rss_bytes_per_conn")
+            .map(|b| (format!("{} B", num(b)), b <= 100.0)),
+    );
+    s
+}
+
+/// Writes bench.md, bench.json (every sample, plus the medians) and
+/// bench.svg to `out`; returns the Markdown.
+pub fn write(out: &Path, r: &Report) -> Result<String> {
+    fs::create_dir_all(out)?;
+    let md = markdown(r);
+    fs::write(out.join("bench.md"), &md)?;
+    let mut summary = Vec::new();
+    for (workload, cols) in tables() {
+        for kind in ALL {
+            for c in &cols {
+                if let Some(st) = r.stat(workload, kind, c.metric) {
+                    summary.push(json!({"workload": workload, "forwarder": kind.name(), "metric": c.metric, "stat": st}));
+                }
+            }
+        }
+    }
+    let all = json!({"report": r, "summary": summary});
+    fs::write(out.join("bench.json"), serde_json::to_string_pretty(&all)?)?;
+    chart::draw(&out.join("bench.svg"), r)?;
+    Ok(md)
+}

@@ -1,0 +1,311 @@
+//! One measurement of one workload through one forwarder: wait for quiet,
+//! read the forwarder's CPU (and memory) and the machine's, run the load
+//! generator's client, read them again, and derive the figures.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    path::Path,
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{
+    forwarders::{Forwarder, Setup},
+    procs::{tree_cpu_s, tree_rss_bytes},
+    system::{busy_cpu_s, kernel_mem_bytes, wait_quiet, Quiet},
+    Plan,
+};
+
+/// Everything one measurement produced; the JSON output is a list of these.
+#[derive(Serialize, Clone)]
+pub struct Sample {
+    pub workload: &'static str,
+    pub forwarder: &'static str,
+    pub rep: usize,
+    pub quiet: Quiet,
+    pub wall_s: f64,
+    /// On-CPU time of the forwarder's processes during the step.
+    pub forwarder_cpu_s: f64,
+    /// Busy CPU time of the whole machine (client, server, broker, kernel,
+    /// and whatever else ran) during the step.
+    pub system_cpu_s: f64,
+    /// The figures the report shows, derived from the rest.
+    pub metrics: BTreeMap<&'static str, f64>,
+    /// The load generator's own JSON line, as printed.
+    pub client: Value,
+}
+
+/// The workloads, in the order they run. TIME_WAIT sockets are kept out of
+/// the idle workload's kernel memory, but idle still runs before the
+/// connection storm so the machine has fewer of them around.
+pub const BULK1: &str = "bulk, 1 connection";
+pub const BULK4: &str = "bulk, 4 connections";
+pub const PINGPONG: &str = "ping-pong";
+pub const IDLE: &str = "idle";
+pub const CONNRATE: &str = "connection rate";
+pub const MQTT0: &str = "MQTT QoS 0";
+pub const MQTT1: &str = "MQTT QoS 1";
+pub const MQTT_PACED: &str = "MQTT QoS 0, paced";
+
+pub struct Ctx<'a> {
+    pub loadgen: &'a Path,
+    pub plan: &'a Plan,
+    pub setup: &'a Setup,
+}
+
+impl Ctx<'_> {
+    /// Runs one workload step through `fwd`.
+    pub fn run(&self, workload: &'static str, fwd: &mut Forwarder, rep: usize) -> Result<Sample> {
+        let p = self.plan;
+        let target = fwd.addr.to_string();
+        let secs = format!("{}s", p.max_time.as_secs());
+        let args: Vec<String> = match workload {
+            BULK1 | BULK4 => {
+                let conns = if workload == BULK1 { 1 } else { 4 };
+                let bytes = p.bulk_bytes.to_string();
+                strings(&["bulk", "--target", &target, "--bytes", &bytes])
+                    .into_iter()
+                    .chain(strings(&[
+                        "--conns",
+                        &conns.to_string(),
+                        "--max-time",
+                        &secs,
+                    ]))
+                    .collect()
+            }
+            PINGPONG => strings(&[
+                "pingpong",
+                "--target",
+                &target,
+                "--rounds",
+                &p.rounds.to_string(),
+                "--max-time",
+                &secs,
+            ]),
+            CONNRATE => strings(&[
+                "connrate",
+                "--target",
+                &target,
+                "--conns",
+                &p.short_conns.to_string(),
+                "--concurrency",
+                &p.concurrency.to_string(),
+                "--max-time",
+                &secs,
+            ]),
+            MQTT0 | MQTT1 | MQTT_PACED => {
+                let qos = usize::from(workload == MQTT1);
+                let (messages, rate) = match workload {
+                    MQTT_PACED => (p.mqtt_paced.0, p.mqtt_paced.1),
+                    _ => (p.mqtt_messages[qos], 0.0),
+                };
+                strings(&[
+                    "mqtt",
+                    "--target",
+                    &target,
+                    "--publishers",
+                    &p.mqtt_publishers.to_string(),
+                    "--messages",
+                    &messages.to_string(),
+                    "--qos",
+                    &qos.to_string(),
+                    "--rate",
+                    &rate.to_string(),
+                    "--max-time",
+                    &secs,
+                ])
+            }
+            IDLE => return self.idle(fwd, rep),
+            _ => bail!("unknown workload {workload}"),
+        };
+        let quiet = wait_quiet(p.quiet_wait);
+        let (cpu0, sys0, t0) = (fwd_cpu(fwd), busy_cpu_s(), Instant::now());
+        let client = run_client(self.loadgen, &args, p.max_time + Duration::from_secs(60))
+            .with_context(|| format!("{workload} through {}", fwd.kind.name()))?;
+        let (cpu, sys, wall) = (fwd_cpu(fwd) - cpu0, busy_cpu_s() - sys0, t0.elapsed());
+        fwd.check_alive()?;
+        let num = |k: &str| client.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let mut m = BTreeMap::new();
+        match workload {
+            BULK1 | BULK4 => {
+                let gb = num("bytes") / 1e9;
+                m.insert("gb_per_s", num("gb_per_s"));
+                m.insert("forwarder_cpu_s_per_gb", cpu / gb);
+                m.insert("system_cpu_s_per_gb", sys / gb);
+            }
+            PINGPONG => {
+                let n = num("rounds");
+                m.insert("p50_us", num("p50_us"));
+                m.insert("p99_us", num("p99_us"));
+                m.insert("forwarder_cpu_us_per_round_trip", cpu * 1e6 / n);
+                m.insert("system_cpu_us_per_round_trip", sys * 1e6 / n);
+            }
+            CONNRATE => {
+                let n = num("conns");
+                m.insert("conns_per_s", num("conns_per_s"));
+                m.insert("p99_us", num("p99_us"));
+                m.insert("forwarder_cpu_us_per_conn", cpu * 1e6 / n);
+                m.insert("system_cpu_us_per_conn", sys * 1e6 / n);
+            }
+            _ => {
+                let n = num("received");
+                m.insert("msgs_per_s", num("msgs_per_s"));
+                m.insert("p50_us", num("p50_us"));
+                m.insert("p99_us", num("p99_us"));
+                m.insert("forwarder_cpu_us_per_msg", cpu * 1e6 / n);
+                m.insert("system_cpu_us_per_msg", sys * 1e6 / n);
+            }
+        }
+        Ok(Sample {
+            workload,
+            forwarder: fwd.kind.name(),
+            rep,
+            quiet,
+            wall_s: wall.as_secs_f64(),
+            forwarder_cpu_s: cpu,
+            system_cpu_s: sys,
+            metrics: m,
+            client,
+        })
+    }
+
+    /// Idle: a fresh forwarder (memory a previous step freed would be
+    /// reused and hide the cost), then the client opens and holds the
+    /// connections while memory is read.
+    fn idle(&self, fwd: &mut Forwarder, rep: usize) -> Result<Sample> {
+        let n = self.plan.idle_conns;
+        fwd.restart(self.setup)?;
+        let quiet = wait_quiet(self.plan.quiet_wait);
+        let rss = |f: &Forwarder| f.pid().map(tree_rss_bytes).unwrap_or(0) as f64;
+        let (rss0, kmem0) = (rss(fwd), kernel_mem_bytes() as f64);
+        let (cpu0, sys0, t0) = (fwd_cpu(fwd), busy_cpu_s(), Instant::now());
+        let mut child = Command::new(self.loadgen)
+            .args([
+                "idle",
+                "--target",
+                &fwd.addr.to_string(),
+                "--conns",
+                &n.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start the load generator")?;
+        let lines = line_reader(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        let ready = lines.recv_timeout(Duration::from_secs(300));
+        let Ok(ready) = ready else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "idle through {}: the client never held its connections:\n{}",
+                fwd.kind.name(),
+                stderr.join().unwrap_or_default()
+            );
+        };
+        let (cpu, sys) = (fwd_cpu(fwd) - cpu0, busy_cpu_s() - sys0);
+        let wall = t0.elapsed();
+        // Let lazily freed memory (RCU, deferred work) settle before reading.
+        thread::sleep(Duration::from_secs(1));
+        let (rss1, kmem1) = (rss(fwd), kernel_mem_bytes() as f64);
+        fwd.check_alive()?;
+        // Let go: a line on stdin closes everything.
+        child.stdin.take().unwrap().write_all(b"\n")?;
+        let status = child.wait()?;
+        if !status.success() {
+            bail!(
+                "idle client failed ({status}):\n{}",
+                stderr.join().unwrap_or_default()
+            );
+        }
+        let client: Value = serde_json::from_str(&ready).context("idle client's ready line")?;
+        let mut m = BTreeMap::new();
+        m.insert("forwarder_rss_bytes_per_conn", (rss1 - rss0) / n as f64);
+        m.insert("kernel_bytes_per_conn", (kmem1 - kmem0) / n as f64);
+        m.insert("forwarder_rss_before_bytes", rss0);
+        m.insert("forwarder_rss_holding_bytes", rss1);
+        m.insert("forwarder_cpu_us_per_conn", cpu * 1e6 / n as f64);
+        Ok(Sample {
+            workload: IDLE,
+            forwarder: fwd.kind.name(),
+            rep,
+            quiet,
+            wall_s: wall.as_secs_f64(),
+            forwarder_cpu_s: cpu,
+            system_cpu_s: sys,
+            metrics: m,
+            client,
+        })
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn fwd_cpu(f: &Forwarder) -> f64 {
+    f.pid().map(tree_cpu_s).unwrap_or(0.0)
+}
+
+/// Runs the client to completion (killed after `timeout`) and parses its
+/// JSON line. It exits non-zero when anything was lost, which fails the run.
+fn run_client(loadgen: &Path, args: &[String], timeout: Duration) -> Result<Value> {
+    let mut child = Command::new(loadgen)
+        .args(args)
+        .env("RUST_LIB_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start the load generator")?;
+    let stdout = collect(child.stdout.take().unwrap());
+    let stderr = collect(child.stderr.take().unwrap());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("load generator {args:?} still running after {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    let (out, err) = (
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default(),
+    );
+    if !status.success() {
+        bail!("load generator {args:?} failed ({status}):\n{err}");
+    }
+    let line = out.lines().last().unwrap_or("");
+    serde_json::from_str(line).with_context(|| format!("load generator printed {out:?}"))
+}
+
+fn collect(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+fn line_reader(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
