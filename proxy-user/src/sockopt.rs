@@ -115,6 +115,12 @@ pub fn set_window_clamp(fd: RawFd, bytes: i32) -> io::Result<()> {
     set(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, bytes)
 }
 
+/// SO_SNDBUFFORCE (needs CAP_NET_ADMIN, which the offload needs anyway):
+/// unlike SO_SNDBUF it is not capped by net.core.wmem_max.
+pub fn force_sndbuf(fd: RawFd, bytes: i32) -> io::Result<()> {
+    set(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
+}
+
 /// TCP_QUICKACK. Off: ACKs are delayed (the peer's next segment waits for
 /// the delayed-ACK timer when its window is full). On: an ACK that was
 /// being delayed goes out now, carrying the current window.

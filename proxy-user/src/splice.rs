@@ -70,6 +70,11 @@ pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream, token: u64
     ) else {
         return Handoff::default();
     };
+    for sock in [client, upstream] {
+        if let Err(e) = sockopt::force_sndbuf(sock.as_raw_fd(), SNDBUF) {
+            log::debug!("SO_SNDBUFFORCE: {e}");
+        }
+    }
     for cookie in [c, u] {
         if let Err(e) = maps.set_limit(cookie, WINDOW) {
             log::warn!("socket {cookie}: no flow control: {e:#}");
@@ -123,6 +128,14 @@ pub fn forget(maps: &Maps, (c, u): (u64, u64)) -> (Link, Link) {
 /// caught up half way. That touches neither the sockmap nor the data path,
 /// so it cannot lose or reorder a byte.
 pub const WINDOW: u64 = 16 << 20;
+
+/// Each socket's send buffer once spliced (the kernel doubles it for its
+/// bookkeeping). The kernel moves redirected skbs into the peer's send
+/// queue from a worker that, when the queue is full, retries only a jiffy
+/// later (4 ms at HZ=250): with the autotuned 4 MiB a fast stream kept
+/// hitting that wait. A limit, not an allocation: an idle connection
+/// costs no more for it.
+const SNDBUF: i32 = 16 << 20;
 
 /// One kernel-carried direction `src -> dst`. It keeps no state of its
 /// own between calls, so a parked connection can rebuild it on each wake.
