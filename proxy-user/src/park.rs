@@ -230,8 +230,8 @@ fn park(token: u64, conn: Spliced) -> Result<(), Spliced> {
 /// Works on the connection until it parks or ends.
 async fn run(token: u64, mut conn: Spliced) {
     loop {
-        if let Some(how) = advance(&mut conn).await {
-            finish(token, conn, how);
+        if let Some((how, cookies)) = advance(&mut conn).await {
+            finish(token, conn, how, cookies);
             return;
         }
         match park(token, conn) {
@@ -241,19 +241,19 @@ async fn run(token: u64, mut conn: Spliced) {
     }
 }
 
-/// Both directions, as far as their sockets' states allow; Some(end of
-/// the close line) once the connection is over.
-async fn advance(c: &mut Spliced) -> Option<&'static str> {
-    if shutdown::is_forced() {
-        return Some(conn::DRAINED);
-    }
-    let maps = c.ctx.offload.maps()?;
+/// Both directions, as far as their sockets' states allow; once the
+/// connection is over, the end for its close line and the sockets' cookies.
+async fn advance(c: &mut Spliced) -> Option<(&'static str, (u64, u64))> {
     let (Ok(cc), Ok(uc)) = (
         sockopt::cookie(c.client.as_raw_fd()),
         sockopt::cookie(c.upstream.as_raw_fd()),
     ) else {
-        return Some("error");
+        return Some(("error", (0, 0)));
     };
+    if shutdown::is_forced() {
+        return Some((conn::DRAINED, (cc, uc)));
+    }
+    let maps = c.ctx.offload.maps()?;
     let c2u = Direction::new(maps, c.client.as_fd(), c.upstream.as_fd(), cc, c.upstream_base)
         .consumed(u64::from(c.header) + u64::from(c.early));
     let u2c = Direction::new(maps, c.upstream.as_fd(), c.client.as_fd(), uc, c.client_base);
@@ -263,7 +263,7 @@ async fn advance(c: &mut Spliced) -> Option<&'static str> {
     );
     c.ends.set(0, a);
     c.ends.set(1, b);
-    conn::outcome(c.ends.get(0), c.ends.get(1), c.ends.first())
+    conn::outcome(c.ends.get(0), c.ends.get(1), c.ends.first()).map(|how| (how, (cc, uc)))
 }
 
 /// One direction after a wake-up: on while open, and a reset of its source
@@ -276,17 +276,10 @@ async fn direction(d: Direction<'_>, end: Option<End>) -> Option<End> {
     }
 }
 
-/// Closes the sockets, forgets the links and logs the close line.
-fn finish(token: u64, c: Spliced, how: &'static str) {
-    let cookies = (
-        sockopt::cookie(c.client.as_raw_fd()).unwrap_or(0),
-        sockopt::cookie(c.upstream.as_raw_fd()).unwrap_or(0),
-    );
+/// Closes the sockets (which also takes them out of the epoll set and the
+/// sockhashes), forgets the links and logs the close line.
+fn finish(token: u64, c: Spliced, how: &'static str, cookies: (u64, u64)) {
     conn::abort_if_reset(how, &c.client, &c.upstream);
-    if let Ok(w) = Watcher::get() {
-        w.remove(c.client.as_raw_fd());
-        w.remove(c.upstream.as_raw_fd());
-    }
     let elapsed = START.elapsed().saturating_sub(Duration::from_millis(c.started));
     let Spliced {
         client,
