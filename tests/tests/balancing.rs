@@ -725,7 +725,7 @@ fn least_conn_prefers_the_idle_upstream() -> Result<()> {
 
 // ---------------------------------------------------------- 5. source
 
-/// `balance = "source"` with 3 sinks and 30 client addresses: each address
+/// `balance = "source"` with 3 sinks and 60 client addresses: each address
 /// lands on the same sink every time; after a SIGHUP reload without sink 2,
 /// the clients of sinks 1 and 3 stay exactly where they were and only sink
 /// 2's move (to 1 or 3; sink 2, still running, gets none).
@@ -752,7 +752,7 @@ fn source_hash_is_sticky_and_moves_only_the_removed_brokers_clients() -> Result<
             keys,
         ),
     )?;
-    let clients: Vec<Ipv4Addr> = (10..40).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let clients: Vec<Ipv4Addr> = (10..70).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
     let mut first = Vec::new();
     for &ip in &clients {
         let id = one(&s, ip, &sinks)?;
@@ -768,10 +768,13 @@ fn source_hash_is_sticky_and_moves_only_the_removed_brokers_clients() -> Result<
     eprintln!("sinks by client: {}", ids(&first));
     for sink in sinks {
         let n = first.iter().filter(|&&id| id == sink.id).count();
-        // 30 clients hashed over 3: about 10 each.
+        // 60 clients hashed over 3: about 20 each. The sink ports change
+        // from run to run, so this only checks that every sink has some
+        // clients to move (the hash's fairness is a unit test with fixed
+        // inputs); all 60 on two sinks has a chance of about 1e-10.
         ensure!(
-            n >= 2,
-            "sink {} got {n} of 30 clients: {}",
+            n >= 1,
+            "sink {} got {n} of 60 clients: {}",
             sink.id as char,
             ids(&first)
         );
@@ -819,12 +822,13 @@ fn source_hash_is_sticky_and_moves_only_the_removed_brokers_clients() -> Result<
         }
     }
     ensure!(
-        moved >= 2 && s2.served() == served2,
+        moved >= 1 && s2.served() == served2,
         "sink 2 got clients after the reload"
     );
     ensure!(
-        s.closed_lines().len() == 90,
-        "want 90 close lines, got {}",
+        s.closed_lines().len() == 3 * clients.len(),
+        "want {} close lines, got {}",
+        3 * clients.len(),
         s.closed_lines().len()
     );
     Ok(())
