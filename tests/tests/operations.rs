@@ -468,7 +468,7 @@ fn reload_under_load(mode: &str) -> Result<()> {
     let config = write_config(&dir, &listener(&format!("\"{up1}\"")))?;
     let mut s = start_config(&dir, &config, listen, &[])?;
 
-    const LEN: u64 = 256 << 20;
+    const LEN: u64 = 1 << 30;
     let c = connect_from(CLIENT_IP, listen)?;
     let mut b = accept_within(&sink1, STEP)?.context("stream did not arrive")?;
     let writer = {
@@ -480,7 +480,7 @@ fn reload_under_load(mode: &str) -> Result<()> {
         })
     };
     let reader = thread::spawn(move || expect_pattern(&mut b, 7, LEN));
-    // Reload while the stream flows (well before 256 MiB have passed).
+    // Reload while the stream flows (well before 1 GiB has passed).
     thread::sleep(Duration::from_millis(100));
     fs::write(
         &config,
