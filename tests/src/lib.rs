@@ -139,13 +139,18 @@ impl Proc {
             .collect()
     }
 
+    /// Sends `sig` (e.g. SIGHUP for a reload); whether kill(2) succeeded.
+    pub fn signal(&self, sig: i32) -> bool {
+        // SAFETY: plain kill(2) on our own child's PID.
+        unsafe { libc::kill(self.child.id() as i32, sig) == 0 }
+    }
+
     /// SIGTERM, then SIGKILL after a grace period; returns the exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         if let Ok(Some(s)) = self.child.try_wait() {
             return Some(s);
         }
-        // SAFETY: plain kill(2) on our own child's PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(s)) = self.child.try_wait() {

@@ -791,8 +791,7 @@ fn source_hash_is_sticky_and_moves_only_the_removed_brokers_clients() -> Result<
             keys,
         ),
     )?;
-    // SAFETY: kill(2) on our own child's PID.
-    ensure!(unsafe { libc::kill(s.proc.pid() as i32, libc::SIGHUP) } == 0);
+    ensure!(s.proc.signal(libc::SIGHUP));
     // "reload: FILE applied" or "reload refused, ...".
     wait_for("a reload result line", STEP, || {
         Ok(!s.proc.lines_with("reload: ").is_empty()
@@ -1071,8 +1070,7 @@ fn reload_to_health_check_off_brings_down_upstreams_back() -> Result<()> {
         &path,
         config(listen, Some(metrics), &ups, "health-check = \"off\"\n"),
     )?;
-    // SAFETY: kill(2) on our own child's PID.
-    ensure!(unsafe { libc::kill(s.proc.pid() as i32, libc::SIGHUP) } == 0);
+    ensure!(s.proc.signal(libc::SIGHUP));
     s.proc
         .wait_line(&format!("reload: {} applied", path.display()), STEP)?;
     let a = Sink::start_on(b'A', a_addr)?;

@@ -70,11 +70,6 @@ fn start_config(dir: &Path, config: &Path, listen: SocketAddr, extra: &[&str]) -
     Splicer::start_cmd(dir, cmd, listen)
 }
 
-fn signal(p: &Proc, sig: i32) {
-    // SAFETY: plain kill(2) on our own child's PID.
-    unsafe { libc::kill(p.pid() as i32, sig) };
-}
-
 fn wait_exit(p: &mut Proc, timeout: Duration) -> Result<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -489,7 +484,7 @@ fn reload_under_load(mode: &str) -> Result<()> {
             listener(&format!("\"{up1}\", \"{up2}\""))
         ),
     )?;
-    signal(&s.proc, libc::SIGHUP);
+    ensure!(s.proc.signal(libc::SIGHUP));
     s.proc.wait_line("reload: ", STEP)?;
     ensure!(!reader.is_finished(), "the stream ended before the reload: make it longer");
     ensure!(s.proc.lines_with("[mqtt] reloaded").len() == 1, "{}", s.proc.output());
@@ -519,7 +514,7 @@ fn reload_under_load(mode: &str) -> Result<()> {
 
     // A broken file: refused, logged, the old configuration keeps serving.
     fs::write(&config, "[[listener]\nlisten = oops")?;
-    signal(&s.proc, libc::SIGHUP);
+    ensure!(s.proc.signal(libc::SIGHUP));
     s.proc.wait_line("reload refused", STEP)?;
     let _c3 = connect_from(CLIENT_IP, second)?;
     accept_within(&sink2, STEP)?.context("the old configuration stopped serving")?;
@@ -579,7 +574,7 @@ fn drain_lets_a_transfer_finish(mode: &str) -> Result<()> {
         Ok(b)
     });
     thread::sleep(Duration::from_millis(200));
-    signal(&s.proc, libc::SIGTERM);
+    ensure!(s.proc.signal(libc::SIGTERM));
     s.proc.wait_line("draining", STEP)?;
     ensure!(connect_from(CLIENT_IP, s.listen).is_err(), "still accepting while draining");
     ensure!(!writer.is_finished(), "the transfer ended before the SIGTERM: make it longer");
@@ -624,7 +619,7 @@ fn drain_timeout_closes_cleanly(mode: &str) -> Result<()> {
         pairs.push((c, b));
     }
     let started = Instant::now();
-    signal(&s.proc, libc::SIGTERM);
+    ensure!(s.proc.signal(libc::SIGTERM));
     for (c, b) in &mut pairs {
         for (s, who) in [(c, "client"), (b, "broker")] {
             let mut rest = Vec::new();
