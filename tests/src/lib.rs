@@ -1,16 +1,17 @@
 //! Harness for splicer's end-to-end tests: starts splicer and real peers as
-//! child processes on loopback addresses, and stops them by PID.
+//! child processes on loopback addresses, and stops them by PID. The
+//! process, port and listener helpers it shares with `cargo xtask bench`
+//! come from splicer-testkit and are re-exported here.
 //!
 //! Addresses: clients bind 127.0.0.2, splicer listens on 127.0.0.3 and
 //! brokers on 127.0.0.4, so that "who connected" is never ambiguous.
 //! (splicer's own upstream connections come from 127.0.0.1.)
 use std::{
     fs,
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -21,6 +22,7 @@ pub mod net;
 pub mod peers;
 pub use net::*;
 pub use peers::*;
+pub use splicer_testkit::{free_port, is_listening, run_with_timeout, Proc};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 pub const SPLICER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
@@ -58,144 +60,6 @@ pub fn scratch(name: &str) -> PathBuf {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// A port that was free on `ip` a moment ago. Ports are handed out from a
-/// per-process counter so that parallel tests never pick the same one.
-pub fn free_port(ip: Ipv4Addr) -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let base = 20000 + (std::process::id() % 200) * 100;
-    loop {
-        let port = (base + NEXT.fetch_add(1, Ordering::Relaxed) % 20000) as u16;
-        if TcpListener::bind((ip, port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-/// A child process whose output goes to a log file; killed on drop.
-pub struct Proc {
-    pub name: String,
-    pub child: Child,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    pub fn spawn(name: &str, dir: &Path, cmd: &mut Command) -> Result<Proc> {
-        let log = dir.join(format!("{name}.log"));
-        let out = fs::File::create(&log)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
-        Ok(Proc {
-            name: name.into(),
-            child,
-            log,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn output(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the log has a line containing `needle`; returns it.
-    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.output().lines().find(|l| l.contains(needle)) {
-                return Ok(line.to_string());
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!(
-                    "{} exited ({status}) before printing {needle:?}:\n{}",
-                    self.name,
-                    self.output()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not print {needle:?} within {timeout:?}:\n{}",
-                    self.name,
-                    self.output()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Lines of the log that contain `needle`.
-    pub fn lines_with(&self, needle: &str) -> Vec<String> {
-        self.output()
-            .lines()
-            .filter(|l| l.contains(needle))
-            .map(String::from)
-            .collect()
-    }
-
-    /// Sends `sig` (e.g. SIGHUP for a reload); whether kill(2) succeeded.
-    pub fn signal(&self, sig: i32) -> bool {
-        // SAFETY: plain kill(2) on our own child's PID.
-        unsafe { libc::kill(self.child.id() as i32, sig) == 0 }
-    }
-
-    /// SIGTERM, then SIGKILL after a grace period; returns the exit status.
-    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        if let Ok(Some(s)) = self.child.try_wait() {
-            return Some(s);
-        }
-        self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        self.child.wait().ok()
-    }
-
-    /// utime + stime of the process, in seconds (from /proc/PID/stat).
-    pub fn cpu_seconds(&self) -> f64 {
-        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the ")" that closes the command name; utime and
-        // stime are fields 14 and 15 of the whole line.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // SAFETY: sysconf has no preconditions.
-        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-    }
-
-    /// Bytes the process read through read-like syscalls (/proc/PID/io rchar).
-    pub fn read_bytes(&self) -> u64 {
-        let io = fs::read_to_string(format!("/proc/{}/io", self.pid())).unwrap_or_default();
-        io.lines()
-            .find_map(|l| l.strip_prefix("rchar: "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// Number of open file descriptors.
-    pub fn fd_count(&self) -> usize {
-        fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// A running splicer.
@@ -465,44 +329,6 @@ pub fn expected_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     v
 }
 
-/// Runs a command to completion with a timeout; returns (status, stdout, stderr).
-pub fn run_with_timeout(
-    cmd: &mut Command,
-    timeout: Duration,
-) -> Result<(std::process::ExitStatus, String, String)> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_t = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_t = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{cmd:?} timed out after {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    Ok((status, out_t.join().unwrap(), err_t.join().unwrap()))
-}
-
 /// Entries in one of a process's eBPF maps, found by name among the map
 /// fds it holds (/proc/PID/fdinfo has each map's id).
 pub fn bpf_map_entries(pid: u32, map_name: &str) -> Result<usize> {
@@ -537,30 +363,15 @@ pub fn listen_on(ip: Ipv4Addr) -> Result<(TcpListener, SocketAddr)> {
     Ok((l, a))
 }
 
-/// Reads lines from a child's stdout file until one satisfies `pred`.
+/// Waits for a line of the child's log that satisfies `pred`.
 pub fn wait_json_line(
     proc: &mut Proc,
     pred: impl Fn(&str) -> bool,
     timeout: Duration,
 ) -> Result<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let file = fs::File::open(&proc.log)?;
-        for line in BufReader::new(file).lines() {
-            let line = line?;
-            if pred(&line) {
-                return Ok(line);
-            }
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "no matching line from {} within {timeout:?}:\n{}",
-                proc.name,
-                proc.output()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    proc.wait_for("matching line", timeout, |p| {
+        Ok(p.output().lines().find(|l| pred(l)).map(String::from))
+    })
 }
 
 /// Extracts a JSON string or number field's raw text from a flat JSON line.

@@ -1,7 +1,6 @@
 //! Socket helpers shared by the multi-hop tests, where every hop has its
 //! own loopback address and who connected from where is what is checked.
 use std::{
-    fs,
     io::ErrorKind,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     thread,
@@ -61,25 +60,4 @@ pub fn accept_within(l: &TcpListener, timeout: Duration) -> Result<Option<TcpStr
         }
         thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Whether something LISTENs on `addr` (from /proc/net/tcp, so that the
-/// check does not open a connection a proxy would forward).
-pub fn is_listening(addr: SocketAddr) -> bool {
-    let SocketAddr::V4(a) = addr else {
-        return false;
-    };
-    let want = format!(
-        "{:08X}:{:04X}",
-        u32::from_le_bytes(a.ip().octets()),
-        a.port()
-    );
-    fs::read_to_string("/proc/net/tcp")
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A")
-        })
 }

@@ -3,108 +3,18 @@
 use std::{
     fs,
     net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    path::Path,
+    process::{Command, ExitStatus},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 
 use crate::{
-    is_event, is_listening, json_field, peers_dir, run_with_timeout, v4, wait_json_line, Proc,
-    BROKER_IP, CLIENT_IP, STEP,
+    is_event, json_field, peers_dir, run_with_timeout, v4, wait_json_line, Proc, BROKER_IP,
+    CLIENT_IP, STEP,
 };
-
-/// A peer run in the background whose stdout must be compared exactly, so
-/// stdout and stderr go to separate files (Proc merges them). Killed on
-/// drop, like Proc.
-pub struct Piped {
-    name: String,
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Piped {
-    pub fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Result<Piped> {
-        let out = dir.join(format!("{name}.stdout"));
-        let err = dir.join(format!("{name}.stderr"));
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&out)?)
-            .stderr(fs::File::create(&err)?)
-            .spawn()
-            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
-        Ok(Piped {
-            name: name.into(),
-            child,
-            out,
-            err,
-        })
-    }
-
-    pub fn stdout(&self) -> String {
-        fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    pub fn stderr(&self) -> String {
-        fs::read_to_string(&self.err).unwrap_or_default()
-    }
-
-    /// Waits until stdout has a line containing `needle`.
-    pub fn wait_stdout(&mut self, needle: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(l) = self.stdout().lines().find(|l| l.contains(needle)) {
-                return Ok(l.to_string());
-            }
-            if let Some(st) = self.child.try_wait()? {
-                bail!(
-                    "{} exited ({st}) before printing {needle:?}\nstdout:\n{}stderr:\n{}",
-                    self.name,
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{} did not print {needle:?} within {timeout:?}\nstdout:\n{}stderr:\n{}",
-                self.name,
-                self.stdout(),
-                self.stderr()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for the process to exit; returns (status, stdout, stderr).
-    pub fn finish(&mut self, timeout: Duration) -> Result<(ExitStatus, String, String)> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                return Ok((st, self.stdout(), self.stderr()));
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{} still running after {timeout:?}\nstdout:\n{}stderr:\n{}",
-                self.name,
-                self.stdout(),
-                self.stderr()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Piped {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// The aedes broker peer (with aedes-protocol-decoder) on BROKER_IP with a
 /// port it picks itself; returns it and its MQTT address once its `ready`
@@ -222,29 +132,6 @@ pub fn spawn_mosquitto(
     Ok(Ok(broker))
 }
 
-/// Waits until `p` listens on `addr`, without connecting (see
-/// is_listening); fails if it exits first.
-pub fn wait_listening(p: &mut Proc, addr: SocketAddr) -> Result<()> {
-    let deadline = Instant::now() + STEP;
-    while !is_listening(addr) {
-        if let Some(st) = p.child.try_wait()? {
-            bail!(
-                "{} exited ({st}) before listening on {addr}:\n{}",
-                p.name,
-                p.output()
-            );
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{} does not listen on {addr} after {STEP:?}:\n{}",
-            p.name,
-            p.output()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 /// nginx in the foreground, single process, everything inside `dir`, once
 /// it listens on `listen`. The config is `top` (e.g. load_module, which
 /// must come first), the pid/error_log/events lines every test needs, then
@@ -271,6 +158,6 @@ pub fn start_nginx(dir: &Path, listen: SocketAddr, top: &str, blocks: &str) -> R
             .arg(&conf)
             .args(["-g", "daemon off; master_process off;"]),
     )?;
-    wait_listening(&mut p, listen)?;
+    p.wait_listening(listen, STEP)?;
     Ok(p)
 }

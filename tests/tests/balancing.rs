@@ -26,6 +26,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
+use splicer_testkit::metrics::scrape;
 use splicer_tests::*;
 
 const NAME: &str = "mqtt";
@@ -245,21 +246,9 @@ fn splicer_addr() -> SocketAddr {
     v4(SPLICER_IP, free_port(SPLICER_IP))
 }
 
-/// GET /metrics; returns the body.
-fn scrape(metrics: SocketAddr) -> Result<String> {
-    let mut c = TcpStream::connect_timeout(&metrics, STEP)?;
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: splicer\r\nConnection: close\r\n\r\n")?;
-    let resp = String::from_utf8(read_to_end_timeout(&mut c, STEP)?)?;
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("not an HTTP response: {resp:?}"))?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "metrics answered {head}");
-    Ok(body.to_string())
-}
-
 /// The value of `family{listener="mqtt",upstream="ADDR"}` in a scrape.
 fn upstream_metric(metrics: SocketAddr, family: &str, upstream: SocketAddr) -> Result<f64> {
-    let body = scrape(metrics)?;
+    let body = scrape(metrics, STEP)?;
     let (l, u) = (
         format!("listener=\"{NAME}\""),
         format!("upstream=\"{upstream}\""),

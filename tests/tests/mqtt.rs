@@ -61,9 +61,9 @@ fn mosquitto_pub_sub(mode: &str) -> Result<()> {
     for qos in ["0", "1"] {
         let topic = format!("splicer-e2e/{mode}/qos{qos}");
         let sub_id = format!("sub-{mode}-q{qos}");
-        let mut sub = Piped::spawn(
-            &dir,
+        let mut sub = Proc::spawn_apart(
             &sub_id,
+            &dir,
             Command::new("mosquitto_sub")
                 .args(["-h", &host, "-p", &port, "-A", &bind, "-i", &sub_id])
                 .args(["-t", &topic, "-q", qos, "-C", "3", "-v"]),
@@ -89,7 +89,8 @@ fn mosquitto_pub_sub(mode: &str) -> Result<()> {
             // defined even at QoS 0.
             broker.wait_line(&format!("Received PUBLISH from {pub_id} "), STEP)?;
         }
-        let (st, out, err) = sub.finish(STEP)?;
+        let st = sub.wait_exit(STEP)?;
+        let (out, err) = (sub.output(), sub.stderr());
         let want: String = msgs.iter().map(|m| format!("{topic} {m}\n")).collect();
         ensure!(
             out == want,
@@ -233,9 +234,9 @@ fn roundtrip(mode: &str) -> Result<()> {
     let (_broker, broker_addr) = start_aedes(&dir)?;
     let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--send-proxy", "v2"])?;
     let sub_id = format!("rt-sub-{mode}");
-    let mut sub = Piped::spawn(
-        &dir,
+    let mut sub = Proc::spawn_apart(
         &sub_id,
+        &dir,
         &mut client_cmd(
             &splicer,
             &sub_id,
@@ -252,7 +253,7 @@ fn roundtrip(mode: &str) -> Result<()> {
         ),
     )?;
     // The client prints `subscribed` after its SUBACK.
-    sub.wait_stdout("\"event\":\"subscribed\"", STEP)?;
+    sub.wait_line("\"event\":\"subscribed\"", STEP)?;
     let payloads = [format!("{mode}-one"), format!("{mode}-two")];
     let out = run_client(
         &splicer,
@@ -270,7 +271,8 @@ fn roundtrip(mode: &str) -> Result<()> {
     )?;
     // At QoS 1 `published` means the broker acked it.
     ensure!(events(&out, "published").len() == 2, "publisher:\n{out}");
-    let (st, out, err) = sub.finish(Duration::from_secs(25))?;
+    let st = sub.wait_exit(Duration::from_secs(25))?;
+    let (out, err) = (sub.output(), sub.stderr());
     let got: Vec<(String, String)> = events(&out, "message")
         .iter()
         .map(|l| {

@@ -137,7 +137,7 @@ fn start_haproxy(dir: &Path, listens: &[SocketAddr], cfg: &str) -> Result<Proc> 
         Command::new("haproxy").arg("-db").arg("-f").arg(&path),
     )?;
     for a in listens {
-        wait_listening(&mut p, *a)?;
+        p.wait_listening(*a, STEP)?;
     }
     Ok(p)
 }

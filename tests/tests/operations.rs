@@ -17,6 +17,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
+use splicer_testkit::metrics::scrape;
 use splicer_tests::*;
 
 const LB_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 9);
@@ -24,19 +25,6 @@ const DENIED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 7);
 const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 2);
 
 // ---------------------------------------------------------------- helpers
-
-/// GET /metrics; the body.
-fn scrape(addr: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, STEP)?;
-    s.set_read_timeout(Some(STEP))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: splicer\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let (head, body) = out.split_once("\r\n\r\n").context("no HTTP head")?;
-    ensure!(head.starts_with("HTTP/1.1 200 OK\r\n"), "scrape: {head}");
-    ensure!(body.ends_with("# EOF\n"), "exposition not terminated:\n{body}");
-    Ok(body.to_string())
-}
 
 /// The value of one series, written exactly as `name{labels}`.
 fn metric(text: &str, series: &str) -> Result<f64> {
@@ -48,8 +36,11 @@ fn metric(text: &str, series: &str) -> Result<f64> {
         .with_context(|| format!("{series}: not a number"))
 }
 
+/// Scrapes `addr` and checks each series' value; returns the scrape. The
+/// exposition must be complete (OpenMetrics' `# EOF` terminator).
 fn expect_metrics(addr: SocketAddr, want: &[(&str, f64)]) -> Result<String> {
-    let text = scrape(addr)?;
+    let text = scrape(addr, STEP)?;
+    ensure!(text.ends_with("# EOF\n"), "exposition not terminated:\n{text}");
     for (series, value) in want {
         let got = metric(&text, series)?;
         ensure!(got == *value, "{series} = {got}, want {value}\n{text}");
@@ -68,17 +59,6 @@ fn start_config(dir: &Path, config: &Path, listen: SocketAddr, extra: &[&str]) -
     let mut cmd = Command::new(splicer_bin());
     cmd.arg("--config").arg(config).args(extra);
     Splicer::start_cmd(dir, cmd, listen)
-}
-
-fn wait_exit(p: &mut Proc, timeout: Duration) -> Result<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(st) = p.child.try_wait()? {
-            return Ok(st);
-        }
-        ensure!(Instant::now() < deadline, "still running after {timeout:?}:\n{}", p.output());
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Waits until the log has `n` lines containing `needle`.
@@ -105,15 +85,6 @@ fn expect_closed(s: &mut TcpStream, who: &str) -> Result<()> {
         Ok(n) => bail!("{who}: got {n} bytes, expected a close: {}", show(&buf[..n])),
         Err(e) => bail!("{who}: expected a close, got {e}"),
     }
-}
-
-fn wait_for_listen(addr: SocketAddr) -> Result<()> {
-    let deadline = Instant::now() + STEP;
-    while !is_listening(addr) {
-        ensure!(Instant::now() < deadline, "nothing listens on {addr}");
-        thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 fn sink() -> Result<(TcpListener, SocketAddr)> {
@@ -283,8 +254,8 @@ fn access_control_on_the_real_client_tcp() -> Result<()> {
             "#
         ),
     )?;
-    let s = start_config(&dir, &config, direct, &[])?;
-    wait_for_listen(behind)?;
+    let mut s = start_config(&dir, &config, direct, &[])?;
+    s.proc.wait_listening(behind, STEP)?;
 
     // Allowed: its bytes reach the sink.
     let mut ok = connect_from(CLIENT_IP, direct)?;
@@ -508,7 +479,7 @@ fn reload_under_load(mode: &str) -> Result<()> {
         }
     }
     ensure!(hits == [1, 1], "round-robin over both upstreams: {hits:?}");
-    wait_for_listen(second)?;
+    s.proc.wait_listening(second, STEP)?;
     let _c2 = connect_from(CLIENT_IP, second)?;
     accept_within(&sink2, STEP)?.context("the added listener does not forward")?;
 
@@ -585,7 +556,7 @@ fn drain_lets_a_transfer_finish(mode: &str) -> Result<()> {
     let mut tail = Vec::new();
     c.read_to_end(&mut tail)?;
     ensure!(tail == b"bye", "{}", show(&tail));
-    let st = wait_exit(&mut s.proc, STEP)?;
+    let st = s.proc.wait_exit(STEP)?;
     ensure!(st.success(), "exit {st}:\n{}", s.proc.output());
     let line = s.wait_closed(1, STEP)?.remove(0);
     ensure!(close_field(&line, "end") != Some("drained"), "{line}");
@@ -629,7 +600,7 @@ fn drain_timeout_closes_cleanly(mode: &str) -> Result<()> {
         }
     }
     ensure!(started.elapsed() >= Duration::from_millis(900), "closed before the drain timeout");
-    let st = wait_exit(&mut s.proc, STEP)?;
+    let st = s.proc.wait_exit(STEP)?;
     ensure!(st.success(), "exit {st}:\n{}", s.proc.output());
     let lines = s.wait_closed(3, STEP)?;
     ensure!(lines.iter().all(|l| close_field(l, "end") == Some("drained")), "{lines:?}");

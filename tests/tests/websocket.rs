@@ -10,8 +10,9 @@
 //!
 //! The "sink" is a TcpListener in the test that reads the request head
 //! exactly as the broker would get it, so headers can be compared byte for
-//! byte. The WebSocket frames and the Sec-WebSocket-Accept hash are built
-//! here by hand (no extra crates).
+//! byte. WebSocket frames and the Sec-WebSocket-Key/Accept values come from
+//! splicer_testkit::ws; the upgrade requests are written out here, since
+//! those bytes are what the tests compare.
 use std::{
     fs,
     io::{BufReader, BufWriter, Cursor, ErrorKind, Read, Write},
@@ -23,6 +24,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
+use splicer_testkit::ws;
 use splicer_tests::*;
 
 const NGINX_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
@@ -226,105 +228,11 @@ fn ws_tier(
     splicer_in_mode(&d, mode, upstream, &args).with_context(|| format!("starting {name}"))
 }
 
-// -------------------------------------------- WebSocket frames and hashes
-
-/// SHA-1 (FIPS 180-4), only for Sec-WebSocket-Accept.
-fn sha1(data: &[u8]) -> [u8; 20] {
-    let mut h: [u32; 5] = [0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0];
-    let mut msg = data.to_vec();
-    msg.push(0x80);
-    while msg.len() % 64 != 56 {
-        msg.push(0);
-    }
-    msg.extend((data.len() as u64 * 8).to_be_bytes());
-    for block in msg.chunks(64) {
-        let mut w = [0u32; 80];
-        for i in 0..16 {
-            w[i] = u32::from_be_bytes(block[4 * i..4 * i + 4].try_into().unwrap());
-        }
-        for i in 16..80 {
-            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
-        }
-        let [mut a, mut b, mut c, mut d, mut e] = h;
-        for (i, wi) in w.iter().enumerate() {
-            let (f, k) = match i {
-                0..=19 => ((b & c) | (!b & d), 0x5A827999),
-                20..=39 => (b ^ c ^ d, 0x6ED9EBA1),
-                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1BBCDC),
-                _ => (b ^ c ^ d, 0xCA62C1D6),
-            };
-            let t = a
-                .rotate_left(5)
-                .wrapping_add(f)
-                .wrapping_add(e)
-                .wrapping_add(k)
-                .wrapping_add(*wi);
-            (e, d, c, b, a) = (d, c, b.rotate_left(30), a, t);
-        }
-        for (x, y) in h.iter_mut().zip([a, b, c, d, e]) {
-            *x = x.wrapping_add(y);
-        }
-    }
-    let mut out = [0u8; 20];
-    for (i, x) in h.iter().enumerate() {
-        out[4 * i..4 * i + 4].copy_from_slice(&x.to_be_bytes());
-    }
-    out
-}
-
-fn base64(data: &[u8]) -> String {
-    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let n = (c[0] as u32) << 16
-            | (*c.get(1).unwrap_or(&0) as u32) << 8
-            | *c.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn ws_accept(key: &str) -> String {
-    base64(&sha1(
-        format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
-    ))
-}
+// ------------------------------------------------------ WebSocket frames
 
 /// A mask key that differs per frame (never all zero).
 fn mask_key(i: u64) -> [u8; 4] {
     ((i as u32).wrapping_mul(0x9E37_79B9) ^ 0xA5A5_5A5A).to_be_bytes()
-}
-
-/// One final frame: `opcode`, `payload`, masked with `mask` if given
-/// (clients must mask, servers must not).
-fn frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    let mut f = vec![0x80 | opcode];
-    let m = if mask.is_some() { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => f.push(m | n as u8),
-        n if n <= 0xffff => {
-            f.push(m | 126);
-            f.extend((n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(m | 127);
-            f.extend((n as u64).to_be_bytes());
-        }
-    }
-    match mask {
-        Some(k) => {
-            f.extend(k);
-            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
-        }
-        None => f.extend_from_slice(payload),
-    }
-    f
 }
 
 /// Payload bytes per bulk frame (a 2-byte extended length).
@@ -340,12 +248,12 @@ fn send_frames(s: TcpStream, seed: u64, len: u64, masked: bool) -> Result<()> {
     while left > 0 {
         let n = left.min(FRAME_PAYLOAD as u64) as usize;
         p.fill(&mut chunk[..n]);
-        w.write_all(&frame(0x2, &chunk[..n], masked.then(|| mask_key(i))))
+        w.write_all(&ws::frame(ws::BINARY, &chunk[..n], masked.then(|| mask_key(i))))
             .with_context(|| format!("writing frame {i}"))?;
         left -= n as u64;
         i += 1;
     }
-    w.write_all(&frame(0x8, &[], masked.then(|| mask_key(i))))?;
+    w.write_all(&ws::frame(ws::CLOSE, &[], masked.then(|| mask_key(i))))?;
     w.flush()?;
     s.shutdown(Shutdown::Write)?;
     Ok(())
@@ -362,48 +270,28 @@ fn expect_frames(s: TcpStream, early: Vec<u8>, seed: u64, len: u64, masked: bool
     let mut want = vec![0u8; FRAME_PAYLOAD];
     loop {
         let at = || format!("frame {frames}, after {got} of {len} payload bytes");
-        let mut h = [0u8; 2];
-        r.read_exact(&mut h).with_context(at)?;
-        let n = match h[1] & 0x7f {
-            126 => {
-                let mut b = [0u8; 2];
-                r.read_exact(&mut b)?;
-                u16::from_be_bytes(b) as u64
-            }
-            127 => {
-                let mut b = [0u8; 8];
-                r.read_exact(&mut b)?;
-                u64::from_be_bytes(b)
-            }
-            n => n as u64,
-        };
+        let h = ws::read_header(&mut r).with_context(at)?;
+        let n = h.len;
         ensure!(
-            (h[1] & 0x80 != 0) == masked,
+            h.mask.is_some() == masked,
             "{}: mask bit {} (want {masked})",
             at(),
-            h[1] >> 7
+            u8::from(h.mask.is_some())
         );
-        let mut key = [0u8; 4];
-        if masked {
-            r.read_exact(&mut key)?;
-        }
-        if h[0] == 0x88 {
+        if h.first == 0x88 {
             ensure!(n == 0, "{}: Close frame with {n} bytes", at());
             break;
         }
         ensure!(
-            h[0] == 0x82 && n as usize <= FRAME_PAYLOAD && got + n <= len,
-            "{}: unexpected frame header {:02x} {:02x}, length {n}",
+            h.first == 0x82 && n as usize <= FRAME_PAYLOAD && got + n <= len,
+            "{}: unexpected frame header {:02x}, length {n}",
             at(),
-            h[0],
-            h[1]
+            h.first
         );
         let n = n as usize;
         r.read_exact(&mut payload[..n]).with_context(at)?;
-        if masked {
-            for (i, b) in payload[..n].iter_mut().enumerate() {
-                *b ^= key[i % 4];
-            }
+        if let Some(key) = h.mask {
+            ws::unmask(&mut payload[..n], key);
         }
         p.fill(&mut want[..n]);
         if payload[..n] != want[..n] {
@@ -482,8 +370,8 @@ fn pub_sub_roundtrip(
         "20000",
     ];
     args.extend_from_slice(sub_extra);
-    let mut sub = Piped::spawn(dir, &sub_id, &mut ws_client_cmd(to, &sub_id, &args))?;
-    sub.wait_stdout("\"event\":\"subscribed\"", STEP)?;
+    let mut sub = Proc::spawn_apart(&sub_id, dir, &mut ws_client_cmd(to, &sub_id, &args))?;
+    sub.wait_line("\"event\":\"subscribed\"", STEP)?;
     let payloads = [format!("{tag}-one"), format!("{tag}-two")];
     let out = run_ws_client(
         to,
@@ -506,7 +394,8 @@ fn pub_sub_roundtrip(
         out.lines().filter(|l| is_event(l, "published")).count() == 2,
         "publisher:\n{out}"
     );
-    let (st, out, err) = sub.finish(Duration::from_secs(25))?;
+    let st = sub.wait_exit(Duration::from_secs(25))?;
+    let (out, err) = (sub.output(), sub.stderr());
     let got: Vec<(String, String)> = out
         .lines()
         .filter(|l| is_event(l, "message"))
@@ -1128,7 +1017,7 @@ fn early_frames_in(mode: &str) -> Result<()> {
         0x10, 0x10, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x04, b'e',
         b'a', b'r', b'l',
     ];
-    let early = frame(0x2, &connect, Some(mask_key(7)));
+    let early = ws::frame(ws::BINARY, &connect, Some(mask_key(7)));
     let mut c = connect_from(CLIENT_IP, splicer.listen)?;
     let client = local(&c);
     c.write_all(&[&sent[..], &early].concat())?;
@@ -1192,9 +1081,9 @@ const BULK: u64 = 64 << 20;
 
 fn bulk_in(mode: &str) -> Result<()> {
     ensure!(
-        ws_accept(WS_KEY) == WS_ACCEPT,
-        "the test's own SHA-1/base64 is wrong: {}",
-        ws_accept(WS_KEY)
+        ws::accept(WS_KEY) == WS_ACCEPT,
+        "the kit's Sec-WebSocket-Accept is wrong: {}",
+        ws::accept(WS_KEY)
     );
     let dir = scratch(&format!("ws-bulk-{mode}"));
     let (server_l, server_addr) = listen_on(BROKER_IP)?;
@@ -1204,7 +1093,7 @@ fn bulk_in(mode: &str) -> Result<()> {
     // A per-run key, so the Accept check proves this request's key arrived.
     let mut raw = [0u8; 16];
     Pattern::new(u64::from(splicer.listen.port())).fill(&mut raw);
-    let key = base64(&raw);
+    let key = ws::key(&raw);
     let mut c = connect_from(CLIENT_IP, splicer.listen)?;
     let client = local(&c);
     c.write_all(&upgrade_request(splicer.listen, "/mqtt", &key, &[]))?;
@@ -1222,7 +1111,7 @@ fn bulk_in(mode: &str) -> Result<()> {
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\
              Sec-WebSocket-Protocol: mqtt\r\n\r\n",
-            ws_accept(&key)
+            ws::accept(&key)
         )
         .as_bytes(),
     )?;
@@ -1233,7 +1122,7 @@ fn bulk_in(mode: &str) -> Result<()> {
         show(&resp)
     );
     ensure!(
-        header_values(&resp, "Sec-WebSocket-Accept") == [ws_accept(&key)],
+        header_values(&resp, "Sec-WebSocket-Accept") == [ws::accept(&key)],
         "wrong Sec-WebSocket-Accept: {}",
         show(&resp)
     );

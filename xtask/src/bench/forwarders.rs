@@ -2,14 +2,15 @@
 //! on its own port, in the foreground, with everything in a scratch dir.
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr, TcpListener},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::Command,
 };
 
 use anyhow::Result;
+use splicer_testkit::{free_port, Proc};
 
-use super::procs::Proc;
+use super::START;
 
 /// Forwarders listen here; the bench's server and the broker use their
 /// own addresses (127.0.1.2 and .4), and clients come from 127.0.1.10-13.
@@ -110,7 +111,7 @@ impl Forwarder {
         };
         let name = self.kind.name().replace(' ', "-");
         let mut p = Proc::spawn(&name, &setup.dir, &mut cmd)?;
-        p.wait_listening(self.addr)?;
+        p.wait_listening(self.addr, START)?;
         self.proc = Some(p);
         Ok(())
     }
@@ -207,17 +208,4 @@ fn command(kind: Kind, s: &Setup, listen: SocketAddr) -> Result<Option<Command>>
             c
         }
     }))
-}
-
-/// A port on `ip` that was free a moment ago, below the ephemeral range so
-/// that no client connection can be using it.
-pub fn free_port(ip: Ipv4Addr) -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(30500);
-    loop {
-        let port = NEXT.fetch_add(1, Ordering::Relaxed);
-        if TcpListener::bind((ip, port)).is_ok() {
-            return port;
-        }
-    }
 }

@@ -19,16 +19,18 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
+use splicer_testkit::{free_port, Proc};
 
 use crate::{build, install, root, run_cmd};
 use forwarders::{Forwarder, Setup, ALL};
-use procs::Proc;
 use workloads::{Ctx, Sample, BULK1, BULK4, CONNRATE, IDLE, MQTT0, MQTT1, MQTT_PACED, PINGPONG};
 
 /// The load generator's server (PROXY header stripped, then discard/echo).
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 2);
 /// mosquitto, for the MQTT workload.
 const BROKER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 4);
+/// How long the server, the broker or a forwarder may take to listen.
+const START: Duration = Duration::from_secs(10);
 
 /// Sizes of one run; `--quick` shrinks them for a smoke check.
 #[derive(Serialize)]
@@ -177,13 +179,13 @@ fn tcp_phase(
     nofile: u64,
     step: impl Fn(&str),
 ) -> Result<Vec<Sample>> {
-    let server_addr = SocketAddr::from((SERVER_IP, forwarders::free_port(SERVER_IP)));
+    let server_addr = SocketAddr::from((SERVER_IP, free_port(SERVER_IP)));
     let mut server = Proc::spawn(
         "server",
         dir,
         Command::new(loadgen).args(["server", "--listen", &server_addr.to_string()]),
     )?;
-    server.wait_listening(server_addr)?;
+    server.wait_listening(server_addr, START)?;
     let setup = Setup {
         dir: dir.to_path_buf(),
         splicer: splicer.to_path_buf(),
@@ -216,7 +218,7 @@ fn mqtt_phase(
     nofile: u64,
     step: impl Fn(&str),
 ) -> Result<Vec<Sample>> {
-    let broker_addr = SocketAddr::from((BROKER_IP, forwarders::free_port(BROKER_IP)));
+    let broker_addr = SocketAddr::from((BROKER_IP, free_port(BROKER_IP)));
     let conf = dir.join("mosquitto.conf");
     // Nagle off, as brokers run in production (EMQX's default), so latency
     // is the forwarder's and not a delayed ACK's.
@@ -235,7 +237,7 @@ fn mqtt_phase(
         dir,
         Command::new("mosquitto").arg("-c").arg(&conf),
     )?;
-    broker.wait_listening(broker_addr)?;
+    broker.wait_listening(broker_addr, START)?;
     let setup = Setup {
         dir: dir.to_path_buf(),
         splicer: splicer.to_path_buf(),

@@ -10,11 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
-
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
-}
+use splicer_testkit::system::clk_tck;
 
 /// (busy, total) CPU seconds over all CPUs since boot. Busy is everything
 /// but idle and iowait.

@@ -14,6 +14,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 use serde_json::Value;
+use splicer_testkit::proc::{read_in_background, run_with_timeout};
 
 use super::{
     forwarders::{Forwarder, Setup},
@@ -199,7 +200,7 @@ impl Ctx<'_> {
             .spawn()
             .context("cannot start the load generator")?;
         let lines = line_reader(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
+        let stderr = read_in_background(child.stderr.take().unwrap());
         let ready = lines.recv_timeout(Duration::from_secs(300));
         let Ok(ready) = ready else {
             let _ = child.kill();
@@ -257,45 +258,18 @@ fn fwd_cpu(f: &Forwarder) -> f64 {
 /// Runs the client to completion (killed after `timeout`) and parses its
 /// JSON line. It exits non-zero when anything was lost, which fails the run.
 fn run_client(loadgen: &Path, args: &[String], timeout: Duration) -> Result<Value> {
-    let mut child = Command::new(loadgen)
-        .args(args)
-        .env("RUST_LIB_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start the load generator")?;
-    let stdout = collect(child.stdout.take().unwrap());
-    let stderr = collect(child.stderr.take().unwrap());
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("load generator {args:?} still running after {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
-    let (out, err) = (
-        stdout.join().unwrap_or_default(),
-        stderr.join().unwrap_or_default(),
-    );
+    let (status, out, err) = run_with_timeout(
+        Command::new(loadgen)
+            .args(args)
+            .env("RUST_LIB_BACKTRACE", "0"),
+        timeout,
+    )
+    .context("the load generator")?;
     if !status.success() {
         bail!("load generator {args:?} failed ({status}):\n{err}");
     }
     let line = out.lines().last().unwrap_or("");
     serde_json::from_str(line).with_context(|| format!("load generator printed {out:?}"))
-}
-
-fn collect(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut s = String::new();
-        let _ = r.read_to_string(&mut s);
-        s
-    })
 }
 
 fn line_reader(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
