@@ -1,7 +1,8 @@
 //! Coverage-guided fuzzing of the WebSocket upgrade parser and rewriter
-//! (proxy-user/src/http_upgrade.rs, compiled in as a submodule).
+//! (`splicer_proto::http_upgrade`, the code splicer runs).
 //!
-//! `cargo +nightly fuzz run http_upgrade` from this directory.
+//! `cargo +nightly fuzz run http_upgrade` from this directory; `cargo xtask
+//! test` runs it for 30 s.
 //!
 //! Each input is tried twice: as a whole request head, and as header lines
 //! spliced into a valid upgrade (random bytes rarely make a request line that
@@ -10,10 +11,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../proxy-user/src/http_upgrade.rs"]
-mod http_upgrade;
-
-use http_upgrade::{
+use splicer_proto::http_upgrade::{
     parse_head, parse_head_limited, rewrite, Edit, Forwarding, Head, Refusal, MAX_HEADERS,
     X_FORWARDED_FOR, X_FORWARDED_PORT,
 };

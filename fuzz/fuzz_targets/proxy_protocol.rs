@@ -1,38 +1,35 @@
-//! Coverage-guided fuzzing of the PROXY protocol parser
-//! (proxy-user/src/proxy_protocol.rs, compiled in as a submodule).
+//! Coverage-guided fuzzing of the PROXY protocol parser and builders
+//! (`splicer_proto::proxy_protocol`, the code splicer runs).
 //!
 //! `cargo +nightly fuzz run proxy_protocol` from this directory; `cargo xtask
-//! test` runs it for 60 s.
+//! test` runs it for 30 s.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../proxy-user/src/proxy_protocol.rs"]
-mod proxy_protocol;
-
-use proxy_protocol::{
-    build_v1, build_v2, normalize, parse, tlvs, tlvs_for_reemit, Accept, Header, Version,
+use splicer_proto::proxy_protocol::{
+    build_v1, build_v2, normalize, parse, tlvs, tlvs_for_reemit, Versions, Header, Version,
     V1_MAX_LEN, V2_HEADER_LEN, V2_MAX_TLVS_LEN,
 };
 
 fuzz_target!(|data: &[u8]| {
-    for accept in [Accept::V1, Accept::V2, Accept::Auto] {
+    for accept in [Versions::V1, Versions::V2, Versions::Auto] {
         if let Ok(h) = parse(data, accept) {
             check(data, accept, &h);
         }
     }
 });
 
-fn check(data: &[u8], accept: Accept, h: &Header) {
+fn check(data: &[u8], accept: Versions, h: &Header) {
     assert!(h.len <= data.len(), "len {} > input {}", h.len, data.len());
     match h.version {
         Version::V1 => {
-            assert_ne!(accept, Accept::V2, "v1 header with Accept::V2");
+            assert_ne!(accept, Versions::V2, "v1 header with Versions::V2");
             assert!(h.len <= V1_MAX_LEN, "v1 len {}", h.len);
             assert!(h.tlvs.is_empty(), "v1 header with TLVs");
         }
         Version::V2 => {
-            assert_ne!(accept, Accept::V1, "v2 header with Accept::V1");
+            assert_ne!(accept, Versions::V1, "v2 header with Versions::V1");
             assert!(h.len >= V2_HEADER_LEN, "v2 len {}", h.len);
         }
     }
@@ -44,10 +41,10 @@ fn check(data: &[u8], accept: Accept, h: &Header) {
         "header alone"
     );
     // Auto agrees with the listener that accepts only this version.
-    if accept == Accept::Auto {
+    if accept == Versions::Auto {
         let only = match h.version {
-            Version::V1 => Accept::V1,
-            Version::V2 => Accept::V2,
+            Version::V1 => Versions::V1,
+            Version::V2 => Versions::V2,
         };
         assert_eq!(parse(data, only).as_ref(), Ok(h), "Auto vs {only:?}");
     }
@@ -73,14 +70,14 @@ fn check(data: &[u8], accept: Accept, h: &Header) {
                 let keep = tlvs_for_reemit(&h.tlvs);
                 assert!(keep.len() <= V2_MAX_TLVS_LEN, "re-emit TLVs too long");
                 let out = build_v2(src, dst, &keep);
-                let back = parse(&out, Accept::V2).expect("re-built v2 header parses");
+                let back = parse(&out, Versions::V2).expect("re-built v2 header parses");
                 assert_eq!(back.addresses, want, "v2 re-emit addresses");
                 assert_eq!(back.tlvs, keep, "v2 re-emit TLVs");
                 assert_eq!(back.len, out.len(), "v2 re-emit len");
             }
             Version::V1 => {
                 let out = build_v1(src, dst);
-                let back = parse(&out, Accept::V1).expect("re-built v1 header parses");
+                let back = parse(&out, Versions::V1).expect("re-built v1 header parses");
                 assert_eq!(back.addresses, want, "v1 re-emit addresses");
                 assert_eq!(back.len, out.len(), "v1 re-emit len");
             }

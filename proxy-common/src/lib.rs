@@ -3,10 +3,11 @@
 
 /// Value of the `LINKS` map, keyed by a socket's cookie (SO_COOKIE).
 ///
-/// Userspace writes `peer` before the socket is handed to the verdict
-/// program; the program adds to the counters with atomic adds, and userspace
-/// reads them to know when the kernel has caught up (half-close) and for the
-/// close log line.
+/// Userspace writes `peer` and `token` before the socket is handed to the
+/// verdict program. The program adds to the counters with plain (volatile)
+/// read-modify-writes: a socket's verdict runs under that socket's lock, so
+/// each counter has one writer. Userspace reads them to know when the
+/// kernel has caught up (half-close), for metrics and for the close line.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Link {
@@ -28,6 +29,7 @@ pub struct Link {
 }
 
 #[cfg(feature = "user")]
+#[allow(unsafe_code)] // aya::Pod is an unsafe marker trait: it vouches for the layout.
 // SAFETY: Link is repr(C), Copy, and made only of u64s, so any bit pattern is valid and there is no padding.
 unsafe impl aya::Pod for Link {}
 

@@ -17,26 +17,20 @@ use crate::config::{Config, Dur, ListenerSpec, LogLevel, OffloadMode, Overrides,
 )]
 pub struct Cli {
     /// TOML config file with one or more [[listener]] tables.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")] pub config: Option<PathBuf>,
     /// One listener from flags (without --config).
     #[command(flatten)]
     pub listener: ListenerSpec,
     /// Who forwards bulk bytes: the eBPF sockmap, userspace, or auto.
-    #[arg(long, value_enum, value_name = "auto|sockmap|userspace")]
-    pub offload: Option<OffloadMode>,
+    #[arg(long, value_enum, value_name = "auto|sockmap|userspace")] pub offload: Option<OffloadMode>,
     /// off, error, warn, info, debug or trace [default: info].
-    #[arg(long, value_name = "LEVEL")]
-    pub log_level: Option<LogLevel>,
+    #[arg(long, value_name = "LEVEL")] pub log_level: Option<LogLevel>,
     /// Serve Prometheus metrics on this address at /metrics.
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
+    #[arg(long, value_name = "ADDR")] pub metrics: Option<SocketAddr>,
     /// On SIGTERM, how long live connections may take to finish [default: 30s].
-    #[arg(long, value_name = "DURATION")]
-    pub drain_timeout: Option<Dur>,
+    #[arg(long, value_name = "DURATION")] pub drain_timeout: Option<Dur>,
     /// Check the configuration, print it, and exit.
-    #[arg(long)]
-    pub check: bool,
+    #[arg(long)] pub check: bool,
 }
 
 /// Where SIGHUP re-reads the configuration from.
@@ -182,33 +176,19 @@ mod tests {
 
     #[test]
     fn flag_errors_name_the_flag() {
-        let e = config(&[
-            "--listen",
-            "127.0.0.1:1883",
-            "--upstream",
-            "127.0.0.1:1",
-            "--send-proxy",
-            "v9",
-        ])
-        .unwrap_err();
-        assert!(e.to_string().contains("--send-proxy"), "{e}");
-        let e = config(&["--listen", "nope", "--upstream", "127.0.0.1:1"]).unwrap_err();
-        assert!(e.to_string().contains("--listen"), "{e}");
-        let e = config(&["--listen", "127.0.0.1:1883"]).unwrap_err();
-        assert!(format!("{e:#}").contains("`upstream`"), "{e:#}");
-        let e = config(&[
-            "--listen",
-            "127.0.0.1:1883",
-            "--upstream",
-            "127.0.0.1:1",
-            "--connect-timeout",
-            "x",
-        ])
-        .unwrap_err();
-        assert!(e.to_string().contains("--connect-timeout"), "{e}");
-        let e = config(&["--config", "x.toml", "--listen", "127.0.0.1:1883"]).unwrap_err();
-        assert!(e.to_string().contains("cannot be combined"), "{e}");
-        let e = config(&[]).unwrap_err();
-        assert!(e.to_string().contains("nothing to do"), "{e}");
+        const L: [&str; 4] = ["--listen", "127.0.0.1:1883", "--upstream", "127.0.0.1:1"];
+        // Each command line, and the words its error must contain.
+        let cases: [(Vec<&str>, &str); 6] = [
+            ([&L[..], &["--send-proxy", "v9"]].concat(), "--send-proxy"),
+            (vec!["--listen", "nope", "--upstream", "127.0.0.1:1"], "--listen"),
+            (L[..2].to_vec(), "`upstream`"),
+            ([&L[..], &["--connect-timeout", "x"]].concat(), "--connect-timeout"),
+            (vec!["--config", "x.toml", "--listen", "127.0.0.1:1883"], "cannot be combined"),
+            (vec![], "nothing to do"),
+        ];
+        for (args, word) in cases {
+            let e = config(&args).unwrap_err();
+            assert!(format!("{e:#}").contains(word), "{args:?}: {e:#}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use serde::{de, Deserialize, Deserializer};
 
 use ipnet::IpNet;
 
-use crate::proxy_protocol::{Accept, Version};
+use splicer_proto::proxy_protocol::{Version, Versions};
 
 /// `--send-proxy`: which PROXY protocol header to write upstream first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -40,12 +40,13 @@ pub enum AcceptProxy {
 }
 
 impl AcceptProxy {
-    pub fn accept(self) -> Option<Accept> {
+    /// The header versions to parse for; None when no header is expected.
+    pub fn versions(self) -> Option<Versions> {
         match self {
             AcceptProxy::Off => None,
-            AcceptProxy::V1 => Some(Accept::V1),
-            AcceptProxy::V2 => Some(Accept::V2),
-            AcceptProxy::Auto => Some(Accept::Auto),
+            AcceptProxy::V1 => Some(Versions::V1),
+            AcceptProxy::V2 => Some(Versions::V2),
+            AcceptProxy::Auto => Some(Versions::Auto),
         }
     }
 }
@@ -295,100 +296,67 @@ struct FileConfig {
 /// is both the serde table and the clap flags, so keys and flags cannot
 /// drift apart). Unset keys take their defaults in `resolve`.
 #[derive(Debug, Default, PartialEq, Deserialize, clap::Args)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ListenerSpec {
     /// The listener's name in logs (file only).
-    #[arg(skip)]
-    pub name: Option<String>,
+    #[arg(skip)] pub name: Option<String>,
     /// Address to accept clients on.
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
+    #[arg(long, value_name = "ADDR")] pub listen: Option<SocketAddr>,
     /// Upstream broker: `ADDR` or `"ADDR weight=N"`; repeat for several.
-    #[arg(long, value_name = "ADDR")]
-    #[serde(default)]
-    pub upstream: Vec<Upstream>,
+    #[arg(long, value_name = "ADDR")] pub upstream: Vec<Upstream>,
     /// How to pick an upstream [default: round-robin].
-    #[arg(long, value_enum, value_name = "round-robin|least-conn|source")]
-    pub balance: Option<Balance>,
+    #[arg(long, value_enum, value_name = "round-robin|least-conn|source")] pub balance: Option<Balance>,
     /// Active upstream checks [default: off].
-    #[arg(long, value_enum, value_name = "off|tcp|mqtt")]
-    pub health_check: Option<HealthCheck>,
+    #[arg(long, value_enum, value_name = "off|tcp|mqtt")] pub health_check: Option<HealthCheck>,
     /// Time between checks of one upstream [default: 2s].
-    #[arg(long, value_name = "DURATION")]
-    pub health_interval: Option<Dur>,
+    #[arg(long, value_name = "DURATION")] pub health_interval: Option<Dur>,
     /// Consecutive good checks that bring an upstream back [default: 2].
-    #[arg(long, value_name = "N")]
-    pub health_rise: Option<u32>,
+    #[arg(long, value_name = "N")] pub health_rise: Option<u32>,
     /// Consecutive failures (checks or client connects) that take an
     /// upstream down [default: 3].
-    #[arg(long, value_name = "N")]
-    pub health_fall: Option<u32>,
+    #[arg(long, value_name = "N")] pub health_fall: Option<u32>,
     /// Real client CIDRs let in; repeatable. Without any, all are let in.
-    #[arg(long, value_name = "CIDR")]
-    #[serde(default)]
-    pub allow: Vec<IpNet>,
+    #[arg(long, value_name = "CIDR")] pub allow: Vec<IpNet>,
     /// Real client CIDRs turned away (wins over --allow); repeatable.
-    #[arg(long, value_name = "CIDR")]
-    #[serde(default)]
-    pub deny: Vec<IpNet>,
+    #[arg(long, value_name = "CIDR")] pub deny: Vec<IpNet>,
     /// Refuse new clients while this many are connected [default: no limit].
-    #[arg(long, value_name = "N")]
-    pub max_conns: Option<u64>,
+    #[arg(long, value_name = "N")] pub max_conns: Option<u64>,
     /// PROXY protocol header to write upstream before any client byte [default: off].
-    #[arg(long, value_enum, value_name = "off|v1|v2")]
-    pub send_proxy: Option<SendProxy>,
+    #[arg(long, value_enum, value_name = "off|v1|v2")] pub send_proxy: Option<SendProxy>,
     /// Give up on an upstream connect after this long and try the next [default: 5s].
-    #[arg(long, value_name = "DURATION")]
-    pub connect_timeout: Option<Dur>,
+    #[arg(long, value_name = "DURATION")] pub connect_timeout: Option<Dur>,
     /// Require a PROXY header first from every peer: off, v1, v2, or auto
     /// (either) [default: off].
-    #[arg(long, value_enum, value_name = "off|v1|v2|auto")]
-    pub accept_proxy: Option<AcceptProxy>,
+    #[arg(long, value_enum, value_name = "off|v1|v2|auto")] pub accept_proxy: Option<AcceptProxy>,
     /// Peers whose PROXY headers (and forwarding headers) are believed;
     /// repeatable, IPv4 or IPv6 CIDR.
-    #[arg(long, value_name = "CIDR")]
-    #[serde(default)]
-    pub trusted_proxy: Vec<IpNet>,
+    #[arg(long, value_name = "CIDR")] pub trusted_proxy: Vec<IpNet>,
     /// Send a trusted peer's PROXY header upstream unchanged.
-    #[arg(long)]
-    #[serde(default)]
-    pub proxy_passthrough: bool,
+    #[arg(long)] pub proxy_passthrough: bool,
     /// How long a peer may take to send its whole PROXY header [default: 3s].
-    #[arg(long, value_name = "DURATION")]
-    pub proxy_timeout: Option<Dur>,
+    #[arg(long, value_name = "DURATION")] pub proxy_timeout: Option<Dur>,
     /// A PROXY header from an untrusted peer: ignore it (use the peer's
     /// address) or reject the connection [default: ignore].
-    #[arg(long, value_enum, value_name = "ignore|reject")]
-    pub untrusted_proxy: Option<UntrustedProxy>,
+    #[arg(long, value_enum, value_name = "ignore|reject")] pub untrusted_proxy: Option<UntrustedProxy>,
     /// tcp (MQTT over TCP) or ws (MQTT over WebSocket) [default: tcp].
-    #[arg(long, value_enum, value_name = "tcp|ws")]
-    pub protocol: Option<Protocol>,
+    #[arg(long, value_enum, value_name = "tcp|ws")] pub protocol: Option<Protocol>,
     /// ws: the WebSocket path; `*` accepts any [default: /mqtt].
-    #[arg(long, value_name = "PATH")]
-    pub ws_path: Option<String>,
+    #[arg(long, value_name = "PATH")] pub ws_path: Option<String>,
     /// ws: X-Forwarded-For: override (the client) or append (to what came in) [default: override].
-    #[arg(long, value_enum, value_name = "override|append")]
-    pub forwarded_for: Option<ForwardMode>,
+    #[arg(long, value_enum, value_name = "override|append")] pub forwarded_for: Option<ForwardMode>,
     /// ws: X-Forwarded-Port, likewise [default: override].
-    #[arg(long, value_enum, value_name = "override|append")]
-    pub forwarded_port: Option<ForwardMode>,
+    #[arg(long, value_enum, value_name = "override|append")] pub forwarded_port: Option<ForwardMode>,
     /// ws: take the real client from this header when the peer is trusted
     /// (e.g. X-Forwarded-For).
-    #[arg(long, value_name = "NAME")]
-    pub real_ip_header: Option<String>,
+    #[arg(long, value_name = "NAME")] pub real_ip_header: Option<String>,
     /// ws: the real client is the rightmost untrusted address, not the rightmost.
-    #[arg(long)]
-    #[serde(default)]
-    pub real_ip_recursive: bool,
+    #[arg(long)] pub real_ip_recursive: bool,
     /// ws: send the real client upstream in this header (e.g. X-Real-IP).
-    #[arg(long, value_name = "NAME")]
-    pub set_real_ip_header: Option<String>,
+    #[arg(long, value_name = "NAME")] pub set_real_ip_header: Option<String>,
     /// ws: largest upgrade request head, in bytes [default: 16384].
-    #[arg(long, value_name = "BYTES")]
-    pub ws_header_max: Option<usize>,
+    #[arg(long, value_name = "BYTES")] pub ws_header_max: Option<usize>,
     /// ws: how long a client may take to send the upgrade request [default: 5s].
-    #[arg(long, value_name = "DURATION")]
-    pub ws_header_timeout: Option<Dur>,
+    #[arg(long, value_name = "DURATION")] pub ws_header_timeout: Option<Dur>,
 }
 
 impl ListenerSpec {
@@ -617,6 +585,17 @@ mod tests {
         format!("{:#}", parse(text).unwrap_err())
     }
 
+    /// A listener with only the required keys, for tests to add one to.
+    const L: &str = "[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n";
+
+    /// Each config must be refused with an error containing every word.
+    fn assert_refused<'a>(cases: impl IntoIterator<Item = (String, &'a [&'a str])>) {
+        for (text, words) in cases {
+            let e = err(&text);
+            assert!(words.iter().all(|w| e.contains(w)), "{text:?}: {e}");
+        }
+    }
+
     #[test]
     fn full_config() {
         let c = parse(
@@ -669,19 +648,14 @@ mod tests {
 
     #[test]
     fn multi_tier_keys() {
-        let c = parse(
-            r#"
-            [[listener]]
-            listen = "127.0.0.1:1883"
-            upstream = ["127.0.0.1:11883"]
+        let keys = r#"
             accept-proxy = "auto"
             trusted-proxy = ["10.0.0.0/8", "fd00::/8", "192.168.1.7/32"]
             proxy-passthrough = true
             proxy-timeout = "1500ms"
             untrusted-proxy = "reject"
-            "#,
-        )
-        .unwrap();
+            "#;
+        let c = parse(&format!("{L}{keys}")).unwrap();
         let l = &c.listeners[0];
         assert_eq!(l.accept_proxy, AcceptProxy::Auto);
         assert_eq!(l.trusted_proxies.len(), 3);
@@ -689,8 +663,7 @@ mod tests {
         assert!(l.proxy_passthrough);
         assert_eq!(l.proxy_timeout, Duration::from_millis(1500));
         assert_eq!(l.untrusted_proxy, UntrustedProxy::Reject);
-        let c = parse("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n")
-            .unwrap();
+        let c = parse(L).unwrap();
         let l = &c.listeners[0];
         assert_eq!(l.accept_proxy, AcceptProxy::Off);
         assert_eq!(l.proxy_timeout, DEFAULT_PROXY_TIMEOUT);
@@ -699,29 +672,16 @@ mod tests {
 
     #[test]
     fn multi_tier_errors_name_the_key() {
-        let base = "[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n";
-        let e = err(&format!("{base}accept-proxy = \"v3\"\n"));
-        assert!(e.contains("accept-proxy") && e.contains("auto"), "{e}");
-        let e = err(&format!(
-            "{base}accept-proxy = \"auto\"\ntrusted-proxy = [\"10.0.0.0/33\"]\n"
-        ));
-        assert!(e.contains("trusted-proxy"), "{e}");
-        let e = err(&format!("{base}accept-proxy = \"auto\"\n"));
-        assert!(
-            e.contains("`trusted-proxy`") && e.contains("at least one"),
-            "{e}"
-        );
-        let e = err(&format!("{base}proxy-passthrough = true\n"));
-        assert!(
-            e.contains("`proxy-passthrough`") && e.contains("accept-proxy"),
-            "{e}"
-        );
-        let e = err(&format!("{base}untrusted-proxy = \"drop\"\n"));
-        assert!(e.contains("untrusted-proxy") && e.contains("reject"), "{e}");
-        let e = err(&format!("{base}accept-proxy = \"v1\"\ntrusted-proxy = [\"10.0.0.1/32\"]\nproxy-timeout = \"0s\"\n"));
-        assert!(e.contains("`proxy-timeout`"), "{e}");
-        let e = err("[[listener]]\nupstream = [\"127.0.0.1:2\"]\n");
-        assert!(e.contains("`listen`") && e.contains("required"), "{e}");
+        let cases: [(String, &[&str]); 7] = [
+            (format!("{L}accept-proxy = \"v3\"\n"), &["accept-proxy", "auto"]),
+            (format!("{L}accept-proxy = \"auto\"\ntrusted-proxy = [\"10.0.0.0/33\"]\n"), &["trusted-proxy"]),
+            (format!("{L}accept-proxy = \"auto\"\n"), &["`trusted-proxy`", "at least one"]),
+            (format!("{L}proxy-passthrough = true\n"), &["`proxy-passthrough`", "accept-proxy"]),
+            (format!("{L}untrusted-proxy = \"drop\"\n"), &["untrusted-proxy", "reject"]),
+            (format!("{L}accept-proxy = \"v1\"\ntrusted-proxy = [\"10.0.0.1/32\"]\nproxy-timeout = \"0s\"\n"), &["`proxy-timeout`"]),
+            ("[[listener]]\nupstream = [\"127.0.0.1:2\"]\n".into(), &["`listen`", "required"]),
+        ];
+        assert_refused(cases);
     }
 
     #[test]
@@ -770,33 +730,18 @@ mod tests {
 
     #[test]
     fn websocket_errors_name_the_key() {
-        let base = "[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n";
-        let e = err(&format!("{base}ws-path = \"/x\"\n"));
-        assert!(
-            e.contains("`ws-path`") && e.contains("WebSocket listeners only"),
-            "{e}"
-        );
-        let ws = format!("{base}protocol = \"ws\"\n");
-        let e = err(&format!("{ws}real-ip-recursive = true\n"));
-        assert!(
-            e.contains("`real-ip-recursive`") && e.contains("real-ip-header"),
-            "{e}"
-        );
-        let e = err(&format!("{ws}real-ip-header = \"X-Forwarded-For\"\n"));
-        assert!(
-            e.contains("`real-ip-header`") && e.contains("trusted-proxy"),
-            "{e}"
-        );
-        let e = err(&format!("{ws}set-real-ip-header = \"X Real\"\n"));
-        assert!(e.contains("`set-real-ip-header`"), "{e}");
-        let e = err(&format!("{ws}ws-path = \"mqtt\"\n"));
-        assert!(e.contains("`ws-path`"), "{e}");
-        let e = err(&format!("{ws}ws-header-max = 10\n"));
-        assert!(e.contains("`ws-header-max`"), "{e}");
-        let e = err(&format!("{ws}forwarded-for = \"replace\"\n"));
-        assert!(e.contains("forwarded-for") && e.contains("append"), "{e}");
-        let e = err(&format!("{base}protocol = \"mqtt\"\n"));
-        assert!(e.contains("protocol") && e.contains("ws"), "{e}");
+        let ws = format!("{L}protocol = \"ws\"\n");
+        let cases: [(String, &[&str]); 8] = [
+            (format!("{L}ws-path = \"/x\"\n"), &["`ws-path`", "WebSocket listeners only"]),
+            (format!("{ws}real-ip-recursive = true\n"), &["`real-ip-recursive`", "real-ip-header"]),
+            (format!("{ws}real-ip-header = \"X-Forwarded-For\"\n"), &["`real-ip-header`", "trusted-proxy"]),
+            (format!("{ws}set-real-ip-header = \"X Real\"\n"), &["`set-real-ip-header`"]),
+            (format!("{ws}ws-path = \"mqtt\"\n"), &["`ws-path`"]),
+            (format!("{ws}ws-header-max = 10\n"), &["`ws-header-max`"]),
+            (format!("{ws}forwarded-for = \"replace\"\n"), &["forwarded-for", "append"]),
+            (format!("{L}protocol = \"mqtt\"\n"), &["protocol", "ws"]),
+        ];
+        assert_refused(cases);
     }
 
     #[test]
@@ -847,27 +792,20 @@ mod tests {
 
     #[test]
     fn operations_errors_name_the_key() {
-        let with = |ups: &str, extra: &str| {
-            err(&format!("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [{ups}]\n{extra}\n"))
-        };
-        let e = with("\"127.0.0.1:2 weight=x\"", "");
-        assert!(e.contains("weight=N"), "{e}");
-        let e = with("\"127.0.0.1:2 weight=257\"", "");
-        assert!(e.contains("weight=N"), "{e}");
-        let e = with("\"127.0.0.1:2 weight=0\"", "");
-        assert!(e.contains("`upstream`") && e.contains("every weight is 0"), "{e}");
-        let e = with("\"127.0.0.1:2\", \"127.0.0.1:2 weight=2\"", "");
-        assert!(e.contains("listed twice"), "{e}");
-        let e = with("\"127.0.0.1:2\"", "balance = \"random\"");
-        assert!(e.contains("random"), "{e}");
-        let e = with("\"127.0.0.1:2\"", "health-fall = 0");
-        assert!(e.contains("`health-fall`"), "{e}");
-        let e = with("\"127.0.0.1:2\"", "health-interval = \"0s\"");
-        assert!(e.contains("`health-interval`"), "{e}");
-        let e = with("\"127.0.0.1:2\"", "max-conns = 0");
-        assert!(e.contains("`max-conns`"), "{e}");
-        let e = with("\"127.0.0.1:2\"", "allow = [\"10.0.0.300/8\"]");
-        assert!(e.contains("allow"), "{e}");
+        let with = |ups: &str, extra: &str| format!("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [{ups}]\n{extra}\n");
+        let one = "\"127.0.0.1:2\"";
+        let cases: [(String, &[&str]); 9] = [
+            (with("\"127.0.0.1:2 weight=x\"", ""), &["weight=N"]),
+            (with("\"127.0.0.1:2 weight=257\"", ""), &["weight=N"]),
+            (with("\"127.0.0.1:2 weight=0\"", ""), &["`upstream`", "every weight is 0"]),
+            (with("\"127.0.0.1:2\", \"127.0.0.1:2 weight=2\"", ""), &["listed twice"]),
+            (with(one, "balance = \"random\""), &["random"]),
+            (with(one, "health-fall = 0"), &["`health-fall`"]),
+            (with(one, "health-interval = \"0s\""), &["`health-interval`"]),
+            (with(one, "max-conns = 0"), &["`max-conns`"]),
+            (with(one, "allow = [\"10.0.0.300/8\"]"), &["allow"]),
+        ];
+        assert_refused(cases);
     }
 
     #[test]
@@ -879,61 +817,22 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\nsend-proxy = \"v3\"\n");
-        assert!(
-            e.contains("send-proxy") && e.contains("v3") && e.contains("v1"),
-            "{e}"
-        );
-
-        let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\nsendproxy = \"v1\"\n");
-        assert!(e.contains("unknown field `sendproxy`"), "{e}");
-
-        let e = err("[[listener]]\nlisten = \"localhost\"\nupstream = [\"127.0.0.1:2\"]\n");
-        assert!(
-            e.contains("listen") && e.contains("invalid socket address"),
-            "{e}"
-        );
-
-        let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\n");
-        assert!(
-            e.contains("`upstream`") && e.contains("at least one"),
-            "{e}"
-        );
-
-        let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\nconnect-timeout = \"soon\"\n");
-        assert!(
-            e.contains("connect-timeout") && e.contains("not a duration"),
-            "{e}"
-        );
-
-        let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\nconnect-timeout = \"0s\"\n");
-        assert!(
-            e.contains("`connect-timeout`") && e.contains("greater than zero"),
-            "{e}"
-        );
-
-        let e = err("log-level = \"loud\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n");
-        assert!(
-            e.contains("log-level") && e.contains("not a log level"),
-            "{e}"
-        );
-
-        let e = err("offload = \"xdp\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n");
-        assert!(e.contains("offload") && e.contains("sockmap"), "{e}");
-
-        let e = err("");
-        assert!(e.contains("no listener"), "{e}");
-
-        let two = "[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n";
-        let e = err(&format!("{two}{two}"));
+        let same_listen = "[[listener]]\nname=\"a\"\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n[[listener]]\nname=\"b\"\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n";
+        let cases: [(String, &[&str]); 11] = [
+            (format!("{L}send-proxy = \"v3\"\n"), &["send-proxy", "v3", "v1"]),
+            (format!("{L}sendproxy = \"v1\"\n"), &["unknown field `sendproxy`"]),
+            ("[[listener]]\nlisten = \"localhost\"\nupstream = [\"127.0.0.1:2\"]\n".into(), &["listen", "invalid socket address"]),
+            ("[[listener]]\nlisten = \"127.0.0.1:1\"\n".into(), &["`upstream`", "at least one"]),
+            (format!("{L}connect-timeout = \"soon\"\n"), &["connect-timeout", "not a duration"]),
+            (format!("{L}connect-timeout = \"0s\"\n"), &["`connect-timeout`", "greater than zero"]),
+            (format!("log-level = \"loud\"\n{L}"), &["log-level", "not a log level"]),
+            (format!("offload = \"xdp\"\n{L}"), &["offload", "sockmap"]),
+            (String::new(), &["no listener"]),
+            (same_listen.into(), &["`listen`", "also used by listener `a`"]),
+            ("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:1\"]\n".into(), &["own address"]),
+        ];
+        assert_refused(cases);
+        let e = err(&format!("{L}{L}"));
         assert!(e.contains("`name`") || e.contains("`listen`"), "{e}");
-        let e = err("[[listener]]\nname=\"a\"\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n[[listener]]\nname=\"b\"\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n");
-        assert!(
-            e.contains("`listen`") && e.contains("also used by listener `a`"),
-            "{e}"
-        );
-
-        let e = err("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:1\"]\n");
-        assert!(e.contains("own address"), "{e}");
     }
 }

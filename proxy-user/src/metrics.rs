@@ -1,11 +1,15 @@
 //! What splicer counts: Prometheus metric families (served by
-//! metrics_server.rs) and the process-wide totals of the `stopping:` line.
+//! app/metrics_endpoint.rs) and the process-wide totals of the `stopping:`
+//! line. One `Metrics` value, made in main and passed down.
 //!
 //! Each listener gets a `ListenerMetrics` with its label values resolved
 //! once, so counting a connection costs no allocation or map lookup.
-use std::sync::{
+use std::{
+    collections::HashMap,
+    sync::{
     atomic::{AtomicU64, Ordering},
-    Arc, LazyLock, Mutex,
+    Arc, Mutex,
+    },
 };
 
 use prometheus_client::{
@@ -16,10 +20,8 @@ use prometheus_client::{
         gauge::Gauge,
         histogram::{exponential_buckets, Histogram},
     },
-    registry::Registry,
+    registry::{Metric, Registry},
 };
-
-use crate::ebpf_maps::Maps;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabel {
@@ -134,14 +136,24 @@ struct ResultLabel {
     result: String,
 }
 
+/// A new family, registered under `name` (the prefix `splicer_` added).
+fn family<M: Metric + Clone + Default>(r: &mut Registry, name: &str, help: &str) -> M {
+    registered(r, name, help, M::default())
+}
+
+fn registered<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    r.register(name, help, metric.clone());
+    metric
+}
+
 fn connect_histogram() -> Histogram {
     // 50 µs .. ~3.3 s: loopback connects to refused timeouts.
     Histogram::new(exponential_buckets(0.00005, 3.0, 11))
 }
 
-/// Every metric family splicer exports; the names and help texts are what
-/// README "Metrics" lists.
-pub struct Families {
+/// Every metric family splicer exports (the names and help texts are what
+/// README "Metrics" lists), and the totals of the `stopping:` line.
+pub struct Metrics {
     accepted: Family<ListenerLabel, Counter>,
     active: Family<ListenerLabel, Gauge>,
     closed: Family<CloseLabels, Counter>,
@@ -156,70 +168,53 @@ pub struct Families {
     offload_mode: Family<ModeLabel, Gauge>,
     reloads: Family<ResultLabel, Counter>,
     registry: Registry,
+    totals: Arc<Counters>,
+    /// Each listener's kernel byte counts, by name, kept across reloads.
+    kernel: Mutex<Vec<(String, Arc<KernelBytes>)>>,
 }
 
-pub static METRICS: LazyLock<Families> = LazyLock::new(Families::new);
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = Registry::with_prefix("splicer");
+        let connect = Family::new_with_constructor(connect_histogram as fn() -> Histogram);
+        Metrics {
+            accepted: family(&mut r, "connections_accepted", "Client connections accepted"),
+            active: family(&mut r, "connections_active", "Client connections open now"),
+            closed: family(&mut r, "connections_closed", "Client connections closed, by reason"),
+            rejected: family(&mut r, "rejections", "Clients refused before reaching an upstream, by reason"),
+            untrusted_ignored: family(&mut r, "proxy_untrusted_ignored", "PROXY headers from untrusted peers that were ignored (spoof attempts; the peer's own address was used)"),
+            bytes: family(&mut r, "bytes", "Bytes forwarded, by direction and by who carried them (kernel: the eBPF sockmap; userspace: the relay, PROXY headers and upgrade requests included)"),
+            offloaded: family(&mut r, "connections_offloaded", "Connections by who carries their bytes after setup (kernel: both directions spliced)"),
+            upstream_up: family(&mut r, "upstream_up", "1 if the upstream takes new clients, 0 if health checks took it down"),
+            upstream_active: family(&mut r, "upstream_connections_active", "Client connections open now to this upstream"),
+            upstream_failures: family(&mut r, "upstream_connect_failures", "Failed or timed-out connects to this upstream, for clients and health checks"),
+            upstream_connect: registered(&mut r, "upstream_connect_seconds", "Time to connect to this upstream, for clients", connect),
+            offload_mode: family(&mut r, "offload_mode", "1 for the offload in effect (sockmap or userspace)"),
+            reloads: family(&mut r, "config_reloads", "SIGHUP reloads, by result (ok or failed)"),
+            registry: r,
+            totals: Arc::default(),
+            kernel: Mutex::default(),
+        }
+    }
 
-impl Families {
-    fn new() -> Families {
-        let mut f = Families {
-            accepted: Default::default(),
-            active: Default::default(),
-            closed: Default::default(),
-            rejected: Default::default(),
-            untrusted_ignored: Default::default(),
-            bytes: Default::default(),
-            offloaded: Default::default(),
-            upstream_up: Default::default(),
-            upstream_active: Default::default(),
-            upstream_failures: Default::default(),
-            upstream_connect: Family::new_with_constructor(connect_histogram),
-            offload_mode: Default::default(),
-            reloads: Default::default(),
-            registry: Registry::with_prefix("splicer"),
-        };
-        let r = &mut f.registry;
-        r.register("connections_accepted", "Client connections accepted", f.accepted.clone());
-        r.register("connections_active", "Client connections open now", f.active.clone());
-        r.register("connections_closed", "Client connections closed, by reason", f.closed.clone());
-        r.register("rejections", "Clients refused before reaching an upstream, by reason", f.rejected.clone());
-        r.register(
-            "proxy_untrusted_ignored",
-            "PROXY headers from untrusted peers that were ignored (spoof attempts; the peer's own address was used)",
-            f.untrusted_ignored.clone(),
-        );
-        r.register(
-            "bytes",
-            "Bytes forwarded, by direction and by who carried them (kernel: the eBPF sockmap; userspace: the relay, PROXY headers and upgrade requests included)",
-            f.bytes.clone(),
-        );
-        r.register(
-            "connections_offloaded",
-            "Connections by who carries their bytes after setup (kernel: both directions spliced)",
-            f.offloaded.clone(),
-        );
-        r.register("upstream_up", "1 if the upstream takes new clients, 0 if health checks took it down", f.upstream_up.clone());
-        r.register("upstream_connections_active", "Client connections open now to this upstream", f.upstream_active.clone());
-        r.register(
-            "upstream_connect_failures",
-            "Failed or timed-out connects to this upstream, for clients and health checks",
-            f.upstream_failures.clone(),
-        );
-        r.register(
-            "upstream_connect_seconds",
-            "Time to connect to this upstream, for clients",
-            f.upstream_connect.clone(),
-        );
-        r.register("offload_mode", "1 for the offload in effect (sockmap or userspace)", f.offload_mode.clone());
-        r.register("config_reloads", "SIGHUP reloads, by result (ok or failed)", f.reloads.clone());
-        f
+    /// Brings each listener's kernel byte counters up to what its closed
+    /// connections carried plus what its open ones have carried so far
+    /// (`live`), so they grow while a spliced connection is open. The caller
+    /// holds `live` steady meanwhile (no connection moving from live to
+    /// closed), or a byte could count twice. A counter never goes back (a
+    /// connection busy in a task at this moment is counted at the next scrape).
+    pub fn publish_kernel_bytes(&self, live: &LiveBytes) {
+        for (_, k) in self.kernel.lock().unwrap().iter() {
+            let live = live.0.get(&Arc::as_ptr(k)).copied().unwrap_or_default();
+            for (d, live) in live.into_iter().enumerate() {
+                let total = k.closed[d].load(Ordering::Relaxed) + live;
+                k.counters[d].inc_by(total.saturating_sub(k.counters[d].get()));
+            }
+        }
     }
 
     /// The Prometheus/OpenMetrics text exposition.
-    pub fn encode(&self, maps: Option<&Maps>) -> String {
-        if let Some(maps) = maps {
-            crate::park::sync_kernel_bytes(maps);
-        }
+    pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -255,7 +250,7 @@ impl Families {
     }
 }
 
-impl Families {
+impl Metrics {
     /// A reload dropped the upstream: its series go.
     pub fn forget_upstream(&self, listener: &str, upstream: &str) {
         let l = UpstreamLabels {
@@ -290,11 +285,18 @@ pub struct ListenerMetrics {
     bytes: [[Counter; 2]; 2],
     offloaded: [Counter; 2],
     pub kernel: Arc<KernelBytes>,
+    totals: Arc<Counters>,
 }
 
-impl ListenerMetrics {
-    pub fn new(listener: &str) -> ListenerMetrics {
-        let m = &*METRICS;
+impl Metrics {
+    /// The process-wide totals (the `stopping:` line, the drain's count).
+    pub fn totals(&self) -> &Counters {
+        &self.totals
+    }
+
+    /// A listener's handles, its series created at zero.
+    pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        let m = self;
         let name = || listener.to_string();
         let l = ListenerLabel { listener: name() };
         let bytes = |direction| {
@@ -310,7 +312,7 @@ impl ListenerMetrics {
             bytes(Direction::client_to_upstream),
             bytes(Direction::upstream_to_client),
         ];
-        let kernel = KernelBytes::for_listener(
+        let kernel = self.kernel_bytes(
             listener,
             [bytes[0][Path::kernel as usize].clone(), bytes[1][Path::kernel as usize].clone()],
         );
@@ -338,68 +340,12 @@ impl ListenerMetrics {
                     path,
                 })
             }),
+            totals: self.totals.clone(),
         }
     }
 
-    pub fn accepted(&self) {
-        self.accepted.inc();
-        self.active.inc();
-        inc(&COUNTERS.accepted);
-        inc(&COUNTERS.active);
-    }
-
-    pub fn closed(&self, reason: CloseReason) {
-        self.closed[reason as usize].inc();
-        self.active.dec();
-        dec(&COUNTERS.active);
-        inc(&COUNTERS.closed);
-    }
-
-    pub fn rejected(&self, reason: Reject) {
-        self.rejected[reason as usize].inc();
-        inc(match reason {
-            Reject::bad_proxy_header | Reject::untrusted_proxy_header => &COUNTERS.proxy_rejected,
-            Reject::bad_websocket_request => &COUNTERS.ws_refused,
-            Reject::access_denied => &COUNTERS.denied,
-            Reject::upstream_down => &COUNTERS.upstream_down,
-            Reject::max_conns => &COUNTERS.over_max_conns,
-        });
-    }
-
-    pub fn untrusted_ignored(&self) {
-        self.untrusted_ignored.inc();
-        inc(&COUNTERS.proxy_untrusted);
-    }
-
-    pub fn offloaded(&self, path: Path) {
-        self.offloaded[path as usize].inc();
-        inc(match path {
-            Path::kernel => &COUNTERS.spliced,
-            Path::userspace => &COUNTERS.relayed,
-        });
-    }
-
-    /// The userspace byte counter of a direction (the relay adds to it).
-    pub fn user_bytes(&self, direction: Direction) -> &Counter {
-        &self.bytes[direction as usize][Path::userspace as usize]
-    }
-}
-
-/// One listener's kernel-carried bytes. The exported counters are set at
-/// each scrape to what closed connections carried plus what parked ones
-/// have carried so far (park::sync_kernel_bytes), so they grow while a
-/// spliced connection is open; one per listener name, kept across reloads.
-#[derive(Debug)]
-pub struct KernelBytes {
-    closed: [AtomicU64; 2],
-    counters: [Counter; 2],
-}
-
-static KERNEL: Mutex<Vec<(String, Arc<KernelBytes>)>> = Mutex::new(Vec::new());
-
-impl KernelBytes {
-    fn for_listener(name: &str, counters: [Counter; 2]) -> Arc<KernelBytes> {
-        let mut all = KERNEL.lock().unwrap();
+    fn kernel_bytes(&self, name: &str, counters: [Counter; 2]) -> Arc<KernelBytes> {
+        let mut all = self.kernel.lock().unwrap();
         if let Some((_, k)) = all.iter().find(|(n, _)| n == name) {
             return k.clone();
         }
@@ -410,56 +356,100 @@ impl KernelBytes {
         all.push((name.to_string(), k.clone()));
         k
     }
+}
 
+impl ListenerMetrics {
+    pub fn accepted(&self) {
+        self.accepted.inc();
+        self.active.inc();
+        inc(&self.totals.accepted);
+        inc(&self.totals.active);
+    }
+
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[reason as usize].inc();
+        self.active.dec();
+        dec(&self.totals.active);
+        inc(&self.totals.closed);
+    }
+
+    pub fn rejected(&self, reason: Reject) {
+        self.rejected[reason as usize].inc();
+        inc(match reason {
+            Reject::bad_proxy_header | Reject::untrusted_proxy_header => &self.totals.proxy_rejected,
+            Reject::bad_websocket_request => &self.totals.ws_refused,
+            Reject::access_denied => &self.totals.denied,
+            Reject::upstream_down => &self.totals.upstream_down,
+            Reject::max_conns => &self.totals.over_max_conns,
+        });
+    }
+
+    pub fn untrusted_ignored(&self) {
+        self.untrusted_ignored.inc();
+        inc(&self.totals.proxy_untrusted);
+    }
+
+    pub fn offloaded(&self, path: Path) {
+        self.offloaded[path as usize].inc();
+        inc(match path {
+            Path::kernel => &self.totals.spliced,
+            Path::userspace => &self.totals.relayed,
+        });
+    }
+
+    /// The userspace byte counter of a direction (the relay adds to it).
+    pub fn user_bytes(&self, direction: Direction) -> &Counter {
+        &self.bytes[direction as usize][Path::userspace as usize]
+    }
+}
+
+/// One listener's kernel-carried bytes. The exported counters are set at
+/// each scrape to what closed connections carried plus what open ones have
+/// carried so far (see `Metrics::encode`); one per listener name, kept
+/// across reloads.
+#[derive(Debug)]
+pub struct KernelBytes {
+    closed: [AtomicU64; 2],
+    counters: [Counter; 2],
+}
+
+impl KernelBytes {
     /// A connection closed having redirected these (client to upstream,
     /// upstream to client).
     pub fn add_closed(&self, c2u: u64, u2c: u64) {
         self.closed[0].fetch_add(c2u, Ordering::Relaxed);
         self.closed[1].fetch_add(u2c, Ordering::Relaxed);
     }
+}
 
-    /// Brings every listener's counters up to closed + `live(listener)`.
-    /// A counter never goes back (a connection busy in a task at this
-    /// moment is simply counted at the next scrape).
-    pub fn publish_all(live: impl Fn(&KernelBytes) -> [u64; 2]) {
-        for (_, k) in KERNEL.lock().unwrap().iter() {
-            for (d, live) in live(k).into_iter().enumerate() {
-                let total = k.closed[d].load(Ordering::Relaxed) + live;
-                k.counters[d].inc_by(total.saturating_sub(k.counters[d].get()));
-            }
-        }
+/// Kernel bytes carried so far by open connections, per listener (client
+/// to upstream, upstream to client).
+#[derive(Default)]
+pub struct LiveBytes(HashMap<*const KernelBytes, [u64; 2]>);
+
+impl LiveBytes {
+    pub fn add(&mut self, listener: &Arc<KernelBytes>, bytes: [u64; 2]) {
+        let e = self.0.entry(Arc::as_ptr(listener)).or_default();
+        e[0] += bytes[0];
+        e[1] += bytes[1];
     }
 }
 
 /// Process-wide totals, logged in the `stopping:` line at exit.
 #[derive(Debug, Default)]
 pub struct Counters {
-    pub accepted: AtomicU64,
-    pub active: AtomicU64,
-    pub closed: AtomicU64,
-    pub upstream_down: AtomicU64,
-    pub spliced: AtomicU64,
-    pub relayed: AtomicU64,
-    pub proxy_rejected: AtomicU64,
-    pub proxy_untrusted: AtomicU64,
-    pub ws_refused: AtomicU64,
-    pub denied: AtomicU64,
-    pub over_max_conns: AtomicU64,
+    accepted: AtomicU64,
+    active: AtomicU64,
+    closed: AtomicU64,
+    upstream_down: AtomicU64,
+    spliced: AtomicU64,
+    relayed: AtomicU64,
+    proxy_rejected: AtomicU64,
+    proxy_untrusted: AtomicU64,
+    ws_refused: AtomicU64,
+    denied: AtomicU64,
+    over_max_conns: AtomicU64,
 }
-
-pub static COUNTERS: Counters = Counters {
-    accepted: AtomicU64::new(0),
-    active: AtomicU64::new(0),
-    closed: AtomicU64::new(0),
-    upstream_down: AtomicU64::new(0),
-    spliced: AtomicU64::new(0),
-    relayed: AtomicU64::new(0),
-    proxy_rejected: AtomicU64::new(0),
-    proxy_untrusted: AtomicU64::new(0),
-    ws_refused: AtomicU64::new(0),
-    denied: AtomicU64::new(0),
-    over_max_conns: AtomicU64::new(0),
-};
 
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
@@ -470,6 +460,15 @@ fn dec(c: &AtomicU64) {
 }
 
 impl Counters {
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Client connections open now, on every listener.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
@@ -496,15 +495,16 @@ mod tests {
 
     #[test]
     fn listener_counts_appear_in_the_exposition() {
-        let m = ListenerMetrics::new("unit");
+        let metrics = Metrics::new();
+        let m = metrics.listener("unit");
         m.accepted();
         m.rejected(Reject::access_denied);
         m.rejected(Reject::access_denied);
         m.closed(CloseReason::rejected);
         m.user_bytes(Direction::client_to_upstream).inc_by(42);
         m.kernel.add_closed(7, 0);
-        KernelBytes::publish_all(|_| [0, 0]);
-        let text = METRICS.encode(None);
+        metrics.publish_kernel_bytes(&LiveBytes::default());
+        let text = metrics.encode();
         for line in [
             r#"splicer_connections_accepted_total{listener="unit"} 1"#,
             r#"splicer_connections_active{listener="unit"} 0"#,

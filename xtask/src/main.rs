@@ -110,7 +110,7 @@ fn test(filter: Option<String>) -> Result<()> {
     let root = root();
     let filter: Vec<String> = filter.into_iter().collect();
     let mut tally = Tally::default();
-    // Unit tests: config, PROXY protocol, balancing, ...
+    // Unit tests: the protocol parsers, config, balancing, parking, ...
     tally.run(
         build::cargo()
             .current_dir(&root)
@@ -121,6 +121,8 @@ fn test(filter: Option<String>) -> Result<()> {
                 "splicer",
                 "-p",
                 "proxy-common",
+                "-p",
+                "splicer-proto",
                 "--",
             ])
             .args(&filter),

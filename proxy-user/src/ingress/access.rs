@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::trust::Trusted;
+use splicer_proto::trust::Trusted;
 
 #[derive(Debug, Clone, Default)]
 pub struct Access {

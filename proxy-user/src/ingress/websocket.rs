@@ -1,17 +1,21 @@
 //! The HTTP upgrade on a WebSocket listener: read the request head (with
 //! limits), refuse it with a proper HTTP response, or rewrite its
 //! forwarding headers for the broker. Parsing and rewriting are in
-//! http_upgrade.rs; the real-IP walk in realip.rs.
+//! splicer_proto::http_upgrade; the real-IP walk in splicer_proto::real_ip.
 use std::net::{IpAddr, SocketAddr};
 
 use tokio::net::TcpStream;
 
+use splicer_proto::{
+    http_upgrade::{self, Edit, Forwarding, Refusal},
+    real_ip,
+    trust::Trusted,
+};
+
+use super::peek::{self, PeekError, Step};
 use crate::{
     config::{ForwardMode, WsOptions},
-    http_upgrade::{self, Edit, Forwarding, Refusal},
-    peek::{self, PeekError, Step},
-    realip, relay,
-    trust::Trusted,
+    net,
 };
 
 /// An accepted upgrade: the head to send upstream and who the client is.
@@ -66,7 +70,7 @@ pub async fn upgrade(
         }
     };
     let client_ip = match &ws.real_ip_header {
-        Some(name) => realip::resolve(peer.ip(), &head.list(name), trusted, ws.real_ip_recursive),
+        Some(name) => real_ip::resolve(peer.ip(), &head.list(name), trusted, ws.real_ip_recursive),
         None => peer.ip(),
     };
     let forwarding = forwarding(ws, trusted.contains(peer.ip()), peer, client_ip);
@@ -109,7 +113,7 @@ const X_REAL_IP: &str = "X-Real-IP";
 
 /// Answers a request with `refusal`'s HTTP response and half-closes.
 pub async fn refuse(client: &TcpStream, refusal: &Refusal) {
-    let _ = relay::write_all(client, &refusal.response()).await;
+    let _ = net::write_all(client, &refusal.response()).await;
     close_gently(client);
 }
 

@@ -14,7 +14,6 @@
 //! - Redirects get no backpressure from the kernel; a lagging peer gets it
 //!   from a clamped TCP window on the source (see WINDOW).
 use std::{
-    net::Shutdown,
     os::fd::{AsRawFd, BorrowedFd},
     time::{Duration, Instant},
 };
@@ -23,7 +22,8 @@ use tokio::net::TcpStream;
 
 use proxy_common::Link;
 
-use crate::{ebpf_maps::Maps, relay::End, sockopt};
+use super::{maps::Maps, sockopt};
+use crate::{datapath::carried::End, net};
 
 /// What the kernel now holds of a connection.
 #[derive(Default)]
@@ -52,9 +52,9 @@ pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream, token: u64
     };
     let targets = maps
         .set_link(c, u, token)
-        .and_then(|_| maps.set_link(u, c, token))
-        .and_then(|_| maps.add_target(u, upstream))
-        .and_then(|_| maps.add_target(c, client));
+        .and_then(|()| maps.set_link(u, c, token))
+        .and_then(|()| maps.add_target(u, upstream))
+        .and_then(|()| maps.add_target(c, client));
     if let Err(e) = targets {
         log::debug!("handoff to the kernel refused, relaying in userspace: {e:#}");
         maps.remove_target(u);
@@ -139,7 +139,7 @@ const SNDBUF: i32 = 16 << 20;
 
 /// One kernel-carried direction `src -> dst`. It keeps no state of its
 /// own between calls, so a parked connection can rebuild it on each wake.
-pub struct Direction<'a> {
+pub struct Flow<'a> {
     maps: &'a Maps,
     src: BorrowedFd<'a>,
     dst: BorrowedFd<'a>,
@@ -150,7 +150,7 @@ pub struct Direction<'a> {
     dst_base: u64,
 }
 
-impl<'a> Direction<'a> {
+impl<'a> Flow<'a> {
     /// `cookie` is `src`'s; `dst_base` is `dst`'s send-queue total at the
     /// handoff.
     pub fn new(
@@ -160,7 +160,7 @@ impl<'a> Direction<'a> {
         cookie: u64,
         dst_base: u64,
     ) -> Self {
-        Direction {
+        Flow {
             maps,
             src,
             dst,
@@ -176,7 +176,7 @@ impl<'a> Direction<'a> {
 
     /// Bytes userspace read from `src` before the handoff (a PROXY header).
     pub fn consumed(self, bytes: u64) -> Self {
-        Direction {
+        Flow {
             src_user_bytes: bytes,
             ..self
         }
@@ -200,7 +200,7 @@ impl<'a> Direction<'a> {
         if let Err(end) = self.caught_up().await {
             return Some(end);
         }
-        Some(match socket2::SockRef::from(&self.dst).shutdown(Shutdown::Write) {
+        Some(match net::half_close(&self.dst) {
             Ok(()) => End::Fin,
             Err(_) => End::DstFailed,
         })
@@ -324,7 +324,7 @@ fn release(fd: std::os::fd::RawFd, clamp: i32) {
 }
 
 /// How long the counters may stand still before we stop waiting for them.
-const STALL_LIMIT: Duration = Duration::from_secs(300);
+const STALL_LIMIT: Duration = Duration::from_mins(5);
 
 /// Whether a socket whose FIN was already passed on has since been reset
 /// (so the reset still reaches the other side).

@@ -1,5 +1,9 @@
 //! The few socket options and ioctls that std, tokio and socket2 do not
-//! expose. All of splicer's socket `unsafe` lives here.
+//! expose: SO_COOKIE, TCP_INFO, the window clamp, SIOCOUTQ and friends.
+// Raw getsockopt/setsockopt/ioctl/poll on fds the caller owns; each call
+// says what it reads or writes. (The other unsafe modules: epoll.rs,
+// maps.rs, ingress/peek.rs, and two libc calls in app/mod.rs.)
+#![allow(unsafe_code)]
 use std::{io, mem, os::fd::RawFd};
 
 /// Kernel TCP states (include/net/tcp_states.h) that matter here.
@@ -13,7 +17,7 @@ fn get<T: Default>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Resu
     let mut len = mem::size_of::<T>() as libc::socklen_t;
     // SAFETY: `value` is a writable T of `len` bytes that outlives the call;
     // callers only use integer and repr(C) integer-struct types.
-    let rc = unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &mut len) };
+    let rc = unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &raw mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -137,7 +141,7 @@ pub fn closed_or_failed(fd: RawFd) -> io::Result<(bool, bool)> {
         revents: 0,
     };
     // SAFETY: one valid pollfd, zero timeout.
-    if unsafe { libc::poll(&mut p, 1, 0) } < 0 {
+    if unsafe { libc::poll(&raw mut p, 1, 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
     let failed = p.revents & (libc::POLLERR | libc::POLLNVAL) != 0;

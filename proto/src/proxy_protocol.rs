@@ -7,9 +7,6 @@
 //! addresses are then still of different families, the IPv4 one is mapped to
 //! IPv6, because a header carries a single family. See [`normalize`].
 
-// splicer is a binary crate, so `pub` alone does not stop items that main does
-// not reach yet (the inbound parser, TLV helpers) from warning as dead code.
-#![allow(dead_code)]
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -43,9 +40,9 @@ pub enum Version {
     V2,
 }
 
-/// Which inbound versions a listener accepts.
+/// Which inbound versions a parse takes (a listener's `accept-proxy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accept {
+pub enum Versions {
     V1,
     V2,
     Auto,
@@ -220,13 +217,13 @@ pub fn local_header(version: Version) -> Vec<u8> {
 
 /// Parses a header at the start of `buf`; bytes after it are left alone.
 ///
-/// The version is told by the first byte (`P` or `\r`), so with `Accept::V1`
-/// a v2 signature is `Missing`, and with `Accept::V2` a v1 line is `Missing`:
+/// The version is told by the first byte (`P` or `\r`), so with `Versions::V1`
+/// a v2 signature is `Missing`, and with `Versions::V2` a v1 line is `Missing`:
 /// for that listener there is no header it understands.
-pub fn parse(buf: &[u8], accept: Accept) -> Result<Header, ParseError> {
+pub fn parse(buf: &[u8], accept: Versions) -> Result<Header, ParseError> {
     let starts_like = |prefix: &[u8]| buf.iter().zip(prefix).all(|(a, b)| a == b);
-    let v1 = accept != Accept::V2 && starts_like(V1_PREFIX);
-    let v2 = accept != Accept::V1 && starts_like(&V2_SIGNATURE);
+    let v1 = accept != Versions::V2 && starts_like(V1_PREFIX);
+    let v2 = accept != Versions::V1 && starts_like(&V2_SIGNATURE);
     match (v1, v2) {
         (true, true) => Err(ParseError::Incomplete), // empty input
         (true, false) => parse_v1(buf),
@@ -489,10 +486,10 @@ mod tests {
     fn local_headers_carry_no_address() {
         let v1 = local_header(Version::V1);
         assert_eq!(v1, b"PROXY UNKNOWN\r\n");
-        let h = parse(&v1, Accept::Auto).unwrap();
+        let h = parse(&v1, Versions::Auto).unwrap();
         assert_eq!((h.addresses, h.len), (None, v1.len()));
         let v2 = local_header(Version::V2);
-        let h = parse(&v2, Accept::Auto).unwrap();
+        let h = parse(&v2, Versions::Auto).unwrap();
         assert_eq!((h.command, h.addresses, h.len), (Command::Local, None, 16));
     }
 
@@ -515,7 +512,7 @@ mod tests {
         matches!(r, Err(ParseError::Invalid(_)))
     }
 
-    const ACCEPTS: [Accept; 3] = [Accept::V1, Accept::V2, Accept::Auto];
+    const ACCEPTS: [Versions; 3] = [Versions::V1, Versions::V2, Versions::Auto];
 
     // 192.168.0.1:56324 -> 192.168.0.11:443, the spec's example.
     const V2_TCP4: [u8; 28] = [
@@ -561,7 +558,7 @@ mod tests {
         let (s, d) = (sa("192.168.0.1:56324"), sa("192.168.0.11:443"));
         assert_eq!(build_v1(s, d), V1_TCP4);
         assert_eq!(build(Version::V1, s, d), V1_TCP4);
-        let h = parse(V1_TCP4, Accept::V1).unwrap();
+        let h = parse(V1_TCP4, Versions::V1).unwrap();
         assert_eq!(
             h,
             Header {
@@ -578,7 +575,7 @@ mod tests {
     fn v1_tcp6_layout() {
         let (s, d) = (sa("[2001:db8::1]:56324"), sa("[2001:db8::11]:443"));
         assert_eq!(build_v1(s, d), V1_TCP6);
-        let h = parse(V1_TCP6, Accept::Auto).unwrap();
+        let h = parse(V1_TCP6, Versions::Auto).unwrap();
         assert_eq!(h.addresses, Some((s, d)));
         assert_eq!(h.len, V1_TCP6.len());
     }
@@ -587,10 +584,10 @@ mod tests {
     fn v1_longest_lines() {
         assert_eq!(V1_TCP6_MAX.len(), 104);
         assert_eq!(V1_UNKNOWN_MAX.len(), V1_MAX_LEN);
-        let h = parse(V1_TCP6_MAX, Accept::V1).unwrap();
+        let h = parse(V1_TCP6_MAX, Versions::V1).unwrap();
         let ff = SocketAddr::new(IpAddr::V6(Ipv6Addr::from([0xFF; 16])), 65535);
         assert_eq!(h.addresses, Some((ff, ff)));
-        let h = parse(V1_UNKNOWN_MAX, Accept::V1).unwrap();
+        let h = parse(V1_UNKNOWN_MAX, Versions::V1).unwrap();
         assert_eq!((h.addresses, h.len), (None, 107));
         assert_eq!(build_v1(ff, ff), V1_TCP6_MAX);
     }
@@ -600,7 +597,7 @@ mod tests {
         let (s, d) = (sa("192.168.0.1:56324"), sa("192.168.0.11:443"));
         assert_eq!(build_v2(s, d, &[]), V2_TCP4);
         assert_eq!(build(Version::V2, s, d), V2_TCP4);
-        let h = parse(&V2_TCP4, Accept::V2).unwrap();
+        let h = parse(&V2_TCP4, Versions::V2).unwrap();
         assert_eq!(
             h,
             Header {
@@ -617,7 +614,7 @@ mod tests {
     fn v2_tcp6_layout() {
         let (s, d) = (sa("[2001:db8::1]:56324"), sa("[2001:db8::11]:443"));
         assert_eq!(build_v2(s, d, &[]), V2_TCP6);
-        let h = parse(&V2_TCP6, Accept::Auto).unwrap();
+        let h = parse(&V2_TCP6, Versions::Auto).unwrap();
         assert_eq!((h.addresses, h.len), (Some((s, d)), 52));
     }
 
@@ -627,7 +624,7 @@ mod tests {
         let mut raw = tlv(PP2_TYPE_AUTHORITY, b"example.com");
         raw.extend(tlv(PP2_TYPE_UNIQUE_ID, &[1, 2, 3, 4]));
         assert_eq!(build_v2(s, d, &raw), V2_TCP4_TLVS);
-        let h = parse(&V2_TCP4_TLVS, Accept::Auto).unwrap();
+        let h = parse(&V2_TCP4_TLVS, Versions::Auto).unwrap();
         assert_eq!(h.addresses, Some((s, d)));
         assert_eq!(h.len, V2_TCP4_TLVS.len());
         assert_eq!(h.tlvs, raw);
@@ -645,7 +642,7 @@ mod tests {
     fn v2_empty_tlv_value() {
         let mut body = V2_TCP4[16..].to_vec();
         body.extend(tlv(0xE0, b""));
-        let h = parse(&v2(0x21, 0x11, &body), Accept::V2).unwrap();
+        let h = parse(&v2(0x21, 0x11, &body), Versions::V2).unwrap();
         assert_eq!(tlvs(&h.tlvs).collect::<Vec<_>>(), vec![(0xE0, &[][..])]);
     }
 
@@ -674,7 +671,7 @@ mod tests {
         let types: Vec<u8> = tlvs(&out).map(|(t, _)| t).collect();
         assert_eq!(types, vec![0xE1, 0xE3]);
         let hdr = build_v2(sa("[::1]:1"), sa("[::2]:2"), &out);
-        assert_eq!(parse(&hdr, Accept::V2).unwrap().tlvs, out);
+        assert_eq!(parse(&hdr, Versions::V2).unwrap().tlvs, out);
     }
 
     #[test]
@@ -688,7 +685,7 @@ mod tests {
         assert!(try_build_v2(s4, d4, &over).is_some()); // IPv4 block is smaller
         let hdr = try_build_v2(s4, d4, &tlv(0xE0, &vec![0; 65535 - 15])).unwrap();
         assert_eq!(hdr.len(), V2_MAX_LEN);
-        assert_eq!(parse(&hdr, Accept::V2).unwrap().len, V2_MAX_LEN);
+        assert_eq!(parse(&hdr, Versions::V2).unwrap().len, V2_MAX_LEN);
     }
 
     #[test]
@@ -733,7 +730,7 @@ mod tests {
             &b[16..32],
             &Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets()
         );
-        assert_eq!(parse(&b, Accept::V2).unwrap().addresses, Some((mapped, d)));
+        assert_eq!(parse(&b, Versions::V2).unwrap().addresses, Some((mapped, d)));
         // A mapped address next to a real IPv6 one stays mapped.
         assert_eq!(build_v1(mapped, d), build_v1(s, d));
     }
@@ -742,7 +739,7 @@ mod tests {
     fn ipv6_scope_and_flowinfo_are_dropped() {
         let s = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse().unwrap(), 5, 7, 3));
         let d = sa("[fe80::2]:6");
-        let h = parse(&build_v2(s, d, &[]), Accept::V2).unwrap();
+        let h = parse(&build_v2(s, d, &[]), Versions::V2).unwrap();
         assert_eq!(h.addresses, Some((sa("[fe80::1]:5"), d)));
         assert_eq!(h.addresses, Some(normalize(s, d)));
     }
@@ -761,7 +758,7 @@ mod tests {
         ] {
             let mut buf = hdr.to_vec();
             buf.extend_from_slice(&MQTT_CONNECT);
-            let h = parse(&buf, Accept::Auto).unwrap();
+            let h = parse(&buf, Versions::Auto).unwrap();
             assert_eq!(h.len, hdr.len());
             assert_eq!(&buf[h.len..], MQTT_CONNECT);
         }
@@ -771,7 +768,7 @@ mod tests {
     fn v1_header_followed_by_another_crlf_line() {
         let mut buf = V1_TCP4.to_vec();
         buf.extend_from_slice(b"PROXY TCP4 1.1.1.1 2.2.2.2 1 2\r\n");
-        assert_eq!(parse(&buf, Accept::V1).unwrap().len, V1_TCP4.len());
+        assert_eq!(parse(&buf, Versions::V1).unwrap().len, V1_TCP4.len());
     }
 
     // ---- Incomplete ----
@@ -779,18 +776,18 @@ mod tests {
     #[test]
     fn every_truncation_is_incomplete() {
         let local = v2(0x20, 0x00, &tlv(PP2_TYPE_UNIQUE_ID, b"id"));
-        let cases: [(&[u8], Accept); 7] = [
-            (V1_TCP4, Accept::V1),
-            (V1_TCP6_MAX, Accept::V1),
-            (V1_UNKNOWN_MAX, Accept::V1),
-            (&V2_TCP4, Accept::V2),
-            (&V2_TCP6, Accept::V2),
-            (&V2_TCP4_TLVS, Accept::V2),
-            (&local, Accept::V2),
+        let cases: [(&[u8], Versions); 7] = [
+            (V1_TCP4, Versions::V1),
+            (V1_TCP6_MAX, Versions::V1),
+            (V1_UNKNOWN_MAX, Versions::V1),
+            (&V2_TCP4, Versions::V2),
+            (&V2_TCP6, Versions::V2),
+            (&V2_TCP4_TLVS, Versions::V2),
+            (&local, Versions::V2),
         ];
         for (full, accept) in cases {
             for n in 0..full.len() {
-                for a in [accept, Accept::Auto] {
+                for a in [accept, Versions::Auto] {
                     assert_eq!(
                         parse(&full[..n], a),
                         Err(ParseError::Incomplete),
@@ -798,7 +795,7 @@ mod tests {
                     );
                 }
             }
-            assert!(parse(full, Accept::Auto).is_ok());
+            assert!(parse(full, Versions::Auto).is_ok());
         }
     }
 
@@ -815,7 +812,7 @@ mod tests {
             b"PROXY UNKNOWN whatever \r x",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 65535 ",
         ] {
-            assert_eq!(parse(p, Accept::Auto), Err(ParseError::Incomplete), "{p:?}");
+            assert_eq!(parse(p, Versions::Auto), Err(ParseError::Incomplete), "{p:?}");
         }
     }
 
@@ -847,12 +844,12 @@ mod tests {
 
     #[test]
     fn accept_mode_restricts_version() {
-        assert_eq!(parse(&V2_TCP4, Accept::V1), Err(ParseError::Missing));
-        assert_eq!(parse(&V2_TCP4[..3], Accept::V1), Err(ParseError::Missing));
-        assert_eq!(parse(V1_TCP4, Accept::V2), Err(ParseError::Missing));
-        assert_eq!(parse(b"PR", Accept::V2), Err(ParseError::Missing));
-        assert!(parse(&V2_TCP4, Accept::V2).is_ok());
-        assert!(parse(V1_TCP4, Accept::V1).is_ok());
+        assert_eq!(parse(&V2_TCP4, Versions::V1), Err(ParseError::Missing));
+        assert_eq!(parse(&V2_TCP4[..3], Versions::V1), Err(ParseError::Missing));
+        assert_eq!(parse(V1_TCP4, Versions::V2), Err(ParseError::Missing));
+        assert_eq!(parse(b"PR", Versions::V2), Err(ParseError::Missing));
+        assert!(parse(&V2_TCP4, Versions::V2).is_ok());
+        assert!(parse(V1_TCP4, Versions::V1).is_ok());
     }
 
     // ---- TooLong ----
@@ -863,16 +860,16 @@ mod tests {
         line.resize(198, b'a');
         line.extend_from_slice(b"\r\n");
         assert_eq!(line.len(), 200);
-        assert_eq!(parse(&line, Accept::V1), Err(ParseError::TooLong));
+        assert_eq!(parse(&line, Versions::V1), Err(ParseError::TooLong));
 
         // 108 bytes: one over, CRLF at the very end.
         let mut long = V1_UNKNOWN_MAX[..105].to_vec();
         long.extend_from_slice(b"f\r\n");
-        assert_eq!(parse(&long, Accept::Auto), Err(ParseError::TooLong));
+        assert_eq!(parse(&long, Versions::Auto), Err(ParseError::TooLong));
         // 107 bytes without CRLF is already too long; 106 is not yet.
-        assert_eq!(parse(&long[..107], Accept::Auto), Err(ParseError::TooLong));
+        assert_eq!(parse(&long[..107], Versions::Auto), Err(ParseError::TooLong));
         assert_eq!(
-            parse(&long[..106], Accept::Auto),
+            parse(&long[..106], Versions::Auto),
             Err(ParseError::Incomplete)
         );
     }
@@ -908,7 +905,7 @@ mod tests {
             b"PROXY UNKNOWNX\r\n",
         ] {
             assert!(
-                is_invalid(parse(l, Accept::Auto)),
+                is_invalid(parse(l, Versions::Auto)),
                 "{:?}",
                 String::from_utf8_lossy(l)
             );
@@ -929,7 +926,7 @@ mod tests {
             b"PROXY TCP6 ::g",
         ] {
             assert!(
-                is_invalid(parse(p, Accept::V1)),
+                is_invalid(parse(p, Versions::V1)),
                 "{:?}",
                 String::from_utf8_lossy(p)
             );
@@ -940,7 +937,7 @@ mod tests {
     fn v1_port_edges() {
         let h = parse(
             b"PROXY TCP4 0.0.0.0 255.255.255.255 0 65535\r\n",
-            Accept::V1,
+            Versions::V1,
         )
         .unwrap();
         assert_eq!(
@@ -948,7 +945,7 @@ mod tests {
             Some((sa("0.0.0.0:0"), sa("255.255.255.255:65535")))
         );
         // Upper-case hex and an embedded IPv4 tail are both valid IPv6 text.
-        let h = parse(b"PROXY TCP6 2001:DB8::1 ::ffff:1.2.3.4 1 2\r\n", Accept::V1).unwrap();
+        let h = parse(b"PROXY TCP6 2001:DB8::1 ::ffff:1.2.3.4 1 2\r\n", Versions::V1).unwrap();
         assert_eq!(
             h.addresses,
             Some((sa("[2001:db8::1]:1"), sa("[::ffff:1.2.3.4]:2")))
@@ -962,7 +959,7 @@ mod tests {
             b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n",
             b"PROXY UNKNOWN any \x00 junk\r\n",
         ] {
-            let h = parse(l, Accept::V1).unwrap();
+            let h = parse(l, Versions::V1).unwrap();
             assert_eq!(
                 (h.command, h.addresses, h.len),
                 (Command::Proxy, None, l.len())
@@ -983,14 +980,14 @@ mod tests {
             (0x2F, 0x11),
         ] {
             let h = v2(vc, fam, body);
-            assert!(is_invalid(parse(&h, Accept::V2)), "{vc:#x}");
+            assert!(is_invalid(parse(&h, Versions::V2)), "{vc:#x}");
             // Decided as soon as the 13th byte is in.
-            assert!(is_invalid(parse(&h[..13], Accept::Auto)), "{vc:#x}");
+            assert!(is_invalid(parse(&h[..13], Versions::Auto)), "{vc:#x}");
         }
         for fam in [0x01, 0x10, 0x13, 0x23, 0x33, 0x41, 0xFF] {
             let h = v2(0x21, fam, body);
-            assert!(is_invalid(parse(&h, Accept::V2)), "{fam:#x}");
-            assert!(is_invalid(parse(&h[..14], Accept::V2)), "{fam:#x}");
+            assert!(is_invalid(parse(&h, Versions::V2)), "{fam:#x}");
+            assert!(is_invalid(parse(&h[..14], Versions::V2)), "{fam:#x}");
         }
     }
 
@@ -998,12 +995,12 @@ mod tests {
     fn v2_length_shorter_than_address_block() {
         for (fam, n) in [(0x11, 11), (0x12, 0), (0x21, 35), (0x22, 12), (0x31, 215)] {
             let h = v2(0x21, fam, &vec![0; n]);
-            assert!(is_invalid(parse(&h, Accept::V2)), "{fam:#x}");
+            assert!(is_invalid(parse(&h, Versions::V2)), "{fam:#x}");
             // Known from the length field alone.
-            assert!(is_invalid(parse(&h[..16], Accept::V2)), "{fam:#x}");
+            assert!(is_invalid(parse(&h[..16], Versions::V2)), "{fam:#x}");
         }
         // LOCAL is held to the same rule: the family says where TLVs start.
-        assert!(is_invalid(parse(&v2(0x20, 0x11, &[0; 4]), Accept::V2)));
+        assert!(is_invalid(parse(&v2(0x20, 0x11, &[0; 4]), Versions::V2)));
     }
 
     #[test]
@@ -1019,15 +1016,15 @@ mod tests {
             let mut body = addrs.to_vec();
             body.extend_from_slice(bad_tlvs);
             assert!(
-                is_invalid(parse(&v2(0x21, 0x11, &body), Accept::V2)),
+                is_invalid(parse(&v2(0x21, 0x11, &body), Versions::V2)),
                 "{bad_tlvs:?}"
             );
             assert!(
-                is_invalid(parse(&v2(0x20, 0x11, &body), Accept::V2)),
+                is_invalid(parse(&v2(0x20, 0x11, &body), Versions::V2)),
                 "LOCAL {bad_tlvs:?}"
             );
             assert!(
-                is_invalid(parse(&v2(0x21, 0x00, bad_tlvs), Accept::V2)),
+                is_invalid(parse(&v2(0x21, 0x00, bad_tlvs), Versions::V2)),
                 "UNSPEC {bad_tlvs:?}"
             );
         }
@@ -1037,13 +1034,13 @@ mod tests {
     fn v2_local_ignores_addresses() {
         let mut body = V2_TCP4[16..].to_vec();
         body.extend(tlv(PP2_TYPE_UNIQUE_ID, b"hc"));
-        let h = parse(&v2(0x20, 0x11, &body), Accept::V2).unwrap();
+        let h = parse(&v2(0x20, 0x11, &body), Versions::V2).unwrap();
         assert_eq!(h.command, Command::Local);
         assert_eq!(h.addresses, None);
         assert_eq!(h.tlvs, tlv(PP2_TYPE_UNIQUE_ID, b"hc"));
         assert_eq!(h.len, 16 + body.len());
         // The usual health check: LOCAL, UNSPEC, no body.
-        let h = parse(&v2(0x20, 0x00, &[]), Accept::Auto).unwrap();
+        let h = parse(&v2(0x20, 0x00, &[]), Versions::Auto).unwrap();
         assert_eq!((h.command, h.addresses, h.len), (Command::Local, None, 16));
     }
 
@@ -1058,7 +1055,7 @@ mod tests {
             (0x32, [&[0; 216][..], &t[..]].concat()),
         ];
         for (fam, body) in cases {
-            let h = parse(&v2(0x21, fam, &body), Accept::V2).unwrap();
+            let h = parse(&v2(0x21, fam, &body), Versions::V2).unwrap();
             assert_eq!((h.command, h.addresses), (Command::Proxy, None), "{fam:#x}");
             assert_eq!(h.tlvs, t, "{fam:#x}");
             assert_eq!(h.len, 16 + body.len());
@@ -1070,7 +1067,7 @@ mod tests {
         let mut body = V2_TCP4[16..].to_vec();
         body.extend(tlv(PP2_TYPE_CRC32C, &[0xDE, 0xAD, 0xBE, 0xEF]));
         body.extend(tlv(PP2_TYPE_ALPN, b"mqtt"));
-        let h = parse(&v2(0x21, 0x11, &body), Accept::V2).unwrap();
+        let h = parse(&v2(0x21, 0x11, &body), Versions::V2).unwrap();
         assert_eq!(tlvs(&h.tlvs).count(), 2);
         assert_eq!(tlvs_for_reemit(&h.tlvs), tlv(PP2_TYPE_ALPN, b"mqtt"));
     }
@@ -1185,7 +1182,7 @@ mod tests {
             prop_assert!(hdr.len() <= V1_MAX_LEN);
             let mut buf = hdr.clone();
             buf.extend_from_slice(&extra);
-            for a in [Accept::V1, Accept::Auto] {
+            for a in [Versions::V1, Versions::Auto] {
                 let h = parse(&buf, a).unwrap();
                 prop_assert_eq!(h.version, Version::V1);
                 prop_assert_eq!(h.addresses, Some(normalize(src, dst)));
@@ -1198,7 +1195,7 @@ mod tests {
         fn v2_round_trip(src in any_addr(), dst in any_addr(), list in any_tlvs()) {
             let raw = encode(&list);
             let hdr = build_v2(src, dst, &raw);
-            let h = parse(&hdr, Accept::V2).unwrap();
+            let h = parse(&hdr, Versions::V2).unwrap();
             prop_assert_eq!(h.version, Version::V2);
             prop_assert_eq!(h.command, Command::Proxy);
             prop_assert_eq!(h.addresses, Some(normalize(src, dst)));
@@ -1212,7 +1209,7 @@ mod tests {
                 .collect();
             prop_assert_eq!(tlvs_for_reemit(&h.tlvs), encode(&kept));
             // Same family rule in both versions.
-            let v1 = parse(&build(Version::V1, src, dst), Accept::Auto).unwrap();
+            let v1 = parse(&build(Version::V1, src, dst), Versions::Auto).unwrap();
             prop_assert_eq!(v1.addresses, h.addresses);
         }
 
@@ -1220,7 +1217,7 @@ mod tests {
         fn truncated_builds_are_incomplete(src in any_addr(), dst in any_addr(), list in any_tlvs(), cut in any::<prop::sample::Index>()) {
             for hdr in [build_v1(src, dst), build_v2(src, dst, &encode(&list))] {
                 let n = cut.index(hdr.len());
-                prop_assert_eq!(parse(&hdr[..n], Accept::Auto), Err(ParseError::Incomplete));
+                prop_assert_eq!(parse(&hdr[..n], Versions::Auto), Err(ParseError::Incomplete));
             }
         }
 

@@ -2,25 +2,27 @@
 //! (SIGHUP), and drain them (SIGTERM).
 use std::{
     collections::HashMap,
-    sync::{atomic::Ordering, Arc},
+    fmt::Write as _,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
+use super::listener;
 use crate::{
     config::{Config, HealthCheck, Listener},
     conn::ListenerCtx,
-    health, listener,
-    metrics::COUNTERS,
-    offload::Offload,
-    shutdown,
+    datapath::Datapath,
+    metrics::Metrics,
+    upstream::health,
 };
 
 pub struct Server {
     config: Config,
-    offload: Arc<Offload>,
+    datapath: Arc<Datapath>,
+    metrics: Arc<Metrics>,
     running: Vec<Running>,
 }
 
@@ -49,16 +51,17 @@ impl Drop for Running {
 }
 
 impl Server {
-    pub fn start(config: Config, offload: Arc<Offload>) -> Result<Server> {
+    pub fn start(config: Config, datapath: Arc<Datapath>, metrics: Arc<Metrics>) -> Result<Server> {
         let mut running = Vec::new();
         for l in &config.listeners {
             let socket = listener::bind(&l.name, l.listen)?;
-            let ctx = Arc::new(ListenerCtx::new(l.clone(), offload.clone(), None));
+            let ctx = Arc::new(ListenerCtx::new(l.clone(), datapath.clone(), &metrics, None));
             running.push(launch(ctx, socket));
         }
         Ok(Server {
             config,
-            offload,
+            datapath,
+            metrics,
             running,
         })
     }
@@ -101,7 +104,8 @@ impl Server {
                 (Some(mut r), None) => {
                     let ctx = Arc::new(ListenerCtx::new(
                         l.clone(),
-                        self.offload.clone(),
+                        self.datapath.clone(),
+                        &self.metrics,
                         Some(&r.ctx.borrow()),
                     ));
                     r.stop_checks();
@@ -113,7 +117,8 @@ impl Server {
                 (prev, Some(socket)) => {
                     let ctx = Arc::new(ListenerCtx::new(
                         l.clone(),
-                        self.offload.clone(),
+                        self.datapath.clone(),
+                        &self.metrics,
                         prev.as_ref().map(|r| r.ctx.borrow().clone()).as_deref(),
                     ));
                     drop(prev);
@@ -134,25 +139,26 @@ impl Server {
     /// finish, then closes the rest with a FIN.
     pub async fn drain(self, timeout: Duration) {
         drop(self.running);
-        let live = || COUNTERS.active.load(Ordering::Relaxed);
+        let totals = self.metrics.totals();
+        let live = || totals.active();
         if live() > 0 {
             log::info!(
                 "draining: no longer accepting; waiting up to {timeout:?} for {} connections",
                 live()
             );
         }
-        if !wait_idle(timeout).await {
+        if !wait_idle(&live, timeout).await {
             log::warn!("drain timeout: closing {} connections", live());
-            shutdown::force();
+            self.datapath.close_all();
             // Closing takes a few syscalls per connection; bound it anyway.
-            wait_idle(Duration::from_secs(5)).await;
+            wait_idle(&live, Duration::from_secs(5)).await;
         }
     }
 }
 
-async fn wait_idle(timeout: Duration) -> bool {
+async fn wait_idle(live: impl Fn() -> u64, timeout: Duration) -> bool {
     let start = Instant::now();
-    while COUNTERS.active.load(Ordering::Relaxed) > 0 {
+    while live() > 0 {
         if start.elapsed() >= timeout {
             return false;
         }
@@ -198,7 +204,7 @@ fn spawn_checks(ctx: &Arc<ListenerCtx>) -> Vec<JoinHandle<()>> {
 
 /// The listener's settings in one log line.
 fn describe(l: &Listener) -> String {
-    let upstreams: Vec<String> = l.upstreams.iter().map(|u| u.to_string()).collect();
+    let upstreams: Vec<String> = l.upstreams.iter().map(std::string::ToString::to_string).collect();
     let mut s = format!(
         "{} (balance {:?}, send-proxy {:?}, accept-proxy {:?}",
         upstreams.join(", "),
@@ -211,13 +217,14 @@ fn describe(l: &Listener) -> String {
     }
     if l.health.check != HealthCheck::Off {
         let h = &l.health;
-        s.push_str(&format!(
+        let _ = write!(
+            s,
             ", health-check {:?} every {:?} rise {} fall {}",
             h.check, h.interval, h.rise, h.fall
-        ));
+        );
     }
     if let Some(m) = l.max_conns {
-        s.push_str(&format!(", max-conns {m}"));
+        let _ = write!(s, ", max-conns {m}");
     }
     s.push(')');
     s

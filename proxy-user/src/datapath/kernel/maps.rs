@@ -1,6 +1,13 @@
 //! Loading the eBPF object and operating its maps: which socket redirects to
 //! which, and the per-socket byte counters the verdict program keeps.
-use std::{os::fd::AsRawFd, sync::Mutex};
+// aya's ring buffers and logger are registered with tokio's AsyncFd, which
+// is unsafe because it trusts the fd to stay open and unchanged; each site
+// says why it does.
+#![allow(unsafe_code)]
+use std::{
+    os::fd::AsRawFd,
+    sync::{Mutex, MutexGuard},
+};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
@@ -27,8 +34,9 @@ pub struct Maps {
 
 impl Maps {
     /// Loads and attaches the verdict program, and forwards its aya-log
-    /// records into our logger at `level`.
-    pub fn load(level: log::LevelFilter) -> Result<Maps> {
+    /// records into our logger at `level`. `Events` is the program's
+    /// flow-control signals, for the caller to dispatch.
+    pub fn load(level: log::LevelFilter) -> Result<(Maps, Events)> {
         if EBPF_OBJECT.is_empty() {
             return Err(anyhow!(
                 "this binary was built without the eBPF object (build it with `cargo xtask build`)"
@@ -54,8 +62,7 @@ impl Maps {
         let targets: SockHash<MapData, u64> = take(&mut ebpf, MAP_TARGETS)?.try_into()?;
         let spliced: SockHash<MapData, u64> = take(&mut ebpf, MAP_SPLICED)?.try_into()?;
         let limits: HashMap<MapData, u64, u64> = take(&mut ebpf, MAP_LIMITS)?.try_into()?;
-        let events: RingBuf<MapData> = take(&mut ebpf, MAP_EVENTS)?.try_into()?;
-        dispatch_events(events)?;
+        let events = Events(take(&mut ebpf, MAP_EVENTS)?.try_into()?);
         let prog: &mut SkSkb = ebpf
             .program_mut(PROG_VERDICT)
             .ok_or_else(|| anyhow!("program {PROG_VERDICT} missing from the eBPF object"))?
@@ -66,15 +73,16 @@ impl Maps {
         })?;
         prog.attach(spliced.fd())
             .context("attaching the verdict program to the SPLICED sockhash")?;
-        let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
-        Ok(Maps {
+        let prog_id = prog.info().map_or(0, |i| i.id());
+        let maps = Maps {
             links: Mutex::new(links),
             limits: Mutex::new(limits),
             targets: Mutex::new(targets),
             spliced: Mutex::new(spliced),
             prog_id,
             _ebpf: ebpf,
-        })
+        };
+        Ok((maps, events))
     }
 
     /// `token` is the connection's handle in park.rs, reported on EVENTS.
@@ -84,80 +92,81 @@ impl Maps {
             token,
             ..Link::default()
         };
-        self.links
-            .lock()
-            .unwrap()
-            .insert(cookie, link, 0)
-            .context("LINKS insert")
+        let inserted = lock(&self.links).insert(cookie, link, 0);
+        inserted.context("LINKS insert")
     }
 
     pub fn link(&self, cookie: u64) -> Option<Link> {
-        self.links.lock().unwrap().get(&cookie, 0).ok()
+        lock(&self.links).get(&cookie, 0).ok()
     }
 
     pub fn remove_link(&self, cookie: u64) {
-        let _ = self.links.lock().unwrap().remove(&cookie);
+        let _ = lock(&self.links).remove(&cookie);
     }
 
     /// Makes the socket a redirect target. Fails unless it is ESTABLISHED.
     pub fn add_target(&self, cookie: u64, fd: &impl AsRawFd) -> Result<()> {
-        self.targets
-            .lock()
-            .unwrap()
-            .insert(cookie, fd.as_raw_fd(), 0)
-            .context("TARGETS insert")
+        let inserted = lock(&self.targets).insert(cookie, fd.as_raw_fd(), 0);
+        inserted.context("TARGETS insert")
     }
 
     pub fn remove_target(&self, cookie: u64) {
-        let _ = self.targets.lock().unwrap().remove(&cookie);
+        let _ = lock(&self.targets).remove(&cookie);
     }
 
     /// Hands the socket's ingress to the verdict program. Fails unless the
     /// socket is ESTABLISHED (so not after the peer's FIN).
     pub fn add_spliced(&self, cookie: u64, fd: &impl AsRawFd) -> Result<()> {
-        self.spliced
-            .lock()
-            .unwrap()
-            .insert(cookie, fd.as_raw_fd(), 0)
-            .context("SPLICED insert")
+        let inserted = lock(&self.spliced).insert(cookie, fd.as_raw_fd(), 0);
+        inserted.context("SPLICED insert")
     }
 
     /// Asks the program to signal `cookie` once its redirected bytes reach `limit`.
     pub fn set_limit(&self, cookie: u64, limit: u64) -> Result<()> {
-        self.limits
-            .lock()
-            .unwrap()
-            .insert(cookie, limit, 0)
-            .context("LIMITS insert")
+        let inserted = lock(&self.limits).insert(cookie, limit, 0);
+        inserted.context("LIMITS insert")
     }
 
     pub fn remove_limit(&self, cookie: u64) {
-        let _ = self.limits.lock().unwrap().remove(&cookie);
+        let _ = lock(&self.limits).remove(&cookie);
     }
 }
 
-/// Reads tokens off the EVENTS ring buffer and wakes their connections.
-fn dispatch_events(events: RingBuf<MapData>) -> Result<()> {
-    // SAFETY: the ring buffer owns its fd and keeps it open and unchanged
-    // for as long as the AsyncFd holds it.
-    let mut events = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
-    }
-    .map_err(|e| anyhow!("watching the EVENTS ring buffer: {e}"))?;
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = events.readable_mut().await else {
-                return;
-            };
-            while let Some(item) = guard.get_inner_mut().next() {
-                if let Ok(bytes) = <[u8; 8]>::try_from(&*item) {
-                    crate::park::wake(u64::from_ne_bytes(bytes));
-                }
-            }
-            guard.clear_ready();
+/// A map's lock. Each map has its own, so a scrape reading LINKS does not
+/// hold up handoffs writing TARGETS; none is held across an await.
+fn lock<T>(map: &Mutex<T>) -> MutexGuard<'_, T> {
+    map.lock().unwrap()
+}
+
+/// The verdict program's flow-control signals: the token (Link.token) of
+/// each connection whose redirected bytes reached their limit.
+pub struct Events(RingBuf<MapData>);
+
+impl Events {
+    /// Reads tokens off the EVENTS ring buffer for good, calling `wake`
+    /// with each.
+    pub fn dispatch(self, wake: impl Fn(u64) + Send + 'static) -> Result<()> {
+        // SAFETY: the ring buffer owns its fd and keeps it open and
+        // unchanged for as long as the AsyncFd holds it.
+        let mut events = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(self.0, tokio::io::Interest::READABLE)
         }
-    });
-    Ok(())
+        .map_err(|e| anyhow!("watching the EVENTS ring buffer: {e}"))?;
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = events.readable_mut().await else {
+                    return;
+                };
+                while let Some(item) = guard.get_inner_mut().next() {
+                    if let Ok(bytes) = <[u8; 8]>::try_from(&*item) {
+                        wake(u64::from_ne_bytes(bytes));
+                    }
+                }
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
@@ -226,7 +235,7 @@ fn raise_memlock_limit() {
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: setrlimit reads the struct we pass.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) } != 0 {
         log::debug!(
             "could not raise RLIMIT_MEMLOCK: {}",
             std::io::Error::last_os_error()

@@ -7,12 +7,13 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
-use crate::{
-    config::{Listener, UntrustedProxy},
-    peek::{self, PeekError, Step},
-    proxy_protocol::{self, Header, ParseError, Version},
+use splicer_proto::{
+    proxy_protocol::{self, Header, ParseError, Version, Versions},
     trust::{canonical, Trusted},
 };
+
+use super::peek::{self, PeekError, Step};
+use crate::config::{Listener, UntrustedProxy};
 
 /// Largest header we read: v1 is at most 107 bytes; v2 may carry TLVs.
 const MAX_HEADER: usize = 16 * 1024;
@@ -63,14 +64,14 @@ pub async fn identify(
     peer: SocketAddr,
 ) -> Result<Identity, Rejection> {
     let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
-    let Some(accept) = config.accept_proxy.accept() else {
+    let Some(versions) = config.accept_proxy.versions() else {
         return Ok(Identity {
             client: peer,
             inbound: None,
             trusted: false,
         });
     };
-    let (header, raw) = tokio::time::timeout(config.proxy_timeout, read_header(stream, accept))
+    let (header, raw) = tokio::time::timeout(config.proxy_timeout, read_header(stream, versions))
         .await
         .map_err(|_| Rejection::Timeout)??;
     if !trusted.contains(peer.ip()) {
@@ -97,10 +98,10 @@ pub async fn identify(
 /// Peeks until a whole header is there, then consumes exactly its bytes.
 async fn read_header(
     stream: &TcpStream,
-    accept: proxy_protocol::Accept,
+    versions: Versions,
 ) -> Result<(Header, Vec<u8>), Rejection> {
     let parsed = peek::read_preamble(stream, MAX_HEADER, |buf| {
-        match proxy_protocol::parse(buf, accept) {
+        match proxy_protocol::parse(buf, versions) {
             Ok(h) => {
                 let len = h.len;
                 Step::Done(h, len)

@@ -1,6 +1,9 @@
 //! Reading a preamble (a PROXY header, an HTTP upgrade request) off a new
 //! connection: peek until the parser says it is complete, then consume
 //! exactly its length, so every later byte stays queued in the kernel.
+// socket2's peek takes uninitialised memory; `uninit` below is the one
+// cast, and says why it is sound.
+#![allow(unsafe_code)]
 use std::{io, mem::MaybeUninit};
 
 use tokio::{io::Interest, net::TcpStream};
@@ -79,5 +82,5 @@ async fn consume<E>(stream: &TcpStream, mut len: usize) -> Result<(), PeekError<
 fn uninit(buf: &mut [u8]) -> &mut [MaybeUninit<u8>] {
     // SAFETY: u8 and MaybeUninit<u8> have the same layout, and every u8 is
     // initialised; socket2 only writes into the slice.
-    unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) }
+    unsafe { &mut *(std::ptr::from_mut::<[u8]>(buf) as *mut [MaybeUninit<u8>]) }
 }

@@ -7,7 +7,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::{metrics::METRICS, offload::Offload};
+use crate::{datapath::Datapath, metrics::Metrics};
 
 const MAX_REQUEST: usize = 8 * 1024;
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -18,20 +18,20 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("metrics: cannot bind {addr}"))
 }
 
-pub async fn serve(listener: TcpListener, offload: Arc<Offload>) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, datapath: Arc<Datapath>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let offload = offload.clone();
+        let (metrics, datapath) = (metrics.clone(), datapath.clone());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(TIMEOUT, respond(stream, offload)).await;
+            let _ = tokio::time::timeout(TIMEOUT, respond(stream, metrics, datapath)).await;
         });
     }
 }
 
-async fn respond(mut stream: TcpStream, offload: Arc<Offload>) -> std::io::Result<()> {
+async fn respond(mut stream: TcpStream, metrics: Arc<Metrics>, datapath: Arc<Datapath>) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let path = loop {
         let mut chunk = [0u8; 1024];
@@ -55,7 +55,10 @@ async fn respond(mut stream: TcpStream, offload: Arc<Offload>) -> std::io::Resul
     };
     let (status, kind, body) = if path == "/metrics" {
         // Reading live eBPF counters makes syscalls; keep them off the runtime.
-        let body = tokio::task::spawn_blocking(move || METRICS.encode(offload.maps()))
+        let body = tokio::task::spawn_blocking(move || {
+            datapath.publish_kernel_bytes(&metrics);
+            metrics.encode()
+        })
             .await
             .unwrap_or_default();
         ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body)

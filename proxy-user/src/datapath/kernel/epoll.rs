@@ -4,28 +4,24 @@
 //! tokio registers sockets for EPOLLIN|EPOLLOUT, and a spliced socket's
 //! data-ready and write-space callbacks fire for every skb the verdict
 //! program moves, so tokio's epoll would wake thousands of times a second
-//! during a bulk transfer. This watcher's epoll set asks for EPOLLRDHUP
-//! only (EPOLLERR and EPOLLHUP are always reported): the kernel does not
-//! even wake it for data, only for a FIN or an error.
+//! during a bulk transfer. This epoll set asks for EPOLLRDHUP only
+//! (EPOLLERR and EPOLLHUP are always reported): the kernel does not even
+//! wake it for data, only for a FIN or an error.
+// epoll has no safe wrapper in std, tokio or socket2; each call below says
+// what it touches.
+#![allow(unsafe_code)]
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    sync::OnceLock,
 };
 
-/// The epoll set; its thread wakes the connection (park.rs) whose token
-/// an event carries.
-pub struct Watcher {
+/// The epoll set; `run` reports each event's token.
+pub struct Epoll {
     epoll: OwnedFd,
 }
 
-impl Watcher {
-    /// The process-wide watcher, with its thread started on first use.
-    pub fn get() -> io::Result<&'static Watcher> {
-        static WATCHER: OnceLock<Watcher> = OnceLock::new();
-        if let Some(w) = WATCHER.get() {
-            return Ok(w);
-        }
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
         // SAFETY: epoll_create1 has no preconditions; the fd is checked.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -33,20 +29,12 @@ impl Watcher {
         }
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut fresh = false;
-        let w = WATCHER.get_or_init(|| {
-            fresh = true;
-            Watcher { epoll }
-        });
-        if fresh {
-            std::thread::Builder::new()
-                .name("splice-watch".into())
-                .spawn(move || w.run())?;
-        }
-        Ok(w)
+        Ok(Epoll { epoll })
     }
 
-    fn run(&self) {
+    /// Waits for events for good, calling `wake` with each one's token.
+    /// Runs on a thread of its own (epoll_wait blocks).
+    pub fn run(&self, wake: impl Fn(u64)) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         loop {
             // SAFETY: `events` is a writable array of the length we pass.
@@ -67,7 +55,7 @@ impl Watcher {
                 return;
             }
             for ev in &events[..n as usize] {
-                crate::park::wake(ev.u64);
+                wake(ev.u64);
             }
         }
     }
@@ -79,14 +67,15 @@ impl Watcher {
             u64: token,
         };
         // SAFETY: registers a valid fd with our epoll; `ev` is read only.
-        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0
+        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &raw mut ev) } != 0
         {
             return Err(io::Error::last_os_error());
         }
         Ok(())
     }
 
-    /// Before `fd` closes (and its number can be reused).
+    /// Before `fd` closes (and its number can be reused). A socket that
+    /// simply closes leaves the set by itself.
     pub fn remove(&self, fd: RawFd) {
         // SAFETY: removes a registration; a missing one is harmless.
         unsafe {

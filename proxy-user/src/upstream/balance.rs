@@ -10,7 +10,8 @@ use std::{
     },
 };
 
-use crate::{config::Balance, health::UpstreamState};
+use super::health::UpstreamState;
+use crate::config::Balance;
 
 #[derive(Debug)]
 pub struct Balancer {
@@ -111,7 +112,7 @@ impl Balancer {
 /// FNV-1a over the client address and the upstream's name, then a
 /// SplitMix64 finish so nearby inputs spread over all 64 bits.
 fn hash(client: IpAddr, upstream: &str) -> u64 {
-    let octets: Vec<u8> = match crate::trust::canonical(client) {
+    let octets: Vec<u8> = match splicer_proto::trust::canonical(client) {
         IpAddr::V4(a) => a.octets().to_vec(),
         IpAddr::V6(a) => a.octets().to_vec(),
     };
@@ -129,10 +130,11 @@ fn hash(client: IpAddr, upstream: &str) -> u64 {
 mod tests {
     use super::*;
     use crate::config::{Health, HealthCheck};
+    use crate::upstream::health::Failure;
     use std::{net::SocketAddr, time::Duration};
 
     fn state(addr: &str) -> Arc<UpstreamState> {
-        let m = crate::metrics::METRICS.upstream("balance-unit", addr);
+        let m = crate::metrics::Metrics::new().upstream("balance-unit", addr);
         Arc::new(UpstreamState::new("balance-unit", addr.parse().unwrap(), m))
     }
 
@@ -155,7 +157,7 @@ mod tests {
             rise: 1,
             fall: 1,
         };
-        u.report(&h, Err("test".into()));
+        u.report(&h, Err(Failure::NoAnswer(Duration::from_secs(1))));
         assert!(!u.is_up());
     }
 
@@ -201,7 +203,7 @@ mod tests {
         }
         let firsts: Vec<u16> = (0..3).map(|_| port(first(&b, "127.0.0.9"))).collect();
         let mut sorted = firsts.clone();
-        sorted.sort();
+        sorted.sort_unstable();
         assert_eq!(sorted, [1, 2, 3], "{firsts:?}");
     }
 

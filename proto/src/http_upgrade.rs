@@ -15,10 +15,6 @@
 //! Leading empty lines before the request line (RFC 9112 2.2) are accepted
 //! and not forwarded.
 
-// splicer is a binary crate, so `pub` alone does not stop the items that main
-// does not reach (the fuzz target's helpers, `Refusal::Timeout`'s builder)
-// from warning as dead code.
-#![allow(dead_code)]
 
 /// Most header fields accepted in a request head; one more is answered with
 /// 431 (Request Header Fields Too Large), like a head over the byte limit.
@@ -1139,7 +1135,7 @@ mod tests {
             let other_lines = |b: &[u8]| -> Vec<Vec<u8>> {
                 b.split(|&c| c == b'\n')
                     .filter(|l| !forwarding(std::str::from_utf8(l).unwrap().split(':').next().unwrap()))
-                    .map(|l| l.to_vec())
+                    .map(<[u8]>::to_vec)
                     .collect()
             };
             prop_assert_eq!(other_lines(&out), other_lines(&buf[..h.len]));

@@ -3,6 +3,7 @@
 //! consecutive good checks bring it back. A down upstream gets no new
 //! clients. State changes are logged and exported.
 use std::{
+    fmt, io,
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering::Relaxed},
@@ -16,11 +17,40 @@ use tokio::{
     net::TcpStream,
 };
 
+use splicer_proto::proxy_protocol;
+
 use crate::{
     config::{Health, HealthCheck, SendProxy},
     metrics::UpstreamMetrics,
-    proxy_protocol,
 };
+
+/// Why a check, or a connect made for a client, failed.
+#[derive(Debug)]
+pub enum Failure {
+    Connect(io::Error),
+    ConnectTimeout(Duration),
+    /// The whole check got no answer in time.
+    NoAnswer(Duration),
+    Write(io::Error),
+    NoConnack(io::Error),
+    /// A CONNACK with this return code.
+    Refused(u8),
+    NotConnack([u8; 4]),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Connect(e) => write!(f, "connect failed: {e}"),
+            Failure::ConnectTimeout(t) => write!(f, "connect timed out after {t:?}"),
+            Failure::NoAnswer(t) => write!(f, "no answer within {t:?}"),
+            Failure::Write(e) => write!(f, "write: {e}"),
+            Failure::NoConnack(e) => write!(f, "no CONNACK: {e}"),
+            Failure::Refused(rc) => write!(f, "CONNACK refused the check, return code {rc}"),
+            Failure::NotConnack(b) => write!(f, "not a CONNACK: {b:02x?}"),
+        }
+    }
+}
 
 /// One upstream of one listener. Kept across reloads while the listener
 /// still lists the address, so its state and live count carry over.
@@ -65,8 +95,8 @@ impl UpstreamState {
         self.metrics.active.get().max(0) as u64
     }
 
-    /// Records one check or connect result. `why` says what failed.
-    pub fn report(&self, health: &Health, result: Result<(), String>) {
+    /// Records one check or connect result.
+    pub fn report(&self, health: &Health, result: Result<(), Failure>) {
         if health.check == HealthCheck::Off {
             return;
         }
@@ -79,7 +109,7 @@ impl UpstreamState {
         }
     }
 
-    fn step(&self, needed: u32, to: bool, word: &str, result: &Result<(), String>) {
+    fn step(&self, needed: u32, to: bool, word: &str, result: &Result<(), Failure>) {
         let n = self.streak.fetch_add(1, Relaxed) + 1;
         if n < needed {
             return;
@@ -112,7 +142,7 @@ pub async fn check_loop(
         tick.tick().await;
         let result = match tokio::time::timeout(timeout, check(state.addr, health.check, send_proxy)).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no answer within {timeout:?}")),
+            Err(_) => Err(Failure::NoAnswer(timeout)),
         };
         if result.is_err() {
             state.metrics.failures.inc();
@@ -123,10 +153,8 @@ pub async fn check_loop(
 
 /// One check: a TCP connect, or an MQTT CONNECT that must get a CONNACK
 /// with return code 0.
-async fn check(addr: SocketAddr, kind: HealthCheck, send_proxy: SendProxy) -> Result<(), String> {
-    let mut s = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+async fn check(addr: SocketAddr, kind: HealthCheck, send_proxy: SendProxy) -> Result<(), Failure> {
+    let mut s = TcpStream::connect(addr).await.map_err(Failure::Connect)?;
     if kind != HealthCheck::Mqtt {
         return Ok(());
     }
@@ -137,18 +165,16 @@ async fn check(addr: SocketAddr, kind: HealthCheck, send_proxy: SendProxy) -> Re
         .version()
         .map_or_else(Vec::new, proxy_protocol::local_header);
     packet.extend_from_slice(&mqtt_connect(&CLIENT_ID));
-    s.write_all(&packet).await.map_err(|e| format!("write: {e}"))?;
+    s.write_all(&packet).await.map_err(Failure::Write)?;
     let mut connack = [0u8; 4];
-    s.read_exact(&mut connack)
-        .await
-        .map_err(|e| format!("no CONNACK: {e}"))?;
+    s.read_exact(&mut connack).await.map_err(Failure::NoConnack)?;
     match connack {
         [0x20, 0x02, _, 0] => {
             let _ = s.write_all(&[0xE0, 0x00]).await; // DISCONNECT
             Ok(())
         }
-        [0x20, 0x02, _, rc] => Err(format!("CONNACK refused the check, return code {rc}")),
-        other => Err(format!("not a CONNACK: {other:02x?}")),
+        [0x20, 0x02, _, rc] => Err(Failure::Refused(rc)),
+        other => Err(Failure::NotConnack(other)),
     }
 }
 
@@ -185,8 +211,12 @@ mod tests {
         }
     }
 
+    fn refused() -> Failure {
+        Failure::Connect(io::ErrorKind::ConnectionRefused.into())
+    }
+
     fn state() -> UpstreamState {
-        let m = crate::metrics::METRICS.upstream("health-unit", "127.0.0.1:1");
+        let m = crate::metrics::Metrics::new().upstream("health-unit", "127.0.0.1:1");
         UpstreamState::new("health-unit", "127.0.0.1:1".parse().unwrap(), m)
     }
 
@@ -194,7 +224,7 @@ mod tests {
     fn falls_after_fall_failures_in_a_row_and_rises_after_rise() {
         let h = health(2, 3);
         let s = state();
-        let fail = || Err("refused".to_string());
+        let fail = || Err(refused());
         s.report(&h, fail());
         s.report(&h, fail());
         s.report(&h, Ok(())); // breaks the streak
@@ -220,7 +250,7 @@ mod tests {
             ..health(1, 1)
         };
         let s = state();
-        s.report(&h, Err("refused".into()));
+        s.report(&h, Err(refused()));
         assert!(s.is_up());
     }
 
@@ -236,7 +266,7 @@ mod tests {
     fn force_up_clears_a_down_state() {
         let h = health(1, 1);
         let s = state();
-        s.report(&h, Err("refused".into()));
+        s.report(&h, Err(refused()));
         assert!(!s.is_up());
         s.force_up();
         assert!(s.is_up());

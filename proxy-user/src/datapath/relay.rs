@@ -1,23 +1,46 @@
-//! The userspace relay for one direction of a connection: the fallback when
-//! the kernel cannot carry it, with the same half-close and reset semantics.
+//! The userspace relay: the fallback when the kernel cannot carry a
+//! direction (or a whole connection), with the same half-close and reset
+//! semantics as the kernel path.
 use std::{
     io,
-    net::Shutdown,
     sync::atomic::{AtomicU64, Ordering::Relaxed},
 };
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::{io::Interest, net::TcpStream};
 
-/// How one direction of a connection ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// `src` sent FIN and it was passed on to `dst` after every byte.
-    Fin,
-    /// `src` was reset (RST) or failed.
-    SrcReset,
-    /// `dst` could not take more bytes (reset, or gone).
-    DstFailed,
+use super::carried::{drive, End, Totals};
+use crate::{
+    drain::Drain,
+    metrics::{Direction, ListenerMetrics},
+    net::{self, write_all},
+};
+
+/// Both directions relayed in userspace until the connection ends;
+/// `c2u_early` client bytes were already forwarded.
+pub async fn relay(
+    drain: &Drain,
+    metrics: &ListenerMetrics,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    c2u_early: u64,
+) -> Totals {
+    let (c2u, u2c) = (AtomicU64::new(c2u_early), AtomicU64::new(0));
+    let outcome = drive(
+        drain,
+        user_direction(client, upstream, &c2u, metrics.user_bytes(Direction::client_to_upstream)),
+        user_direction(upstream, client, &u2c, metrics.user_bytes(Direction::upstream_to_client)),
+        wait_reset(client),
+        wait_reset(upstream),
+    )
+    .await;
+    outcome.pass_on(client, upstream);
+    Totals {
+        c2u: c2u.load(Relaxed),
+        u2c: u2c.load(Relaxed),
+        kernel: 0,
+        outcome,
+    }
 }
 
 const BUF_SIZE: usize = 64 * 1024;
@@ -55,7 +78,7 @@ pub async fn user_direction(
 }
 
 fn half_close(dst: &TcpStream) -> End {
-    match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
+    match net::half_close(dst) {
         Ok(()) => End::Fin,
         Err(_) => End::DstFailed,
     }
@@ -82,18 +105,6 @@ pub async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> io::Result<u64>
     }
 }
 
-pub async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Resolves only if `sock` gets reset. Used once a direction has passed its
 /// FIN on, so that an RST arriving later still reaches the other side.
 /// Waits on ERROR alone: tokio keeps read-closed readiness set for good
@@ -112,9 +123,4 @@ pub async fn wait_reset(sock: &TcpStream) -> End {
             }
         }
     }
-}
-
-/// Makes closing `sock` send RST instead of FIN, to pass a reset on.
-pub fn abort_on_close(sock: &impl std::os::fd::AsFd) {
-    let _ = socket2::SockRef::from(sock).set_linger(Some(std::time::Duration::ZERO));
 }

@@ -1,0 +1,123 @@
+//! The running process: the datapath chosen once, the listeners
+//! (server.rs, listener.rs), the metrics endpoint, and the signals that
+//! reload (SIGHUP) and drain (SIGTERM) them. Everything shared is made here
+//! and passed down as a value.
+mod listener;
+mod metrics_endpoint;
+mod server;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use crate::{
+    cli::ReloadSource,
+    config::Config,
+    datapath::Datapath,
+    drain::Drain,
+    metrics::Metrics,
+};
+
+pub async fn run(config: Config, reload: Option<ReloadSource>) -> Result<()> {
+    raise_fd_limit();
+    let metrics = Arc::new(Metrics::new());
+    let datapath = Arc::new(Datapath::init(
+        config.offload,
+        config.log_level,
+        Arc::new(Drain::default()),
+    )?);
+    metrics.set_offload_mode(datapath.mode());
+    if let Some(addr) = config.metrics {
+        let socket = metrics_endpoint::bind(addr).await?;
+        log::info!("metrics: serving Prometheus text at http://{}/metrics", socket.local_addr()?);
+        tokio::spawn(metrics_endpoint::serve(socket, metrics.clone(), datapath.clone()));
+    }
+    let drain_timeout = config.drain_timeout;
+    let mut server = server::Server::start(config, datapath, metrics.clone())?;
+    tokio::spawn(trim_heap(metrics.clone()));
+    let mut signals = Signals::new()?;
+    while signals.next().await == Signal::Reload {
+        let Some(source) = &reload else {
+            log::warn!("SIGHUP: splicer was started with flags, not --config: nothing to reload");
+            continue;
+        };
+        let result = source.load().and_then(|c| server.reload(c));
+        metrics.reload(result.is_ok());
+        match result {
+            Ok(()) => log::info!("reload: {} applied", source.path.display()),
+            Err(e) => log::error!("reload refused, the running configuration stays: {e:#}"),
+        }
+    }
+    server.drain(drain_timeout).await;
+    log::info!("stopping: {}", metrics.totals().summary());
+    Ok(())
+}
+
+/// Each client costs two fds (client and upstream). Many systems start
+/// processes with a soft limit of 1024; take what the hard limit allows.
+#[allow(unsafe_code)] // getrlimit/setrlimit have no safe wrapper in std
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) == 0 {
+                log::debug!("open files limit raised from {old} to {}", lim.rlim_cur);
+            }
+        }
+    }
+}
+
+/// A reconnect storm leaves the heap as large as its peak (glibc returns
+/// freed memory in the middle of an arena only on malloc_trim). Once
+/// connections have come and gone, hand the free pages back, so an idle
+/// node's RSS is what its live connections need, not its worst minute.
+#[allow(unsafe_code)] // malloc_trim is glibc's, with no safe wrapper
+async fn trim_heap(metrics: Arc<Metrics>) {
+    let mut seen = 0;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        let now = metrics.totals().accepted();
+        if now != seen {
+            seen = now;
+            // SAFETY: malloc_trim only releases free memory; no pointers involved.
+            unsafe { libc::malloc_trim(0) };
+        }
+    }
+}
+
+#[derive(PartialEq)]
+enum Signal {
+    Reload,
+    Stop,
+}
+
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.hup.recv() => Signal::Reload,
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+        }
+    }
+}

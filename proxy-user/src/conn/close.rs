@@ -1,0 +1,72 @@
+//! The end of a connection that reached an upstream: one close line and
+//! its counts. A `Route` (a listener and one of its upstreams) is the
+//! datapath's `Owner` for every connection between them, so a connection
+//! parked in the kernel reports here when it ends without holding
+//! anything of its own.
+use std::{fmt, sync::Arc, time::Duration};
+
+use crate::{
+    datapath::carried::{ClientAddrs, Outcome, Owner, Totals},
+    metrics::{CloseReason, ListenerMetrics},
+    upstream::health::UpstreamState,
+};
+
+pub struct Route {
+    listener: String,
+    metrics: ListenerMetrics,
+    upstream: Arc<UpstreamState>,
+}
+
+impl Route {
+    pub fn new(listener: &str, metrics: &ListenerMetrics, upstream: Arc<UpstreamState>) -> Route {
+        Route {
+            listener: listener.to_string(),
+            metrics: metrics.clone(),
+            upstream,
+        }
+    }
+
+    pub fn leads_to(&self, upstream: &Arc<UpstreamState>) -> bool {
+        Arc::ptr_eq(&self.upstream, upstream)
+    }
+}
+
+impl Owner for Route {
+    fn metrics(&self) -> &ListenerMetrics {
+        &self.metrics
+    }
+
+    /// Logs the close line and counts the end.
+    fn closed(&self, who: ClientAddrs, t: &Totals, duration: Duration) {
+        self.upstream.metrics.active.dec();
+        log::info!(
+            "[{}] closed {} upstream={} client_to_upstream={} upstream_to_client={} \
+             kernel_bytes={} duration={:.3}s end={}",
+            self.listener,
+            self::who(who),
+            self.upstream.addr,
+            t.c2u,
+            t.u2c,
+            t.kernel,
+            duration.as_secs_f64(),
+            t.outcome
+        );
+        self.metrics.closed(match t.outcome {
+            Outcome::ClientClosed => CloseReason::client_closed,
+            Outcome::UpstreamClosed => CloseReason::upstream_closed,
+            Outcome::ClientReset => CloseReason::client_reset,
+            Outcome::UpstreamReset => CloseReason::upstream_reset,
+            Outcome::Drained => CloseReason::drained,
+            Outcome::Error => CloseReason::error,
+        });
+    }
+}
+
+/// Which client this is, for logs: `client=` the real one, and `via=` the
+/// TCP peer when that is another (a trusted proxy).
+pub fn who(a: ClientAddrs) -> impl fmt::Display {
+    fmt::from_fn(move |f| match a.real == a.peer {
+        true => write!(f, "client={}", a.peer),
+        false => write!(f, "client={} via={}", a.real, a.peer),
+    })
+}

@@ -1,0 +1,233 @@
+//! One client connection from accept to close: find out who the client is
+//! (ingress), pick and connect an upstream (upstream), hand both sockets to
+//! the datapath with the PROXY header or rewritten upgrade request to send
+//! first, and log one line at the end (close.rs).
+mod close;
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use splicer_proto::{
+    http_upgrade::Refusal,
+    trust::{self, Trusted},
+};
+use tokio::net::TcpStream;
+
+use self::close::Route;
+use crate::{
+    config::{HealthCheck, Listener},
+    datapath::{
+        carried::{Carried, ClientAddrs, Owner as _, Preface, Totals},
+        Datapath,
+    },
+    ingress::{
+        access::Access,
+        proxy_header::{self, Rejection},
+        websocket,
+    },
+    metrics::{CloseReason, ListenerMetrics, Metrics, Reject},
+    upstream::{
+        balance::Balancer,
+        health::{Failure, UpstreamState},
+    },
+};
+
+/// What a listener's connections share. A reload builds a new one; live
+/// connections keep the one they started with.
+pub struct ListenerCtx {
+    pub config: Listener,
+    pub trusted: Trusted,
+    pub access: Access,
+    pub balancer: Balancer,
+    pub datapath: Arc<Datapath>,
+    pub metrics: ListenerMetrics,
+    /// One per upstream, in the balancer's order: what a connection to it
+    /// reports its end to.
+    routes: Vec<Arc<Route>>,
+}
+
+impl ListenerCtx {
+    /// `previous` is the same listener before a reload: upstreams it
+    /// already had keep their health state and connection counts.
+    pub fn new(
+        config: Listener,
+        datapath: Arc<Datapath>,
+        metrics: &Metrics,
+        previous: Option<&ListenerCtx>,
+    ) -> Self {
+        let upstreams: Vec<(Arc<UpstreamState>, u32)> = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let state = previous
+                    .and_then(|p| p.balancer.upstreams().find(|s| s.addr == u.addr).cloned())
+                    .unwrap_or_else(|| {
+                        let m = metrics.upstream(&config.name, &u.addr.to_string());
+                        Arc::new(UpstreamState::new(&config.name, u.addr, m))
+                    });
+                if config.health.check == HealthCheck::Off {
+                    state.force_up();
+                }
+                (state, u.weight)
+            })
+            .collect();
+        // Upstreams no longer listed leave /metrics.
+        for old in previous.iter().flat_map(|p| p.balancer.upstreams()) {
+            if !config.upstreams.iter().any(|u| u.addr == old.addr) {
+                metrics.forget_upstream(&config.name, &old.addr.to_string());
+            }
+        }
+        let listener_metrics = metrics.listener(&config.name);
+        let routes = upstreams
+            .iter()
+            .map(|(u, _)| Arc::new(Route::new(&config.name, &listener_metrics, u.clone())))
+            .collect();
+        ListenerCtx {
+            trusted: Trusted::new(&config.trusted_proxies),
+            access: Access::new(&config.allow, &config.deny),
+            balancer: Balancer::new(config.balance, upstreams),
+            metrics: listener_metrics,
+            datapath,
+            routes,
+            config,
+        }
+    }
+
+    fn route(&self, upstream: &Arc<UpstreamState>) -> Arc<Route> {
+        self.routes
+            .iter()
+            .find(|r| r.leads_to(upstream))
+            .expect("every upstream of the balancer has a route")
+            .clone()
+    }
+}
+
+/// Serves one accepted client; the accept loop has counted it.
+pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
+    if let Some(reason) = serve(&ctx, client, peer).await {
+        ctx.metrics.closed(reason);
+    }
+}
+
+/// Some when the client was turned away before reaching an upstream; None
+/// once it reached one (its Route counts the close).
+async fn serve(ctx: &Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) -> Option<CloseReason> {
+    let started = Instant::now();
+    // An IPv4 client on a dual-stack listener is logged as IPv4, as trusted.
+    let peer = SocketAddr::new(trust::canonical(peer.ip()), peer.port());
+    let name = &ctx.config.name;
+    let m = &ctx.metrics;
+    let mut id = match proxy_header::identify(&ctx.config, &ctx.trusted, &client, peer).await {
+        Ok(id) => id,
+        Err(why) => {
+            m.rejected(match why {
+                Rejection::Untrusted => Reject::untrusted_proxy_header,
+                _ => Reject::bad_proxy_header,
+            });
+            log::warn!("[{name}] {peer}: rejected: {why}");
+            return Some(CloseReason::rejected);
+        }
+    };
+    if let (Some((h, _)), false) = (&id.inbound, id.trusted) {
+        m.untrusted_ignored();
+        log::warn!(
+            "[{name}] {peer}: PROXY header from an untrusted peer ignored (it claimed {}); using the peer's address",
+            h.addresses.map_or("no address".into(), |(src, _)| src.to_string())
+        );
+    }
+    let Ok(local) = client.local_addr() else {
+        return Some(CloseReason::error);
+    };
+    let mut consumed = id.inbound.as_ref().map_or(0, |(_, raw)| raw.len() as u64);
+    let mut head = Vec::new();
+    if let Some(ws) = &ctx.config.ws {
+        match websocket::upgrade(ws, &ctx.trusted, &client, id.client).await {
+            Ok(up) => {
+                // The header resolution may name an earlier client.
+                id.client = SocketAddr::new(up.client, id.client.port());
+                consumed += up.consumed as u64;
+                head = up.head;
+            }
+            Err(refusal) => {
+                m.rejected(Reject::bad_websocket_request);
+                log::warn!(
+                    "[{name}] {peer}: refused WebSocket upgrade ({}): {refusal:?}",
+                    refusal.status()
+                );
+                return Some(CloseReason::rejected);
+            }
+        }
+    }
+    let who = ClientAddrs {
+        peer,
+        real: id.client,
+    };
+    if !ctx.access.permits(who.real.ip()) {
+        m.rejected(Reject::access_denied);
+        log::warn!("[{name}] {}: access denied (allow/deny)", close::who(who));
+        refuse(ctx, &client, Refusal::Forbidden).await;
+        return Some(CloseReason::rejected);
+    }
+    let Some((upstream, state)) = connect_upstream(ctx, who.real).await else {
+        m.rejected(Reject::upstream_down);
+        log::warn!("[{name}] {}: every upstream is down, closing the client", close::who(who));
+        refuse(ctx, &client, Refusal::BadGateway).await;
+        return Some(CloseReason::rejected);
+    };
+    state.metrics.active.inc();
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let mut bytes = proxy_header::upstream_header(&ctx.config, &id, local).unwrap_or_default();
+    bytes.extend_from_slice(&head);
+    let route = ctx.route(&state);
+    let conn = Carried {
+        client,
+        upstream,
+        who,
+        started,
+        owner: route.clone(),
+    };
+    let totals = match ctx.datapath.carry(conn, Preface { bytes, consumed }).await {
+        Ok(Some(t)) => t,
+        Ok(None) => return None,
+        Err(e) => {
+            log::warn!("[{name}] {} -> {}: {e:#}", close::who(who), state.addr);
+            Totals::error()
+        }
+    };
+    route.closed(who, &totals, started.elapsed());
+    None
+}
+
+/// A WebSocket client gets an HTTP answer before the close; a TCP client
+/// just the close.
+async fn refuse(ctx: &ListenerCtx, client: &TcpStream, refusal: Refusal) {
+    if ctx.config.ws.is_some() {
+        websocket::refuse(client, &refusal).await;
+    }
+}
+
+/// Tries the balancer's candidates in order, each within connect-timeout.
+/// Failures count toward the upstream's `fall` (passive health check).
+async fn connect_upstream(
+    ctx: &ListenerCtx,
+    client: SocketAddr,
+) -> Option<(TcpStream, Arc<UpstreamState>)> {
+    let timeout = ctx.config.connect_timeout;
+    let name = &ctx.config.name;
+    for up in ctx.balancer.candidates(client.ip()) {
+        let started = Instant::now();
+        let why = match tokio::time::timeout(timeout, TcpStream::connect(up.addr)).await {
+            Ok(Ok(s)) => {
+                up.metrics.connect.observe(started.elapsed().as_secs_f64());
+                up.report(&ctx.config.health, Ok(()));
+                return Some((s, up));
+            }
+            Ok(Err(e)) => Failure::Connect(e),
+            Err(_) => Failure::ConnectTimeout(timeout),
+        };
+        log::warn!("[{name}] upstream {}: {why}", up.addr);
+        up.metrics.failures.inc();
+        up.report(&ctx.config.health, Err(why));
+    }
+    None
+}

@@ -1,0 +1,219 @@
+//! The sockmap offload: the kernel carries a connection's bytes between
+//! its two sockets, and userspace only looks at them again on FIN, RST or
+//! a flow-control signal.
+//!
+//! - maps.rs: the eBPF program and its maps;
+//! - splice.rs: handing two sockets to the kernel, and one kernel-carried
+//!   direction (`Flow`) up to its FIN;
+//! - park.rs: connections carried both ways, parked with no task;
+//! - epoll.rs: FIN/RST wake-ups without a wake-up per packet;
+//! - sockopt.rs: the socket options std, tokio and socket2 lack.
+//!
+//! `Kernel` wires them: the program's signals and the epoll set's events
+//! both wake the park.
+mod epoll;
+mod maps;
+mod park;
+mod sockopt;
+mod splice;
+
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd},
+    sync::{atomic::AtomicU64, atomic::Ordering::Relaxed, Arc},
+};
+
+use anyhow::{Context as _, Result};
+use tokio::{net::TcpStream, sync::watch};
+
+use self::{
+    epoll::Epoll,
+    maps::Maps,
+    park::{Park, ToPark},
+    splice::Flow,
+};
+use super::{
+    carried::{drive, Carried, End, Totals},
+    relay,
+};
+use crate::{
+    drain::Drain,
+    metrics::{Direction, Metrics, Path},
+};
+
+pub struct Kernel {
+    maps: Arc<Maps>,
+    epoll: Arc<Epoll>,
+    park: Arc<Park>,
+    drain: Arc<Drain>,
+}
+
+impl Kernel {
+    /// Loads the program and starts what wakes parked connections. Called
+    /// inside the runtime.
+    pub fn load(level: log::LevelFilter, drain: Arc<Drain>) -> Result<Kernel> {
+        let (maps, events) = Maps::load(level)?;
+        let maps = Arc::new(maps);
+        let epoll = Arc::new(Epoll::new().context("starting the splice watcher")?);
+        let park = Arc::new(Park::new(maps.clone(), epoll.clone(), drain.clone()));
+        let p = park.clone();
+        events.dispatch(move |token| p.wake(token))?;
+        let (p, e) = (park.clone(), epoll.clone());
+        std::thread::Builder::new()
+            .name("splice-watch".into())
+            .spawn(move || e.run(|token| p.wake(token)))
+            .context("starting the splice watcher")?;
+        Ok(Kernel {
+            maps,
+            epoll,
+            park,
+            drain,
+        })
+    }
+
+    pub fn prog_id(&self) -> u32 {
+        self.maps.prog_id
+    }
+
+    /// The end of a drain: parked connections have no task waiting on the
+    /// drain, so each is woken to see it.
+    pub fn wake_all(&self) {
+        self.park.wake_all();
+    }
+
+    /// Publishes what open connections have redirected so far.
+    pub fn publish_kernel_bytes(&self, metrics: &Metrics) {
+        self.park.publish_kernel_bytes(metrics);
+    }
+
+    /// Hands the connection to the kernel. Both directions spliced: it is
+    /// parked (Ok(None); its owner hears of the end). One side already
+    /// half-closed: the kernel carries the other direction and userspace
+    /// this one, in this task. Refused: the userspace relay carries it all.
+    /// `header` client bytes were read by userspace, `early` more forwarded.
+    pub async fn carry(&self, conn: Carried, header: u64, early: u64) -> io::Result<Option<Totals>> {
+        let Carried {
+            client,
+            upstream,
+            who,
+            started,
+            owner,
+        } = conn;
+        let m = owner.metrics();
+        let token = self.park.token();
+        let handoff = splice::handoff(&self.maps, &client, &upstream, token);
+        let Some((c, u)) = handoff.cookies else {
+            self.park.release(token);
+            m.offloaded(Path::userspace);
+            return Ok(Some(relay::relay(&self.drain, m, &client, &upstream, early).await));
+        };
+        if handoff.client_spliced && handoff.upstream_spliced {
+            // The kernel carries both ways: park it, with no task at all.
+            m.offloaded(Path::kernel);
+            let parked = self.park.start(
+                token,
+                ToPark {
+                    client,
+                    upstream,
+                    handoff: &handoff,
+                    header,
+                    early,
+                    started,
+                    who,
+                    owner: owner.clone(),
+                },
+            );
+            return match parked {
+                Ok(()) => Ok(None),
+                Err(e) => {
+                    // The sockets are gone with the error; nothing to relay.
+                    splice::forget(&self.maps, (c, u));
+                    self.park.release(token);
+                    Err(e)
+                }
+            };
+        }
+        // One side half-closed before the handoff: the kernel carries the
+        // other direction, userspace this one, in this task.
+        m.offloaded(Path::userspace);
+        let mut wake = self.park.waiter(token);
+        let watched = self.epoll.add(client.as_raw_fd(), token);
+        if let Err(e) = watched.and_then(|()| self.epoll.add(upstream.as_raw_fd(), token)) {
+            // Closed (out of the sockhashes and the epoll set) before their
+            // links go, as at the end below.
+            drop((client, upstream));
+            splice::forget(&self.maps, (c, u));
+            self.park.release(token);
+            return Err(e);
+        }
+        let (c2u_user, u2c_user) = (AtomicU64::new(early), AtomicU64::new(0));
+        let kernel_c2u = Flow::new(&self.maps, client.as_fd(), upstream.as_fd(), c, handoff.upstream_base)
+            .consumed(header + early);
+        let kernel_u2c = Flow::new(&self.maps, upstream.as_fd(), client.as_fd(), u, handoff.client_base);
+        let (w1, w2, w3) = (wake.clone(), wake.clone(), wake.clone());
+        let c2u_bytes = m.user_bytes(Direction::client_to_upstream);
+        let u2c_bytes = m.user_bytes(Direction::upstream_to_client);
+        let outcome = drive(
+            &self.drain,
+            async {
+                match handoff.client_spliced {
+                    true => kernel_direction(&kernel_c2u, w1).await,
+                    false => relay::user_direction(&client, &upstream, &c2u_user, c2u_bytes).await,
+                }
+            },
+            async {
+                match handoff.upstream_spliced {
+                    true => kernel_direction(&kernel_u2c, w2).await,
+                    false => relay::user_direction(&upstream, &client, &u2c_user, u2c_bytes).await,
+                }
+            },
+            reset_after_fin(&client, handoff.client_spliced, w3),
+            reset_after_fin(&upstream, handoff.upstream_spliced, {
+                wake.mark_unchanged();
+                wake
+            }),
+        )
+        .await;
+        outcome.pass_on(&client, &upstream);
+        self.epoll.remove(client.as_raw_fd());
+        self.epoll.remove(upstream.as_raw_fd());
+        drop((client, upstream));
+        // Both sockets are closed (so out of the sockhashes) before their links go.
+        let (c_link, u_link) = splice::forget(&self.maps, (c, u));
+        self.park.release(token);
+        m.kernel.add_closed(c_link.redirected, u_link.redirected);
+        Ok(Some(Totals {
+            c2u: c2u_user.load(Relaxed) + c_link.redirected,
+            u2c: u2c_user.load(Relaxed) + u_link.redirected,
+            kernel: c_link.redirected + u_link.redirected,
+            outcome,
+        }))
+    }
+}
+
+/// A kernel-carried direction in a task: looks at it after every wake-up.
+async fn kernel_direction(d: &Flow<'_>, mut wake: watch::Receiver<()>) -> End {
+    loop {
+        if let Some(end) = d.advance().await {
+            return end;
+        }
+        if wake.changed().await.is_err() {
+            return End::DstFailed;
+        }
+    }
+}
+
+/// Resolves if `sock` is reset after its FIN was passed on.
+async fn reset_after_fin(sock: &TcpStream, spliced: bool, mut wake: watch::Receiver<()>) -> End {
+    if !spliced {
+        return relay::wait_reset(sock).await;
+    }
+    loop {
+        if splice::was_reset(sock.as_fd()) {
+            return End::SrcReset;
+        }
+        if wake.changed().await.is_err() {
+            return End::SrcReset;
+        }
+    }
+}

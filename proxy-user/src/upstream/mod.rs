@@ -1,0 +1,4 @@
+//! The brokers behind a listener: which one a new client goes to
+//! (balance.rs) and whether each is fit to take it (health.rs).
+pub mod balance;
+pub mod health;
