@@ -123,6 +123,8 @@ fn test(filter: Option<String>) -> Result<()> {
                 "proxy-common",
                 "-p",
                 "splicer-proto",
+                "-p",
+                "splicer-testkit",
                 "--",
             ])
             .args(&filter),
