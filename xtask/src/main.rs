@@ -2,6 +2,7 @@
 mod bench;
 mod build;
 mod install;
+mod layers;
 
 use std::{path::PathBuf, process::Command};
 
@@ -35,6 +36,12 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// Check that the splicer binary's modules form no cycle (also part
+    /// of `test`).
+    Layers {
+        /// The source folder [default: proxy-user/src].
+        src: Option<PathBuf>,
+    },
     /// Benchmark splicer (both offload modes) against a direct connection,
     /// HAProxy and nginx on loopback; writes bench.md, bench.json and
     /// bench.svg and prints the Markdown. Needs root.
@@ -54,6 +61,11 @@ fn main() -> Result<()> {
         Task::Build { debug } => build::all(!debug).map(|_| ()),
         Task::Run { args } => run(args),
         Task::Test { filter } => test(filter),
+        Task::Layers { src } => {
+            let src = src.unwrap_or_else(|| root().join("proxy-user/src"));
+            println!("module graph: {}", layers::check(&src)?);
+            Ok(())
+        }
         Task::Bench { quick, out } => {
             let md = bench::run(quick, &out.unwrap_or_else(bench::default_out))?;
             println!("{md}");
@@ -110,6 +122,9 @@ fn test(filter: Option<String>) -> Result<()> {
     let root = root();
     let filter: Vec<String> = filter.into_iter().collect();
     let mut tally = Tally::default();
+    // The layering of docs/architecture.md: no module cycle in the binary.
+    println!("module graph: {}", layers::check(&root.join("proxy-user/src"))?);
+    tally.passed += 1;
     // Unit tests: the protocol parsers, config, balancing, parking, ...
     tally.run(
         build::cargo()
@@ -125,6 +140,8 @@ fn test(filter: Option<String>) -> Result<()> {
                 "splicer-proto",
                 "-p",
                 "splicer-testkit",
+                "-p",
+                "xtask",
                 "--",
             ])
             .args(&filter),
