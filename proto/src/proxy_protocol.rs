@@ -59,9 +59,8 @@ pub struct Header {
     pub version: Version,
     pub command: Command,
     /// (source, destination) for PROXY over TCP4/TCP6; None for v2 LOCAL
-    /// (whatever family it carries), v1 UNKNOWN, v2 UNSPEC, and any family
-    /// other than TCP over IPv4/IPv6 (UDP, unix): such headers never inject an
-    /// address.
+    /// (whatever family it carries), v1 UNKNOWN and v2 UNSPEC: such headers
+    /// never inject an address. (v2 PROXY over UDP or unix is refused.)
     pub addresses: Option<(SocketAddr, SocketAddr)>,
     /// Raw v2 TLV bytes, already bounds-checked (every TLV's length fits
     /// inside the header). Empty for v1.
@@ -78,8 +77,8 @@ pub enum ParseError {
     Incomplete,
     /// Does not start with a PROXY header of an accepted version at all.
     Missing,
-    /// A v1 line with no CRLF within its first 107 bytes. (v2 headers are at
-    /// most `V2_MAX_LEN` by construction, so they are never TooLong.)
+    /// A v1 line with no CRLF within its first 107 bytes, or (from
+    /// `parse_within`) a v2 header declaring more than the reader takes.
     TooLong,
     /// Present but malformed; the string says what is wrong.
     Invalid(String),
@@ -90,7 +89,7 @@ impl fmt::Display for ParseError {
         match self {
             ParseError::Incomplete => f.write_str("incomplete PROXY protocol header"),
             ParseError::Missing => f.write_str("no PROXY protocol header"),
-            ParseError::TooLong => f.write_str("PROXY protocol v1 line too long"),
+            ParseError::TooLong => f.write_str("PROXY protocol header too long"),
             ParseError::Invalid(why) => write!(f, "invalid PROXY protocol header: {why}"),
         }
     }
@@ -376,18 +375,36 @@ fn parse_v2(buf: &[u8]) -> Result<Header, ParseError> {
         },
     };
     let fam = *buf.get(13).ok_or(ParseError::Incomplete)?;
+    // LOCAL: the spec has the receiver ignore the family and discard the
+    // whole block (HAProxy's health checks send LOCAL with TCP over IPv4
+    // and no addresses). Its TLVs are kept only where the family says
+    // where they start and they are well formed.
+    if command == Command::Local {
+        let len = v2_declared_len(buf).ok_or(ParseError::Incomplete)?;
+        let block = buf
+            .get(V2_HEADER_LEN..V2_HEADER_LEN + len)
+            .ok_or(ParseError::Incomplete)?;
+        let tlvs = v2_addr_len(fam)
+            .and_then(|n| block.get(n..))
+            .filter(|t| tlvs_well_formed(t))
+            .unwrap_or_default();
+        return Ok(Header {
+            version: Version::V2,
+            command,
+            addresses: None,
+            tlvs: tlvs.to_vec(),
+            len: V2_HEADER_LEN + len,
+        });
+    }
     let addr_len = match fam {
-        0x00 => 0,          // UNSPEC
-        0x11 | 0x12 => 12,  // TCP/UDP over IPv4
-        0x21 | 0x22 => 36,  // TCP/UDP over IPv6
-        0x31 | 0x32 => 216, // unix stream/dgram
-        _ => return Err(invalid("unsupported v2 address family")),
+        // A client behind a UDP or unix socket cannot be the peer of a TCP
+        // connection; splicer's listeners are all TCP.
+        0x12 | 0x22 | 0x31 | 0x32 => {
+            return Err(invalid("v2 PROXY for a UDP or unix socket on a TCP connection"))
+        }
+        _ => v2_addr_len(fam).ok_or_else(|| invalid("unsupported v2 address family"))?,
     };
-    let len = match buf.get(14..V2_HEADER_LEN) {
-        Some(&[hi, lo]) => usize::from(u16::from_be_bytes([hi, lo])),
-        _ => return Err(ParseError::Incomplete),
-    };
-    // Checked for LOCAL too: the family still says where the TLVs start.
+    let len = v2_declared_len(buf).ok_or(ParseError::Incomplete)?;
     if len < addr_len {
         return Err(invalid("v2 address block longer than the header"));
     }
@@ -397,16 +414,13 @@ fn parse_v2(buf: &[u8]) -> Result<Header, ParseError> {
     let (addr, tlv_area) = block
         .split_at_checked(addr_len)
         .ok_or_else(|| invalid("v2 address block longer than the header"))?;
-    let mut rest = tlv_area;
-    while !rest.is_empty() {
-        rest = split_tlv(rest)
-            .ok_or_else(|| invalid("TLV length exceeds header"))?
-            .2;
+    if !tlvs_well_formed(tlv_area) {
+        return Err(invalid("TLV length exceeds header"));
     }
-    let addresses = match (command, fam) {
-        (Command::Proxy, 0x11) => Some(v2_pair::<4>(addr)?),
-        (Command::Proxy, 0x21) => Some(v2_pair::<16>(addr)?),
-        _ => None,
+    let addresses = match fam {
+        0x11 => Some(v2_pair::<4>(addr)?),
+        0x21 => Some(v2_pair::<16>(addr)?),
+        _ => None, // UNSPEC
     };
     Ok(Header {
         version: Version::V2,
@@ -415,6 +429,51 @@ fn parse_v2(buf: &[u8]) -> Result<Header, ParseError> {
         tlvs: tlv_area.to_vec(),
         len: V2_HEADER_LEN + len,
     })
+}
+
+/// The address block's length for a v2 family byte, if the family is known.
+fn v2_addr_len(fam: u8) -> Option<usize> {
+    match fam {
+        0x00 => Some(0),          // UNSPEC
+        0x11 | 0x12 => Some(12),  // TCP/UDP over IPv4
+        0x21 | 0x22 => Some(36),  // TCP/UDP over IPv6
+        0x31 | 0x32 => Some(216), // unix stream/dgram
+        _ => None,
+    }
+}
+
+/// The length field of a v2 header (the bytes after the 16-byte prefix),
+/// once the prefix is in.
+fn v2_declared_len(buf: &[u8]) -> Option<usize> {
+    match buf.get(14..V2_HEADER_LEN) {
+        Some(&[hi, lo]) => Some(usize::from(u16::from_be_bytes([hi, lo]))),
+        _ => None,
+    }
+}
+
+fn tlvs_well_formed(mut rest: &[u8]) -> bool {
+    while !rest.is_empty() {
+        match split_tlv(rest) {
+            Some((_, _, r)) => rest = r,
+            None => return false,
+        }
+    }
+    true
+}
+
+/// `parse`, for a reader that takes at most `max` bytes: a v2 header that
+/// declares more is `TooLong` as soon as its 16-byte prefix is in, rather
+/// than after `max` bytes have trickled in.
+pub fn parse_within(buf: &[u8], accept: Versions, max: usize) -> Result<Header, ParseError> {
+    match parse(buf, accept) {
+        Err(ParseError::Incomplete)
+            if buf.starts_with(&V2_SIGNATURE)
+                && v2_declared_len(buf).is_some_and(|len| V2_HEADER_LEN + len > max) =>
+        {
+            Err(ParseError::TooLong)
+        }
+        other => other,
+    }
 }
 
 /// src addr, dst addr (N bytes each), src port, dst port.
@@ -999,8 +1058,8 @@ mod tests {
             // Known from the length field alone.
             assert!(is_invalid(parse(&h[..16], Versions::V2)), "{fam:#x}");
         }
-        // LOCAL is held to the same rule: the family says where TLVs start.
-        assert!(is_invalid(parse(&v2(0x20, 0x11, &[0; 4]), Versions::V2)));
+        // LOCAL is not: its block is discarded whatever it holds.
+        assert!(parse(&v2(0x20, 0x11, &[0; 4]), Versions::V2).is_ok());
     }
 
     #[test]
@@ -1019,10 +1078,9 @@ mod tests {
                 is_invalid(parse(&v2(0x21, 0x11, &body), Versions::V2)),
                 "{bad_tlvs:?}"
             );
-            assert!(
-                is_invalid(parse(&v2(0x20, 0x11, &body), Versions::V2)),
-                "LOCAL {bad_tlvs:?}"
-            );
+            // LOCAL's block is discarded, broken TLVs and all.
+            let local = parse(&v2(0x20, 0x11, &body), Versions::V2).unwrap();
+            assert!(local.tlvs.is_empty(), "LOCAL {bad_tlvs:?}");
             assert!(
                 is_invalid(parse(&v2(0x21, 0x00, bad_tlvs), Versions::V2)),
                 "UNSPEC {bad_tlvs:?}"
@@ -1045,21 +1103,47 @@ mod tests {
     }
 
     #[test]
-    fn v2_unspec_udp_unix_have_no_addresses() {
+    fn v2_unspec_has_no_addresses_and_udp_unix_are_refused() {
         let t = tlv(PP2_TYPE_AUTHORITY, b"x");
+        let h = parse(&v2(0x21, 0x00, &t), Versions::V2).unwrap();
+        assert_eq!((h.command, h.addresses, &h.tlvs), (Command::Proxy, None, &t));
         let cases = [
-            (0x00, t.clone()),
             (0x12, [&V2_TCP4[16..], &t[..]].concat()),
             (0x22, [&V2_TCP6[16..], &t[..]].concat()),
             (0x31, [&[b'/'; 216][..], &t[..]].concat()),
             (0x32, [&[0; 216][..], &t[..]].concat()),
         ];
         for (fam, body) in cases {
-            let h = parse(&v2(0x21, fam, &body), Versions::V2).unwrap();
-            assert_eq!((h.command, h.addresses), (Command::Proxy, None), "{fam:#x}");
-            assert_eq!(h.tlvs, t, "{fam:#x}");
-            assert_eq!(h.len, 16 + body.len());
+            let e = parse(&v2(0x21, fam, &body), Versions::V2).unwrap_err();
+            assert_eq!(e, invalid("v2 PROXY for a UDP or unix socket on a TCP connection"), "{fam:#x}");
+            // As LOCAL, the family is ignored.
+            let h = parse(&v2(0x20, fam, &body), Versions::V2).unwrap();
+            assert_eq!((h.command, h.addresses), (Command::Local, None), "{fam:#x}");
         }
+    }
+
+    #[test]
+    fn v2_local_takes_any_family_and_length() {
+        // HAProxy's check: LOCAL, TCP over IPv4, no address block.
+        let h = parse(&v2(0x20, 0x11, &[]), Versions::V2).unwrap();
+        assert_eq!((h.command, h.addresses, h.len, h.tlvs.len()), (Command::Local, None, 16, 0));
+        for fam in [0x00, 0x11, 0x21, 0x45, 0xFF] {
+            for n in [0, 3, 12, 40] {
+                let h = parse(&v2(0x20, fam, &vec![7; n]), Versions::Auto).unwrap();
+                assert_eq!((h.command, h.addresses, h.len), (Command::Local, None, 16 + n), "{fam:#x} {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_v2_length_beyond_the_limit_is_refused_from_the_prefix() {
+        let mut body = V2_TCP4[16..].to_vec();
+        body.extend(tlv(PP2_TYPE_NOOP, &[0; 1985]));
+        let h = v2(0x21, 0x11, &body);
+        assert_eq!(parse_within(&h[..16], Versions::Auto, 1024), Err(ParseError::TooLong));
+        assert_eq!(parse_within(&h[..15], Versions::Auto, 1024), Err(ParseError::Incomplete));
+        assert_eq!(parse_within(&h[..16], Versions::Auto, 4096), Err(ParseError::Incomplete));
+        assert!(parse_within(&h, Versions::Auto, 4096).is_ok());
     }
 
     #[test]
@@ -1080,7 +1164,7 @@ mod tests {
         );
         assert_eq!(
             ParseError::TooLong.to_string(),
-            "PROXY protocol v1 line too long"
+            "PROXY protocol header too long"
         );
     }
 

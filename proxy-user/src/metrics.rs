@@ -59,6 +59,9 @@ pub enum Reject {
     upstream_down,
     /// The listener already had max-conns clients.
     max_conns,
+    /// The broker answered a WebSocket upgrade with something other than
+    /// 101 (its answer was passed to the client), or not at all.
+    upstream_refused_upgrade,
 }
 
 const CLOSE_REASONS: [CloseReason; 7] = [
@@ -71,13 +74,14 @@ const CLOSE_REASONS: [CloseReason; 7] = [
     CloseReason::rejected,
 ];
 
-const REJECTS: [Reject; 6] = [
+const REJECTS: [Reject; 7] = [
     Reject::bad_proxy_header,
     Reject::untrusted_proxy_header,
     Reject::bad_websocket_request,
     Reject::access_denied,
     Reject::upstream_down,
     Reject::max_conns,
+    Reject::upstream_refused_upgrade,
 ];
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -377,7 +381,7 @@ impl ListenerMetrics {
         self.rejected[reason as usize].inc();
         inc(match reason {
             Reject::bad_proxy_header | Reject::untrusted_proxy_header => &self.totals.proxy_rejected,
-            Reject::bad_websocket_request => &self.totals.ws_refused,
+            Reject::bad_websocket_request | Reject::upstream_refused_upgrade => &self.totals.ws_refused,
             Reject::access_denied => &self.totals.denied,
             Reject::upstream_down => &self.totals.upstream_down,
             Reject::max_conns => &self.totals.over_max_conns,

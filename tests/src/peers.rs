@@ -2,7 +2,7 @@
 //! `peers_dir()`), mosquitto and nginx.
 use std::{
     fs,
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::Path,
     process::{Command, ExitStatus},
     thread,
@@ -12,7 +12,7 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 
 use crate::{
-    is_event, json_field, peers_dir, run_with_timeout, v4, wait_json_line, Proc, BROKER_IP,
+    free_port, is_event, json_field, peers_dir, run_with_timeout, v4, wait_json_line, Proc, BROKER_IP,
     CLIENT_IP, STEP,
 };
 
@@ -160,4 +160,41 @@ pub fn start_nginx(dir: &Path, listen: SocketAddr, top: &str, blocks: &str) -> R
     )?;
     p.wait_listening(listen, STEP)?;
     Ok(p)
+}
+
+/// nginx's own address: it listens there and binds its upstream side
+/// there too, so the next tier sees it as the peer.
+pub const NGINX_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
+
+/// nginx (http module) in the foreground, single process, all inside `dir`,
+/// as a method 2 middle tier: appends $proxy_add_x_forwarded_for and
+/// connects upstream from 127.0.0.5.
+pub fn start_nginx_ws(dir: &Path, upstream: SocketAddr) -> Result<(Proc, SocketAddr)> {
+    let listen = v4(NGINX_IP, free_port(NGINX_IP));
+    let d = dir.display();
+    let p = start_nginx(
+        dir,
+        listen,
+        "",
+        &format!(
+            "http {{\n\
+             access_log {d}/nginx-access.log;\n\
+             client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+             server {{\n\
+               listen {listen};\n\
+               location /mqtt {{\n\
+                 proxy_pass http://{upstream};\n\
+                 proxy_http_version 1.1;\n\
+                 proxy_set_header Upgrade $http_upgrade;\n\
+                 proxy_set_header Connection \"Upgrade\";\n\
+                 proxy_set_header Host $host;\n\
+                 proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+                 proxy_bind {NGINX_IP};\n\
+               }}\n\
+             }}\n\
+             }}\n"
+        ),
+    )?;
+    Ok((p, listen))
 }

@@ -15,7 +15,7 @@
 //! those bytes are what the tests compare.
 use std::{
     fs,
-    io::{BufReader, BufWriter, Cursor, ErrorKind, Read, Write},
+    io::{BufReader, BufWriter, Cursor, Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     path::Path,
     process::Command,
@@ -27,8 +27,6 @@ use anyhow::{bail, ensure, Context as _, Result};
 use splicer_testkit::ws;
 use splicer_tests::*;
 
-const NGINX_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
-
 /// RFC 6455 section 1.3's example key and the Accept it must produce.
 const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
@@ -38,85 +36,6 @@ const FORWARDING: [&str; 3] = ["x-forwarded-for", "x-forwarded-port", "x-real-ip
 
 /// The guide's real client, behind an outer hop.
 const REAL_CLIENT: &str = "115.236.21.86";
-
-// ------------------------------------------------------------ net helpers
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-// ----------------------------------------------------------- HTTP helpers
-
-/// A WebSocket upgrade request as MQTT.js sends it, with `extra` header
-/// lines (without CRLF) in the middle, so removed or moved ones show.
-fn upgrade_request(host: SocketAddr, path: &str, key: &str, extra: &[&str]) -> Vec<u8> {
-    let mut lines = vec![
-        format!("GET {path} HTTP/1.1"),
-        format!("Host: {host}"),
-        "Upgrade: websocket".into(),
-        "Connection: Upgrade".into(),
-    ];
-    lines.extend(extra.iter().map(|l| l.to_string()));
-    lines.extend([
-        format!("Sec-WebSocket-Key: {key}"),
-        "Sec-WebSocket-Version: 13".into(),
-        "Sec-WebSocket-Protocol: mqtt".into(),
-        "x-SPLICER-test:  keep   THIS,as-is ;q=1".into(),
-        "User-Agent: splicer-e2e/1.0".into(),
-    ]);
-    (lines.join("\r\n") + "\r\n\r\n").into_bytes()
-}
-
-/// Reads an HTTP head through its blank line. Returns the head and any
-/// bytes read past it (a server may send frames right behind the 101).
-fn read_head(s: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>)> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(i) = find(&got, b"\r\n\r\n") {
-            let rest = got.split_off(i + 4);
-            return Ok((got, rest));
-        }
-        ensure!(got.len() < 64 * 1024, "no end of head in 64 KiB");
-        let n = s
-            .read(&mut buf)
-            .with_context(|| format!("reading a head, got so far: {}", show(&got)))?;
-        ensure!(n > 0, "EOF inside a head, got: {}", show(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
-}
-
-/// The header lines of a head (no request line, no CRLFs).
-fn header_lines(head: &[u8]) -> Vec<&[u8]> {
-    let body = head.strip_suffix(b"\r\n\r\n").unwrap_or(head);
-    let mut lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
-    for l in &mut lines {
-        *l = l.strip_suffix(b"\r").unwrap_or(l);
-    }
-    lines.remove(0);
-    lines
-}
-
-fn first_line(head: &[u8]) -> String {
-    String::from_utf8_lossy(head.split(|&b| b == b'\r').next().unwrap_or(b"")).into_owned()
-}
-
-fn line_name(line: &[u8]) -> String {
-    let name = line.split(|&b| b == b':').next().unwrap_or(b"");
-    String::from_utf8_lossy(name).trim().to_ascii_lowercase()
-}
-
-/// The values of every `name` header, trimmed, in order.
-fn header_values(head: &[u8], name: &str) -> Vec<String> {
-    header_lines(head)
-        .into_iter()
-        .filter(|l| line_name(l) == name.to_ascii_lowercase())
-        .map(|l| {
-            let v = &l[l.iter().position(|&b| b == b':').unwrap() + 1..];
-            String::from_utf8_lossy(v).trim().to_string()
-        })
-        .collect()
-}
 
 /// What one forwarding header must look like in the rewritten head.
 enum Want<'a> {
@@ -188,8 +107,18 @@ fn sink_head(l: &TcpListener) -> Result<(TcpStream, Vec<u8>, Vec<u8>)> {
     Ok((s, head, rest))
 }
 
+/// The sink as a broker that takes the upgrade: `sink_head`, then a `101`.
+/// splicer holds every client byte behind the request until the broker
+/// has switched protocols, so `rest` is empty here.
+fn sink_switched(l: &TcpListener) -> Result<(TcpStream, Vec<u8>, Vec<u8>)> {
+    let (mut s, head, rest) = sink_head(l)?;
+    s.write_all(&switching(&head))?;
+    Ok((s, head, rest))
+}
+
 /// Sends `req` from `from` to `to` and returns (client address, the head
-/// the sink got). Both connections are closed afterwards.
+/// the sink got). The sink switches protocols; both connections are closed
+/// afterwards.
 fn request_through(
     from: Ipv4Addr,
     to: SocketAddr,
@@ -199,7 +128,7 @@ fn request_through(
     let mut c = connect_from(from, to)?;
     let client = local(&c);
     c.write_all(req)?;
-    let (s, head, rest) = sink_head(sink_l)?;
+    let (s, head, rest) = sink_switched(sink_l)?;
     ensure!(
         rest.is_empty(),
         "sink got {} bytes after the head",
@@ -464,39 +393,6 @@ fn start_mosquitto_ws(dir: &Path) -> Result<std::result::Result<(Proc, SocketAdd
     }
 }
 
-/// nginx (http module) in the foreground, single process, all inside `dir`,
-/// as a method 2 middle tier: appends $proxy_add_x_forwarded_for and
-/// connects upstream from 127.0.0.5.
-fn start_nginx_ws(dir: &Path, upstream: SocketAddr) -> Result<(Proc, SocketAddr)> {
-    let listen = v4(NGINX_IP, free_port(NGINX_IP));
-    let d = dir.display();
-    let p = start_nginx(
-        dir,
-        listen,
-        "",
-        &format!(
-            "http {{\n\
-             access_log {d}/nginx-access.log;\n\
-             client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
-             fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-             server {{\n\
-               listen {listen};\n\
-               location /mqtt {{\n\
-                 proxy_pass http://{upstream};\n\
-                 proxy_http_version 1.1;\n\
-                 proxy_set_header Upgrade $http_upgrade;\n\
-                 proxy_set_header Connection \"Upgrade\";\n\
-                 proxy_set_header Host $host;\n\
-                 proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
-                 proxy_bind {NGINX_IP};\n\
-               }}\n\
-             }}\n\
-             }}\n"
-        ),
-    )?;
-    Ok((p, listen))
-}
-
 // ---------------------------------------- 1. MQTT.js to aedes and mosquitto
 
 fn mqttjs_over_ws_in(mode: &str) -> Result<()> {
@@ -757,7 +653,7 @@ fn method2_in(mode: &str, recursive: bool) -> Result<()> {
     let lb1n = ws_tier(&dir, "lb1-nginx", mode, nginx_addr, &append)?;
     let mut c = connect_from(CLIENT_IP, lb1n.listen)?;
     c.write_all(&method2_request(lb1n.listen))?;
-    let (s, head, _) = sink_head(&sink_l)?;
+    let (s, head, _) = sink_switched(&sink_l)?;
     drop(c);
     drop(s);
     eprintln!(
@@ -865,34 +761,6 @@ fn method2_real_ip_recursive() -> Result<()> {
 }
 
 // ------------------------------------------------------------ 4. refusals
-
-/// Reads a refusal to the end: the response, then EOF or a reset (splicer
-/// closes with the unread request still queued). Returns (status line,
-/// "EOF"|"RST"). The response must be complete.
-fn read_refusal(c: &mut TcpStream) -> Result<(String, &'static str)> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let end = loop {
-        match c.read(&mut buf) {
-            Ok(0) => break "EOF",
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => break "RST",
-            Err(e) => bail!("the connection was not closed ({e}); got {}", show(&got)),
-        }
-    };
-    let i = find(&got, b"\r\n\r\n")
-        .with_context(|| format!("incomplete HTTP response: {}", show(&got)))?;
-    let (head, body) = (&got[..i + 4], &got[i + 4..]);
-    if let Some(len) = header_values(head, "Content-Length").first() {
-        ensure!(
-            len.parse::<usize>().ok() == Some(body.len()),
-            "Content-Length {len} but a {}-byte body: {}",
-            body.len(),
-            show(&got)
-        );
-    }
-    Ok((first_line(head), end))
-}
 
 fn refusals_in(mode: &str) -> Result<()> {
     let dir = scratch(&format!("ws-refusals-{mode}"));
@@ -1022,7 +890,8 @@ fn early_frames_in(mode: &str) -> Result<()> {
     let client = local(&c);
     c.write_all(&[&sent[..], &early].concat())?;
 
-    let (mut s, head, mut rest) = sink_head(&sink_l)?;
+    let (mut s, head, mut rest) = sink_switched(&sink_l)?;
+    ensure!(rest.is_empty(), "early frames reached the sink before its 101: {}", show(&rest));
     check_rewrite(
         &sent,
         &head,
@@ -1056,9 +925,11 @@ fn early_frames_in(mode: &str) -> Result<()> {
     let more = read_to_end_timeout(&mut s, STEP)?;
     ensure!(more.is_empty(), "sink got extra bytes {}", show(&more));
     drop(s);
+    let got = read_to_end_timeout(&mut c, STEP)?;
     ensure!(
-        read_to_end_timeout(&mut c, STEP)?.is_empty(),
-        "client got bytes it was never sent"
+        got == switching(&head),
+        "client got {}, want the sink's 101 and nothing else",
+        show(&got)
     );
     splicer.close_line_for(client, STEP)?;
     Ok(())

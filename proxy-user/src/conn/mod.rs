@@ -1,7 +1,8 @@
 //! One client connection from accept to close: find out who the client is
-//! (ingress), pick and connect an upstream (upstream), hand both sockets to
-//! the datapath with the PROXY header or rewritten upgrade request to send
-//! first, and log one line at the end (close.rs).
+//! (ingress), pick and connect an upstream (upstream), tell it who the
+//! client is (PROXY header, rewritten upgrade request) and, on a WebSocket
+//! listener, wait for it to switch protocols; then hand both sockets to the
+//! datapath, and log one line at the end (close.rs).
 mod close;
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
@@ -16,15 +17,17 @@ use self::close::Route;
 use crate::{
     config::{HealthCheck, Listener},
     datapath::{
-        carried::{Carried, ClientAddrs, Owner as _, Preface, Totals},
+        carried::{Carried, ClientAddrs, Early, Owner as _, Totals},
         Datapath,
     },
     ingress::{
         access::Access,
+        inbox::Inbox,
         proxy_header::{self, Rejection},
         websocket,
     },
     metrics::{CloseReason, ListenerMetrics, Metrics, Reject},
+    net,
     upstream::{
         balance::Balancer,
         health::{Failure, UpstreamState},
@@ -116,7 +119,8 @@ async fn serve(ctx: &Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) -> O
     let peer = SocketAddr::new(trust::canonical(peer.ip()), peer.port());
     let name = &ctx.config.name;
     let m = &ctx.metrics;
-    let mut id = match proxy_header::identify(&ctx.config, &ctx.trusted, &client, peer).await {
+    let mut inbox = Inbox::new(&client);
+    let mut id = match proxy_header::identify(&ctx.config, &ctx.trusted, &mut inbox, peer).await {
         Ok(id) => id,
         Err(why) => {
             m.rejected(match why {
@@ -140,7 +144,7 @@ async fn serve(ctx: &Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) -> O
     let mut consumed = id.inbound.as_ref().map_or(0, |(_, raw)| raw.len() as u64);
     let mut head = Vec::new();
     if let Some(ws) = &ctx.config.ws {
-        match websocket::upgrade(ws, &ctx.trusted, &client, id.client).await {
+        match websocket::upgrade(ws, &ctx.trusted, &mut inbox, &client, id.client).await {
             Ok(up) => {
                 // The header resolution may name an earlier client.
                 id.client = SocketAddr::new(up.client, id.client.port());
@@ -157,6 +161,10 @@ async fn serve(ctx: &Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) -> O
             }
         }
     }
+    // Client bytes behind the preambles: they go upstream only once the
+    // upstream has been told who the client is (and, on a WebSocket
+    // listener, has switched protocols).
+    let early_client = inbox.into_rest();
     let who = ClientAddrs {
         peer,
         real: id.client,
@@ -173,12 +181,36 @@ async fn serve(ctx: &Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) -> O
         refuse(ctx, &client, Refusal::BadGateway).await;
         return Some(CloseReason::rejected);
     };
-    state.metrics.active.inc();
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let mut bytes = proxy_header::upstream_header(&ctx.config, &id, local).unwrap_or_default();
-    bytes.extend_from_slice(&head);
+    state.metrics.active.inc();
     let route = ctx.route(&state);
+    // Tell the broker who the client is: the PROXY header, then the
+    // rewritten upgrade request.
+    let mut told = proxy_header::upstream_header(&ctx.config, &id, local).unwrap_or_default();
+    told.extend_from_slice(&head);
+    if let Err(e) = net::write_all(&upstream, &told).await {
+        log::warn!("[{name}] {} -> {}: {e}", close::who(who), state.addr);
+        route.closed(who, &Totals::error(), started.elapsed());
+        return None;
+    }
+    let mut early_upstream = Vec::new();
+    if let Some(ws) = &ctx.config.ws {
+        match websocket::await_switch(ws, &upstream).await {
+            Ok(answer) => early_upstream = answer,
+            Err(no) => {
+                m.rejected(Reject::upstream_refused_upgrade);
+                log::warn!(
+                    "[{name}] {} -> {}: WebSocket upgrade not switched: {no}; closing both",
+                    close::who(who),
+                    state.addr
+                );
+                websocket::pass_refusal(&client, &no).await;
+                state.metrics.active.dec();
+                return Some(CloseReason::rejected);
+            }
+        }
+    }
     let conn = Carried {
         client,
         upstream,
@@ -186,7 +218,12 @@ async fn serve(ctx: &Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) -> O
         started,
         owner: route.clone(),
     };
-    let totals = match ctx.datapath.carry(conn, Preface { bytes, consumed }).await {
+    let early = Early {
+        consumed,
+        client: early_client,
+        upstream: early_upstream,
+    };
+    let totals = match ctx.datapath.carry(conn, early).await {
         Ok(Some(t)) => t,
         Ok(None) => return None,
         Err(e) => {

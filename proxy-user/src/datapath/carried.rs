@@ -1,5 +1,5 @@
 //! A connection as the datapath carries it, in types: what it is handed
-//! (`Carried`, `Preface`), how each direction ends (`End`), how the
+//! (`Carried`, `Early`), how each direction ends (`End`), how the
 //! connection ends (`Outcome`, the close line's `end=`), and the `Owner`
 //! that end is reported to. The connection layer implements `Owner`; the
 //! datapath never calls up into it by name.
@@ -16,8 +16,8 @@ use tokio::net::TcpStream;
 
 use crate::{drain::Drain, metrics::ListenerMetrics, net};
 
-/// A connection ready to be carried: both sockets connected, nothing
-/// written upstream yet.
+/// A connection ready to be carried: both sockets connected, the upstream
+/// told who the client is.
 pub struct Carried {
     pub client: TcpStream,
     pub upstream: TcpStream,
@@ -27,13 +27,28 @@ pub struct Carried {
     pub owner: Arc<dyn Owner>,
 }
 
-/// What goes upstream before the client's own bytes, and what userspace
-/// has already read of the client.
-pub struct Preface {
-    /// PROXY header and/or rewritten upgrade request.
-    pub bytes: Vec<u8>,
-    /// Bytes read from the client (its PROXY header, its upgrade request).
+/// What userspace has read of each side before the handoff.
+pub struct Early {
+    /// Client bytes read and not forwarded as they came (its PROXY header,
+    /// its upgrade request: the upstream got its own version of them).
     pub consumed: u64,
+    /// Client bytes read behind those, to forward first (early frames).
+    pub client: Vec<u8>,
+    /// Upstream bytes read (the broker's `101` and anything behind it), to
+    /// forward to the client first.
+    pub upstream: Vec<u8>,
+}
+
+/// What userspace took of each side before the handoff: counted so the
+/// kernel's FIN checks know where its own bytes begin.
+#[derive(Debug, Clone, Copy)]
+pub struct Read {
+    /// Client bytes read and not forwarded (PROXY header, upgrade request).
+    pub consumed: u64,
+    /// Client bytes forwarded upstream by userspace.
+    pub c2u: u64,
+    /// Upstream bytes forwarded to the client by userspace.
+    pub u2c: u64,
 }
 
 /// How one direction of a connection ended.

@@ -10,7 +10,7 @@ use std::{io, sync::Arc};
 use anyhow::{Context as _, Result};
 
 use self::{
-    carried::{Carried, Preface, Totals},
+    carried::{Carried, Early, Read, Totals},
     kernel::Kernel,
 };
 use crate::{
@@ -59,26 +59,38 @@ impl Datapath {
         }
     }
 
-    /// Writes the preface upstream and carries the connection until it
-    /// ends (Some) or is parked in the kernel (None: its owner is told of
-    /// the end).
-    pub async fn carry(&self, conn: Carried, preface: Preface) -> io::Result<Option<Totals>> {
+    /// Forwards what userspace read early and carries the connection until
+    /// it ends (Some) or is parked in the kernel (None: its owner is told
+    /// of the end).
+    pub async fn carry(&self, conn: Carried, early: Early) -> io::Result<Option<Totals>> {
         let m = conn.owner.metrics();
-        net::write_all(&conn.upstream, &preface.bytes).await?;
-        // Once userspace has read from the client, it also forwards whatever
-        // else is queued (see relay::forward_queued), so that the kernel only
-        // ever gets untouched skbs. `consumed` then covers every byte userspace
-        // took, so the FIN check knows all later ones went through the kernel.
-        let mut early = 0;
-        if preface.consumed > 0 {
-            early = relay::forward_queued(&conn.client, &conn.upstream).await?;
-            m.user_bytes(Direction::client_to_upstream).inc_by(early);
+        // Once userspace has read from a socket, it also forwards whatever
+        // else is queued on it (see relay::forward_queued), so that the
+        // kernel only ever gets untouched skbs. The counts then cover every
+        // byte userspace took, so the FIN check knows all later ones went
+        // through the kernel.
+        let mut c2u = early.client.len() as u64;
+        net::write_all(&conn.upstream, &early.client).await?;
+        if early.consumed > 0 || c2u > 0 {
+            c2u += relay::forward_queued(&conn.client, &conn.upstream).await?;
         }
+        let mut u2c = early.upstream.len() as u64;
+        net::write_all(&conn.client, &early.upstream).await?;
+        if u2c > 0 {
+            u2c += relay::forward_queued(&conn.upstream, &conn.client).await?;
+        }
+        m.user_bytes(Direction::client_to_upstream).inc_by(c2u);
+        m.user_bytes(Direction::upstream_to_client).inc_by(u2c);
+        let read = Read {
+            consumed: early.consumed,
+            c2u,
+            u2c,
+        };
         match &self.kernel {
-            Some(k) => k.carry(conn, preface.consumed, early).await,
+            Some(k) => k.carry(conn, read).await,
             None => {
                 m.offloaded(Path::userspace);
-                let totals = relay::relay(&self.drain, m, &conn.client, &conn.upstream, early).await;
+                let totals = relay::relay(&self.drain, m, &conn.client, &conn.upstream, read).await;
                 Ok(Some(totals))
             }
         }

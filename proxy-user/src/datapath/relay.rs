@@ -9,23 +9,23 @@ use std::{
 use prometheus_client::metrics::counter::Counter;
 use tokio::{io::Interest, net::TcpStream};
 
-use super::carried::{drive, End, Totals};
+use super::carried::{drive, End, Read, Totals};
 use crate::{
     drain::Drain,
     metrics::{Direction, ListenerMetrics},
     net::{self, write_all},
 };
 
-/// Both directions relayed in userspace until the connection ends;
-/// `c2u_early` client bytes were already forwarded.
+/// Both directions relayed in userspace until the connection ends; `early`
+/// bytes were already forwarded.
 pub async fn relay(
     drain: &Drain,
     metrics: &ListenerMetrics,
     client: &TcpStream,
     upstream: &TcpStream,
-    c2u_early: u64,
+    early: Read,
 ) -> Totals {
-    let (c2u, u2c) = (AtomicU64::new(c2u_early), AtomicU64::new(0));
+    let (c2u, u2c) = (AtomicU64::new(early.c2u), AtomicU64::new(early.u2c));
     let outcome = drive(
         drain,
         user_direction(client, upstream, &c2u, metrics.user_bytes(Direction::client_to_upstream)),
@@ -85,10 +85,11 @@ fn half_close(dst: &TcpStream) -> End {
 }
 
 /// Forwards whatever `src` has queued right now, without waiting for more.
-/// Used after reading a PROXY header: on Linux 6.x the verdict program is
-/// handed whole skbs, so the rest of an skb whose front userspace consumed
-/// would be spliced again from its start. Draining the queue leaves only
-/// untouched skbs for the kernel.
+/// Used after userspace read from `src` (a PROXY header, an upgrade request
+/// or response): on Linux 6.x the verdict program is handed whole skbs, so
+/// the rest of an skb whose front userspace consumed would be spliced again
+/// from its start. Draining the queue leaves only untouched skbs for the
+/// kernel.
 pub async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
     let mut buf = vec![0u8; BUF_SIZE];
     let mut total = 0u64;

@@ -1,18 +1,17 @@
 //! Reading the PROXY header a listener requires from its peers, and
 //! deciding whose address is the client's.
 //!
-//! The header is read with MSG_PEEK and then exactly its length consumed
-//! (see peek.rs).
+//! The header is read through the connection's Inbox: what follows it
+//! stays there for the next reader, or goes upstream first.
 use std::net::SocketAddr;
 
-use tokio::net::TcpStream;
-
 use splicer_proto::{
-    proxy_protocol::{self, Header, ParseError, Version, Versions},
+    preamble::ProxyHeader,
+    proxy_protocol::{self, Header, ParseError, Version},
     trust::{canonical, Trusted},
 };
 
-use super::peek::{self, PeekError, Step};
+use super::inbox::{Inbox, ReadError};
 use crate::config::{Listener, UntrustedProxy};
 
 /// Largest header we read: v1 is at most 107 bytes; v2 may carry TLVs.
@@ -60,7 +59,7 @@ pub struct Identity {
 pub async fn identify(
     config: &Listener,
     trusted: &Trusted,
-    stream: &TcpStream,
+    inbox: &mut Inbox<'_>,
     peer: SocketAddr,
 ) -> Result<Identity, Rejection> {
     let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
@@ -71,9 +70,16 @@ pub async fn identify(
             trusted: false,
         });
     };
-    let (header, raw) = tokio::time::timeout(config.proxy_timeout, read_header(stream, versions))
-        .await
-        .map_err(|_| Rejection::Timeout)??;
+    let mut reader = ProxyHeader::new(versions, MAX_HEADER);
+    let read = tokio::time::timeout(config.proxy_timeout, inbox.read(&mut reader)).await;
+    let (header, raw) = match read.map_err(|_| Rejection::Timeout)? {
+        Ok(read) => read,
+        // (The reader says More, never Incomplete.)
+        Err(ReadError::Closed | ReadError::Refused(ParseError::Incomplete)) => return Err(Rejection::Closed),
+        Err(ReadError::Refused(ParseError::Missing)) => return Err(Rejection::Missing),
+        Err(ReadError::Refused(ParseError::TooLong)) => return Err(Rejection::TooLong),
+        Err(ReadError::Refused(ParseError::Invalid(why))) => return Err(Rejection::Invalid(why)),
+    };
     if !trusted.contains(peer.ip()) {
         if config.untrusted_proxy == UntrustedProxy::Reject {
             return Err(Rejection::Untrusted);
@@ -92,31 +98,6 @@ pub async fn identify(
         client,
         inbound: Some((header, raw)),
         trusted: true,
-    })
-}
-
-/// Peeks until a whole header is there, then consumes exactly its bytes.
-async fn read_header(
-    stream: &TcpStream,
-    versions: Versions,
-) -> Result<(Header, Vec<u8>), Rejection> {
-    let parsed = peek::read_preamble(stream, MAX_HEADER, |buf| {
-        match proxy_protocol::parse(buf, versions) {
-            Ok(h) => {
-                let len = h.len;
-                Step::Done(h, len)
-            }
-            Err(ParseError::Incomplete) => Step::More,
-            Err(ParseError::Missing) => Step::Fail(Rejection::Missing),
-            Err(ParseError::TooLong) => Step::Fail(Rejection::TooLong),
-            Err(ParseError::Invalid(why)) => Step::Fail(Rejection::Invalid(why)),
-        }
-    })
-    .await;
-    parsed.map_err(|e| match e {
-        PeekError::Parser(r) => r,
-        PeekError::TooLong => Rejection::TooLong,
-        PeekError::Closed => Rejection::Closed,
     })
 }
 

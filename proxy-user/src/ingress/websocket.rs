@@ -1,18 +1,26 @@
 //! The HTTP upgrade on a WebSocket listener: read the request head (with
 //! limits), refuse it with a proper HTTP response, or rewrite its
-//! forwarding headers for the broker. Parsing and rewriting are in
+//! forwarding headers for the broker; then wait for the broker's answer,
+//! and let the connection be spliced only if it is `101 Switching
+//! Protocols`. Until then no client byte behind the request reaches the
+//! broker: a second request, pipelined or sent after a refusal, would
+//! reach it with its own forwarding headers. Parsing and rewriting are in
 //! splicer_proto::http_upgrade; the real-IP walk in splicer_proto::real_ip.
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
 
 use tokio::net::TcpStream;
 
 use splicer_proto::{
     http_upgrade::{self, Edit, Forwarding, Refusal},
+    preamble::{UpgradeRequest, UpgradeResponse},
     real_ip,
     trust::Trusted,
 };
 
-use super::peek::{self, PeekError, Step};
+use super::inbox::{Inbox, ReadError};
 use crate::{
     config::{ForwardMode, WsOptions},
     net,
@@ -28,32 +36,23 @@ pub struct Upgrade {
     pub client: IpAddr,
 }
 
-/// Reads the upgrade request from `client` within the configured limits.
-/// `peer` is the client as known so far (after any PROXY header). On
-/// refusal, the HTTP response has been sent and the caller just closes.
+/// Reads the upgrade request through `inbox` (from `client`) within the
+/// configured limits. `peer` is the client as known so far (after any
+/// PROXY header). On refusal, the HTTP response has been sent and the
+/// caller just closes.
 pub async fn upgrade(
     ws: &WsOptions,
     trusted: &Trusted,
+    inbox: &mut Inbox<'_>,
     client: &TcpStream,
     peer: SocketAddr,
 ) -> Result<Upgrade, Refusal> {
-    let read = peek::read_preamble(client, ws.header_max, |buf| match http_upgrade::parse_head(
-        buf,
-        ws.header_max,
-    ) {
-        Ok(Some(head)) => {
-            let len = head.len;
-            Step::Done(head, len)
-        }
-        Ok(None) => Step::More,
-        Err(r) => Step::Fail(r),
-    });
-    let result = match tokio::time::timeout(ws.header_timeout, read).await {
+    let mut reader = UpgradeRequest::new(ws.header_max);
+    let result = match tokio::time::timeout(ws.header_timeout, inbox.read(&mut reader)).await {
         Err(_) => Err(Refusal::Timeout),
-        Ok(Err(PeekError::Parser(r))) => Err(r),
-        Ok(Err(PeekError::TooLong)) => Err(Refusal::TooLarge),
+        Ok(Err(ReadError::Refused(r))) => Err(r),
         // Nobody left to answer.
-        Ok(Err(PeekError::Closed)) => {
+        Ok(Err(ReadError::Closed)) => {
             return Err(Refusal::BadRequest(
                 "closed before a complete request".into(),
             ))
@@ -79,6 +78,71 @@ pub async fn upgrade(
         consumed: raw.len(),
         client: client_ip,
     })
+}
+
+/// The broker did not switch protocols.
+pub enum NoSwitch {
+    /// It answered with this status; `response` is its answer, head and
+    /// body, for the client.
+    Status { status: u16, response: Vec<u8> },
+    /// It closed, timed out, or sent something that is not an HTTP
+    /// response: the client gets 502.
+    Failed(String),
+}
+
+impl fmt::Display for NoSwitch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoSwitch::Status { status, .. } => write!(f, "the broker answered {status}"),
+            NoSwitch::Failed(why) => write!(f, "no answer from the broker ({why})"),
+        }
+    }
+}
+
+/// A refusal's body is passed on up to this size; a longer one is cut.
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
+
+/// Waits for the broker's answer to the upgrade request, within the
+/// listener's header limits. `101`: the bytes read (the response and
+/// anything behind it), for the client. Anything else: why not.
+pub async fn await_switch(ws: &WsOptions, upstream: &TcpStream) -> Result<Vec<u8>, NoSwitch> {
+    let mut inbox = Inbox::new(upstream);
+    let answer = async move {
+        let (head, mut response) = match inbox.read(&mut UpgradeResponse::new(ws.header_max)).await {
+            Ok(read) => read,
+            Err(ReadError::Closed) => return Err(NoSwitch::Failed("closed before answering".into())),
+            Err(ReadError::Refused(why)) => return Err(NoSwitch::Failed(why)),
+        };
+        if head.status != 101 {
+            let body = head.content_length.unwrap_or(0).min(MAX_REFUSAL_BODY);
+            inbox.fill_to(body).await;
+            let mut rest = inbox.into_rest();
+            rest.truncate(body);
+            response.extend_from_slice(&rest);
+            return Err(NoSwitch::Status {
+                status: head.status,
+                response,
+            });
+        }
+        response.extend_from_slice(&inbox.into_rest());
+        Ok(response)
+    };
+    match tokio::time::timeout(ws.header_timeout, answer).await {
+        Ok(answer) => answer,
+        Err(_) => Err(NoSwitch::Failed(format!("no answer within {:?}", ws.header_timeout))),
+    }
+}
+
+/// Passes the broker's refusal on to the client (or a `502` of our own)
+/// and half-closes.
+pub async fn pass_refusal(client: &TcpStream, no: &NoSwitch) {
+    match no {
+        NoSwitch::Status { response, .. } => {
+            let _ = net::write_all(client, response).await;
+            close_gently(client);
+        }
+        NoSwitch::Failed(_) => refuse(client, &Refusal::BadGateway).await,
+    }
 }
 
 /// nginx's variables: `override` sets the real client (`$remote_addr`, which
@@ -128,5 +192,5 @@ fn close_gently(client: &TcpStream) {
             _ => break,
         }
     }
-    let _ = socket2::SockRef::from(client).shutdown(std::net::Shutdown::Write);
+    let _ = net::half_close(client);
 }

@@ -33,7 +33,7 @@ use self::{
     splice::Flow,
 };
 use super::{
-    carried::{drive, Carried, End, Totals},
+    carried::{drive, Carried, End, Read, Totals},
     relay,
 };
 use crate::{
@@ -90,8 +90,8 @@ impl Kernel {
     /// parked (Ok(None); its owner hears of the end). One side already
     /// half-closed: the kernel carries the other direction and userspace
     /// this one, in this task. Refused: the userspace relay carries it all.
-    /// `header` client bytes were read by userspace, `early` more forwarded.
-    pub async fn carry(&self, conn: Carried, header: u64, early: u64) -> io::Result<Option<Totals>> {
+    /// `read` says what userspace took of each side before.
+    pub async fn carry(&self, conn: Carried, read: Read) -> io::Result<Option<Totals>> {
         let Carried {
             client,
             upstream,
@@ -105,7 +105,7 @@ impl Kernel {
         let Some((c, u)) = handoff.cookies else {
             self.park.release(token);
             m.offloaded(Path::userspace);
-            return Ok(Some(relay::relay(&self.drain, m, &client, &upstream, early).await));
+            return Ok(Some(relay::relay(&self.drain, m, &client, &upstream, read).await));
         };
         if handoff.client_spliced && handoff.upstream_spliced {
             // The kernel carries both ways: park it, with no task at all.
@@ -116,8 +116,7 @@ impl Kernel {
                     client,
                     upstream,
                     handoff: &handoff,
-                    header,
-                    early,
+                    read,
                     started,
                     who,
                     owner: owner.clone(),
@@ -146,10 +145,11 @@ impl Kernel {
             self.park.release(token);
             return Err(e);
         }
-        let (c2u_user, u2c_user) = (AtomicU64::new(early), AtomicU64::new(0));
+        let (c2u_user, u2c_user) = (AtomicU64::new(read.c2u), AtomicU64::new(read.u2c));
         let kernel_c2u = Flow::new(&self.maps, client.as_fd(), upstream.as_fd(), c, handoff.upstream_base)
-            .consumed(header + early);
-        let kernel_u2c = Flow::new(&self.maps, upstream.as_fd(), client.as_fd(), u, handoff.client_base);
+            .consumed(read.consumed + read.c2u);
+        let kernel_u2c = Flow::new(&self.maps, upstream.as_fd(), client.as_fd(), u, handoff.client_base)
+            .consumed(read.u2c);
         let (w1, w2, w3) = (wake.clone(), wake.clone(), wake.clone());
         let c2u_bytes = m.user_bytes(Direction::client_to_upstream);
         let u2c_bytes = m.user_bytes(Direction::upstream_to_client);

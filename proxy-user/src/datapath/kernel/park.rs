@@ -29,7 +29,7 @@ use super::{
     splice::{self, Flow, Handoff},
 };
 use crate::{
-    datapath::carried::{ClientAddrs, End, Outcome, Owner, Totals},
+    datapath::carried::{ClientAddrs, End, Outcome, Owner, Read, Totals},
     drain::Drain,
     metrics::{LiveBytes, Metrics},
 };
@@ -42,10 +42,12 @@ pub struct Spliced {
     /// Send-queue totals at the handoff (see splice::Flow).
     client_base: u64,
     upstream_base: u64,
-    /// Client bytes userspace took before the handoff: its PROXY header or
-    /// upgrade request, then what was forwarded right after it.
+    /// Bytes userspace took before the handoff (see datapath::Read): the
+    /// client's PROXY header or upgrade request, the client bytes it then
+    /// forwarded, and the upstream bytes it forwarded (the broker's 101).
     header: u32,
     early: u32,
+    up_early: u32,
     /// Milliseconds since the park was made (`Park.start`), for the close
     /// line's duration.
     started: u64,
@@ -60,10 +62,7 @@ pub struct ToPark<'a> {
     pub client: TokioStream,
     pub upstream: TokioStream,
     pub handoff: &'a Handoff,
-    /// Client bytes userspace read (PROXY header, upgrade request), and
-    /// then forwarded right after them (see relay::forward_queued).
-    pub header: u64,
-    pub early: u64,
+    pub read: Read,
     pub started: Instant,
     pub who: ClientAddrs,
     pub owner: Arc<dyn Owner>,
@@ -188,8 +187,9 @@ impl Park {
             upstream: c.upstream.into_std()?,
             client_base: c.handoff.client_base,
             upstream_base: c.handoff.upstream_base,
-            header: u32::try_from(c.header).unwrap_or(u32::MAX),
-            early: u32::try_from(c.early).unwrap_or(u32::MAX),
+            header: u32::try_from(c.read.consumed).unwrap_or(u32::MAX),
+            early: u32::try_from(c.read.c2u).unwrap_or(u32::MAX),
+            up_early: u32::try_from(c.read.u2c).unwrap_or(u32::MAX),
             started: c.started.saturating_duration_since(self.start).as_millis() as u64,
             who: self.who(token, c.who),
             ends: Ends::default(),
@@ -246,7 +246,8 @@ impl Park {
         let maps = &self.maps;
         let c2u = Flow::new(maps, c.client.as_fd(), c.upstream.as_fd(), cc, c.upstream_base)
             .consumed(u64::from(c.header) + u64::from(c.early));
-        let u2c = Flow::new(maps, c.upstream.as_fd(), c.client.as_fd(), uc, c.client_base);
+        let u2c = Flow::new(maps, c.upstream.as_fd(), c.client.as_fd(), uc, c.client_base)
+            .consumed(u64::from(c.up_early));
         let (a, b) = tokio::join!(
             direction(c2u, c.ends.get(0)),
             direction(u2c, c.ends.get(1))
@@ -265,6 +266,7 @@ impl Park {
             client,
             upstream,
             early,
+            up_early,
             who,
             owner,
             ..
@@ -282,7 +284,7 @@ impl Park {
         };
         let totals = Totals {
             c2u: u64::from(early) + cl.redirected,
-            u2c: ul.redirected,
+            u2c: u64::from(up_early) + ul.redirected,
             kernel: cl.redirected + ul.redirected,
             outcome,
         };

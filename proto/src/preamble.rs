@@ -1,0 +1,271 @@
+//! The bytes a client (or, for a WebSocket upgrade, the broker) sends
+//! before a connection can be spliced, read as they arrive: a `Reader` is
+//! shown everything received so far after each new segment and says
+//! whether the preamble is complete, incomplete, or refused.
+//!
+//! The readers keep what they learnt between calls, so the work per
+//! connection stays proportional to the bytes received: the PROXY reader's
+//! parse only ever looks at the first 107 bytes (v1) or the 16-byte prefix
+//! (v2) until the header is whole, and the HTTP readers parse a head only
+//! when a segment could have ended its first line or the head itself, not
+//! once per segment. The listener (splicer's ingress) and the fuzz targets
+//! drive these same readers.
+use crate::{
+    http_upgrade::{self, Head, Refusal, ResponseHead},
+    proxy_protocol::{self, Header, ParseError, Versions},
+};
+
+/// What a reader says about the bytes so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step<T, E> {
+    /// A complete preamble: its value and its length in bytes.
+    Done(T, usize),
+    /// Incomplete; more bytes may complete it.
+    More,
+    /// Refused: more bytes cannot help.
+    Fail(E),
+}
+
+pub trait Reader {
+    type Value;
+    type Error;
+    /// `buf` is every byte received so far; between calls it only grows.
+    fn step(&mut self, buf: &[u8]) -> Step<Self::Value, Self::Error>;
+    /// What to say when the peer closes (EOF) before the preamble is whole.
+    fn eof(&self) -> Self::Error;
+}
+
+/// A PROXY protocol header of the accepted versions, at most `max` bytes.
+pub struct ProxyHeader {
+    versions: Versions,
+    max: usize,
+}
+
+impl ProxyHeader {
+    pub fn new(versions: Versions, max: usize) -> Self {
+        ProxyHeader { versions, max }
+    }
+}
+
+impl Reader for ProxyHeader {
+    type Value = Header;
+    type Error = ParseError;
+
+    fn step(&mut self, buf: &[u8]) -> Step<Header, ParseError> {
+        match proxy_protocol::parse_within(buf, self.versions, self.max) {
+            Ok(h) => {
+                let len = h.len;
+                Step::Done(h, len)
+            }
+            Err(ParseError::Incomplete) if buf.len() >= self.max => Step::Fail(ParseError::TooLong),
+            Err(ParseError::Incomplete) => Step::More,
+            Err(e) => Step::Fail(e),
+        }
+    }
+
+    fn eof(&self) -> ParseError {
+        ParseError::Invalid("closed before a complete PROXY header".into())
+    }
+}
+
+/// A WebSocket upgrade request head, at most `max` bytes.
+pub struct UpgradeRequest {
+    max: usize,
+    end: HeadEnd,
+}
+
+impl UpgradeRequest {
+    pub fn new(max: usize) -> Self {
+        UpgradeRequest {
+            max,
+            end: HeadEnd::default(),
+        }
+    }
+}
+
+impl Reader for UpgradeRequest {
+    type Value = Head;
+    type Error = Refusal;
+
+    fn step(&mut self, buf: &[u8]) -> Step<Head, Refusal> {
+        let complete = match self.end.worth_parsing(buf) {
+            true => http_upgrade::parse_head(buf, self.max),
+            false => Ok(None),
+        };
+        match complete {
+            Ok(Some(head)) => {
+                let len = head.len;
+                Step::Done(head, len)
+            }
+            Ok(None) if buf.len() >= self.max => Step::Fail(Refusal::TooLarge),
+            Ok(None) => Step::More,
+            Err(r) => Step::Fail(r),
+        }
+    }
+
+    fn eof(&self) -> Refusal {
+        Refusal::BadRequest("closed before a complete request".into())
+    }
+}
+
+/// The broker's answer to an upgrade request: its status line and header
+/// fields, at most `max` bytes.
+pub struct UpgradeResponse {
+    max: usize,
+    end: HeadEnd,
+}
+
+impl UpgradeResponse {
+    pub fn new(max: usize) -> Self {
+        UpgradeResponse {
+            max,
+            end: HeadEnd::default(),
+        }
+    }
+}
+
+impl Reader for UpgradeResponse {
+    type Value = ResponseHead;
+    type Error = String;
+
+    fn step(&mut self, buf: &[u8]) -> Step<ResponseHead, String> {
+        let complete = match self.end.worth_parsing(buf) {
+            true => http_upgrade::parse_response_head(buf),
+            false => Ok(None),
+        };
+        match complete {
+            Ok(Some(head)) => {
+                let len = head.len;
+                Step::Done(head, len)
+            }
+            Ok(None) if buf.len() >= self.max => {
+                Step::Fail(format!("response head longer than {} bytes", self.max))
+            }
+            Ok(None) => Step::More,
+            Err(e) => Step::Fail(e),
+        }
+    }
+
+    fn eof(&self) -> String {
+        "closed before a complete response".into()
+    }
+}
+
+/// Where an HTTP head being received may be worth parsing: once its first
+/// line has ended (so a malformed request line is refused early), and
+/// whenever a new segment holds a blank line (LF LF or LF CR LF: what ends
+/// a head for httparse). Each byte is looked at once.
+#[derive(Debug, Default)]
+struct HeadEnd {
+    /// Bytes already looked at.
+    scanned: usize,
+    /// Where the head starts, past the empty lines a request may start
+    /// with (RFC 9112 2.2).
+    start: Option<usize>,
+    first_line_ended: bool,
+}
+
+impl HeadEnd {
+    fn worth_parsing(&mut self, buf: &[u8]) -> bool {
+        let from = self.scanned.min(buf.len());
+        self.scanned = buf.len();
+        let start = match self.start {
+            Some(s) => s,
+            None => match buf[from..].iter().position(|&b| b != b'\r' && b != b'\n') {
+                Some(p) => *self.start.insert(from + p),
+                None => return false,
+            },
+        };
+        let mut worth = false;
+        if !self.first_line_ended && buf[from.max(start)..].contains(&b'\n') {
+            self.first_line_ended = true;
+            worth = true;
+        }
+        // A blank line may straddle two segments: look two bytes back.
+        let tail = &buf[from.saturating_sub(2).max(start)..];
+        worth || tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPGRADE: &[u8] = b"GET /mqtt HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+    /// Feeds `input` in pieces of `n` bytes, as a socket might deliver it.
+    fn feed<R: Reader>(r: &mut R, input: &[u8], n: usize) -> Step<R::Value, R::Error> {
+        let mut end = 0;
+        loop {
+            end = (end + n).min(input.len());
+            match r.step(&input[..end]) {
+                Step::More if end < input.len() => {}
+                other => return other,
+            }
+        }
+    }
+
+    #[test]
+    fn the_same_result_whatever_the_segments() {
+        let mut with_frames = UPGRADE.to_vec();
+        with_frames.extend_from_slice(&[0x82, 0x80, 1, 2, 3, 4]);
+        for n in [1, 2, 3, 7, 64, 4096] {
+            match feed(&mut UpgradeRequest::new(16384), &with_frames, n) {
+                Step::Done(h, len) => assert_eq!((h.target.as_str(), len), ("/mqtt", UPGRADE.len()), "{n}"),
+                other => panic!("{n}: {other:?}"),
+            }
+            let v1 = b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nMQTT";
+            match feed(&mut ProxyHeader::new(Versions::Auto, 4096), v1, n) {
+                Step::Done(h, len) => assert_eq!((h.version, len), (proxy_protocol::Version::V1, v1.len() - 4)),
+                other => panic!("{n}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_head_is_parsed_once_its_first_line_ends_and_when_it_may_end() {
+        let mut e = HeadEnd::default();
+        let parses: Vec<usize> = (1..=UPGRADE.len()).filter(|&n| e.worth_parsing(&UPGRADE[..n])).collect();
+        let first_lf = UPGRADE.iter().position(|&b| b == b'\n').unwrap() + 1;
+        assert_eq!(parses, [first_lf, UPGRADE.len()]);
+        // Leading empty lines are skipped, and not taken for a blank line.
+        let mut e = HeadEnd::default();
+        assert!(!e.worth_parsing(b"\r\n\r\n\n"));
+        assert!(!e.worth_parsing(b"\r\n\r\n\nGE"));
+        assert!(e.worth_parsing(b"\r\n\r\n\nGET / HTTP/1.1\n"));
+    }
+
+    #[test]
+    fn garbage_is_refused_at_the_first_line_not_at_the_limit() {
+        let mut r = UpgradeRequest::new(16384);
+        assert_eq!(r.step(b"\x01\x02 nonsense"), Step::More);
+        assert!(matches!(r.step(b"\x01\x02 nonsense\r\n"), Step::Fail(Refusal::BadRequest(_))));
+    }
+
+    #[test]
+    fn limits() {
+        let mut r = UpgradeRequest::new(64);
+        assert_eq!(r.step(&[b'a'; 64]), Step::Fail(Refusal::TooLarge));
+        let mut r = ProxyHeader::new(Versions::V1, 4096);
+        assert_eq!(r.step(&[b'P'; 1]), Step::More);
+        assert_eq!(r.step(b"PROXY TCP4 1.2.3.4"), Step::More);
+        let long = [b"PROXY TCP4 ".as_slice(), &[b'1'; 200]].concat();
+        assert_eq!(r.step(&long), Step::Fail(ParseError::TooLong));
+    }
+
+    #[test]
+    fn responses() {
+        let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x82\x00";
+        match feed(&mut UpgradeResponse::new(16384), ok, 5) {
+            Step::Done(h, len) => assert_eq!((h.status, len, h.content_length), (101, ok.len() - 2, None)),
+            other => panic!("{other:?}"),
+        }
+        let no = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 3\r\n\r\nno!";
+        match feed(&mut UpgradeResponse::new(16384), no, 1) {
+            Step::Done(h, len) => assert_eq!((h.status, len, h.content_length), (400, no.len() - 3, Some(3))),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(UpgradeResponse::new(100).step(b"SSH-2.0-x\r\n"), Step::Fail(_)));
+    }
+}

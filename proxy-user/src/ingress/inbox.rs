@@ -1,0 +1,88 @@
+//! Reading a preamble (a PROXY header, an upgrade request, the broker's
+//! answer to it) off a socket: bytes go into one buffer as they arrive,
+//! and a `splicer_proto::preamble::Reader` says when the preamble is
+//! whole. The end of the stream ends the read at once. Bytes that arrive
+//! behind a preamble stay in the buffer for the next reader, and in the
+//! end go on ahead of anything the kernel carries.
+use std::io;
+
+use splicer_proto::preamble::{Reader, Step};
+use tokio::net::TcpStream;
+
+/// How much is read at a time. Nothing is allocated before the first
+/// byte (or the end of the stream) arrives.
+const CHUNK: usize = 4096;
+
+pub struct Inbox<'a> {
+    stream: &'a TcpStream,
+    /// Received and not yet taken by a reader.
+    buf: Vec<u8>,
+}
+
+/// Why no preamble was read.
+#[derive(Debug)]
+pub enum ReadError<E> {
+    /// The reader refused what came.
+    Refused(E),
+    /// End of stream, or a socket error, before the preamble was whole.
+    Closed,
+}
+
+impl<'a> Inbox<'a> {
+    pub fn new(stream: &'a TcpStream) -> Self {
+        Inbox {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Reads until `reader` has a whole preamble at the front of what was
+    /// received; returns its value and its bytes, which leave the inbox.
+    /// The caller bounds the time this may take.
+    pub async fn read<R: Reader>(&mut self, reader: &mut R) -> Result<(R::Value, Vec<u8>), ReadError<R::Error>> {
+        loop {
+            if !self.buf.is_empty() {
+                match reader.step(&self.buf) {
+                    Step::Done(value, len) => return Ok((value, self.buf.drain(..len).collect())),
+                    Step::Fail(e) => return Err(ReadError::Refused(e)),
+                    Step::More => {}
+                }
+            }
+            if self.fill().await.is_err() {
+                return Err(ReadError::Closed);
+            }
+        }
+    }
+
+    /// Reads until at least `n` bytes are held (a response body the client
+    /// is owed); false if the stream ends first.
+    pub async fn fill_to(&mut self, n: usize) -> bool {
+        while self.buf.len() < n {
+            if self.fill().await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// What arrived behind the preambles read.
+    pub fn into_rest(self) -> Vec<u8> {
+        self.buf
+    }
+
+    /// Waits for bytes and appends what has arrived. Err at the end of the
+    /// stream (a FIN: a half-closed handshake can never complete, so it
+    /// ends here instead of waking the task again and again) or on an error.
+    async fn fill(&mut self) -> io::Result<()> {
+        loop {
+            self.stream.readable().await?;
+            self.buf.reserve(CHUNK);
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
