@@ -20,9 +20,11 @@ use anyhow::{anyhow, bail, ensure, Context as _, Result};
 
 pub mod http;
 pub mod net;
+pub mod observe;
 pub mod peers;
 pub use http::*;
 pub use net::*;
+pub use observe::*;
 pub use peers::*;
 pub use splicer_testkit::{free_port, is_listening, run_with_timeout, Proc};
 

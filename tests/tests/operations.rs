@@ -8,7 +8,7 @@
 //! 127.0.0.7 and 127.0.1.2 clients that access control turns away.
 use std::{
     fs,
-    io::{ErrorKind, Read, Write},
+    io::{Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::Command,
@@ -16,8 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context as _, Result};
-use splicer_testkit::metrics::scrape;
+use anyhow::{ensure, Context as _, Result};
 use splicer_tests::*;
 
 const LB_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 9);
@@ -25,28 +24,6 @@ const DENIED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 7);
 const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 2);
 
 // ---------------------------------------------------------------- helpers
-
-/// The value of one series, written exactly as `name{labels}`.
-fn metric(text: &str, series: &str) -> Result<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .with_context(|| format!("no series {series} in:\n{text}"))?
-        .trim()
-        .parse()
-        .with_context(|| format!("{series}: not a number"))
-}
-
-/// Scrapes `addr` and checks each series' value; returns the scrape. The
-/// exposition must be complete (OpenMetrics' `# EOF` terminator).
-fn expect_metrics(addr: SocketAddr, want: &[(&str, f64)]) -> Result<String> {
-    let text = scrape(addr, STEP)?;
-    ensure!(text.ends_with("# EOF\n"), "exposition not terminated:\n{text}");
-    for (series, value) in want {
-        let got = metric(&text, series)?;
-        ensure!(got == *value, "{series} = {got}, want {value}\n{text}");
-    }
-    Ok(text)
-}
 
 fn write_config(dir: &Path, text: &str) -> Result<PathBuf> {
     let path = dir.join("splicer.toml");
@@ -61,40 +38,10 @@ fn start_config(dir: &Path, config: &Path, listen: SocketAddr, extra: &[&str]) -
     Splicer::start_cmd(dir, cmd, listen)
 }
 
-/// Waits until the log has `n` lines containing `needle`.
-fn wait_lines(p: &Proc, needle: &str, n: usize) -> Result<Vec<String>> {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let lines = p.lines_with(needle);
-        if lines.len() >= n {
-            return Ok(lines);
-        }
-        ensure!(Instant::now() < deadline, "want {n} lines with {needle:?}:\n{}", p.output());
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A client that splicer closes without forwarding: EOF or reset, and
-/// nothing more.
-fn expect_closed(s: &mut TcpStream, who: &str) -> Result<()> {
-    s.set_read_timeout(Some(STEP))?;
-    let mut buf = [0u8; 64];
-    match s.read(&mut buf) {
-        Ok(0) => Ok(()),
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => Ok(()),
-        Ok(n) => bail!("{who}: got {n} bytes, expected a close: {}", show(&buf[..n])),
-        Err(e) => bail!("{who}: expected a close, got {e}"),
-    }
-}
-
 fn sink() -> Result<(TcpListener, SocketAddr)> {
     let port = free_port(BROKER_IP);
     let l = TcpListener::bind(v4(BROKER_IP, port))?;
     Ok((l, v4(BROKER_IP, port)))
-}
-
-fn metrics_addr() -> SocketAddr {
-    v4(SPLICER_IP, free_port(SPLICER_IP))
 }
 
 // ---------------------------------------------------------------- metrics

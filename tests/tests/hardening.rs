@@ -1,0 +1,260 @@
+//! Hardening (issue 11), tried against the binary as an attacker would:
+//! a second HTTP request behind a refused upgrade, handshakes that stop
+//! half way and half-close, PROXY v2 headers at the edges of the spec.
+//!
+//! Addresses: 127.0.0.2 client, 127.0.0.3 splicer, 127.0.0.4 the stub
+//! broker or sink, 127.0.0.5 nginx.
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context as _, Result};
+use splicer_tests::*;
+
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// A second request a client might smuggle in behind the first, claiming
+/// to be someone else.
+fn spoofing_request(to: SocketAddr) -> Vec<u8> {
+    upgrade_request(to, "/mqtt", WS_KEY, &["X-Forwarded-For: 6.6.6.6", "X-Real-IP: 6.6.6.6"])
+}
+
+/// The stub broker's refusal: a 400 that keeps the connection open, as a
+/// broker does for a missing subprotocol.
+const REFUSAL: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\nConnection: keep-alive\r\n\r\nno protocol";
+
+/// The stub broker: takes one connection, reads one request head, answers
+/// with REFUSAL and keeps reading for `linger`. Returns the head and every
+/// byte that came after it.
+fn refusing_broker(l: TcpListener, linger: Duration) -> thread::JoinHandle<Result<(Vec<u8>, Vec<u8>)>> {
+    thread::spawn(move || {
+        let mut s = accept_within(&l, STEP)?.context("nothing reached the broker")?;
+        let (head, mut after) = read_head(&mut s)?;
+        s.write_all(REFUSAL)?;
+        s.set_read_timeout(Some(linger))?;
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + linger;
+        while Instant::now() < deadline {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => after.extend_from_slice(&buf[..n]),
+            }
+        }
+        ensure!(accept_within(&l, Duration::from_millis(100))?.is_none(), "a second connection reached the broker");
+        Ok((head, after))
+    })
+}
+
+/// The client's view: everything until EOF (or a reset).
+fn read_all(c: &mut TcpStream) -> Vec<u8> {
+    c.set_read_timeout(Some(STEP)).ok();
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    got
+}
+
+fn refused_upgrade_in(mode: &str, pipelined: bool) -> Result<()> {
+    let how = if pipelined { "pipelined" } else { "sequential" };
+    let dir = scratch(&format!("hard-refused-{how}-{mode}"));
+    let (l, broker) = listen_on(BROKER_IP)?;
+    let maddr = metrics_addr();
+    let m = maddr.to_string();
+    let splicer = splicer_in_mode(&dir, mode, broker, &["--protocol", "ws", "--metrics", &m])?;
+    let stub = refusing_broker(l, Duration::from_millis(700));
+    let first = upgrade_request(splicer.listen, "/mqtt", WS_KEY, &[]);
+    let second = spoofing_request(splicer.listen);
+    let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+    if pipelined {
+        c.write_all(&[&first[..], &second].concat())?;
+    } else {
+        c.write_all(&first)?;
+        thread::sleep(Duration::from_millis(200));
+        // The refusal is on its way or in; the second request may find the
+        // connection closed already, which is the point.
+        let _ = c.write_all(&second);
+    }
+    let got = read_all(&mut c);
+    let (head, after) = stub.join().expect("broker thread")?;
+    ensure!(
+        header_values(&head, "X-Forwarded-For") == ["127.0.0.2"],
+        "{how}: the broker's first request: {}",
+        show(&head)
+    );
+    ensure!(after.is_empty(), "{how}: after refusing, the broker got {}", show(&after));
+    ensure!(got == REFUSAL, "{how}: the client got {}, want the broker's refusal", show(&got));
+    wait_lines(&splicer.proc, "WebSocket upgrade not switched: the broker answered 400", 1)?;
+    expect_metrics(
+        maddr,
+        &[(r#"splicer_rejections_total{listener="default",reason="upstream_refused_upgrade"}"#, 1.0)],
+    )?;
+    Ok(())
+}
+
+/// A broker that refuses an upgrade and keeps the connection open never
+/// gets a second request from that client, pipelined behind the first or
+/// sent after the refusal; the client gets the broker's answer and a close.
+#[test]
+fn no_second_request_after_a_refused_upgrade() -> Result<()> {
+    for mode in MODES {
+        for pipelined in [true, false] {
+            refused_upgrade_in(mode, pipelined).with_context(|| format!("offload {mode}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The same through real nginx as the next tier: nginx answers 404 for a
+/// path it does not proxy and keeps the connection alive, so a request
+/// pipelined behind would go to its /mqtt upstream with the client's own
+/// X-Forwarded-For. With splicer in front, nothing reaches that upstream.
+#[test]
+fn nginx_next_tier_gets_no_request_behind_its_404() -> Result<()> {
+    for mode in MODES {
+        let dir = scratch(&format!("hard-nginx-{mode}"));
+        let (sink_l, sink) = listen_on(BROKER_IP)?;
+        let (_nginx, nginx) = start_nginx_ws(&dir, sink)?;
+        let splicer = splicer_in_mode(&dir, mode, nginx, &["--protocol", "ws", "--ws-path", "*"])?;
+        let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+        let elsewhere = upgrade_request(splicer.listen, "/elsewhere", WS_KEY, &[]);
+        c.write_all(&[&elsewhere[..], &spoofing_request(splicer.listen)].concat())?;
+        let got = read_all(&mut c);
+        ensure!(first_line(&got) == "HTTP/1.1 404 Not Found", "{mode}: client got {}", show(&got));
+        ensure!(
+            accept_within(&sink_l, Duration::from_millis(500))?.is_none(),
+            "{mode}: the request behind the 404 reached nginx's upstream"
+        );
+        wait_lines(&splicer.proc, "the broker answered 404", 1)?;
+    }
+    Ok(())
+}
+
+/// Twenty clients each send part of a handshake and half-close: each is
+/// closed at once, counted and logged, and splicer burns no CPU on them
+/// while the (long) handshake timeouts would still run.
+#[test]
+fn half_closed_handshakes_end_at_once_and_cost_no_cpu() -> Result<()> {
+    const CLIENTS: usize = 20;
+    for mode in MODES {
+        let dir = scratch(&format!("hard-halfclosed-{mode}"));
+        let (_l, broker) = listen_on(BROKER_IP)?;
+        let proxy_dir = dir.join("proxy");
+        let ws_dir = dir.join("ws");
+        std::fs::create_dir_all(&proxy_dir)?;
+        std::fs::create_dir_all(&ws_dir)?;
+        let proxy = splicer_in_mode(
+            &proxy_dir,
+            mode,
+            broker,
+            &["--accept-proxy", "v1", "--trusted-proxy", "127.0.0.0/8", "--proxy-timeout", "30s"],
+        )?;
+        let ws = splicer_in_mode(&ws_dir, mode, broker, &["--protocol", "ws", "--ws-header-timeout", "30s"])?;
+        let cpu_before = proxy.proc.cpu_seconds() + ws.proc.cpu_seconds();
+        let t0 = Instant::now();
+        let mut clients = Vec::new();
+        for i in 0..CLIENTS {
+            let (to, partial): (SocketAddr, &[u8]) = match i % 2 {
+                0 => (proxy.listen, b"PROXY TCP4 1.2.3.4"),
+                _ => (ws.listen, b"GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgr"),
+            };
+            let mut c = connect_from(CLIENT_IP, to)?;
+            c.write_all(partial)?;
+            c.shutdown(Shutdown::Write)?;
+            clients.push(c);
+        }
+        for c in &mut clients {
+            expect_closed(c, "a half-closed handshake")?;
+        }
+        let closed_in = t0.elapsed();
+        ensure!(closed_in < Duration::from_secs(2), "{mode}: closing them took {closed_in:?}");
+        // Long enough that a busy loop would show as whole CPU seconds.
+        thread::sleep(Duration::from_secs(2));
+        let cpu = proxy.proc.cpu_seconds() + ws.proc.cpu_seconds() - cpu_before;
+        eprintln!("{mode}: {CLIENTS} half-closed handshakes closed in {closed_in:?}, splicer CPU {cpu:.3} s");
+        ensure!(cpu < 0.3, "{mode}: splicer used {cpu:.2} CPU-seconds on half-closed handshakes");
+        wait_lines(&proxy.proc, "rejected: closed before a complete PROXY header", CLIENTS / 2)?;
+        wait_lines(&ws.proc, "closed before a complete request", CLIENTS / 2)?;
+    }
+    Ok(())
+}
+
+fn v2(ver_cmd: u8, fam: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v.extend_from_slice(&[ver_cmd, fam]);
+    v.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// PROXY v2 by the spec, from a trusted peer: LOCAL with a family byte and
+/// no address block is a health check and is let through with the peer's
+/// own address; PROXY for a UDP or unix socket is refused; a declared
+/// length beyond the limit is refused at once, not at the timeout.
+#[test]
+fn proxy_v2_edges_by_the_spec() -> Result<()> {
+    for mode in MODES {
+        let dir = scratch(&format!("hard-v2-{mode}"));
+        let (l, broker) = listen_on(BROKER_IP)?;
+        let splicer = splicer_in_mode(
+            &dir,
+            mode,
+            broker,
+            &["--accept-proxy", "v2", "--trusted-proxy", "127.0.0.2/32", "--send-proxy", "v2", "--proxy-timeout", "3s"],
+        )?;
+        // LOCAL, "TCP over IPv4", length 0: HAProxy's check.
+        let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+        c.write_all(&[&v2(0x20, 0x11, &[])[..], b"ping"].concat())?;
+        c.shutdown(Shutdown::Write)?;
+        let mut s = accept_within(&l, STEP)?.with_context(|| format!("{mode}: LOCAL did not reach the broker"))?;
+        s.set_read_timeout(Some(STEP))?;
+        let header = read_proxy_header(&mut s)?;
+        ensure!(
+            header == expected_v2(local(&c), splicer.listen),
+            "{mode}: LOCAL: the broker got {}, want the peer's own address",
+            show(&header)
+        );
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)?;
+        ensure!(rest == b"ping", "{mode}: LOCAL: then {}", show(&rest));
+        drop((c, s));
+
+        // PROXY over UDP (0x12), a well-formed block: refused.
+        let mut udp = vec![10, 0, 0, 1, 10, 0, 0, 2];
+        udp.extend_from_slice(&[0x11, 0x5C, 0x07, 0x5B]);
+        let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+        c.write_all(&v2(0x21, 0x12, &udp))?;
+        expect_closed(&mut c, "PROXY over UDP")?;
+        wait_lines(&splicer.proc, "UDP or unix socket on a TCP connection", 1)?;
+
+        // A 16-byte prefix declaring 60,000 bytes: refused before the rest.
+        let t0 = Instant::now();
+        let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+        c.write_all(&v2(0x21, 0x11, &vec![0; 60_000])[..16])?;
+        expect_closed(&mut c, "an oversized v2 header")?;
+        ensure!(t0.elapsed() < Duration::from_millis(500), "{mode}: refused only after {:?}", t0.elapsed());
+        wait_lines(&splicer.proc, "PROXY header too long", 1)?;
+        ensure!(accept_within(&l, Duration::from_millis(200))?.is_none(), "{mode}: a refused header reached the broker");
+    }
+    Ok(())
+}
+
+/// An upgrade request with a body (Content-Length, Transfer-Encoding) is
+/// refused with 400: whatever follows the head would be taken for frames
+/// by splicer and for a body, or a next request, by the broker.
+#[test]
+fn an_upgrade_with_a_body_is_refused() -> Result<()> {
+    let dir = scratch("hard-body");
+    let (l, broker) = listen_on(BROKER_IP)?;
+    let splicer = splicer_in_mode(&dir, "sockmap", broker, &["--protocol", "ws"])?;
+    for field in ["Content-Length: 10", "Transfer-Encoding: chunked"] {
+        let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+        c.write_all(&upgrade_request(splicer.listen, "/mqtt", WS_KEY, &[field]))?;
+        let (status, _) = read_refusal(&mut c)?;
+        ensure!(status == "HTTP/1.1 400 Bad Request", "{field}: {status}");
+    }
+    ensure!(accept_within(&l, Duration::from_millis(200))?.is_none(), "a request with a body reached the broker");
+    Ok(())
+}
