@@ -1,6 +1,9 @@
 //! Coverage-guided fuzzing of the WebSocket upgrade parser and rewriter
 //! (`splicer_proto::http_upgrade`, the code splicer runs).
 //!
+//! The listener's readers (`splicer_proto::preamble`) are fed each input a
+//! byte at a time too, requests and the broker's responses.
+//!
 //! `cargo +nightly fuzz run http_upgrade` from this directory; `cargo xtask
 //! test` runs it for 30 s.
 //!
@@ -10,6 +13,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use splicer_proto::preamble::{Reader, Step, UpgradeRequest, UpgradeResponse};
 
 use splicer_proto::http_upgrade::{
     parse_head, parse_head_limited, rewrite, Edit, Forwarding, Head, Refusal, MAX_HEADERS,
@@ -33,7 +37,41 @@ fuzz_target!(|data: &[u8]| {
     spliced.extend_from_slice(data);
     spliced.extend_from_slice(b"\r\n\r\n");
     check(&spliced);
+    for input in [data, &spliced] {
+        segmented(|| UpgradeRequest::new(MAX_HEAD), input);
+        segmented(|| UpgradeResponse::new(MAX_HEAD), input);
+    }
 });
+
+/// Fed a byte at a time (a segment boundary after every byte), the reader
+/// the listener uses must come to the same answer as when it gets all the
+/// bytes at once; a stop at any point (EOF) leaves it wanting more, never
+/// with a different answer.
+fn segmented<R: Reader>(mut fresh: impl FnMut() -> R, data: &[u8])
+where
+    R::Value: PartialEq + std::fmt::Debug,
+    R::Error: std::fmt::Debug,
+{
+    let whole = fresh().step(data);
+    let mut r = fresh();
+    for k in 1..=data.len() {
+        match r.step(&data[..k]) {
+            Step::More => {}
+            Step::Done(v, len) => {
+                match &whole {
+                    Step::Done(w, wl) => assert!(*w == v && *wl == len, "done after {k} bytes: {v:?} {len}, whole: {w:?} {wl}"),
+                    other => panic!("done after {k} bytes one at a time, whole: {other:?}"),
+                }
+                return;
+            }
+            Step::Fail(e) => {
+                assert!(matches!(whole, Step::Fail(_)), "failed after {k} bytes ({e:?}), whole: {whole:?}");
+                return;
+            }
+        }
+    }
+    assert!(matches!(whole, Step::More), "wanted more to the end, whole: {whole:?}");
+}
 
 fn check(data: &[u8]) {
     let head = match parse_head(data, MAX_HEAD) {

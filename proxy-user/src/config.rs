@@ -225,6 +225,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// As EMQX's listener `proxy_protocol_timeout`.
 pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_WS_HEADER_MAX: usize = 16 * 1024;
+/// Handshakes in flight per listener: enough for a reconnect storm at
+/// loopback speed, few enough that their buffers (at most a header's
+/// worth each) stay small.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 1024;
 pub const DEFAULT_WS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A WebSocket listener's upgrade handling.
@@ -255,6 +259,9 @@ pub struct Listener {
     pub deny: Vec<IpNet>,
     /// Live clients beyond which new ones are refused; None is no limit.
     pub max_conns: Option<u64>,
+    /// Clients still in their handshake (PROXY header, upgrade request,
+    /// the broker's answer) beyond which new ones are refused.
+    pub max_handshakes: usize,
     pub send_proxy: SendProxy,
     pub connect_timeout: Duration,
     pub accept_proxy: AcceptProxy,
@@ -321,6 +328,8 @@ pub struct ListenerSpec {
     #[arg(long, value_name = "CIDR")] pub deny: Vec<IpNet>,
     /// Refuse new clients while this many are connected [default: no limit].
     #[arg(long, value_name = "N")] pub max_conns: Option<u64>,
+    /// Refuse new clients while this many are still in their handshake [default: 1024].
+    #[arg(long, value_name = "N")] pub max_handshakes: Option<usize>,
     /// PROXY protocol header to write upstream before any client byte [default: off].
     #[arg(long, value_enum, value_name = "off|v1|v2")] pub send_proxy: Option<SendProxy>,
     /// Give up on an upstream connect after this long and try the next [default: 5s].
@@ -397,6 +406,7 @@ impl ListenerSpec {
             allow: self.allow,
             deny: self.deny,
             max_conns: self.max_conns,
+            max_handshakes: self.max_handshakes.unwrap_or(DEFAULT_MAX_HANDSHAKES),
             send_proxy: self.send_proxy.unwrap_or(SendProxy::Off),
             connect_timeout: self
                 .connect_timeout
@@ -494,6 +504,9 @@ impl Config {
             }
             if l.health.rise == 0 || l.health.fall == 0 {
                 bail!("{at}: keys `health-rise` and `health-fall`: must be at least 1");
+            }
+            if l.max_handshakes == 0 {
+                bail!("{at}: key `max-handshakes`: 0 would refuse every client");
             }
             if l.max_conns == Some(0) {
                 bail!("{at}: key `max-conns`: 0 would refuse every client (leave it out for no limit)");

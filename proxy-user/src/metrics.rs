@@ -59,6 +59,8 @@ pub enum Reject {
     upstream_down,
     /// The listener already had max-conns clients.
     max_conns,
+    /// The listener already had max-handshakes clients in their handshake.
+    max_handshakes,
     /// The broker answered a WebSocket upgrade with something other than
     /// 101 (its answer was passed to the client), or not at all.
     upstream_refused_upgrade,
@@ -74,13 +76,14 @@ const CLOSE_REASONS: [CloseReason; 7] = [
     CloseReason::rejected,
 ];
 
-const REJECTS: [Reject; 7] = [
+const REJECTS: [Reject; 8] = [
     Reject::bad_proxy_header,
     Reject::untrusted_proxy_header,
     Reject::bad_websocket_request,
     Reject::access_denied,
     Reject::upstream_down,
     Reject::max_conns,
+    Reject::max_handshakes,
     Reject::upstream_refused_upgrade,
 ];
 
@@ -384,7 +387,7 @@ impl ListenerMetrics {
             Reject::bad_websocket_request | Reject::upstream_refused_upgrade => &self.totals.ws_refused,
             Reject::access_denied => &self.totals.denied,
             Reject::upstream_down => &self.totals.upstream_down,
-            Reject::max_conns => &self.totals.over_max_conns,
+            Reject::max_conns | Reject::max_handshakes => &self.totals.over_max_conns,
         });
     }
 

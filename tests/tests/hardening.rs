@@ -258,3 +258,70 @@ fn an_upgrade_with_a_body_is_refused() -> Result<()> {
     ensure!(accept_within(&l, Duration::from_millis(200))?.is_none(), "a request with a body reached the broker");
     Ok(())
 }
+
+/// Clients that connect and say nothing hold a handshake slot each; past
+/// `max-handshakes` new clients are closed at once and counted, and the
+/// slots free up as handshakes complete.
+#[test]
+fn max_handshakes_bounds_clients_that_say_nothing() -> Result<()> {
+    let dir = scratch("hard-max-handshakes");
+    let (l, broker) = listen_on(BROKER_IP)?;
+    let maddr = metrics_addr();
+    let m = maddr.to_string();
+    let splicer = splicer_in_mode(
+        &dir,
+        "sockmap",
+        broker,
+        &["--accept-proxy", "v1", "--trusted-proxy", "127.0.0.0/8", "--proxy-timeout", "30s", "--max-handshakes", "5", "--metrics", &m],
+    )?;
+    let mut silent: Vec<TcpStream> = (0..5).map(|_| connect_from(CLIENT_IP, splicer.listen)).collect::<Result<_>>()?;
+    // The accept loop has taken all five before the sixth (one listener,
+    // accepted in order).
+    thread::sleep(Duration::from_millis(200));
+    let mut sixth = connect_from(CLIENT_IP, splicer.listen)?;
+    expect_closed(&mut sixth, "the sixth handshake")?;
+    wait_lines(&splicer.proc, "refused, the listener has max-handshakes = 5", 1)?;
+    expect_metrics(maddr, &[(r#"splicer_rejections_total{listener="default",reason="max_handshakes"}"#, 1.0)])?;
+    // The five complete their handshakes and reach the broker...
+    for c in &mut silent {
+        c.write_all(b"PROXY TCP4 10.9.9.9 10.0.0.1 1000 1883\r\n")?;
+    }
+    for _ in 0..5 {
+        accept_within(&l, STEP)?.context("a completed handshake did not reach the broker")?;
+    }
+    // ...which frees their slots.
+    let mut next = connect_from(CLIENT_IP, splicer.listen)?;
+    next.write_all(b"PROXY TCP4 10.9.9.8 10.0.0.1 1000 1883\r\n")?;
+    accept_within(&l, STEP)?.context("a client after the storm did not reach the broker")?;
+    Ok(())
+}
+
+/// From a peer outside trusted-proxy, the header the listener would take
+/// the real client from is dropped, as X-Real-IP is: a broker reading it
+/// would otherwise believe the client. And a listener that appends to what
+/// clients send, with nobody trusted, says at start what that means.
+#[test]
+fn untrusted_forwarding_claims_do_not_reach_the_broker() -> Result<()> {
+    let dir = scratch("hard-untrusted-fwd");
+    let (sink_l, sink) = listen_on(BROKER_IP)?;
+    let splicer = splicer_in_mode(
+        &dir,
+        "sockmap",
+        sink,
+        &["--protocol", "ws", "--trusted-proxy", "10.0.0.0/8", "--real-ip-header", "X-Client-IP"],
+    )?;
+    let sent = upgrade_request(splicer.listen, "/mqtt", WS_KEY, &["X-Client-IP: 6.6.6.6", "X-Real-IP: 6.6.6.6"]);
+    let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+    c.write_all(&sent)?;
+    let mut s = accept_within(&sink_l, STEP)?.context("the upgrade did not reach the sink")?;
+    let (head, _) = read_head(&mut s)?;
+    for name in ["X-Client-IP", "X-Real-IP"] {
+        ensure!(header_values(&head, name).is_empty(), "{name} from an untrusted client reached the broker:\n{}", show(&head));
+    }
+    ensure!(header_values(&head, "X-Forwarded-For") == ["127.0.0.2"], "{}", show(&head));
+
+    let dir = scratch("hard-append-warning");
+    let appending = splicer_in_mode(&dir, "sockmap", sink, &["--protocol", "ws", "--forwarded-for", "append"])?;
+    wait_lines(&appending.proc, "forwarded-for = \"append\" with no trusted-proxy", 1)?;
+    Ok(())
+}

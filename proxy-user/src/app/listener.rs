@@ -49,7 +49,18 @@ pub async fn serve(ctx: watch::Receiver<Arc<ListenerCtx>>, listener: TcpListener
                     );
                     continue;
                 }
-                tokio::spawn(conn::handle(ctx, client, peer));
+                // Held until the handshake is over (conn::serve drops it).
+                let Ok(handshake) = ctx.handshakes.clone().try_acquire_owned() else {
+                    ctx.metrics.rejected(Reject::max_handshakes);
+                    ctx.metrics.closed(CloseReason::rejected);
+                    log::warn!(
+                        "[{}] {peer}: refused, the listener has max-handshakes = {} clients in their handshake",
+                        ctx.config.name,
+                        ctx.config.max_handshakes
+                    );
+                    continue;
+                };
+                tokio::spawn(conn::handle(ctx, client, peer, handshake));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

@@ -56,6 +56,9 @@ async fn respond(mut stream: TcpStream, metrics: Arc<Metrics>, datapath: Arc<Dat
     let (status, kind, body) = if path == "/metrics" {
         // Reading live eBPF counters makes syscalls; keep them off the runtime.
         let body = tokio::task::spawn_blocking(move || {
+            // One scrape at a time: each reads every parked connection.
+            static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             datapath.publish_kernel_bytes(&metrics);
             metrics.encode()
         })

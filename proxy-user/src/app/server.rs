@@ -12,7 +12,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use super::listener;
 use crate::{
-    config::{Config, HealthCheck, Listener},
+    config::{Config, ForwardMode, HealthCheck, Listener},
     conn::ListenerCtx,
     datapath::Datapath,
     metrics::Metrics,
@@ -112,6 +112,7 @@ impl Server {
                     r.checks = spawn_checks(&ctx);
                     r.ctx.send_replace(ctx);
                     log::info!("[{}] reloaded: {}", l.name, describe(l));
+                    warn_about(l);
                     self.running.push(r);
                 }
                 (prev, Some(socket)) => {
@@ -175,6 +176,7 @@ fn launch(ctx: Arc<ListenerCtx>, socket: TcpListener) -> Running {
         socket.local_addr().map_or(l.listen, |a| a),
         describe(l)
     );
+    warn_about(l);
     let checks = spawn_checks(&ctx);
     let (tx, rx) = watch::channel(ctx);
     Running {
@@ -202,6 +204,22 @@ fn spawn_checks(ctx: &Arc<ListenerCtx>) -> Vec<JoinHandle<()>> {
         .collect()
 }
 
+/// Settings that are valid but let a client choose what the broker is told.
+fn warn_about(l: &Listener) {
+    let Some(ws) = &l.ws else { return };
+    if l.trusted_proxies.is_empty() {
+        for (key, mode) in [("forwarded-for", ws.forwarded_for), ("forwarded-port", ws.forwarded_port)] {
+            if mode == ForwardMode::Append {
+                log::warn!(
+                    "[{}] {key} = \"append\" with no trusted-proxy: every client's own value is kept, \
+                     so the leftmost entry is whatever it claims",
+                    l.name
+                );
+            }
+        }
+    }
+}
+
 /// The listener's settings in one log line.
 fn describe(l: &Listener) -> String {
     let upstreams: Vec<String> = l.upstreams.iter().map(std::string::ToString::to_string).collect();
@@ -223,6 +241,7 @@ fn describe(l: &Listener) -> String {
             h.check, h.interval, h.rise, h.fall
         );
     }
+    let _ = write!(s, ", max-handshakes {}", l.max_handshakes);
     if let Some(m) = l.max_conns {
         let _ = write!(s, ", max-conns {m}");
     }

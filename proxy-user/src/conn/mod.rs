@@ -11,7 +11,10 @@ use splicer_proto::{
     http_upgrade::Refusal,
     trust::{self, Trusted},
 };
-use tokio::net::TcpStream;
+use tokio::{
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 
 use self::close::Route;
 use crate::{
@@ -46,6 +49,8 @@ pub struct ListenerCtx {
     /// One per upstream, in the balancer's order: what a connection to it
     /// reports its end to.
     routes: Vec<Arc<Route>>,
+    /// A slot per client in its handshake (max-handshakes).
+    pub handshakes: Arc<Semaphore>,
 }
 
 impl ListenerCtx {
@@ -91,6 +96,7 @@ impl ListenerCtx {
             metrics: listener_metrics,
             datapath,
             routes,
+            handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
             config,
         }
     }
@@ -104,16 +110,22 @@ impl ListenerCtx {
     }
 }
 
-/// Serves one accepted client; the accept loop has counted it.
-pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
-    if let Some(reason) = serve(&ctx, client, peer).await {
+/// Serves one accepted client; the accept loop has counted it, and holds
+/// one of the listener's handshake slots for it.
+pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr, handshake: OwnedSemaphorePermit) {
+    if let Some(reason) = serve(&ctx, client, peer, handshake).await {
         ctx.metrics.closed(reason);
     }
 }
 
 /// Some when the client was turned away before reaching an upstream; None
 /// once it reached one (its Route counts the close).
-async fn serve(ctx: &Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) -> Option<CloseReason> {
+async fn serve(
+    ctx: &Arc<ListenerCtx>,
+    client: TcpStream,
+    peer: SocketAddr,
+    handshake: OwnedSemaphorePermit,
+) -> Option<CloseReason> {
     let started = Instant::now();
     // An IPv4 client on a dual-stack listener is logged as IPv4, as trusted.
     let peer = SocketAddr::new(trust::canonical(peer.ip()), peer.port());
@@ -211,6 +223,7 @@ async fn serve(ctx: &Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) -> O
             }
         }
     }
+    drop(handshake);
     let conn = Carried {
         client,
         upstream,
@@ -244,7 +257,9 @@ async fn refuse(ctx: &ListenerCtx, client: &TcpStream, refusal: Refusal) {
 }
 
 /// Tries the balancer's candidates in order, each within connect-timeout.
-/// Failures count toward the upstream's `fall` (passive health check).
+/// Failures count toward the upstream's `fall` (passive health check),
+/// unless they are this node's own (out of fds or memory): those say
+/// nothing about the broker, and the client is refused at once.
 async fn connect_upstream(
     ctx: &ListenerCtx,
     client: SocketAddr,
@@ -259,6 +274,10 @@ async fn connect_upstream(
                 up.report(&ctx.config.health, Ok(()));
                 return Some((s, up));
             }
+            Ok(Err(e)) if is_local_shortage(&e) => {
+                log::warn!("[{name}] upstream {}: connect failed here, not at the broker: {e}", up.addr);
+                return None;
+            }
             Ok(Err(e)) => Failure::Connect(e),
             Err(_) => Failure::ConnectTimeout(timeout),
         };
@@ -267,4 +286,12 @@ async fn connect_upstream(
         up.report(&ctx.config.health, Err(why));
     }
     None
+}
+
+/// An error of this node's own making: no fd, no memory, no buffer.
+fn is_local_shortage(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)
+    )
 }

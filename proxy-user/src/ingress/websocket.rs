@@ -148,8 +148,9 @@ pub async fn pass_refusal(client: &TcpStream, no: &NoSwitch) {
 /// nginx's variables: `override` sets the real client (`$remote_addr`, which
 /// the realip module rewrites); `append` adds the direct peer
 /// (`$proxy_add_x_forwarded_for`, built on `$realip_remote_addr`). An
-/// untrusted peer's own X-Real-IP is dropped (brokers such as aedes prefer
-/// it to X-Forwarded-For) unless `set-real-ip-header` replaces it anyway.
+/// untrusted peer's own X-Real-IP (brokers such as aedes prefer it to
+/// X-Forwarded-For) and its `real-ip-header` are dropped, unless
+/// `set-real-ip-header` replaces them anyway.
 fn forwarding(ws: &WsOptions, peer_trusted: bool, peer: SocketAddr, client: IpAddr) -> Forwarding {
     let edit = |mode: ForwardMode, own: String, direct: String| match mode {
         ForwardMode::Override => Edit::Set(own),
@@ -166,9 +167,14 @@ fn forwarding(ws: &WsOptions, peer_trusted: bool, peer: SocketAddr, client: IpAd
             .set_real_ip_header
             .clone()
             .map(|name| (name, client.to_string())),
+        // An untrusted peer's own real-IP claims go: X-Real-IP, and the
+        // header this listener would believe from a trusted one.
         remove: match peer_trusted {
             true => Vec::new(),
-            false => vec![X_REAL_IP.to_string()],
+            false => [Some(X_REAL_IP.to_string()), ws.real_ip_header.clone()]
+                .into_iter()
+                .flatten()
+                .collect(),
         },
     }
 }

@@ -15,8 +15,8 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, AsRawFd},
-    sync::{Arc, Mutex},
+    os::fd::{AsFd, AsRawFd, RawFd},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -31,7 +31,7 @@ use super::{
 use crate::{
     datapath::carried::{ClientAddrs, End, Outcome, Owner, Read, Totals},
     drain::Drain,
-    metrics::{LiveBytes, Metrics},
+    metrics::{KernelBytes, LiveBytes, Metrics},
 };
 
 /// A fully spliced connection, as compact as it can be: it is all that
@@ -93,6 +93,9 @@ struct Table {
 /// The table of kernel-carried connections, and what their tasks need.
 pub struct Park {
     table: Mutex<Table>,
+    /// Held for writing while a connection closes, for reading while a
+    /// scrape reads the parked connections' sockets.
+    closing: RwLock<()>,
     maps: Arc<Maps>,
     epoll: Arc<Epoll>,
     drain: Arc<Drain>,
@@ -107,6 +110,7 @@ impl Park {
     pub fn new(maps: Arc<Maps>, epoll: Arc<Epoll>, drain: Arc<Drain>) -> Park {
         Park {
             table: Mutex::default(),
+            closing: RwLock::default(),
             maps,
             epoll,
             drain,
@@ -271,16 +275,21 @@ impl Park {
             owner,
             ..
         } = c;
-        let ((cl, ul), addrs) = {
-            let mut t = self.table.lock().unwrap();
-            let addrs = who.addrs(&t, token);
+        let (cl, ul) = {
+            // The bytes move from live to closed while no scrape is reading.
+            let _closing = self.closing.write().unwrap();
             // Both sockets closed (so out of the sockhashes) before their
-            // links go; the bytes move from live to closed while scrapes wait.
+            // links go.
             drop((client, upstream));
             let links = splice::forget(&self.maps, cookies);
             owner.metrics().kernel.add_closed(links.0.redirected, links.1.redirected);
+            links
+        };
+        let addrs = {
+            let mut t = self.table.lock().unwrap();
+            let addrs = who.addrs(&t, token);
             free(&mut t, token);
-            (links, addrs)
+            addrs
         };
         let totals = Totals {
             c2u: u64::from(early) + cl.redirected,
@@ -292,19 +301,29 @@ impl Park {
     }
 
     /// Publishes what the parked connections have redirected so far. The
-    /// table stays locked until it is published, so no connection's bytes
-    /// move from live to closed (`finish`) in between.
+    /// table is locked only to list their sockets; the reads (two system
+    /// calls a socket) run without it, so wake-ups and parking go on. No
+    /// connection closes (`finish`) meanwhile: its sockets stay open, and
+    /// its bytes cannot move from live to closed and count twice.
     pub fn publish_kernel_bytes(&self, metrics: &Metrics) {
-        let t = self.table.lock().unwrap();
+        let _no_closing = self.closing.read().unwrap();
+        let parked: Vec<(RawFd, RawFd, Arc<KernelBytes>)> = {
+            let t = self.table.lock().unwrap();
+            t.slots
+                .iter()
+                .flatten()
+                .map(|c| (c.client.as_raw_fd(), c.upstream.as_raw_fd(), c.owner.metrics().kernel.clone()))
+                .collect()
+        };
+        let read = |fd: RawFd| {
+            sockopt::cookie(fd)
+                .ok()
+                .and_then(|k| self.maps.link(k))
+                .map_or(0, |l| l.redirected)
+        };
         let mut live = LiveBytes::default();
-        for c in t.slots.iter().flatten() {
-            let read = |s: &std::net::TcpStream| {
-                sockopt::cookie(s.as_raw_fd())
-                    .ok()
-                    .and_then(|k| self.maps.link(k))
-                    .map_or(0, |l| l.redirected)
-            };
-            live.add(&c.owner.metrics().kernel, [read(&c.client), read(&c.upstream)]);
+        for (client, upstream, kernel) in &parked {
+            live.add(kernel, [read(*client), read(*upstream)]);
         }
         metrics.publish_kernel_bytes(&live);
     }
