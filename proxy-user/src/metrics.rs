@@ -168,6 +168,7 @@ pub struct Metrics {
     untrusted_ignored: Family<ListenerLabel, Counter>,
     bytes: Family<BytesLabels, Counter>,
     offloaded: Family<OffloadLabels, Counter>,
+    handoff_refused: Family<ListenerLabel, Counter>,
     upstream_up: Family<UpstreamLabels, Gauge>,
     upstream_active: Family<UpstreamLabels, Gauge>,
     upstream_failures: Family<UpstreamLabels, Counter>,
@@ -192,6 +193,7 @@ impl Metrics {
             untrusted_ignored: family(&mut r, "proxy_untrusted_ignored", "PROXY headers from untrusted peers that were ignored (spoof attempts; the peer's own address was used)"),
             bytes: family(&mut r, "bytes", "Bytes forwarded, by direction and by who carried them (kernel: the eBPF sockmap; userspace: the relay, PROXY headers and upgrade requests included)"),
             offloaded: family(&mut r, "connections_offloaded", "Connections by who carries their bytes after setup (kernel: both directions spliced)"),
+            handoff_refused: family(&mut r, "kernel_handoffs_refused", "Connections the kernel could not take (an eBPF map full, a socket gone before the handoff), relayed in userspace instead"),
             upstream_up: family(&mut r, "upstream_up", "1 if the upstream takes new clients, 0 if health checks took it down"),
             upstream_active: family(&mut r, "upstream_connections_active", "Client connections open now to this upstream"),
             upstream_failures: family(&mut r, "upstream_connect_failures", "Failed or timed-out connects to this upstream, for clients and health checks"),
@@ -291,6 +293,8 @@ pub struct ListenerMetrics {
     /// [direction][path]; the kernel ones are published by `kernel`.
     bytes: [[Counter; 2]; 2],
     offloaded: [Counter; 2],
+    /// The kernel could not take a connection; it was relayed.
+    pub handoff_refused: Counter,
     pub kernel: Arc<KernelBytes>,
     totals: Arc<Counters>,
 }
@@ -347,6 +351,7 @@ impl Metrics {
                     path,
                 })
             }),
+            handoff_refused: m.handoff_refused.get_or_create_owned(&l),
             totals: self.totals.clone(),
         }
     }

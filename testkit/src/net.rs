@@ -53,14 +53,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_free_port_is_free_and_then_listening() {
+    fn free_ports_are_in_range_and_handed_out_once() {
         let ip = Ipv4Addr::LOCALHOST;
         let port = free_port(ip);
         assert!(PORTS.contains(&u32::from(port)));
         assert_ne!(free_port(ip), port, "handed out twice");
-        let addr = SocketAddr::from((ip, port));
-        assert!(!is_listening(addr));
-        let _l = TcpListener::bind(addr).unwrap();
+    }
+
+    #[test]
+    fn a_listener_shows_while_it_listens() {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = l.local_addr().unwrap();
         assert!(is_listening(addr));
+        drop(l);
+        // A child that another test thread forks at that moment holds the
+        // socket until it execs (CLOEXEC): wait that out.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while is_listening(addr) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!is_listening(addr));
     }
 }

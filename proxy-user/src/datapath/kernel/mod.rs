@@ -20,7 +20,8 @@ mod splice;
 use std::{
     io,
     os::fd::{AsFd, AsRawFd},
-    sync::{atomic::AtomicU64, atomic::Ordering::Relaxed, Arc},
+    sync::{atomic::AtomicU64, atomic::Ordering::Relaxed, Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -46,6 +47,8 @@ pub struct Kernel {
     epoll: Arc<Epoll>,
     park: Arc<Park>,
     drain: Arc<Drain>,
+    /// When a refused handoff was last logged as a warning.
+    refusal_warned: Mutex<Option<Instant>>,
 }
 
 impl Kernel {
@@ -68,7 +71,22 @@ impl Kernel {
             epoll,
             park,
             drain,
+            refusal_warned: Mutex::default(),
         })
+    }
+
+    /// A full map refuses every handoff until connections close: warn
+    /// once in a while, not once a connection (they are all counted in
+    /// `splicer_kernel_handoffs_refused_total`).
+    fn warn_refused(&self, e: &anyhow::Error) {
+        const EVERY: Duration = Duration::from_secs(10);
+        let mut last = self.refusal_warned.lock().unwrap();
+        if last.is_none_or(|t| t.elapsed() >= EVERY) {
+            *last = Some(Instant::now());
+            log::warn!("the kernel refused a connection, relaying it in userspace (warned at most every {EVERY:?}): {e:#}");
+        } else {
+            log::debug!("the kernel refused a connection, relaying it in userspace: {e:#}");
+        }
     }
 
     pub fn prog_id(&self) -> u32 {
@@ -101,12 +119,17 @@ impl Kernel {
         } = conn;
         let m = owner.metrics();
         let token = self.park.token();
-        let handoff = splice::handoff(&self.maps, &client, &upstream, token);
-        let Some((c, u)) = handoff.cookies else {
-            self.park.release(token);
-            m.offloaded(Path::userspace);
-            return Ok(Some(relay::relay(&self.drain, m, &client, &upstream, read).await));
+        let handoff = match splice::handoff(&self.maps, &client, &upstream, token) {
+            Ok(h) => h,
+            Err(e) => {
+                self.park.release(token);
+                m.handoff_refused.inc();
+                self.warn_refused(&e);
+                m.offloaded(Path::userspace);
+                return Ok(Some(relay::relay(&self.drain, m, &client, &upstream, read).await));
+            }
         };
+        let (c, u) = handoff.cookies;
         if handoff.client_spliced && handoff.upstream_spliced {
             // The kernel carries both ways: park it, with no task at all.
             m.offloaded(Path::kernel);

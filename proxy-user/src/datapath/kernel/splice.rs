@@ -28,8 +28,8 @@ use crate::{datapath::carried::End, net};
 /// What the kernel now holds of a connection.
 #[derive(Default)]
 pub struct Handoff {
-    /// Cookies (client, upstream), once both are in LINKS and TARGETS.
-    pub cookies: Option<(u64, u64)>,
+    /// Cookies (client, upstream): both are in LINKS, LIMITS and TARGETS.
+    pub cookies: (u64, u64),
     /// Whether the kernel carries client->upstream, and upstream->client.
     pub client_spliced: bool,
     pub upstream_spliced: bool,
@@ -40,48 +40,46 @@ pub struct Handoff {
 }
 
 /// Puts both sockets in the maps, with `token` (see park.rs) as the
-/// connection's handle for flow-control signals. Never fails: what could
-/// not be handed over stays with the userspace relay, which is always
-/// correct.
-pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream, token: u64) -> Handoff {
-    let (Ok(c), Ok(u)) = (
-        sockopt::cookie(client.as_raw_fd()),
-        sockopt::cookie(upstream.as_raw_fd()),
-    ) else {
-        return Handoff::default();
-    };
-    let targets = maps
-        .set_link(c, u, token)
-        .and_then(|()| maps.set_link(u, c, token))
-        .and_then(|()| maps.add_target(u, upstream))
-        .and_then(|()| maps.add_target(c, client));
-    if let Err(e) = targets {
-        log::debug!("handoff to the kernel refused, relaying in userspace: {e:#}");
-        maps.remove_target(u);
-        maps.remove_target(c);
-        maps.remove_link(c);
-        maps.remove_link(u);
-        return Handoff::default();
-    }
-    // Baselines before any redirect can add to the send queues.
-    let (Ok((_, client_base)), Ok((_, upstream_base))) = (
-        sockopt::bytes_queued_total(client.as_raw_fd()),
-        sockopt::bytes_queued_total(upstream.as_raw_fd()),
-    ) else {
-        return Handoff::default();
+/// connection's handle for flow-control signals. Err when the kernel
+/// cannot take the connection (a map is full, a socket is gone): then
+/// nothing of it is left in the maps, and the userspace relay, which is
+/// always correct, carries it. A socket that cannot join SPLICED (it
+/// half-closed already) stays with the relay alone, per direction.
+pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream, token: u64) -> anyhow::Result<Handoff> {
+    let c = sockopt::cookie(client.as_raw_fd())?;
+    let u = sockopt::cookie(upstream.as_raw_fd())?;
+    let entered = (|| {
+        maps.set_link(c, u, token)?;
+        maps.set_link(u, c, token)?;
+        // Flow control before anything can be redirected: a socket without
+        // its limit would let a slow reader's queue grow without bound.
+        maps.set_limit(c, WINDOW)?;
+        maps.set_limit(u, WINDOW)?;
+        maps.add_target(u, upstream)?;
+        maps.add_target(c, client)?;
+        // Baselines before any redirect can add to the send queues.
+        let (_, client_base) = sockopt::bytes_queued_total(client.as_raw_fd())?;
+        let (_, upstream_base) = sockopt::bytes_queued_total(upstream.as_raw_fd())?;
+        anyhow::Ok((client_base, upstream_base))
+    })();
+    let (client_base, upstream_base) = match entered {
+        Ok(bases) => bases,
+        Err(e) => {
+            for cookie in [c, u] {
+                maps.remove_target(cookie);
+                maps.remove_link(cookie);
+                maps.remove_limit(cookie);
+            }
+            return Err(e);
+        }
     };
     for sock in [client, upstream] {
         if let Err(e) = sockopt::force_sndbuf(sock.as_raw_fd(), SNDBUF) {
             log::debug!("SO_SNDBUFFORCE: {e}");
         }
     }
-    for cookie in [c, u] {
-        if let Err(e) = maps.set_limit(cookie, WINDOW) {
-            log::warn!("socket {cookie}: no flow control: {e:#}");
-        }
-    }
     let mut handoff = Handoff {
-        cookies: Some((c, u)),
+        cookies: (c, u),
         client_base,
         upstream_base,
         ..Handoff::default()
@@ -101,7 +99,7 @@ pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream, token: u64
             Err(e) => log::debug!("socket {cookie} stays in userspace: {e:#}"),
         }
     }
-    handoff
+    Ok(handoff)
 }
 
 /// Forgets the connection's links and limits once both sockets are closed
