@@ -13,7 +13,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use splicer_proto::preamble::{Reader, Step, UpgradeRequest, UpgradeResponse};
+use splicer_fuzz::segmented;
+use splicer_proto::preamble::{UpgradeRequest, UpgradeResponse};
 
 use splicer_proto::http_upgrade::{
     parse_head, parse_head_limited, rewrite, Edit, Forwarding, Head, Refusal, MAX_HEADERS,
@@ -42,36 +43,6 @@ fuzz_target!(|data: &[u8]| {
         segmented(|| UpgradeResponse::new(MAX_HEAD), input);
     }
 });
-
-/// Fed a byte at a time (a segment boundary after every byte), the reader
-/// the listener uses must come to the same answer as when it gets all the
-/// bytes at once; a stop at any point (EOF) leaves it wanting more, never
-/// with a different answer.
-fn segmented<R: Reader>(mut fresh: impl FnMut() -> R, data: &[u8])
-where
-    R::Value: PartialEq + std::fmt::Debug,
-    R::Error: std::fmt::Debug,
-{
-    let whole = fresh().step(data);
-    let mut r = fresh();
-    for k in 1..=data.len() {
-        match r.step(&data[..k]) {
-            Step::More => {}
-            Step::Done(v, len) => {
-                match &whole {
-                    Step::Done(w, wl) => assert!(*w == v && *wl == len, "done after {k} bytes: {v:?} {len}, whole: {w:?} {wl}"),
-                    other => panic!("done after {k} bytes one at a time, whole: {other:?}"),
-                }
-                return;
-            }
-            Step::Fail(e) => {
-                assert!(matches!(whole, Step::Fail(_)), "failed after {k} bytes ({e:?}), whole: {whole:?}");
-                return;
-            }
-        }
-    }
-    assert!(matches!(whole, Step::More), "wanted more to the end, whole: {whole:?}");
-}
 
 fn check(data: &[u8]) {
     let head = match parse_head(data, MAX_HEAD) {

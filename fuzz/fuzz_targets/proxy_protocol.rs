@@ -9,7 +9,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use splicer_proto::preamble::{ProxyHeader, Reader, Step};
+use splicer_fuzz::segmented;
+use splicer_proto::preamble::ProxyHeader;
 
 use splicer_proto::proxy_protocol::{
     build_v1, build_v2, normalize, parse, tlvs, tlvs_for_reemit, Versions, Header, Version,
@@ -24,36 +25,6 @@ fuzz_target!(|data: &[u8]| {
         segmented(|| ProxyHeader::new(accept, 1024), data);
     }
 });
-
-/// Fed a byte at a time (a segment boundary after every byte), the reader
-/// the listener uses must come to the same answer as when it gets all the
-/// bytes at once; a stop at any point (EOF) leaves it wanting more, never
-/// with a different answer.
-fn segmented<R: Reader>(mut fresh: impl FnMut() -> R, data: &[u8])
-where
-    R::Value: PartialEq + std::fmt::Debug,
-    R::Error: std::fmt::Debug,
-{
-    let whole = fresh().step(data);
-    let mut r = fresh();
-    for k in 1..=data.len() {
-        match r.step(&data[..k]) {
-            Step::More => {}
-            Step::Done(v, len) => {
-                match &whole {
-                    Step::Done(w, wl) => assert!(*w == v && *wl == len, "done after {k} bytes: {v:?} {len}, whole: {w:?} {wl}"),
-                    other => panic!("done after {k} bytes one at a time, whole: {other:?}"),
-                }
-                return;
-            }
-            Step::Fail(e) => {
-                assert!(matches!(whole, Step::Fail(_)), "failed after {k} bytes ({e:?}), whole: {whole:?}");
-                return;
-            }
-        }
-    }
-    assert!(matches!(whole, Step::More), "wanted more to the end, whole: {whole:?}");
-}
 
 fn check(data: &[u8], accept: Versions, h: &Header) {
     assert!(h.len <= data.len(), "len {} > input {}", h.len, data.len());

@@ -30,9 +30,8 @@ pub trait Reader {
     type Value;
     type Error;
     /// `buf` is every byte received so far; between calls it only grows.
+    /// (An end of stream while it says More is the caller's to report.)
     fn step(&mut self, buf: &[u8]) -> Step<Self::Value, Self::Error>;
-    /// What to say when the peer closes (EOF) before the preamble is whole.
-    fn eof(&self) -> Self::Error;
 }
 
 /// A PROXY protocol header of the accepted versions, at most `max` bytes.
@@ -62,92 +61,79 @@ impl Reader for ProxyHeader {
             Err(e) => Step::Fail(e),
         }
     }
-
-    fn eof(&self) -> ParseError {
-        ParseError::Invalid("closed before a complete PROXY header".into())
-    }
 }
 
-/// A WebSocket upgrade request head, at most `max` bytes.
-pub struct UpgradeRequest {
+/// An HTTP head (a request or a response), at most `max` bytes, parsed by
+/// `parse` whenever `HeadEnd` says it may be complete.
+pub struct HttpHead<T, E> {
     max: usize,
     end: HeadEnd,
+    parse: fn(&[u8], usize) -> Result<Option<T>, E>,
+    too_large: fn(usize) -> E,
 }
+
+/// A WebSocket upgrade request head.
+pub type UpgradeRequest = HttpHead<Head, Refusal>;
+/// The broker's answer to an upgrade request: its status line and fields.
+pub type UpgradeResponse = HttpHead<ResponseHead, String>;
 
 impl UpgradeRequest {
     pub fn new(max: usize) -> Self {
-        UpgradeRequest {
+        HttpHead {
             max,
             end: HeadEnd::default(),
+            parse: http_upgrade::parse_head,
+            too_large: |_| Refusal::TooLarge,
         }
     }
-}
-
-impl Reader for UpgradeRequest {
-    type Value = Head;
-    type Error = Refusal;
-
-    fn step(&mut self, buf: &[u8]) -> Step<Head, Refusal> {
-        let complete = match self.end.worth_parsing(buf) {
-            true => http_upgrade::parse_head(buf, self.max),
-            false => Ok(None),
-        };
-        match complete {
-            Ok(Some(head)) => {
-                let len = head.len;
-                Step::Done(head, len)
-            }
-            Ok(None) if buf.len() >= self.max => Step::Fail(Refusal::TooLarge),
-            Ok(None) => Step::More,
-            Err(r) => Step::Fail(r),
-        }
-    }
-
-    fn eof(&self) -> Refusal {
-        Refusal::BadRequest("closed before a complete request".into())
-    }
-}
-
-/// The broker's answer to an upgrade request: its status line and header
-/// fields, at most `max` bytes.
-pub struct UpgradeResponse {
-    max: usize,
-    end: HeadEnd,
 }
 
 impl UpgradeResponse {
     pub fn new(max: usize) -> Self {
-        UpgradeResponse {
+        HttpHead {
             max,
             end: HeadEnd::default(),
+            parse: |buf, _| http_upgrade::parse_response_head(buf),
+            too_large: |max| format!("response head longer than {max} bytes"),
         }
     }
 }
 
-impl Reader for UpgradeResponse {
-    type Value = ResponseHead;
-    type Error = String;
+/// A head's length, for `Step::Done`.
+pub trait HeadLen {
+    fn head_len(&self) -> usize;
+}
 
-    fn step(&mut self, buf: &[u8]) -> Step<ResponseHead, String> {
+impl HeadLen for Head {
+    fn head_len(&self) -> usize {
+        self.len
+    }
+}
+
+impl HeadLen for ResponseHead {
+    fn head_len(&self) -> usize {
+        self.len
+    }
+}
+
+impl<T: HeadLen, E> Reader for HttpHead<T, E> {
+    type Value = T;
+    type Error = E;
+
+    fn step(&mut self, buf: &[u8]) -> Step<T, E> {
         let complete = match self.end.worth_parsing(buf) {
-            true => http_upgrade::parse_response_head(buf),
+            true => (self.parse)(buf, self.max),
             false => Ok(None),
         };
         match complete {
             Ok(Some(head)) => {
-                let len = head.len;
+                let len = head.head_len();
                 Step::Done(head, len)
             }
-            Ok(None) if buf.len() >= self.max => {
-                Step::Fail(format!("response head longer than {} bytes", self.max))
-            }
+            Ok(None) if buf.len() >= self.max => Step::Fail((self.too_large)(self.max)),
             Ok(None) => Step::More,
             Err(e) => Step::Fail(e),
         }
-    }
-
-    fn eof(&self) -> String {
-        "closed before a complete response".into()
     }
 }
 

@@ -120,9 +120,12 @@ impl Proc {
         })
     }
 
-    /// Lines of the log that contain `needle`.
+    /// Complete lines of the log that contain `needle`. A line still being
+    /// written is left out: a read of the file can see half of a write(2).
     pub fn lines_with(&self, needle: &str) -> Vec<String> {
-        self.output()
+        let out = self.output();
+        let complete = out.rfind('\n').map_or("", |i| &out[..=i]);
+        complete
             .lines()
             .filter(|l| l.contains(needle))
             .map(String::from)
