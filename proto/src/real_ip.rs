@@ -1,32 +1,63 @@
 //! The real client's address from an X-Forwarded-For-style list, as nginx's
 //! realip module finds it (`set_real_ip_from`, `real_ip_header`,
 //! `real_ip_recursive`).
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::trust::{canonical, Trusted};
+
+/// Who the walk found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub ip: IpAddr,
+    /// Its index in the list; None when it is the peer itself.
+    pub index: Option<usize>,
+    /// Its port, when the entry carried one (`1.2.3.4:5678`,
+    /// `[2001:db8::1]:5678`, as nginx 1.11 reads them).
+    pub port: Option<u16>,
+}
 
 /// `peer` is the direct TCP peer; `list` the header's addresses, left (the
 /// first hop) to right (the last hop). An untrusted peer's header counts for
 /// nothing. Otherwise, without `recursive` the rightmost address wins; with
 /// it, the rightmost one that is not itself trusted (the leftmost if all
-/// are). An entry that is not an IP address ends the walk: the last good
-/// address found so far stands.
-pub fn resolve(peer: IpAddr, list: &[String], trusted: &Trusted, recursive: bool) -> IpAddr {
+/// are). An entry that is not an IP address (with or without a port) ends
+/// the walk: the last good address found so far stands.
+pub fn find(peer: IpAddr, list: &[String], trusted: &Trusted, recursive: bool) -> Found {
     let peer = canonical(peer);
+    let mut found = Found {
+        ip: peer,
+        index: None,
+        port: None,
+    };
     if !trusted.contains(peer) {
-        return peer;
+        return found;
     }
-    let mut found = peer;
-    for entry in list.iter().rev() {
-        let Ok(ip) = entry.parse::<IpAddr>() else {
+    for (index, entry) in list.iter().enumerate().rev() {
+        let Some((ip, port)) = parse_entry(entry) else {
             break;
         };
-        found = canonical(ip);
-        if !recursive || !trusted.contains(found) {
+        found = Found {
+            ip: canonical(ip),
+            index: Some(index),
+            port,
+        };
+        if !recursive || !trusted.contains(found.ip) {
             break;
         }
     }
     found
+}
+
+/// [`find`]'s address alone.
+pub fn resolve(peer: IpAddr, list: &[String], trusted: &Trusted, recursive: bool) -> IpAddr {
+    find(peer, list, trusted, recursive).ip
+}
+
+fn parse_entry(entry: &str) -> Option<(IpAddr, Option<u16>)> {
+    match entry.parse::<IpAddr>() {
+        Ok(ip) => Some((ip, None)),
+        Err(_) => entry.parse::<SocketAddr>().ok().map(|a| (a.ip(), Some(a.port()))),
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +124,22 @@ mod tests {
             resolve(ip("10.0.0.3"), &list("10.0.0.1, 10.0.0.2"), &trusted, true),
             ip("10.0.0.1")
         );
+    }
+
+    #[test]
+    fn entries_may_carry_a_port_and_say_where_they_stand() {
+        let trusted = t(&["10.0.0.0/8"]);
+        let chain = list("115.236.21.86:4711, 10.0.0.1, [2001:db8::7]:99");
+        assert_eq!(
+            find(ip("10.0.0.3"), &chain, &trusted, false),
+            Found { ip: ip("2001:db8::7"), index: Some(2), port: Some(99) }
+        );
+        let chain = list("115.236.21.86:4711, 10.0.0.1");
+        assert_eq!(
+            find(ip("10.0.0.3"), &chain, &trusted, true),
+            Found { ip: ip("115.236.21.86"), index: Some(0), port: Some(4711) }
+        );
+        assert_eq!(find(ip("10.0.0.3"), &list(""), &trusted, true).index, None);
     }
 
     #[test]

@@ -325,3 +325,35 @@ fn untrusted_forwarding_claims_do_not_reach_the_broker() -> Result<()> {
     wait_lines(&appending.proc, "forwarded-for = \"append\" with no trusted-proxy", 1)?;
     Ok(())
 }
+
+/// In `override` mode X-Forwarded-Port names the port of the same party
+/// whose address X-Forwarded-For names: the entry's own port, or the one
+/// a trusted hop kept in step in X-Forwarded-Port; never the hop's own
+/// port next to the client's address. With no port known, none is sent.
+#[test]
+fn forwarded_port_belongs_to_the_forwarded_address() -> Result<()> {
+    let dir = scratch("hard-fwd-port");
+    let (sink_l, sink) = listen_on(BROKER_IP)?;
+    let splicer = splicer_in_mode(
+        &dir,
+        "sockmap",
+        sink,
+        &["--protocol", "ws", "--trusted-proxy", "127.0.0.0/8", "--real-ip-header", "X-Forwarded-For", "--real-ip-recursive"],
+    )?;
+    let cases: [(&[&str], &str, Option<&str>); 4] = [
+        (&["X-Forwarded-For: 115.236.21.86:4711"], "115.236.21.86", Some("4711")),
+        (&["X-Forwarded-For: 115.236.21.86", "X-Forwarded-Port: 5555"], "115.236.21.86", Some("5555")),
+        (&["X-Forwarded-For: 115.236.21.86, 10.0.0.9", "X-Forwarded-Port: 1111, 2222"], "10.0.0.9", Some("2222")),
+        (&["X-Forwarded-For: 115.236.21.86"], "115.236.21.86", None),
+    ];
+    for (extra, want_for, want_port) in cases {
+        let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+        c.write_all(&upgrade_request(splicer.listen, "/mqtt", WS_KEY, extra))?;
+        let mut s = accept_within(&sink_l, STEP)?.context("the upgrade did not reach the sink")?;
+        let (head, _) = read_head(&mut s)?;
+        let got = (header_values(&head, "X-Forwarded-For"), header_values(&head, "X-Forwarded-Port"));
+        let want = (vec![want_for.to_string()], want_port.map(String::from).into_iter().collect::<Vec<_>>());
+        ensure!(got == want, "{extra:?}: the broker got {got:?}, want {want:?}:\n{}", show(&head));
+    }
+    Ok(())
+}

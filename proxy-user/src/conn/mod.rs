@@ -159,7 +159,7 @@ async fn serve(
         match websocket::upgrade(ws, &ctx.trusted, &mut inbox, &client, id.client).await {
             Ok(up) => {
                 // The header resolution may name an earlier client.
-                id.client = SocketAddr::new(up.client, id.client.port());
+                id.client = SocketAddr::new(up.client, up.port.unwrap_or(id.client.port()));
                 consumed += up.consumed as u64;
                 head = up.head;
             }

@@ -32,8 +32,21 @@ pub struct Upgrade {
     pub head: Vec<u8>,
     /// Bytes of the original head consumed from the client.
     pub consumed: usize,
-    /// The real client after X-Forwarded-For resolution.
+    /// The real client after X-Forwarded-For resolution, and its port
+    /// when known.
     pub client: IpAddr,
+    pub port: Option<u16>,
+}
+
+/// The port of entry `index` of an X-Forwarded-For list of `len` entries,
+/// from an X-Forwarded-Port list that the same hops kept in step with it
+/// (as long as it): the entry's own port, not the hop's.
+fn aligned_port(head: &http_upgrade::Head, name: &str, len: usize, index: usize) -> Option<u16> {
+    if !name.eq_ignore_ascii_case(http_upgrade::X_FORWARDED_FOR) {
+        return None;
+    }
+    let ports = head.list(http_upgrade::X_FORWARDED_PORT);
+    (ports.len() == len).then(|| ports[index].parse().ok()).flatten()
 }
 
 /// Reads the upgrade request through `inbox` (from `client`) within the
@@ -68,15 +81,24 @@ pub async fn upgrade(
             return Err(refusal);
         }
     };
-    let client_ip = match &ws.real_ip_header {
-        Some(name) => real_ip::resolve(peer.ip(), &head.list(name), trusted, ws.real_ip_recursive),
-        None => peer.ip(),
+    let (client, client_port) = match &ws.real_ip_header {
+        Some(name) => {
+            let list = head.list(name);
+            let found = real_ip::find(peer.ip(), &list, trusted, ws.real_ip_recursive);
+            let port = match found.index {
+                None => Some(peer.port()),
+                Some(i) => found.port.or_else(|| aligned_port(&head, name, list.len(), i)),
+            };
+            (found.ip, port)
+        }
+        None => (peer.ip(), Some(peer.port())),
     };
-    let forwarding = forwarding(ws, trusted.contains(peer.ip()), peer, client_ip);
+    let forwarding = forwarding(ws, trusted.contains(peer.ip()), peer, client, client_port);
     Ok(Upgrade {
         head: http_upgrade::rewrite(&raw, &head, &forwarding),
         consumed: raw.len(),
-        client: client_ip,
+        client,
+        port: client_port,
     })
 }
 
@@ -151,7 +173,17 @@ pub async fn pass_refusal(client: &TcpStream, no: &NoSwitch) {
 /// untrusted peer's own X-Real-IP (brokers such as aedes prefer it to
 /// X-Forwarded-For) and its `real-ip-header` are dropped, unless
 /// `set-real-ip-header` replaces them anyway.
-fn forwarding(ws: &WsOptions, peer_trusted: bool, peer: SocketAddr, client: IpAddr) -> Forwarding {
+///
+/// `override` puts in X-Forwarded-Port the port of the party it names in
+/// X-Forwarded-For; when that party came from a header that gave no port
+/// for it, X-Forwarded-Port is left out rather than name the hop's port.
+fn forwarding(
+    ws: &WsOptions,
+    peer_trusted: bool,
+    peer: SocketAddr,
+    client: IpAddr,
+    client_port: Option<u16>,
+) -> Forwarding {
     let edit = |mode: ForwardMode, own: String, direct: String| match mode {
         ForwardMode::Override => Edit::Set(own),
         ForwardMode::Append => Edit::Append(direct),
@@ -160,7 +192,7 @@ fn forwarding(ws: &WsOptions, peer_trusted: bool, peer: SocketAddr, client: IpAd
         forwarded_for: edit(ws.forwarded_for, client.to_string(), peer.ip().to_string()),
         forwarded_port: edit(
             ws.forwarded_port,
-            peer.port().to_string(),
+            client_port.map(|p| p.to_string()).unwrap_or_default(),
             peer.port().to_string(),
         ),
         set_header: ws
