@@ -20,7 +20,8 @@ pub struct Link {
     /// Bytes dropped because the redirect failed (should stay 0).
     pub dropped: u64,
     /// The last `LIMITS` value the program signalled on EVENTS, so each
-    /// limit is signalled once.
+    /// limit is signalled once (and again on the next packet if EVENTS was
+    /// full).
     pub signalled: u64,
     /// Userspace's handle for the connection (both sockets carry the same
     /// one), which the program reports on EVENTS: it wakes the connection

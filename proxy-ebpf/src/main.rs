@@ -13,7 +13,7 @@ use aya_ebpf::{
     maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
-use aya_log_ebpf::{debug, error};
+use aya_log_ebpf::{debug, error, warn};
 use proxy_common::{Link, MAX_SOCKETS};
 
 /// Socket cookie -> peer cookie and byte counters. Preallocation is off so
@@ -90,12 +90,16 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: LIMITS values are plain u64s, copied out at once.
     if let Some(limit) = unsafe { LIMITS.get(&cookie).copied() } {
         if field(redirected) >= limit && field(signalled) != limit {
-            set(signalled, limit);
             // SAFETY: as above; `token` is written only by userspace, before
             // the socket joins SPLICED.
             let token = unsafe { (*link).token };
-            if EVENTS.output::<u64>(token, 0).is_err() {
-                error!(&ctx, "splice: EVENTS full, socket {} not signalled", cookie);
+            // Marked as signalled only once the signal is in: with EVENTS
+            // full, the socket's next packet tries again, so userspace
+            // hears of every limit (its flow control depends on it).
+            if EVENTS.output::<u64>(token, 0).is_ok() {
+                set(signalled, limit);
+            } else {
+                warn!(&ctx, "splice: EVENTS full, socket {} signalled again on its next packet", cookie);
             }
         }
     }
