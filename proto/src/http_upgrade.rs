@@ -210,6 +210,20 @@ impl Head {
             return Err(Refusal::UpgradeRequired);
         }
         let bad = |why: &str| Err(Refusal::BadRequest(why.to_string()));
+        // Only WebSocket: a broker that took `h2c` instead would read every
+        // later request on the connection, unrewritten, as HTTP/2.
+        if self.list_bytes("upgrade").len() != 1 || self.fields("http2-settings").next().is_some() {
+            return bad("an upgrade to anything but websocket alone");
+        }
+        // A Connection field naming a forwarding header asks the next hop to
+        // strip what splicer wrote there (hop-by-hop, RFC 9110 7.6.1).
+        if self.list_bytes("connection").iter().any(|t| {
+            [X_FORWARDED_FOR, X_FORWARDED_PORT, "x-real-ip", "forwarded"]
+                .iter()
+                .any(|n| t.eq_ignore_ascii_case(n.as_bytes()))
+        }) {
+            return bad("Connection names a forwarding header");
+        }
         if self.method != "GET" {
             return bad("a WebSocket upgrade must be a GET");
         }
@@ -286,6 +300,9 @@ pub struct ResponseHead {
     /// The body's length, when the response says (a refusal's body goes
     /// to the client with it).
     pub content_length: Option<usize>,
+    /// Whether it names `websocket` in its Upgrade field: a 101 to anything
+    /// else is not spliced.
+    pub to_websocket: bool,
 }
 
 /// Parses a response head from the start of `buf`. Ok(None): incomplete.
@@ -312,10 +329,17 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, String> {
         (Some(Some(n)), None) => Some(n),
         _ => return Err("bad or repeated Content-Length".into()),
     };
+    let to_websocket = resp
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("upgrade"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .any(|t| trim(t).eq_ignore_ascii_case(b"websocket"));
     Ok(Some(ResponseHead {
         status,
         len,
         content_length,
+        to_websocket,
     }))
 }
 
@@ -380,13 +404,22 @@ pub fn rewrite(head_bytes: &[u8], head: &Head, f: &Forwarding) -> Vec<u8> {
     .into_iter()
     .chain(set_header);
 
+    // A name is compared with `_` read as `-`: some servers (and the
+    // frameworks behind them) take X_Forwarded_For for X-Forwarded-For.
+    let same = |name: &[u8], want: &[u8]| {
+        name.len() == want.len()
+            && name.iter().zip(want).all(|(&a, &b)| {
+                let a = if a == b'_' { b'-' } else { a };
+                a.eq_ignore_ascii_case(&b)
+            })
+    };
     let replaced = |name: &[u8]| {
-        name.eq_ignore_ascii_case(X_FORWARDED_FOR.as_bytes())
-            || name.eq_ignore_ascii_case(X_FORWARDED_PORT.as_bytes())
-            || set_name.is_some_and(|n| name.eq_ignore_ascii_case(n))
+        same(name, X_FORWARDED_FOR.as_bytes())
+            || same(name, X_FORWARDED_PORT.as_bytes())
+            || set_name.is_some_and(|n| same(name, n))
             || f.remove
                 .iter()
-                .any(|r| is_token(r) && name.eq_ignore_ascii_case(r.as_bytes()))
+                .any(|r| is_token(r) && same(name, r.as_bytes()))
     };
 
     let mut out = Vec::with_capacity(head_bytes.len() + 128);
@@ -804,8 +837,18 @@ mod tests {
         assert_eq!(check(plain, Some("/other")), Err(Refusal::NotFound));
         let h2c = show(&ok).replace("Upgrade: websocket", "Upgrade: h2c");
         assert_eq!(check(h2c.as_bytes(), None), Err(Refusal::UpgradeRequired));
+        // websocket alone: with h2c beside it a broker could pick h2c.
         let two = show(&ok).replace("Upgrade: websocket", "Upgrade: h2c, WEBSOCKET");
-        assert_eq!(check(two.as_bytes(), None), Ok(()));
+        assert!(bad(check(two.as_bytes(), None)));
+        let settings = show(&ok).replace("Upgrade: websocket", "Upgrade: websocket\r\nHTTP2-Settings: AAMAAABkAAQAAP__");
+        assert!(bad(check(settings.as_bytes(), None)));
+        let case = show(&ok).replace("Upgrade: websocket", "Upgrade: WebSocket");
+        assert_eq!(check(case.as_bytes(), None), Ok(()));
+        // Hop-by-hop: a Connection token naming a forwarding header.
+        for tokens in ["Upgrade, X-Forwarded-For", "upgrade, x-real-ip", "Upgrade,Forwarded"] {
+            let hop = show(&ok).replace("Connection: Upgrade", &format!("Connection: {tokens}"));
+            assert!(bad(check(hop.as_bytes(), None)), "{tokens}");
+        }
         let no_conn = show(&ok).replace("Connection: Upgrade", "Connection: keep-alive");
         assert_eq!(
             check(no_conn.as_bytes(), None),

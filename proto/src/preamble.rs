@@ -244,7 +244,7 @@ mod tests {
     fn responses() {
         let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x82\x00";
         match feed(&mut UpgradeResponse::new(16384), ok, 5) {
-            Step::Done(h, len) => assert_eq!((h.status, len, h.content_length), (101, ok.len() - 2, None)),
+            Step::Done(h, len) => assert_eq!((h.status, len, h.content_length, h.to_websocket), (101, ok.len() - 2, None, true)),
             other => panic!("{other:?}"),
         }
         let no = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 3\r\n\r\nno!";

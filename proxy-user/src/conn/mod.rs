@@ -158,8 +158,10 @@ async fn serve(
     if let Some(ws) = &ctx.config.ws {
         match websocket::upgrade(ws, &ctx.trusted, &mut inbox, &client, id.client).await {
             Ok(up) => {
-                // The header resolution may name an earlier client.
-                id.client = SocketAddr::new(up.client, up.port.unwrap_or(id.client.port()));
+                // The header resolution may name an earlier client, whose
+                // port is then known only if its entry gave one (0: unknown,
+                // also in a PROXY header sent on).
+                id.client = SocketAddr::new(up.client, up.port.unwrap_or(0));
                 consumed += up.consumed as u64;
                 head = up.head;
             }
@@ -201,11 +203,15 @@ async fn serve(
     // rewritten upgrade request.
     let mut told = proxy_header::upstream_header(&ctx.config, &id, local).unwrap_or_default();
     told.extend_from_slice(&head);
-    if let Err(e) = net::write_all(&upstream, &told).await {
-        log::warn!("[{name}] {} -> {}: {e}", close::who(who), state.addr);
+    let wrote = tokio::time::timeout(ctx.config.connect_timeout, net::write_all(&upstream, &told)).await;
+    if let Err(e) = wrote.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
+        log::warn!("[{name}] {} -> {}: telling it who the client is: {e}", close::who(who), state.addr);
         route.closed(who, &Totals::error(), started.elapsed());
         return None;
     }
+    // The handshake's buffers are done with; a connection relayed for days
+    // must not keep them.
+    drop((told, head, id));
     let mut early_upstream = Vec::new();
     if let Some(ws) = &ctx.config.ws {
         match websocket::await_switch(ws, &upstream).await {

@@ -64,25 +64,32 @@ impl Datapath {
     /// of the end).
     pub async fn carry(&self, conn: Carried, early: Early) -> io::Result<Option<Totals>> {
         let m = conn.owner.metrics();
+        let Early {
+            consumed,
+            client: early_client,
+            upstream: early_upstream,
+        } = early;
         // Once userspace has read from a socket, it also forwards whatever
         // else is queued on it (see relay::forward_queued), so that the
         // kernel only ever gets untouched skbs. The counts then cover every
         // byte userspace took, so the FIN check knows all later ones went
         // through the kernel.
-        let mut c2u = early.client.len() as u64;
-        net::write_all(&conn.upstream, &early.client).await?;
-        if early.consumed > 0 || c2u > 0 {
+        let mut c2u = early_client.len() as u64;
+        net::write_all(&conn.upstream, &early_client).await?;
+        drop(early_client);
+        if consumed > 0 || c2u > 0 {
             c2u += relay::forward_queued(&conn.client, &conn.upstream).await?;
         }
-        let mut u2c = early.upstream.len() as u64;
-        net::write_all(&conn.client, &early.upstream).await?;
+        let mut u2c = early_upstream.len() as u64;
+        net::write_all(&conn.client, &early_upstream).await?;
+        drop(early_upstream);
         if u2c > 0 {
             u2c += relay::forward_queued(&conn.upstream, &conn.client).await?;
         }
         m.user_bytes(Direction::client_to_upstream).inc_by(c2u);
         m.user_bytes(Direction::upstream_to_client).inc_by(u2c);
         let read = Read {
-            consumed: early.consumed,
+            consumed,
             c2u,
             u2c,
         };

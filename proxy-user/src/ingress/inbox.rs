@@ -65,9 +65,11 @@ impl<'a> Inbox<'a> {
         true
     }
 
-    /// What arrived behind the preambles read.
+    /// What arrived behind the preambles read, in a buffer of its size.
     pub fn into_rest(self) -> Vec<u8> {
-        self.buf
+        let mut rest = self.buf;
+        rest.shrink_to_fit();
+        rest
     }
 
     /// Waits for bytes and appends what has arrived. Err at the end of the

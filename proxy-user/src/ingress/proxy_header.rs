@@ -101,16 +101,20 @@ pub async fn identify(
     })
 }
 
-/// The PROXY header to write upstream, if any. A trusted inbound header is
-/// passed on verbatim with `proxy-passthrough`; otherwise a header is built
+/// The PROXY header to write upstream, if any. A trusted inbound header
+/// that names a client is passed on verbatim with `proxy-passthrough`; otherwise a header is built
 /// (`send-proxy`) with the real client as source and this node's address as
 /// destination, keeping a trusted v2 header's TLVs. An untrusted peer's
 /// claims never reach the broker: its header is replaced by one that names
 /// the peer itself.
 pub fn upstream_header(config: &Listener, id: &Identity, local: SocketAddr) -> Option<Vec<u8>> {
     let inbound = id.inbound.as_ref();
-    if let (true, true, Some((_, raw))) = (config.proxy_passthrough, id.trusted, inbound) {
-        return Some(raw.clone());
+    // Verbatim only when it names a client: a LOCAL / UNKNOWN header sent
+    // on would make the broker use splicer's address, not the peer's.
+    if let (true, true, Some((h, raw))) = (config.proxy_passthrough, id.trusted, inbound) {
+        if h.addresses.is_some() {
+            return Some(raw.clone());
+        }
     }
     let passthrough_version = inbound
         .filter(|_| config.proxy_passthrough)

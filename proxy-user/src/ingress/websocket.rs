@@ -38,17 +38,6 @@ pub struct Upgrade {
     pub port: Option<u16>,
 }
 
-/// The port of entry `index` of an X-Forwarded-For list of `len` entries,
-/// from an X-Forwarded-Port list that the same hops kept in step with it
-/// (as long as it): the entry's own port, not the hop's.
-fn aligned_port(head: &http_upgrade::Head, name: &str, len: usize, index: usize) -> Option<u16> {
-    if !name.eq_ignore_ascii_case(http_upgrade::X_FORWARDED_FOR) {
-        return None;
-    }
-    let ports = head.list(http_upgrade::X_FORWARDED_PORT);
-    (ports.len() == len).then(|| ports[index].parse().ok()).flatten()
-}
-
 /// Reads the upgrade request through `inbox` (from `client`) within the
 /// configured limits. `peer` is the client as known so far (after any
 /// PROXY header). On refusal, the HTTP response has been sent and the
@@ -85,9 +74,12 @@ pub async fn upgrade(
         Some(name) => {
             let list = head.list(name);
             let found = real_ip::find(peer.ip(), &list, trusted, ws.real_ip_recursive);
+            // The entry's own port, as nginx reads it; X-Forwarded-Port is
+            // not matched up with the list: a hop that appends to one may
+            // pass the other through as the client wrote it.
             let port = match found.index {
                 None => Some(peer.port()),
-                Some(i) => found.port.or_else(|| aligned_port(&head, name, list.len(), i)),
+                Some(_) => found.port,
             };
             (found.ip, port)
         }
@@ -121,6 +113,9 @@ impl fmt::Display for NoSwitch {
     }
 }
 
+/// How long a client has to take the broker's refusal.
+const REFUSAL_WRITE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A refusal's body is passed on up to this size; a longer one is cut.
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
@@ -135,6 +130,9 @@ pub async fn await_switch(ws: &WsOptions, upstream: &TcpStream) -> Result<Vec<u8
             Err(ReadError::Closed) => return Err(NoSwitch::Failed("closed before answering".into())),
             Err(ReadError::Refused(why)) => return Err(NoSwitch::Failed(why)),
         };
+        if head.status == 101 && !head.to_websocket {
+            return Err(NoSwitch::Failed("it switched to something other than websocket".into()));
+        }
         if head.status != 101 {
             let body = head.content_length.unwrap_or(0).min(MAX_REFUSAL_BODY);
             inbox.fill_to(body).await;
@@ -160,7 +158,8 @@ pub async fn await_switch(ws: &WsOptions, upstream: &TcpStream) -> Result<Vec<u8
 pub async fn pass_refusal(client: &TcpStream, no: &NoSwitch) {
     match no {
         NoSwitch::Status { response, .. } => {
-            let _ = net::write_all(client, response).await;
+            // A client that reads nothing does not hold the connection.
+            let _ = tokio::time::timeout(REFUSAL_WRITE, net::write_all(client, response)).await;
             close_gently(client);
         }
         NoSwitch::Failed(_) => refuse(client, &Refusal::BadGateway).await,
@@ -170,13 +169,14 @@ pub async fn pass_refusal(client: &TcpStream, no: &NoSwitch) {
 /// nginx's variables: `override` sets the real client (`$remote_addr`, which
 /// the realip module rewrites); `append` adds the direct peer
 /// (`$proxy_add_x_forwarded_for`, built on `$realip_remote_addr`). An
-/// untrusted peer's own X-Real-IP (brokers such as aedes prefer it to
-/// X-Forwarded-For) and its `real-ip-header` are dropped, unless
-/// `set-real-ip-header` replaces them anyway.
+/// untrusted peer's own claims (CLIENT_CLAIMS: X-Real-IP, which brokers
+/// such as aedes prefer to X-Forwarded-For, Forwarded, ...) and its
+/// `real-ip-header` are dropped; `set-real-ip-header` replaces its value
+/// whoever sent it.
 ///
 /// `override` puts in X-Forwarded-Port the port of the party it names in
-/// X-Forwarded-For; when that party came from a header that gave no port
-/// for it, X-Forwarded-Port is left out rather than name the hop's port.
+/// X-Forwarded-For; when that party came from a header entry with no port,
+/// X-Forwarded-Port is left out rather than name the hop's port.
 fn forwarding(
     ws: &WsOptions,
     peer_trusted: bool,
@@ -199,19 +199,32 @@ fn forwarding(
             .set_real_ip_header
             .clone()
             .map(|name| (name, client.to_string())),
-        // An untrusted peer's own real-IP claims go: X-Real-IP, and the
-        // header this listener would believe from a trusted one.
+        // An untrusted peer's own claims about the client go: the header
+        // this listener would believe from a trusted one, and those that
+        // brokers and the frameworks behind them are known to read.
         remove: match peer_trusted {
             true => Vec::new(),
-            false => [Some(X_REAL_IP.to_string()), ws.real_ip_header.clone()]
-                .into_iter()
-                .flatten()
+            false => CLIENT_CLAIMS
+                .iter()
+                .map(|n| (*n).to_string())
+                .chain(ws.real_ip_header.clone())
                 .collect(),
         },
     }
 }
 
-const X_REAL_IP: &str = "X-Real-IP";
+/// Headers that name the client, besides X-Forwarded-For/-Port (which are
+/// rewritten anyway): removed when an untrusted peer sends them.
+const CLIENT_CLAIMS: [&str; 8] = [
+    "X-Real-IP",
+    "Forwarded",
+    "True-Client-IP",
+    "X-Client-IP",
+    "CF-Connecting-IP",
+    "X-Cluster-Client-IP",
+    "Fastly-Client-IP",
+    "X-Original-Forwarded-For",
+];
 
 /// Answers a request with `refusal`'s HTTP response and half-closes.
 pub async fn refuse(client: &TcpStream, refusal: &Refusal) {
