@@ -267,11 +267,7 @@ impl Head {
 
     /// [`Head::list`] as the bytes received.
     pub fn list_bytes(&self, name: &str) -> Vec<&[u8]> {
-        self.fields(name)
-            .flat_map(|v| v.split(|&b| b == b','))
-            .map(trim)
-            .filter(|e| !e.is_empty())
-            .collect()
+        list_elements(self.fields(name)).collect()
     }
 
     /// The values of the fields named `name` (case-insensitive), in order.
@@ -329,12 +325,12 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, String> {
         (Some(Some(n)), None) => Some(n),
         _ => return Err("bad or repeated Content-Length".into()),
     };
-    let to_websocket = resp
+    let upgrade = resp
         .headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("upgrade"))
-        .flat_map(|h| h.value.split(|&b| b == b','))
-        .any(|t| trim(t).eq_ignore_ascii_case(b"websocket"));
+        .map(|h| h.value);
+    let to_websocket = list_elements(upgrade).any(|t| t.eq_ignore_ascii_case(b"websocket"));
     Ok(Some(ResponseHead {
         status,
         len,
@@ -481,6 +477,15 @@ fn clean(value: &str) -> Vec<u8> {
         .filter(|&b| b == b'\t' || !(b < 0x20 || b == 0x7f))
         .collect();
     trim(&kept).to_vec()
+}
+
+/// The elements of the comma-separated lists in `values`, taken as one list
+/// (RFC 9110 5.3), each trimmed of spaces and tabs, empty ones dropped.
+fn list_elements<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a [u8]> {
+    values
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(trim)
+        .filter(|e| !e.is_empty())
 }
 
 fn trim(s: &[u8]) -> &[u8] {
