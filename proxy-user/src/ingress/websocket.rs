@@ -113,7 +113,7 @@ impl fmt::Display for NoSwitch {
     }
 }
 
-/// How long a client has to take the broker's refusal.
+/// How long a client has to take a refusal (ours or the broker's).
 const REFUSAL_WRITE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A refusal's body is passed on up to this size; a longer one is cut.
@@ -157,11 +157,7 @@ pub async fn await_switch(ws: &WsOptions, upstream: &TcpStream) -> Result<Vec<u8
 /// and half-closes.
 pub async fn pass_refusal(client: &TcpStream, no: &NoSwitch) {
     match no {
-        NoSwitch::Status { response, .. } => {
-            // A client that reads nothing does not hold the connection.
-            let _ = tokio::time::timeout(REFUSAL_WRITE, net::write_all(client, response)).await;
-            close_gently(client);
-        }
+        NoSwitch::Status { response, .. } => answer_and_close(client, response).await,
         NoSwitch::Failed(_) => refuse(client, &Refusal::BadGateway).await,
     }
 }
@@ -228,7 +224,13 @@ const CLIENT_CLAIMS: [&str; 8] = [
 
 /// Answers a request with `refusal`'s HTTP response and half-closes.
 pub async fn refuse(client: &TcpStream, refusal: &Refusal) {
-    let _ = net::write_all(client, &refusal.response()).await;
+    answer_and_close(client, &refusal.response()).await;
+}
+
+/// Writes an HTTP answer and half-closes; a client that reads nothing has
+/// REFUSAL_WRITE to take it, and does not hold the connection longer.
+async fn answer_and_close(client: &TcpStream, response: &[u8]) {
+    let _ = tokio::time::timeout(REFUSAL_WRITE, net::write_all(client, response)).await;
     close_gently(client);
 }
 
