@@ -12,6 +12,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context as _, Result};
+use splicer_testkit::ws;
 use splicer_tests::*;
 
 const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -396,6 +397,74 @@ fn forwarded_port_belongs_to_the_forwarded_address() -> Result<()> {
         let got = (header_values(&head, "X-Forwarded-For"), header_values(&head, "X-Forwarded-Port"));
         let want = (vec![want_for.to_string()], want_port.map(String::from).into_iter().collect::<Vec<_>>());
         ensure!(got == want, "{extra:?}: the broker got {got:?}, want {want:?}:\n{}", show(&head));
+    }
+    Ok(())
+}
+
+/// The broker's answer is read before splicing too. Dripped a byte at a
+/// time, with a frame right behind it, the client gets exactly those bytes
+/// and the connection is spliced; cut short by a FIN, the client gets 502
+/// and nothing of the client reaches the broker after it.
+#[test]
+fn the_brokers_answer_dripped_or_cut_short() -> Result<()> {
+    for mode in MODES {
+        let dir = scratch(&format!("hard-answer-{mode}"));
+        let (l, broker) = listen_on(BROKER_IP)?;
+        let splicer = splicer_in_mode(&dir, mode, broker, &["--protocol", "ws"])?;
+        let request = upgrade_request(splicer.listen, "/mqtt", WS_KEY, &[]);
+        let frame = [0x82, 0x02, 0x20, 0x00];
+        let answer = [&switching(&request)[..], &frame].concat();
+
+        let ping = ws::frame(ws::BINARY, &[0xC0, 0x00], Some([9, 9, 9, 9]));
+        let (dripped, ping_len) = (answer.clone(), ping.len());
+        let stub = thread::spawn(move || -> Result<Vec<u8>> {
+            let mut s = accept_within(&l, STEP)?.context("nothing reached the broker")?;
+            let (_, early) = read_head(&mut s)?;
+            ensure!(early.is_empty(), "client bytes before the 101: {}", show(&early));
+            s.set_nodelay(true)?;
+            for b in &dripped {
+                s.write_all(&[*b])?;
+                thread::sleep(Duration::from_millis(2));
+            }
+            // The client's frame, sent after it read the 101.
+            let mut got = vec![0u8; ping_len];
+            s.set_read_timeout(Some(STEP))?;
+            s.read_exact(&mut got)?;
+            Ok(got)
+        });
+        let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+        c.write_all(&request)?;
+        c.set_read_timeout(Some(STEP))?;
+        let mut got = vec![0u8; answer.len()];
+        c.read_exact(&mut got)?;
+        ensure!(got == answer, "{mode}: the client got {}, want {}", show(&got), show(&answer));
+        c.write_all(&ping)?;
+        let at_broker = stub.join().expect("broker thread")?;
+        ensure!(at_broker == ping, "{mode}: the broker got {}, want {}", show(&at_broker), show(&ping));
+        drop(c);
+
+        // Half a 101, then FIN.
+        let (l, broker) = listen_on(BROKER_IP)?;
+        let cut = dir.join("cut");
+        std::fs::create_dir_all(&cut)?;
+        let splicer = splicer_in_mode(&cut, mode, broker, &["--protocol", "ws"])?;
+        let stub = thread::spawn(move || -> Result<Vec<u8>> {
+            let mut s = accept_within(&l, STEP)?.context("nothing reached the broker")?;
+            read_head(&mut s)?;
+            s.write_all(b"HTTP/1.1 101 Switching Pro")?;
+            s.shutdown(Shutdown::Write)?;
+            s.set_read_timeout(Some(Duration::from_millis(700)))?;
+            let mut after = Vec::new();
+            let _ = s.read_to_end(&mut after);
+            Ok(after)
+        });
+        let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+        c.write_all(&[&upgrade_request(splicer.listen, "/mqtt", WS_KEY, &[])[..], &spoofing_request(splicer.listen)].concat())?;
+        let (status, _) = read_refusal(&mut c)?;
+        ensure!(status == "HTTP/1.1 502 Bad Gateway", "{mode}: {status}");
+        let after = stub.join().expect("broker thread")?;
+        ensure!(after.is_empty(), "{mode}: after its half answer the broker got {}", show(&after));
+        wait_lines(&splicer.proc, "no answer from the broker (closed before answering)", 1)?;
     }
     Ok(())
 }
