@@ -129,6 +129,10 @@ impl<'ast> Visit<'ast> for Refs {
         }
     }
 
+    /// `pub(super)` and `pub(in path)` say who may see an item, not what
+    /// it uses.
+    fn visit_vis_restricted(&mut self, _: &'ast syn::VisRestricted) {}
+
     fn visit_item_use(&mut self, u: &'ast syn::ItemUse) {
         flatten(&u.tree, &mut Vec::new(), &mut self.paths);
     }
@@ -188,9 +192,12 @@ mod tests {
     fn children_may_use_siblings_and_tests_do_not_count() {
         let ok = graph(&[
             ("main.rs", "mod d; fn main() {}"),
-            ("d/mod.rs", "mod k; mod r; pub use self::k::K;"),
+            ("d/mod.rs", "mod k; mod r; mod v; pub use self::k::K; pub use self::v::Seen;"),
             ("d/k.rs", "use super::r::R; pub struct K;"),
             ("d/r.rs", "pub struct R; #[cfg(test)] mod tests { use crate::d::K; }"),
+            // Visibility paths name who may see, not what is used.
+            ("d/v/mod.rs", "pub(super) mod deep; pub(in crate::d) struct Seen;"),
+            ("d/v/deep.rs", ""),
         ])
         .unwrap();
         assert!(ok.contains("no cycle"), "{ok}");
