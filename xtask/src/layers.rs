@@ -165,7 +165,10 @@ mod tests {
     use super::*;
 
     fn graph(files: &[(&str, &str)]) -> Result<String> {
-        let dir = std::env::temp_dir().join(format!("layers-{}-{}", std::process::id(), files.len()));
+        // One folder per call: the tests run in parallel.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("layers-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         for (path, text) in files {
             let p = dir.join(path);
