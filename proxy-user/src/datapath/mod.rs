@@ -27,17 +27,23 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    pub fn init(mode: OffloadMode, level: log::LevelFilter, drain: Arc<Drain>) -> Result<Datapath> {
+    /// `max_buffered`: see `Config::max_buffered`.
+    pub fn init(
+        mode: OffloadMode,
+        level: log::LevelFilter,
+        max_buffered: Option<u64>,
+        drain: Arc<Drain>,
+    ) -> Result<Datapath> {
         let kernel = match mode {
             OffloadMode::Userspace => {
                 log::info!("offload: userspace (requested with --offload userspace)");
                 None
             }
             OffloadMode::Sockmap => Some(
-                Kernel::load(level, drain.clone())
+                Kernel::load(level, max_buffered, drain.clone())
                     .context("--offload sockmap: the eBPF sockmap offload cannot be used")?,
             ),
-            OffloadMode::Auto => match Kernel::load(level, drain.clone()) {
+            OffloadMode::Auto => match Kernel::load(level, max_buffered, drain.clone()) {
                 Ok(k) => Some(k),
                 Err(e) => {
                     log::warn!("offload: userspace, because the eBPF sockmap offload is unavailable: {e:#}");
@@ -46,7 +52,11 @@ impl Datapath {
             },
         };
         if let Some(k) = &kernel {
-            log::info!("offload: sockmap (sk_skb stream verdict, prog id {})", k.prog_id());
+            log::info!(
+                "offload: sockmap (sk_skb stream verdict, prog id {}; max-buffered {})",
+                k.prog_id(),
+                bytesize::ByteSize(k.budget().cap()).display().iec()
+            );
         }
         Ok(Datapath { kernel, drain })
     }
@@ -104,10 +114,14 @@ impl Datapath {
     }
 
     /// Brings the kernel byte counters up to date for a metrics scrape,
-    /// open connections included.
+    /// open connections included, and the buffer budget's gauges.
     pub fn publish_kernel_bytes(&self, metrics: &Metrics) {
         match &self.kernel {
-            Some(k) => k.publish_kernel_bytes(metrics),
+            Some(k) => {
+                k.publish_kernel_bytes(metrics);
+                let b = k.budget();
+                metrics.publish_buffer_budget(b.cap(), b.granted(), b.refused());
+            }
             None => metrics.publish_kernel_bytes(&LiveBytes::default()),
         }
     }

@@ -23,6 +23,7 @@ use std::{
 use tokio::{net::TcpStream as TokioStream, runtime::Handle, sync::watch};
 
 use super::{
+    budget::{self, Budget, Grant},
     epoll::Epoll,
     maps::Maps,
     sockopt,
@@ -53,6 +54,8 @@ pub struct Spliced {
     started: u64,
     who: Who,
     ends: Ends,
+    /// Each direction's grant (budget.rs), packed.
+    grants: u8,
     owner: Arc<dyn Owner>,
 }
 
@@ -97,6 +100,7 @@ pub struct Park {
     /// scrape reads the parked connections' sockets.
     closing: RwLock<()>,
     maps: Arc<Maps>,
+    budget: Arc<Budget>,
     epoll: Arc<Epoll>,
     drain: Arc<Drain>,
     /// Where wake-ups spawn their tasks (the epoll thread is not in it).
@@ -107,11 +111,12 @@ pub struct Park {
 
 impl Park {
     /// Made inside the runtime, before any connection is handed off.
-    pub fn new(maps: Arc<Maps>, epoll: Arc<Epoll>, drain: Arc<Drain>) -> Park {
+    pub fn new(maps: Arc<Maps>, budget: Arc<Budget>, epoll: Arc<Epoll>, drain: Arc<Drain>) -> Park {
         Park {
             table: Mutex::default(),
             closing: RwLock::default(),
             maps,
+            budget,
             epoll,
             drain,
             runtime: Handle::current(),
@@ -180,6 +185,27 @@ impl Park {
         }
     }
 
+    /// Wakes, every `SWEEP`, the parked connections whose grants are above
+    /// the floor, so that an idle one gives its grant back (see budget.rs).
+    pub async fn sweep(self: Arc<Self>) {
+        let mut every = tokio::time::interval(budget::SWEEP);
+        loop {
+            every.tick().await;
+            let granted: Vec<u64> = {
+                let t = self.table.lock().unwrap();
+                t.slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.as_ref().is_some_and(|c| c.grants != 0))
+                    .map(|(i, _)| i as u64)
+                    .collect()
+            };
+            for token in granted {
+                self.wake(token);
+            }
+        }
+    }
+
     /// Hands a freshly spliced connection to the table and parks it.
     /// Nothing is missed: adding a socket to the epoll set reports a FIN or
     /// RST that came before, and a flow-control signal during the handoff
@@ -197,6 +223,7 @@ impl Park {
             started: c.started.saturating_duration_since(self.start).as_millis() as u64,
             who: self.who(token, c.who),
             ends: Ends::default(),
+            grants: Grant::pack([Grant::FLOOR; 2]),
             owner: c.owner,
         };
         for s in [&conn.client, &conn.upstream] {
@@ -247,15 +274,19 @@ impl Park {
         if self.drain.is_forced() {
             return Some((Outcome::Drained, (cc, uc)));
         }
-        let maps = &self.maps;
+        let (maps, budget) = (&*self.maps, &*self.budget);
         let c2u = Flow::new(maps, c.client.as_fd(), c.upstream.as_fd(), cc, c.upstream_base)
-            .consumed(u64::from(c.header) + u64::from(c.early));
+            .consumed(u64::from(c.header) + u64::from(c.early))
+            .growing(budget);
         let u2c = Flow::new(maps, c.upstream.as_fd(), c.client.as_fd(), uc, c.client_base)
-            .consumed(u64::from(c.up_early));
+            .consumed(u64::from(c.up_early))
+            .growing(budget);
+        let [mut g0, mut g1] = Grant::unpack(c.grants);
         let (a, b) = tokio::join!(
-            direction(c2u, c.ends.get(0)),
-            direction(u2c, c.ends.get(1))
+            direction(c2u, c.ends.get(0), &mut g0),
+            direction(u2c, c.ends.get(1), &mut g1)
         );
+        c.grants = Grant::pack([g0, g1]);
         c.ends.set(0, a);
         c.ends.set(1, b);
         Outcome::of(c.ends.get(0), c.ends.get(1), c.ends.first()).map(|o| (o, (cc, uc)))
@@ -272,6 +303,7 @@ impl Park {
             early,
             up_early,
             who,
+            grants,
             owner,
             ..
         } = c;
@@ -281,6 +313,9 @@ impl Park {
             // Both sockets closed (so out of the sockhashes) before their
             // links go.
             drop((client, upstream));
+            for g in Grant::unpack(grants) {
+                self.budget.release(g);
+            }
             let links = splice::forget(&self.maps, cookies);
             owner.metrics().kernel.add_closed(links.0.redirected, links.1.redirected);
             links
@@ -354,9 +389,9 @@ fn free(t: &mut Table, token: u64) {
 
 /// One direction after a wake-up: on while open, and a reset of its source
 /// after its FIN was passed on still counts.
-async fn direction(d: Flow<'_>, end: Option<End>) -> Option<End> {
+async fn direction(d: Flow<'_>, end: Option<End>, grant: &mut Grant) -> Option<End> {
     match end {
-        None => d.advance().await,
+        None => d.advance(grant).await,
         Some(End::Fin) if splice::was_reset(d.src()) => Some(End::SrcReset),
         other => other,
     }
