@@ -217,7 +217,7 @@ impl Metrics {
     /// (`live`), so they grow while a spliced connection is open. The caller
     /// holds `live` steady meanwhile (no connection moving from live to
     /// closed), or a byte could count twice. A counter never goes back (a
-    /// connection busy in a task at this moment is counted at the next scrape).
+    /// connection relayed half in userspace is counted when it closes).
     pub fn publish_kernel_bytes(&self, live: &LiveBytes) {
         for (_, k) in self.kernel.lock().unwrap().iter() {
             let live = live.0.get(&Arc::as_ptr(k)).copied().unwrap_or_default();

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 
 use crate::{
     free_port, is_event, json_field, peers_dir, run_with_timeout, v4, wait_json_line, Proc, BROKER_IP,
@@ -99,6 +99,17 @@ pub fn client_connected<'a>(out: &'a str, id: &str) -> Result<&'a str> {
         "{id} not bound to 127.0.0.2: {connected}"
     );
     Ok(connected)
+}
+
+/// mosquitto listening on `addr`, anonymous clients allowed, its files in
+/// `dir`; fails if it exits instead.
+pub fn start_mosquitto(dir: &Path, addr: SocketAddr) -> Result<Proc> {
+    fs::create_dir_all(dir)?;
+    let conf = format!("listener {} {}\nallow_anonymous true\n", addr.port(), addr.ip());
+    match spawn_mosquitto(dir, &conf, addr)? {
+        Ok(p) => Ok(p),
+        Err((st, out)) => bail!("mosquitto on {addr} exited ({st}):\n{out}"),
+    }
 }
 
 /// Runs mosquitto with the config text `conf` and waits until it accepts

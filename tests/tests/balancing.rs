@@ -293,20 +293,6 @@ fn wait_for(what: &str, timeout: Duration, mut pred: impl FnMut() -> Result<bool
 
 // ------------------------------------------ 1. active MQTT health checks
 
-/// mosquitto on `addr` with its files in `dir`.
-fn mosquitto(dir: &Path, addr: SocketAddr) -> Result<Proc> {
-    fs::create_dir_all(dir)?;
-    let conf = format!(
-        "listener {} {}\nallow_anonymous true\n",
-        addr.port(),
-        addr.ip()
-    );
-    match spawn_mosquitto(dir, &conf, addr)? {
-        Ok(p) => Ok(p),
-        Err((st, out)) => bail!("mosquitto on {addr} exited ({st}):\n{out}"),
-    }
-}
-
 /// mosquitto_pub from 127.0.0.2 through splicer, QoS 1 (so the broker's
 /// PUBACK must come back); returns the connection's close line.
 fn publish(s: &Splicer, n: usize) -> Result<String> {
@@ -364,8 +350,8 @@ fn active_mqtt_checks_route_around_a_dead_broker() -> Result<()> {
     let dir = scratch("balancing-active");
     let b1 = v4(BROKER_IP, free_port(BROKER_IP));
     let b2 = v4(BROKER_IP, free_port(BROKER_IP));
-    let mut broker1 = mosquitto(&dir.join("b1"), b1)?;
-    let _broker2 = mosquitto(&dir.join("b2"), b2)?;
+    let mut broker1 = start_mosquitto(&dir.join("b1"), b1)?;
+    let _broker2 = start_mosquitto(&dir.join("b2"), b2)?;
     let interval = Duration::from_millis(300);
     let fall = 2;
     let listen = splicer_addr();
@@ -431,7 +417,7 @@ fn active_mqtt_checks_route_around_a_dead_broker() -> Result<()> {
     );
 
     // Broker 1 again, same port: UP after rise good checks.
-    let _broker1 = mosquitto(&dir.join("b1-again"), b1)?;
+    let _broker1 = start_mosquitto(&dir.join("b1-again"), b1)?;
     let up = s.proc.wait_line(&up_line(b1), STEP)?;
     ensure!(
         up.contains("(2 good checks)"),

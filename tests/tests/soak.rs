@@ -1,12 +1,14 @@
 //! Soak (issue 11): honest MQTT clients over TCP and WebSocket next to
-//! spoofing, half-open, slowloris and resetting ones, all at once, for a
+//! spoofing, half-open, slowloris and resetting ones, and clients of a
+//! broker that is killed and restarted over and over, all at once, for a
 //! bounded time. Every honest client's messages arrive, no spoofed address
-//! reaches a broker, and afterwards nothing is left over: no connection,
-//! fd or eBPF map entry, and RSS is back within a small margin.
+//! reaches a broker, a client whose broker dies is closed (never left
+//! hanging), and afterwards nothing is left over: no connection, fd or eBPF
+//! map entry, and RSS is back within a small margin.
 //!
 //! Addresses: 127.0.0.2 clients, 127.0.0.3 splicer, 127.0.0.4 the aedes
 //! brokers (which report the client address their PROXY / X-Forwarded-For
-//! decoder found).
+//! decoder found) and the mosquitto that restarts.
 use std::{
     fs,
     io::{Read, Write},
@@ -160,6 +162,55 @@ fn rude(tcp: SocketAddr, ws_listener: SocketAddr, i: usize) -> Result<()> {
     Ok(())
 }
 
+/// A client of the broker that restarts: CONNECT, then PINGREQs for up to
+/// a second. While the broker is up every ping is answered; when it is
+/// down or dies, splicer closes the connection. A read that times out
+/// (STEP) is the failure this looks for: a client left hanging.
+fn through_restarts(to: SocketAddr, i: usize) -> Result<()> {
+    let mut c = connect_from(CLIENT_IP, to)?;
+    c.write_all(&connect_packet(&format!("restart-{i}")))?;
+    let mut ack = [0u8; 4];
+    match c.read_exact(&mut ack) {
+        Ok(()) => ensure!(ack == [0x20, 2, 0, 0], "restart-{i}: not a CONNACK: {}", show(&ack)),
+        Err(e) if gone(&e) => return Ok(()),
+        Err(e) => return Err(e).context(format!("restart-{i}: waiting for the CONNACK")),
+    }
+    for _ in 0..10 {
+        thread::sleep(Duration::from_millis(100));
+        let mut pong = [0u8; 2];
+        match c.write_all(&[0xc0, 0]).and_then(|()| c.read_exact(&mut pong)) {
+            Ok(()) => ensure!(pong == [0xd0, 0], "restart-{i}: not a PINGRESP: {}", show(&pong)),
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) => return Err(e).context(format!("restart-{i}: waiting for a PINGRESP")),
+        }
+    }
+    Ok(())
+}
+
+/// The connection was closed or reset (its broker died), as opposed to
+/// left hanging (a timeout).
+fn gone(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted)
+}
+
+/// Kills the broker every 1.5 s and starts it again on the same address
+/// 300 ms later, until `until`; returns the last one and the restart count.
+fn restarter(dir: std::path::PathBuf, addr: SocketAddr, until: Instant) -> thread::JoinHandle<Result<(Proc, usize)>> {
+    thread::spawn(move || {
+        let mut broker = start_mosquitto(&dir.join("mosquitto-0"), addr)?;
+        let mut n = 0;
+        while Instant::now() + Duration::from_secs(2) < until {
+            thread::sleep(Duration::from_millis(1500));
+            broker.stop();
+            thread::sleep(Duration::from_millis(300));
+            n += 1;
+            broker = start_mosquitto(&dir.join(format!("mosquitto-{n}")), addr)?;
+        }
+        Ok((broker, n))
+    })
+}
+
 #[test]
 fn soak_mixed_clients_leave_nothing_behind() -> Result<()> {
     let dir = scratch("soak");
@@ -167,6 +218,8 @@ fn soak_mixed_clients_leave_nothing_behind() -> Result<()> {
     let (mut ws_broker, ws_broker_addr) = start_aedes_ws(&subdir(&dir, "aedes-ws")?)?;
     let tcp = v4(SPLICER_IP, free_port(SPLICER_IP));
     let wsl = v4(SPLICER_IP, free_port(SPLICER_IP));
+    let rl = v4(SPLICER_IP, free_port(SPLICER_IP));
+    let restarting = v4(BROKER_IP, free_port(BROKER_IP));
     let maddr = metrics_addr();
     let config = dir.join("splicer.toml");
     fs::write(
@@ -175,7 +228,8 @@ fn soak_mixed_clients_leave_nothing_behind() -> Result<()> {
             "offload = \"sockmap\"\nmetrics = \"{maddr}\"\n\
              [[listener]]\nname = \"tcp\"\nlisten = \"{tcp}\"\nupstream = [\"{tcp_broker_addr}\"]\nsend-proxy = \"v2\"\n\
              [[listener]]\nname = \"ws\"\nlisten = \"{wsl}\"\nupstream = [\"{ws_broker_addr}\"]\nprotocol = \"ws\"\n\
-             ws-header-timeout = \"1s\"\nmax-handshakes = 256\n"
+             ws-header-timeout = \"1s\"\nmax-handshakes = 256\n\
+             [[listener]]\nname = \"restart\"\nlisten = \"{rl}\"\nupstream = [\"{restarting}\"]\nconnect-timeout = \"1s\"\n"
         ),
     )?;
     let mut cmd = Command::new(splicer_bin());
@@ -186,7 +240,10 @@ fn soak_mixed_clients_leave_nothing_behind() -> Result<()> {
     let (fds_before, rss_before) = (splicer.proc.fd_count(), rss_kib(pid));
 
     let until = Instant::now() + SOAK;
-    let counts: Vec<Arc<AtomicUsize>> = (0..5).map(|_| Arc::default()).collect();
+    let restarts = restarter(dir.clone(), restarting, until);
+    // The first broker is up before its clients start.
+    wait_until_listening(restarting)?;
+    let counts: Vec<Arc<AtomicUsize>> = (0..6).map(|_| Arc::default()).collect();
     let tcp_url = format!("mqtt://{tcp}");
     let ws_url = format!("ws://{wsl}/mqtt");
     let workers = vec![
@@ -195,13 +252,26 @@ fn soak_mixed_clients_leave_nothing_behind() -> Result<()> {
         keep_at(until, counts[2].clone(), move |i| spoof_tcp(tcp, i)),
         keep_at(until, counts[3].clone(), move |i| spoof_ws(wsl, i)),
         keep_at(until, counts[4].clone(), move |i| rude(tcp, wsl, i)),
+        keep_at(until, counts[5].clone(), move |i| through_restarts(rl, i)),
     ];
     for w in workers {
         w.join().expect("worker thread")?;
     }
+    let (_broker, restarted) = restarts.join().expect("restarter thread")?;
     let n: Vec<usize> = counts.iter().map(|c| c.load(Relaxed)).collect();
-    eprintln!("soak: honest tcp {} ws {}, spoofing tcp {} ws {}, rude {}", n[0], n[1], n[2], n[3], n[4]);
+    eprintln!(
+        "soak: honest tcp {} ws {}, spoofing tcp {} ws {}, rude {}, through {restarted} broker restarts {}",
+        n[0], n[1], n[2], n[3], n[4], n[5]
+    );
     ensure!(n.iter().all(|&k| k >= 5), "too few rounds for a soak: {n:?}");
+    ensure!(restarted >= 5, "the broker restarted only {restarted} times");
+    // After the last restart, its listener still works.
+    let mut c = connect_from(CLIENT_IP, rl)?;
+    c.write_all(&connect_packet("after-restarts"))?;
+    let mut ack = [0u8; 4];
+    c.read_exact(&mut ack).context("no CONNACK after the last restart")?;
+    ensure!(ack == [0x20, 2, 0, 0], "after the restarts: not a CONNACK: {}", show(&ack));
+    drop(c);
 
     // No spoofed address reached either broker; spoofing WebSocket clients
     // were seen as themselves.
@@ -218,7 +288,8 @@ fn soak_mixed_clients_leave_nothing_behind() -> Result<()> {
     loop {
         let text = splicer_testkit::metrics::scrape(maddr, STEP)?;
         let active = metric(&text, r#"splicer_connections_active{listener="tcp"}"#)?
-            + metric(&text, r#"splicer_connections_active{listener="ws"}"#)?;
+            + metric(&text, r#"splicer_connections_active{listener="ws"}"#)?
+            + metric(&text, r#"splicer_connections_active{listener="restart"}"#)?;
         if active == 0.0 {
             break;
         }
@@ -236,6 +307,15 @@ fn soak_mixed_clients_leave_nothing_behind() -> Result<()> {
     let rss_after = rss_kib(pid);
     eprintln!("soak: RSS {rss_before} KiB before, {rss_after} KiB after");
     ensure!(rss_after <= rss_before + 8 * 1024, "RSS {rss_before} KiB before the soak, {rss_after} KiB after");
+    Ok(())
+}
+
+fn wait_until_listening(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + STEP;
+    while !is_listening(addr) {
+        ensure!(Instant::now() < deadline, "nothing listens on {addr}");
+        thread::sleep(Duration::from_millis(20));
+    }
     Ok(())
 }
 

@@ -91,6 +91,19 @@ struct Table {
     /// IPv6 (and other non-IPv4) addresses of parked connections, which do
     /// not fit in Who.
     wide: HashMap<u64, ClientAddrs>,
+    /// The sockets of connections a task holds (not in `slots`), so that a
+    /// scrape counts their bytes too.
+    busy: HashMap<u64, Counted>,
+}
+
+/// What a scrape reads of one connection: its sockets and its listener's
+/// kernel byte counters.
+type Counted = (RawFd, RawFd, Arc<KernelBytes>);
+
+impl Spliced {
+    fn counted(&self) -> Counted {
+        (self.client.as_raw_fd(), self.upstream.as_raw_fd(), self.owner.metrics().kernel.clone())
+    }
 }
 
 /// The table of kernel-carried connections, and what their tasks need.
@@ -166,6 +179,7 @@ impl Park {
                     return;
                 };
                 t.state[i] = BUSY;
+                t.busy.insert(token, conn.counted());
                 self.runtime.spawn(self.clone().run(token, conn));
             }
             Some(WAITER) => {
@@ -229,6 +243,7 @@ impl Park {
         for s in [&conn.client, &conn.upstream] {
             self.epoll.add(s.as_raw_fd(), token)?;
         }
+        self.table.lock().unwrap().busy.insert(token, conn.counted());
         if let Err(conn) = self.park(token, conn) {
             self.runtime.spawn(self.clone().run(token, conn));
         }
@@ -245,6 +260,7 @@ impl Park {
         }
         t.slots[i] = Some(conn);
         t.state[i] = PARKED;
+        t.busy.remove(&token);
         Ok(())
     }
 
@@ -310,6 +326,9 @@ impl Park {
         let (cl, ul) = {
             // The bytes move from live to closed while no scrape is reading.
             let _closing = self.closing.write().unwrap();
+            // No scrape reads the sockets once they are closed (their
+            // numbers may be reused at once).
+            self.table.lock().unwrap().busy.remove(&token);
             // Both sockets closed (so out of the sockhashes) before their
             // links go.
             drop((client, upstream));
@@ -335,19 +354,21 @@ impl Park {
         owner.closed(addrs, &totals, elapsed);
     }
 
-    /// Publishes what the parked connections have redirected so far. The
-    /// table is locked only to list their sockets; the reads (two system
-    /// calls a socket) run without it, so wake-ups and parking go on. No
-    /// connection closes (`finish`) meanwhile: its sockets stay open, and
-    /// its bytes cannot move from live to closed and count twice.
+    /// Publishes what the connections carried both ways, parked or held
+    /// by a task, have redirected so far. The table is locked only to list
+    /// their sockets; the reads (two system calls a socket) run without it,
+    /// so wake-ups and parking go on. No connection closes (`finish`)
+    /// meanwhile: its sockets stay open, and its bytes cannot move from
+    /// live to closed and count twice.
     pub fn publish_kernel_bytes(&self, metrics: &Metrics) {
         let _no_closing = self.closing.read().unwrap();
-        let parked: Vec<(RawFd, RawFd, Arc<KernelBytes>)> = {
+        let parked: Vec<Counted> = {
             let t = self.table.lock().unwrap();
             t.slots
                 .iter()
                 .flatten()
-                .map(|c| (c.client.as_raw_fd(), c.upstream.as_raw_fd(), c.owner.metrics().kernel.clone()))
+                .map(Spliced::counted)
+                .chain(t.busy.values().cloned())
                 .collect()
         };
         let read = |fd: RawFd| {
@@ -384,6 +405,7 @@ fn free(t: &mut Table, token: u64) {
     t.state[i] = FREE;
     t.waiters.remove(&token);
     t.wide.remove(&token);
+    t.busy.remove(&token);
     t.free.push(i as u32);
 }
 

@@ -231,8 +231,9 @@ impl<'a> Flow<'a> {
     /// (`regrant`). If it lags a window behind, holds the sender back until
     /// `dst` has caught up half way: gently (see `slow_down`) while `dst`'s
     /// peer acknowledges bytes, growing the grant as the budget allows, and
-    /// with a zero window once the lag reaches one and a half windows and
-    /// `dst`'s peer has acknowledged nothing since the last look. A zero
+    /// with a zero window once `dst`'s peer has acknowledged nothing since
+    /// the last look and either advertises a zero window itself or the lag
+    /// has reached one and a half windows. A zero
     /// window costs the sender a persist-timer probe (200 ms or more) to
     /// learn that it reopened, so a reader that still reads must not get
     /// one; a reader that stopped must get one at once, because the gentle
@@ -253,10 +254,8 @@ impl<'a> Flow<'a> {
             let _ = sockopt::set_window_clamp(fd, 1);
             true
         };
-        let mut stopped = p.peer_full && stop();
-        if !stopped {
-            slow_down(fd);
-        }
+        slow_down(fd);
+        let mut stopped = false;
         let (mut acked, mut grown_at) = (p.acked, p.acked);
         let mut delay = Duration::from_millis(1);
         let result = loop {
@@ -285,7 +284,7 @@ impl<'a> Flow<'a> {
             if sockopt::closed_or_failed(fd).map_or(true, |(c, f)| c || f) {
                 break Ok(0);
             }
-            if !stopped && (p.peer_full || !reading && p.lag > grant.window() + grant.window() / 2) {
+            if !stopped && !reading && (p.peer_full || p.lag > grant.window() + grant.window() / 2) {
                 stopped = stop();
             }
         };
