@@ -215,14 +215,16 @@ impl Head {
         if self.list_bytes("upgrade").len() != 1 || self.fields("http2-settings").next().is_some() {
             return bad("an upgrade to anything but websocket alone");
         }
-        // A Connection field naming a forwarding header asks the next hop to
-        // strip what splicer wrote there (hop-by-hop, RFC 9110 7.6.1).
+        // Any other Connection option names a header field that the next
+        // hop must then strip (hop-by-hop, RFC 9110 7.6.1): one of those
+        // splicer wrote, or the one a broker reads the client from, whatever
+        // its configured name. Browsers send `Upgrade` and `keep-alive`.
         if self.list_bytes("connection").iter().any(|t| {
-            [X_FORWARDED_FOR, X_FORWARDED_PORT, "x-real-ip", "forwarded"]
+            !["upgrade", "keep-alive", "close"]
                 .iter()
                 .any(|n| t.eq_ignore_ascii_case(n.as_bytes()))
         }) {
-            return bad("Connection names a forwarding header");
+            return bad("Connection names a header field (only Upgrade, keep-alive and close are taken)");
         }
         if self.method != "GET" {
             return bad("a WebSocket upgrade must be a GET");
@@ -849,8 +851,9 @@ mod tests {
         assert!(bad(check(settings.as_bytes(), None)));
         let case = show(&ok).replace("Upgrade: websocket", "Upgrade: WebSocket");
         assert_eq!(check(case.as_bytes(), None), Ok(()));
-        // Hop-by-hop: a Connection token naming a forwarding header.
-        for tokens in ["Upgrade, X-Forwarded-For", "upgrade, x-real-ip", "Upgrade,Forwarded"] {
+        // Hop-by-hop: a Connection token naming a header field, forwarding
+        // or any other (the broker may read the client from any name).
+        for tokens in ["Upgrade, X-Forwarded-For", "upgrade, x-real-ip", "Upgrade,Forwarded", "Upgrade, X-Client-IP"] {
             let hop = show(&ok).replace("Connection: Upgrade", &format!("Connection: {tokens}"));
             assert!(bad(check(hop.as_bytes(), None)), "{tokens}");
         }

@@ -246,7 +246,8 @@ fn proxy_v2_edges_by_the_spec() -> Result<()> {
 /// refused with 400: a body (Content-Length, Transfer-Encoding), which the
 /// broker could read as a next request; an upgrade to h2c as well, after
 /// which it would read HTTP/2 requests; a Connection field naming a
-/// forwarding header, which asks the next hop to strip splicer's.
+/// header field (a forwarding header, or whichever one the broker reads
+/// the client from), which asks the next hop to strip it.
 #[test]
 fn upgrades_that_could_bypass_the_rewrite_are_refused() -> Result<()> {
     let dir = scratch("hard-body");
@@ -258,6 +259,7 @@ fn upgrades_that_could_bypass_the_rewrite_are_refused() -> Result<()> {
         "Upgrade: h2c",
         "HTTP2-Settings: AAMAAABkAAQAAP__",
         "Connection: X-Forwarded-For",
+        "Connection: Upgrade, X-Client-IP",
     ] {
         let mut c = connect_from(CLIENT_IP, splicer.listen)?;
         c.write_all(&upgrade_request(splicer.listen, "/mqtt", WS_KEY, &[field]))?;

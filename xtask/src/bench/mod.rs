@@ -23,7 +23,7 @@ use splicer_testkit::{free_port, Proc};
 
 use crate::{build, install, root, run_cmd};
 use forwarders::{Forwarder, Setup, ALL};
-use workloads::{Ctx, Sample, BULK1, BULK4, CONNRATE, IDLE, MQTT0, MQTT1, MQTT_PACED, PINGPONG};
+use workloads::{Ctx, Sample, BULK1, BULK4, CONNRATE, IDLE, IPERF, MQTT0, MQTT1, MQTT_PACED, PINGPONG};
 
 /// The load generator's server (PROXY header stripped, then discard/echo).
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 2);
@@ -149,6 +149,7 @@ pub fn run(quick: bool, out: &Path) -> Result<String> {
         )
     };
     let mut samples = tcp_phase(&plan, &loadgen, &splicer, &dir, nofile, step)?;
+    samples.extend(iperf_phase(&plan, &loadgen, &splicer, &dir, nofile, step)?);
     samples.extend(mqtt_phase(&plan, &loadgen, &splicer, &dir, nofile, step)?);
 
     let report = report::Report {
@@ -205,6 +206,50 @@ fn tcp_phase(
         step(w);
         samples.extend(rounds(&ctx, w, &mut fwds)?);
     }
+    Ok(samples)
+}
+
+/// Bulk measured by iperf3 through every forwarder to an iperf3 server,
+/// with no PROXY header, beside the load generator's own figure: if the
+/// two disagree on `direct`, the run was capped (report.rs says so).
+fn iperf_phase(
+    plan: &Plan,
+    loadgen: &Path,
+    splicer: &Path,
+    dir: &Path,
+    nofile: u64,
+    step: impl Fn(&str),
+) -> Result<Vec<Sample>> {
+    let server_addr = SocketAddr::from((SERVER_IP, free_port(SERVER_IP)));
+    let mut server = Proc::spawn(
+        "iperf3",
+        dir,
+        Command::new("iperf3").args([
+            "-s",
+            "-B",
+            &SERVER_IP.to_string(),
+            "-p",
+            &server_addr.port().to_string(),
+        ]),
+    )?;
+    server.wait_listening(server_addr, START)?;
+    let setup = Setup {
+        dir: dir.to_path_buf(),
+        splicer: splicer.to_path_buf(),
+        upstream: server_addr,
+        send_proxy: false,
+        max_conns: 100,
+        nofile,
+    };
+    let ctx = Ctx {
+        loadgen,
+        plan,
+        setup: &setup,
+    };
+    let mut fwds = start_all(&setup)?;
+    step(IPERF);
+    let samples = rounds(&ctx, IPERF, &mut fwds)?;
+    server.check_alive()?;
     Ok(samples)
 }
 

@@ -149,6 +149,7 @@ fn tables() -> Vec<(&'static str, Vec<Col>)> {
     };
     vec![
         (BULK1, bulk()),
+        (IPERF, bulk()),
         (BULK4, bulk()),
         (
             PINGPONG,
@@ -247,6 +248,11 @@ fn describe(workload: &str, p: &Plan, nofile: u64) -> String {
     match workload {
         BULK1 => format!("{gb} GB client → server through one connection; the server counts the bytes and the count must match."),
         BULK4 => format!("{gb} GB in total, client → server, over 4 connections at once."),
+        IPERF => format!(
+            "iperf3 (Debian's) client → iperf3 server through the forwarder for {} s, 128 KiB writes, one connection, no PROXY header; \
+             the rate its server received. System CPU includes iperf3's own.",
+            if p.quick { 2 } else { 4 }
+        ),
         PINGPONG => format!("{} round trips of 64 bytes on one connection (after 100 warm-up ones), Nagle off.", p.rounds),
         IDLE => format!(
             "{} connections held (as many as an open-files limit of {nofile} lets a forwarder hold, at 2 fds each, \
@@ -304,6 +310,7 @@ pub fn markdown(r: &Report) -> String {
         q = if r.plan.quick { "This was a `--quick` run: sizes are small and figures rough. " } else { "" },
         t = r.total_s,
     );
+    s.push_str(&capped(r));
     for (workload, cols) in tables() {
         let _ = writeln!(
             s,
@@ -358,6 +365,28 @@ pub fn markdown(r: &Report) -> String {
     }
     s.push_str(&targets(r));
     s
+}
+
+/// Whether the run could trust its own bulk figures: the load generator's
+/// `direct` must come within 25% of iperf3's `direct` in the same run;
+/// otherwise something capped it (and likely the forwarders too), and
+/// ratios to it mean little.
+pub fn capped(r: &Report) -> String {
+    let ours = r.median(BULK1, Kind::Direct, "gb_per_s");
+    let theirs = r.median(IPERF, Kind::Direct, "gb_per_s");
+    match (ours, theirs) {
+        (Some(o), Some(t)) if o >= 0.75 * t => format!(
+            "\nBulk check: the load generator's direct bulk ({} GB/s) is within 25% of iperf3's ({} GB/s) in this run, so its bulk ratios hold.\n",
+            num(o),
+            num(t)
+        ),
+        (Some(o), Some(t)) => format!(
+            "\n**This run was capped**: the load generator's direct bulk ({} GB/s) is more than 25% below iperf3's ({} GB/s) on the same machine in the same run; its bulk figures and ratios do not show what the machine can do. Use the iperf3 table.\n",
+            num(o),
+            num(t)
+        ),
+        _ => "\nBulk check: no direct figure from both the load generator and iperf3.\n".into(),
+    }
 }
 
 /// The targets issue 5 sets for splicer in sockmap mode, measured.

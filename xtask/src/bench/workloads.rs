@@ -47,6 +47,9 @@ pub struct Sample {
 /// connection storm so the machine has fewer of them around.
 pub const BULK1: &str = "bulk, 1 connection";
 pub const BULK4: &str = "bulk, 4 connections";
+/// Bulk over one connection measured by iperf3, a tool nobody here wrote,
+/// with no PROXY header (iperf3's server could not read one).
+pub const IPERF: &str = "bulk, 1 connection, iperf3";
 pub const PINGPONG: &str = "ping-pong";
 pub const IDLE: &str = "idle";
 pub const CONNRATE: &str = "connection rate";
@@ -123,6 +126,7 @@ impl Ctx<'_> {
                 ])
             }
             IDLE => return self.idle(fwd, rep),
+            IPERF => return self.iperf(fwd, rep),
             _ => bail!("unknown workload {workload}"),
         };
         let quiet = wait_quiet(p.quiet_wait);
@@ -173,6 +177,57 @@ impl Ctx<'_> {
             system_cpu_s: sys,
             metrics: m,
             client,
+        })
+    }
+
+    /// iperf3's client through `fwd` to the iperf3 server behind it, for a
+    /// fixed time with 128 KiB writes; the rate is what its server received.
+    fn iperf(&self, fwd: &mut Forwarder, rep: usize) -> Result<Sample> {
+        let p = self.plan;
+        let secs = if p.quick { "2" } else { "4" };
+        let quiet = wait_quiet(p.quiet_wait);
+        let (cpu0, sys0, t0) = (fwd_cpu(fwd), busy_cpu_s(), Instant::now());
+        let (status, out, err) = run_with_timeout(
+            Command::new("iperf3").args([
+                "-c",
+                &fwd.addr.ip().to_string(),
+                "-p",
+                &fwd.addr.port().to_string(),
+                "-t",
+                secs,
+                "-l",
+                "128K",
+                "-J",
+            ]),
+            Duration::from_secs(60),
+        )
+        .context("iperf3")?;
+        let (cpu, sys, wall) = (fwd_cpu(fwd) - cpu0, busy_cpu_s() - sys0, t0.elapsed());
+        fwd.check_alive()?;
+        if !status.success() {
+            bail!("iperf3 through {} failed ({status}):\n{out}{err}", fwd.kind.name());
+        }
+        let client: Value = serde_json::from_str(&out).context("iperf3's JSON")?;
+        let received = &client["end"]["sum_received"];
+        let (bytes, bps) = (received["bytes"].as_f64(), received["bits_per_second"].as_f64());
+        let (Some(bytes), Some(bps)) = (bytes, bps) else {
+            bail!("iperf3 through {}: no end.sum_received in its output", fwd.kind.name());
+        };
+        let gb = bytes / 1e9;
+        let mut m = BTreeMap::new();
+        m.insert("gb_per_s", bps / 8e9);
+        m.insert("forwarder_cpu_s_per_gb", cpu / gb);
+        m.insert("system_cpu_s_per_gb", sys / gb);
+        Ok(Sample {
+            workload: IPERF,
+            forwarder: fwd.kind.name(),
+            rep,
+            quiet,
+            wall_s: wall.as_secs_f64(),
+            forwarder_cpu_s: cpu,
+            system_cpu_s: sys,
+            metrics: m,
+            client: serde_json::json!({ "bytes": bytes, "bits_per_second": bps }),
         })
     }
 
