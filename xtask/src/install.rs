@@ -171,7 +171,13 @@ pub fn toolchain() -> Result<()> {
 
 /// What `cargo xtask bench` compares splicer with, and its MQTT broker.
 pub fn bench_peers() -> Result<()> {
-    apt_install(&["haproxy", "nginx", "libnginx-mod-stream", "mosquitto", "iperf3"])
+    apt_install(&[
+        "haproxy",
+        "nginx",
+        "libnginx-mod-stream",
+        "mosquitto",
+        "iperf3",
+    ])
 }
 
 /// Brokers, proxies and clients for the end-to-end tests.

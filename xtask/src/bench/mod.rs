@@ -23,7 +23,9 @@ use splicer_testkit::{free_port, Proc};
 
 use crate::{build, install, root, run_cmd};
 use forwarders::{Forwarder, Setup, ALL};
-use workloads::{Ctx, Sample, BULK1, BULK4, CONNRATE, IDLE, IPERF, MQTT0, MQTT1, MQTT_PACED, PINGPONG};
+use workloads::{
+    Ctx, Sample, BULK1, BULK4, CONNRATE, IDLE, IPERF, MQTT0, MQTT1, MQTT_PACED, PINGPONG,
+};
 
 /// The load generator's server (PROXY header stripped, then discard/echo).
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 1, 2);
@@ -148,9 +150,17 @@ pub fn run(quick: bool, out: &Path) -> Result<String> {
             started.elapsed().as_secs_f64()
         )
     };
-    let mut samples = tcp_phase(&plan, &loadgen, &splicer, &dir, nofile, step)?;
-    samples.extend(iperf_phase(&plan, &loadgen, &splicer, &dir, nofile, step)?);
-    samples.extend(mqtt_phase(&plan, &loadgen, &splicer, &dir, nofile, step)?);
+    let run = Run {
+        plan: &plan,
+        loadgen: &loadgen,
+        splicer: &splicer,
+        dir: &dir,
+        nofile,
+        step: &step,
+    };
+    let mut samples = tcp_phase(&run)?;
+    samples.extend(iperf_phase(&run)?);
+    samples.extend(mqtt_phase(&run)?);
 
     let report = report::Report {
         machine,
@@ -170,101 +180,90 @@ pub fn run(quick: bool, out: &Path) -> Result<String> {
     Ok(md)
 }
 
+/// What every phase of one run shares.
+struct Run<'a> {
+    plan: &'a Plan,
+    loadgen: &'a Path,
+    splicer: &'a Path,
+    dir: &'a Path,
+    nofile: u64,
+    step: &'a dyn Fn(&str),
+}
+
+impl Run<'_> {
+    /// Every forwarder started in front of `upstream` (already listening),
+    /// then each of `workloads` in turn.
+    fn phase(
+        &self,
+        upstream: SocketAddr,
+        send_proxy: bool,
+        max_conns: usize,
+        workloads: &[&'static str],
+    ) -> Result<Vec<Sample>> {
+        let setup = Setup {
+            dir: self.dir.to_path_buf(),
+            splicer: self.splicer.to_path_buf(),
+            upstream,
+            send_proxy,
+            max_conns,
+            nofile: self.nofile,
+        };
+        let ctx = Ctx {
+            loadgen: self.loadgen,
+            plan: self.plan,
+            setup: &setup,
+        };
+        let mut fwds = start_all(&setup)?;
+        let mut samples = Vec::new();
+        for &w in workloads {
+            (self.step)(w);
+            samples.extend(rounds(&ctx, w, &mut fwds)?);
+        }
+        Ok(samples)
+    }
+}
+
 /// Bulk, ping-pong, idle and connection rate, against the load
 /// generator's server, every forwarder sending a PROXY v1 header.
-fn tcp_phase(
-    plan: &Plan,
-    loadgen: &Path,
-    splicer: &Path,
-    dir: &Path,
-    nofile: u64,
-    step: impl Fn(&str),
-) -> Result<Vec<Sample>> {
+fn tcp_phase(run: &Run) -> Result<Vec<Sample>> {
     let server_addr = SocketAddr::from((SERVER_IP, free_port(SERVER_IP)));
     let mut server = Proc::spawn(
         "server",
-        dir,
-        Command::new(loadgen).args(["server", "--listen", &server_addr.to_string()]),
+        run.dir,
+        Command::new(run.loadgen).args(["server", "--listen", &server_addr.to_string()]),
     )?;
     server.wait_listening(server_addr, START)?;
-    let setup = Setup {
-        dir: dir.to_path_buf(),
-        splicer: splicer.to_path_buf(),
-        upstream: server_addr,
-        send_proxy: true,
-        max_conns: plan.idle_conns + 100,
-        nofile,
-    };
-    let ctx = Ctx {
-        loadgen,
-        plan,
-        setup: &setup,
-    };
-    let mut fwds = start_all(&setup)?;
-    let mut samples = Vec::new();
-    for w in [BULK1, BULK4, PINGPONG, IDLE, CONNRATE] {
-        step(w);
-        samples.extend(rounds(&ctx, w, &mut fwds)?);
-    }
-    Ok(samples)
+    let max_conns = run.plan.idle_conns + 100;
+    run.phase(
+        server_addr,
+        true,
+        max_conns,
+        &[BULK1, BULK4, PINGPONG, IDLE, CONNRATE],
+    )
 }
 
 /// Bulk measured by iperf3 through every forwarder to an iperf3 server,
 /// with no PROXY header, beside the load generator's own figure: if the
 /// two disagree on `direct`, the run was capped (report.rs says so).
-fn iperf_phase(
-    plan: &Plan,
-    loadgen: &Path,
-    splicer: &Path,
-    dir: &Path,
-    nofile: u64,
-    step: impl Fn(&str),
-) -> Result<Vec<Sample>> {
+fn iperf_phase(run: &Run) -> Result<Vec<Sample>> {
     let server_addr = SocketAddr::from((SERVER_IP, free_port(SERVER_IP)));
+    let port = server_addr.port().to_string();
     let mut server = Proc::spawn(
         "iperf3",
-        dir,
-        Command::new("iperf3").args([
-            "-s",
-            "-B",
-            &SERVER_IP.to_string(),
-            "-p",
-            &server_addr.port().to_string(),
-        ]),
+        run.dir,
+        Command::new("iperf3").args(["-s", "-B", &SERVER_IP.to_string(), "-p", &port]),
     )?;
     server.wait_listening(server_addr, START)?;
-    let setup = Setup {
-        dir: dir.to_path_buf(),
-        splicer: splicer.to_path_buf(),
-        upstream: server_addr,
-        send_proxy: false,
-        max_conns: 100,
-        nofile,
-    };
-    let ctx = Ctx {
-        loadgen,
-        plan,
-        setup: &setup,
-    };
-    let mut fwds = start_all(&setup)?;
-    step(IPERF);
-    let samples = rounds(&ctx, IPERF, &mut fwds)?;
+    let samples = run.phase(server_addr, false, 100, &[IPERF])?;
     server.check_alive()?;
     Ok(samples)
 }
 
 /// MQTT through every forwarder to mosquitto. Debian's mosquitto (2.0)
 /// cannot read PROXY headers, so in this phase no forwarder sends one.
-fn mqtt_phase(
-    plan: &Plan,
-    loadgen: &Path,
-    splicer: &Path,
-    dir: &Path,
-    nofile: u64,
-    step: impl Fn(&str),
-) -> Result<Vec<Sample>> {
+fn mqtt_phase(run: &Run) -> Result<Vec<Sample>> {
     let broker_addr = SocketAddr::from((BROKER_IP, free_port(BROKER_IP)));
-    let conf = dir.join("mosquitto.conf");
+    let conf = run.dir.join("mosquitto.conf");
     // Nagle off, as brokers run in production (EMQX's default), so latency
     // is the forwarder's and not a delayed ACK's.
     std::fs::write(
@@ -279,29 +278,12 @@ fn mqtt_phase(
     )?;
     let mut broker = Proc::spawn(
         "mosquitto",
-        dir,
+        run.dir,
         Command::new("mosquitto").arg("-c").arg(&conf),
     )?;
     broker.wait_listening(broker_addr, START)?;
-    let setup = Setup {
-        dir: dir.to_path_buf(),
-        splicer: splicer.to_path_buf(),
-        upstream: broker_addr,
-        send_proxy: false,
-        max_conns: plan.mqtt_publishers + 100,
-        nofile,
-    };
-    let ctx = Ctx {
-        loadgen,
-        plan,
-        setup: &setup,
-    };
-    let mut fwds = start_all(&setup)?;
-    let mut samples = Vec::new();
-    for w in [MQTT0, MQTT1, MQTT_PACED] {
-        step(w);
-        samples.extend(rounds(&ctx, w, &mut fwds)?);
-    }
+    let max_conns = run.plan.mqtt_publishers + 100;
+    let samples = run.phase(broker_addr, false, max_conns, &[MQTT0, MQTT1, MQTT_PACED])?;
     broker.check_alive()?;
     Ok(samples)
 }

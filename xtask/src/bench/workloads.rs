@@ -57,6 +57,39 @@ pub const MQTT0: &str = "MQTT QoS 0";
 pub const MQTT1: &str = "MQTT QoS 1";
 pub const MQTT_PACED: &str = "MQTT QoS 0, paced";
 
+/// One step's readings around its run.
+struct Measured {
+    quiet: Quiet,
+    wall: Duration,
+    /// On-CPU seconds of the forwarder's processes.
+    cpu: f64,
+    /// Busy CPU seconds of the whole machine.
+    sys: f64,
+}
+
+impl Measured {
+    fn sample(
+        self,
+        workload: &'static str,
+        fwd: &Forwarder,
+        rep: usize,
+        metrics: BTreeMap<&'static str, f64>,
+        client: Value,
+    ) -> Sample {
+        Sample {
+            workload,
+            forwarder: fwd.kind.name(),
+            rep,
+            quiet: self.quiet,
+            wall_s: self.wall.as_secs_f64(),
+            forwarder_cpu_s: self.cpu,
+            system_cpu_s: self.sys,
+            metrics,
+            client,
+        }
+    }
+}
+
 pub struct Ctx<'a> {
     pub loadgen: &'a Path,
     pub plan: &'a Plan,
@@ -129,12 +162,12 @@ impl Ctx<'_> {
             IPERF => return self.iperf(fwd, rep),
             _ => bail!("unknown workload {workload}"),
         };
-        let quiet = wait_quiet(p.quiet_wait);
-        let (cpu0, sys0, t0) = (fwd_cpu(fwd), busy_cpu_s(), Instant::now());
-        let client = run_client(self.loadgen, &args, p.max_time + Duration::from_secs(60))
-            .with_context(|| format!("{workload} through {}", fwd.kind.name()))?;
-        let (cpu, sys, wall) = (fwd_cpu(fwd) - cpu0, busy_cpu_s() - sys0, t0.elapsed());
-        fwd.check_alive()?;
+        let name = fwd.kind.name();
+        let (at, client) = self.measure(fwd, || {
+            run_client(self.loadgen, &args, p.max_time + Duration::from_secs(60))
+                .with_context(|| format!("{workload} through {name}"))
+        })?;
+        let (cpu, sys) = (at.cpu, at.sys);
         let num = |k: &str| client.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
         let mut m = BTreeMap::new();
         match workload {
@@ -167,17 +200,27 @@ impl Ctx<'_> {
                 m.insert("system_cpu_us_per_msg", sys * 1e6 / n);
             }
         }
-        Ok(Sample {
-            workload,
-            forwarder: fwd.kind.name(),
-            rep,
+        Ok(at.sample(workload, fwd, rep, m, client))
+    }
+
+    /// Waits for quiet, then runs `step` between two readings of the
+    /// forwarder's and the machine's CPU; the forwarder must still be alive.
+    fn measure<T>(
+        &self,
+        fwd: &mut Forwarder,
+        step: impl FnOnce() -> Result<T>,
+    ) -> Result<(Measured, T)> {
+        let quiet = wait_quiet(self.plan.quiet_wait);
+        let (cpu0, sys0, t0) = (fwd_cpu(fwd), busy_cpu_s(), Instant::now());
+        let out = step()?;
+        let at = Measured {
             quiet,
-            wall_s: wall.as_secs_f64(),
-            forwarder_cpu_s: cpu,
-            system_cpu_s: sys,
-            metrics: m,
-            client,
-        })
+            wall: t0.elapsed(),
+            cpu: fwd_cpu(fwd) - cpu0,
+            sys: busy_cpu_s() - sys0,
+        };
+        fwd.check_alive()?;
+        Ok((at, out))
     }
 
     /// iperf3's client through `fwd` to the iperf3 server behind it, for a
@@ -185,50 +228,40 @@ impl Ctx<'_> {
     fn iperf(&self, fwd: &mut Forwarder, rep: usize) -> Result<Sample> {
         let p = self.plan;
         let secs = if p.quick { "2" } else { "4" };
-        let quiet = wait_quiet(p.quiet_wait);
-        let (cpu0, sys0, t0) = (fwd_cpu(fwd), busy_cpu_s(), Instant::now());
-        let (status, out, err) = run_with_timeout(
-            Command::new("iperf3").args([
-                "-c",
-                &fwd.addr.ip().to_string(),
-                "-p",
-                &fwd.addr.port().to_string(),
-                "-t",
-                secs,
-                "-l",
-                "128K",
-                "-J",
-            ]),
-            Duration::from_secs(60),
-        )
-        .context("iperf3")?;
-        let (cpu, sys, wall) = (fwd_cpu(fwd) - cpu0, busy_cpu_s() - sys0, t0.elapsed());
-        fwd.check_alive()?;
+        let (ip, port) = (fwd.addr.ip().to_string(), fwd.addr.port().to_string());
+        let (at, (status, out, err)) = self.measure(fwd, || {
+            run_with_timeout(
+                Command::new("iperf3")
+                    .args(["-c", &ip, "-p", &port, "-t", secs, "-l", "128K", "-J"]),
+                Duration::from_secs(60),
+            )
+            .context("iperf3")
+        })?;
         if !status.success() {
-            bail!("iperf3 through {} failed ({status}):\n{out}{err}", fwd.kind.name());
+            bail!(
+                "iperf3 through {} failed ({status}):\n{out}{err}",
+                fwd.kind.name()
+            );
         }
         let client: Value = serde_json::from_str(&out).context("iperf3's JSON")?;
         let received = &client["end"]["sum_received"];
-        let (bytes, bps) = (received["bytes"].as_f64(), received["bits_per_second"].as_f64());
+        let (bytes, bps) = (
+            received["bytes"].as_f64(),
+            received["bits_per_second"].as_f64(),
+        );
         let (Some(bytes), Some(bps)) = (bytes, bps) else {
-            bail!("iperf3 through {}: no end.sum_received in its output", fwd.kind.name());
+            bail!(
+                "iperf3 through {}: no end.sum_received in its output",
+                fwd.kind.name()
+            );
         };
         let gb = bytes / 1e9;
         let mut m = BTreeMap::new();
         m.insert("gb_per_s", bps / 8e9);
-        m.insert("forwarder_cpu_s_per_gb", cpu / gb);
-        m.insert("system_cpu_s_per_gb", sys / gb);
-        Ok(Sample {
-            workload: IPERF,
-            forwarder: fwd.kind.name(),
-            rep,
-            quiet,
-            wall_s: wall.as_secs_f64(),
-            forwarder_cpu_s: cpu,
-            system_cpu_s: sys,
-            metrics: m,
-            client: serde_json::json!({ "bytes": bytes, "bits_per_second": bps }),
-        })
+        m.insert("forwarder_cpu_s_per_gb", at.cpu / gb);
+        m.insert("system_cpu_s_per_gb", at.sys / gb);
+        let client = serde_json::json!({ "bytes": bytes, "bits_per_second": bps });
+        Ok(at.sample(IPERF, fwd, rep, m, client))
     }
 
     /// Idle: a fresh forwarder (memory a previous step freed would be
@@ -288,17 +321,13 @@ impl Ctx<'_> {
         m.insert("forwarder_rss_before_bytes", rss0);
         m.insert("forwarder_rss_holding_bytes", rss1);
         m.insert("forwarder_cpu_us_per_conn", cpu * 1e6 / n as f64);
-        Ok(Sample {
-            workload: IDLE,
-            forwarder: fwd.kind.name(),
-            rep,
+        let at = Measured {
             quiet,
-            wall_s: wall.as_secs_f64(),
-            forwarder_cpu_s: cpu,
-            system_cpu_s: sys,
-            metrics: m,
-            client,
-        })
+            wall,
+            cpu,
+            sys,
+        };
+        Ok(at.sample(IDLE, fwd, rep, m, client))
     }
 }
 
