@@ -257,13 +257,23 @@ impl<'a> Flow<'a> {
         slow_down(fd);
         let mut stopped = false;
         let (mut acked, mut grown_at) = (p.acked, p.acked);
-        let mut delay = Duration::from_millis(1);
+        let (mut delay, mut last_lag) = (Duration::from_millis(1), p.lag);
         let result = loop {
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(10));
             let Some(p) = self.progress() else {
                 break Err(End::DstFailed);
             };
+            // Every millisecond while the lag grows and the sender is not
+            // stopped: the gentle hold barely slows a sender on a fast link,
+            // so each millisecond a stopped reader goes unnoticed costs a
+            // millisecond at line rate. Otherwise less and less often (a
+            // reader that is merely slow keeps its task for a while).
+            delay = if !stopped && p.lag > last_lag {
+                Duration::from_millis(1)
+            } else {
+                (delay * 2).min(Duration::from_millis(10))
+            };
+            last_lag = p.lag;
             let reading = p.acked > acked;
             acked = p.acked;
             // Grown for a reader that took half a window since: one that
