@@ -131,6 +131,7 @@ fn tables() -> Vec<(&'static str, Vec<Col>)> {
                 &[Haproxy],
             ),
             col("system_cpu_s_per_gb", "system CPU s/GB", Lower, &[Direct]),
+            col("kernel_work_s_per_gb", "of which kernel work s/GB", Lower, &[Direct]),
         ]
     };
     // No latency at saturation: it is time spent queued (at QoS 1 in the
@@ -145,6 +146,8 @@ fn tables() -> Vec<(&'static str, Vec<Col>)> {
                 Lower,
                 &[Haproxy],
             ),
+            col("system_cpu_us_per_msg", "system CPU µs/msg", Lower, &[Haproxy]),
+            col("kernel_work_us_per_msg", "of which kernel work µs/msg", Lower, &[Haproxy]),
         ]
     };
     vec![
@@ -162,6 +165,8 @@ fn tables() -> Vec<(&'static str, Vec<Col>)> {
                     Lower,
                     &[Haproxy],
                 ),
+                col("system_cpu_us_per_round_trip", "system CPU µs/round trip", Lower, &[Direct]),
+                col("kernel_work_us_per_round_trip", "of which kernel work µs/round trip", Lower, &[Direct]),
             ],
         ),
         (
@@ -180,6 +185,7 @@ fn tables() -> Vec<(&'static str, Vec<Col>)> {
                     Lower,
                     &[Direct],
                 ),
+                col("kernel_work_us_per_conn", "of which kernel work µs/conn", Lower, &[Direct]),
             ],
         ),
         (
@@ -302,7 +308,7 @@ pub fn markdown(r: &Report) -> String {
          Every forwarder sends a PROXY v1 header upstream (nginx can send no other). \
          Each figure is the median of {n} run{plural} with the range in brackets; the forwarders take turns within each round. \
          \"× HAProxy\" compares with the better of HAProxy's two modes for that figure; \
-         forwarder CPU is the on-CPU time of its processes; system CPU is the whole machine's busy time, load generator and broker included. \
+         forwarder CPU is the on-CPU time of its processes; system CPU is the whole machine's busy time, load generator and broker included, and \"kernel work\" the part of it in softirq, hardirq and kworker threads (where the sockmap's redirect worker runs; \"× direct\" or \"× HAProxy\" beside it shows what the path adds). \
          {q}Run took {t:.0} s.\n",
         w = r.workers,
         n = r.plan.reps,

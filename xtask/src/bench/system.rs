@@ -35,6 +35,34 @@ pub fn busy_cpu_s() -> f64 {
     cpu_times().0
 }
 
+/// CPU seconds since boot of the kernel's own work: softirq and hardirq
+/// time from /proc/stat, plus the on-CPU time of every kworker thread
+/// (where the sockmap's psock backlog runs). Kworkers that exit during a
+/// step take their time with them, so a difference can only under-count.
+pub fn kernel_work_s() -> f64 {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let irq: f64 = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(6)
+        .take(2)
+        .filter_map(|x| x.parse::<f64>().ok())
+        .sum();
+    let mut kworker_ns = 0u64;
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let path = entry.path();
+        let comm = fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if !comm.starts_with("kworker") {
+            continue;
+        }
+        let s = fs::read_to_string(path.join("schedstat")).unwrap_or_default();
+        kworker_ns += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    irq / clk_tck() + kworker_ns as f64 / 1e9
+}
+
 #[derive(Serialize, Clone, Copy, Default)]
 pub struct Quiet {
     /// Idle fraction of the machine in the last half second before the step.

@@ -19,7 +19,7 @@ use splicer_testkit::proc::{read_in_background, run_with_timeout};
 use super::{
     forwarders::{Forwarder, Setup},
     procs::{tree_cpu_s, tree_rss_bytes},
-    system::{busy_cpu_s, kernel_mem_bytes, wait_quiet, Quiet},
+    system::{busy_cpu_s, kernel_mem_bytes, kernel_work_s, wait_quiet, Quiet},
     Plan,
 };
 
@@ -36,6 +36,9 @@ pub struct Sample {
     /// Busy CPU time of the whole machine (client, server, broker, kernel,
     /// and whatever else ran) during the step.
     pub system_cpu_s: f64,
+    /// Of that, the kernel's own work: softirq, hardirq and kworkers
+    /// (system::kernel_work_s).
+    pub kernel_work_s: f64,
     /// The figures the report shows, derived from the rest.
     pub metrics: BTreeMap<&'static str, f64>,
     /// The load generator's own JSON line, as printed.
@@ -65,6 +68,8 @@ struct Measured {
     cpu: f64,
     /// Busy CPU seconds of the whole machine.
     sys: f64,
+    /// Of those, the kernel's own work (softirq, kworkers).
+    kernel: f64,
 }
 
 impl Measured {
@@ -84,6 +89,7 @@ impl Measured {
             wall_s: self.wall.as_secs_f64(),
             forwarder_cpu_s: self.cpu,
             system_cpu_s: self.sys,
+            kernel_work_s: self.kernel,
             metrics,
             client,
         }
@@ -167,7 +173,7 @@ impl Ctx<'_> {
             run_client(self.loadgen, &args, p.max_time + Duration::from_secs(60))
                 .with_context(|| format!("{workload} through {name}"))
         })?;
-        let (cpu, sys) = (at.cpu, at.sys);
+        let (cpu, sys, kernel) = (at.cpu, at.sys, at.kernel);
         let num = |k: &str| client.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
         let mut m = BTreeMap::new();
         match workload {
@@ -176,6 +182,7 @@ impl Ctx<'_> {
                 m.insert("gb_per_s", num("gb_per_s"));
                 m.insert("forwarder_cpu_s_per_gb", cpu / gb);
                 m.insert("system_cpu_s_per_gb", sys / gb);
+                m.insert("kernel_work_s_per_gb", kernel / gb);
             }
             PINGPONG => {
                 let n = num("rounds");
@@ -183,6 +190,7 @@ impl Ctx<'_> {
                 m.insert("p99_us", num("p99_us"));
                 m.insert("forwarder_cpu_us_per_round_trip", cpu * 1e6 / n);
                 m.insert("system_cpu_us_per_round_trip", sys * 1e6 / n);
+                m.insert("kernel_work_us_per_round_trip", kernel * 1e6 / n);
             }
             CONNRATE => {
                 let n = num("conns");
@@ -190,6 +198,7 @@ impl Ctx<'_> {
                 m.insert("p99_us", num("p99_us"));
                 m.insert("forwarder_cpu_us_per_conn", cpu * 1e6 / n);
                 m.insert("system_cpu_us_per_conn", sys * 1e6 / n);
+                m.insert("kernel_work_us_per_conn", kernel * 1e6 / n);
             }
             _ => {
                 let n = num("received");
@@ -198,6 +207,7 @@ impl Ctx<'_> {
                 m.insert("p99_us", num("p99_us"));
                 m.insert("forwarder_cpu_us_per_msg", cpu * 1e6 / n);
                 m.insert("system_cpu_us_per_msg", sys * 1e6 / n);
+                m.insert("kernel_work_us_per_msg", kernel * 1e6 / n);
             }
         }
         Ok(at.sample(workload, fwd, rep, m, client))
@@ -211,13 +221,14 @@ impl Ctx<'_> {
         step: impl FnOnce() -> Result<T>,
     ) -> Result<(Measured, T)> {
         let quiet = wait_quiet(self.plan.quiet_wait);
-        let (cpu0, sys0, t0) = (fwd_cpu(fwd), busy_cpu_s(), Instant::now());
+        let (cpu0, sys0, k0, t0) = (fwd_cpu(fwd), busy_cpu_s(), kernel_work_s(), Instant::now());
         let out = step()?;
         let at = Measured {
             quiet,
             wall: t0.elapsed(),
             cpu: fwd_cpu(fwd) - cpu0,
             sys: busy_cpu_s() - sys0,
+            kernel: kernel_work_s() - k0,
         };
         fwd.check_alive()?;
         Ok((at, out))
@@ -260,6 +271,7 @@ impl Ctx<'_> {
         m.insert("gb_per_s", bps / 8e9);
         m.insert("forwarder_cpu_s_per_gb", at.cpu / gb);
         m.insert("system_cpu_s_per_gb", at.sys / gb);
+        m.insert("kernel_work_s_per_gb", at.kernel / gb);
         let client = serde_json::json!({ "bytes": bytes, "bits_per_second": bps });
         Ok(at.sample(IPERF, fwd, rep, m, client))
     }
@@ -326,6 +338,7 @@ impl Ctx<'_> {
             wall,
             cpu,
             sys,
+            kernel: f64::NAN,
         };
         Ok(at.sample(IDLE, fwd, rep, m, client))
     }
