@@ -27,23 +27,17 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// `max_buffered`: see `Config::max_buffered`.
-    pub fn init(
-        mode: OffloadMode,
-        level: log::LevelFilter,
-        max_buffered: Option<u64>,
-        drain: Arc<Drain>,
-    ) -> Result<Datapath> {
+    pub fn init(mode: OffloadMode, level: log::LevelFilter, drain: Arc<Drain>) -> Result<Datapath> {
         let kernel = match mode {
             OffloadMode::Userspace => {
                 log::info!("offload: userspace (requested with --offload userspace)");
                 None
             }
             OffloadMode::Sockmap => Some(
-                Kernel::load(level, max_buffered, drain.clone())
+                Kernel::load(level, drain.clone())
                     .context("--offload sockmap: the eBPF sockmap offload cannot be used")?,
             ),
-            OffloadMode::Auto => match Kernel::load(level, max_buffered, drain.clone()) {
+            OffloadMode::Auto => match Kernel::load(level, drain.clone()) {
                 Ok(k) => Some(k),
                 Err(e) => {
                     log::warn!("offload: userspace, because the eBPF sockmap offload is unavailable: {e:#}");
@@ -52,11 +46,7 @@ impl Datapath {
             },
         };
         if let Some(k) = &kernel {
-            log::info!(
-                "offload: sockmap (sk_skb stream verdict, prog id {}; max-buffered {})",
-                k.prog_id(),
-                bytesize::ByteSize(k.budget().cap()).display().iec()
-            );
+            log::info!("offload: sockmap (sk_skb stream verdict, prog id {})", k.prog_id());
         }
         Ok(Datapath { kernel, drain })
     }
@@ -114,14 +104,10 @@ impl Datapath {
     }
 
     /// Brings the kernel byte counters up to date for a metrics scrape,
-    /// open connections included, and the buffer budget's gauges.
+    /// open connections included.
     pub fn publish_kernel_bytes(&self, metrics: &Metrics) {
         match &self.kernel {
-            Some(k) => {
-                k.publish_kernel_bytes(metrics);
-                let b = k.budget();
-                metrics.publish_buffer_budget(b.cap(), b.granted(), b.refused());
-            }
+            Some(k) => k.publish_kernel_bytes(metrics),
             None => metrics.publish_kernel_bytes(&LiveBytes::default()),
         }
     }

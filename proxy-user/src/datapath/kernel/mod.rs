@@ -3,8 +3,6 @@
 //! a flow-control signal.
 //!
 //! - maps.rs: the eBPF program and its maps;
-//! - budget.rs: what each kernel-carried direction may hold, within
-//!   `--max-buffered`;
 //! - splice.rs: handing two sockets to the kernel, and one kernel-carried
 //!   direction (`Flow`) up to its FIN;
 //! - park.rs: connections carried both ways, parked with no task;
@@ -13,7 +11,6 @@
 //!
 //! `Kernel` wires them: the program's signals and the epoll set's events
 //! both wake the park.
-mod budget;
 mod epoll;
 mod maps;
 mod park;
@@ -31,7 +28,6 @@ use anyhow::{Context as _, Result};
 use tokio::{net::TcpStream, sync::watch};
 
 use self::{
-    budget::{Budget, Grant},
     epoll::Epoll,
     maps::Maps,
     park::{Park, ToPark},
@@ -48,7 +44,6 @@ use crate::{
 
 pub struct Kernel {
     maps: Arc<Maps>,
-    budget: Arc<Budget>,
     epoll: Arc<Epoll>,
     park: Arc<Park>,
     drain: Arc<Drain>,
@@ -59,14 +54,11 @@ pub struct Kernel {
 impl Kernel {
     /// Loads the program and starts what wakes parked connections. Called
     /// inside the runtime.
-    /// `max_buffered`: the budget's cap (None: `Budget::default_cap`).
-    pub fn load(level: log::LevelFilter, max_buffered: Option<u64>, drain: Arc<Drain>) -> Result<Kernel> {
+    pub fn load(level: log::LevelFilter, drain: Arc<Drain>) -> Result<Kernel> {
         let (maps, events) = Maps::load(level)?;
         let maps = Arc::new(maps);
-        let budget = Arc::new(Budget::new(max_buffered.unwrap_or_else(Budget::default_cap)));
         let epoll = Arc::new(Epoll::new().context("starting the splice watcher")?);
-        let park = Arc::new(Park::new(maps.clone(), budget.clone(), epoll.clone(), drain.clone()));
-        tokio::spawn(park.clone().sweep());
+        let park = Arc::new(Park::new(maps.clone(), epoll.clone(), drain.clone()));
         let p = park.clone();
         events.dispatch(move |token| p.wake(token))?;
         let (p, e) = (park.clone(), epoll.clone());
@@ -76,7 +68,6 @@ impl Kernel {
             .context("starting the splice watcher")?;
         Ok(Kernel {
             maps,
-            budget,
             epoll,
             park,
             drain,
@@ -100,10 +91,6 @@ impl Kernel {
 
     pub fn prog_id(&self) -> u32 {
         self.maps.prog_id
-    }
-
-    pub fn budget(&self) -> &Budget {
-        &self.budget
     }
 
     /// The end of a drain: parked connections have no task waiting on the
@@ -228,11 +215,9 @@ impl Kernel {
 }
 
 /// A kernel-carried direction in a task: looks at it after every wake-up.
-/// Its grant stays at the floor: nothing would give it back while idle.
 async fn kernel_direction(d: &Flow<'_>, mut wake: watch::Receiver<()>) -> End {
-    let mut grant = Grant::FLOOR;
     loop {
-        if let Some(end) = d.advance(&mut grant).await {
+        if let Some(end) = d.advance().await {
             return end;
         }
         if wake.changed().await.is_err() {
