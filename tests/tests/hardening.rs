@@ -28,14 +28,23 @@ fn spoofing_request(to: SocketAddr) -> Vec<u8> {
 const REFUSAL: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\nConnection: keep-alive\r\n\r\nno protocol";
 
-/// The stub broker: takes one connection, reads one request head, answers
-/// with REFUSAL and keeps reading for `linger`. Returns the head and every
-/// byte that came after it.
-fn refusing_broker(l: TcpListener, linger: Duration) -> thread::JoinHandle<Result<(Vec<u8>, Vec<u8>)>> {
+/// The stub broker: takes one connection, reads one request head, writes
+/// `answer` (and then a FIN if `fin`) and keeps reading for `linger`.
+/// Returns the head and every byte that came after it; a second connection
+/// fails it.
+fn stub_broker(
+    l: TcpListener,
+    answer: &'static [u8],
+    fin: bool,
+    linger: Duration,
+) -> thread::JoinHandle<Result<(Vec<u8>, Vec<u8>)>> {
     thread::spawn(move || {
         let mut s = accept_within(&l, STEP)?.context("nothing reached the broker")?;
         let (head, mut after) = read_head(&mut s)?;
-        s.write_all(REFUSAL)?;
+        s.write_all(answer)?;
+        if fin {
+            s.shutdown(Shutdown::Write)?;
+        }
         s.set_read_timeout(Some(linger))?;
         let mut buf = [0u8; 4096];
         let deadline = Instant::now() + linger;
@@ -48,6 +57,28 @@ fn refusing_broker(l: TcpListener, linger: Duration) -> thread::JoinHandle<Resul
         ensure!(accept_within(&l, Duration::from_millis(100))?.is_none(), "a second connection reached the broker");
         Ok((head, after))
     })
+}
+
+/// The stub broker refusing with REFUSAL and keeping the connection open.
+fn refusing_broker(l: TcpListener, linger: Duration) -> thread::JoinHandle<Result<(Vec<u8>, Vec<u8>)>> {
+    stub_broker(l, REFUSAL, false, linger)
+}
+
+/// A client sends an upgrade request with a spoofing one pipelined behind
+/// it to a broker that answers `answer` (then FIN if `fin`) without
+/// switching to WebSocket: the client must get 502, and nothing after the
+/// first request may reach the broker.
+fn not_switched_gets_502(mode: &str, dir: &std::path::Path, answer: &'static [u8], fin: bool) -> Result<Splicer> {
+    let (l, broker) = listen_on(BROKER_IP)?;
+    let splicer = splicer_in_mode(dir, mode, broker, &["--protocol", "ws"])?;
+    let stub = stub_broker(l, answer, fin, Duration::from_millis(700));
+    let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+    c.write_all(&[&upgrade_request(splicer.listen, "/mqtt", WS_KEY, &[])[..], &spoofing_request(splicer.listen)].concat())?;
+    let (status, _) = read_refusal(&mut c)?;
+    ensure!(status == "HTTP/1.1 502 Bad Gateway", "{mode}: {status}");
+    let (_, after) = stub.join().expect("broker thread")?;
+    ensure!(after.is_empty(), "{mode}: after its answer the broker got {}", show(&after));
+    Ok(splicer)
 }
 
 /// The client's view: everything until EOF (or a reset).
@@ -276,23 +307,8 @@ fn upgrades_that_could_bypass_the_rewrite_are_refused() -> Result<()> {
 #[test]
 fn a_switch_to_anything_but_websocket_is_not_spliced() -> Result<()> {
     let dir = scratch("hard-switch-h2c");
-    let (l, broker) = listen_on(BROKER_IP)?;
-    let splicer = splicer_in_mode(&dir, "sockmap", broker, &["--protocol", "ws"])?;
-    let stub = thread::spawn(move || -> Result<Vec<u8>> {
-        let mut s = accept_within(&l, STEP)?.context("nothing reached the broker")?;
-        read_head(&mut s)?;
-        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")?;
-        s.set_read_timeout(Some(Duration::from_millis(700)))?;
-        let mut after = Vec::new();
-        let _ = s.read_to_end(&mut after);
-        Ok(after)
-    });
-    let mut c = connect_from(CLIENT_IP, splicer.listen)?;
-    c.write_all(&[&upgrade_request(splicer.listen, "/mqtt", WS_KEY, &[])[..], &spoofing_request(splicer.listen)].concat())?;
-    let (status, _) = read_refusal(&mut c)?;
-    ensure!(status == "HTTP/1.1 502 Bad Gateway", "{status}");
-    let after = stub.join().expect("broker thread")?;
-    ensure!(after.is_empty(), "after its h2c switch the broker got {}", show(&after));
+    let h2c = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n";
+    let splicer = not_switched_gets_502("sockmap", &dir, h2c, false)?;
     wait_lines(&splicer.proc, "switched to something other than websocket", 1)?;
     Ok(())
 }
@@ -446,26 +462,9 @@ fn the_brokers_answer_dripped_or_cut_short() -> Result<()> {
         drop(c);
 
         // Half a 101, then FIN.
-        let (l, broker) = listen_on(BROKER_IP)?;
         let cut = dir.join("cut");
         std::fs::create_dir_all(&cut)?;
-        let splicer = splicer_in_mode(&cut, mode, broker, &["--protocol", "ws"])?;
-        let stub = thread::spawn(move || -> Result<Vec<u8>> {
-            let mut s = accept_within(&l, STEP)?.context("nothing reached the broker")?;
-            read_head(&mut s)?;
-            s.write_all(b"HTTP/1.1 101 Switching Pro")?;
-            s.shutdown(Shutdown::Write)?;
-            s.set_read_timeout(Some(Duration::from_millis(700)))?;
-            let mut after = Vec::new();
-            let _ = s.read_to_end(&mut after);
-            Ok(after)
-        });
-        let mut c = connect_from(CLIENT_IP, splicer.listen)?;
-        c.write_all(&[&upgrade_request(splicer.listen, "/mqtt", WS_KEY, &[])[..], &spoofing_request(splicer.listen)].concat())?;
-        let (status, _) = read_refusal(&mut c)?;
-        ensure!(status == "HTTP/1.1 502 Bad Gateway", "{mode}: {status}");
-        let after = stub.join().expect("broker thread")?;
-        ensure!(after.is_empty(), "{mode}: after its half answer the broker got {}", show(&after));
+        let splicer = not_switched_gets_502(mode, &cut, b"HTTP/1.1 101 Switching Pro", true)?;
         wait_lines(&splicer.proc, "no answer from the broker (closed before answering)", 1)?;
     }
     Ok(())
