@@ -17,7 +17,9 @@ pub struct Link {
     pub seen: u64,
     /// Bytes successfully redirected to `peer`'s egress.
     pub redirected: u64,
-    /// Bytes dropped because the redirect failed (should stay 0).
+    /// Bytes dropped because the redirect failed or an skb could not be
+    /// forwarded exactly once (should stay 0; userspace resets the
+    /// connection when it is not).
     pub dropped: u64,
     /// The last `LIMITS` value the program signalled on EVENTS, so each
     /// limit is signalled once (and again on the next packet if EVENTS was
@@ -27,6 +29,9 @@ pub struct Link {
     /// one), which the program reports on EVENTS: it wakes the connection
     /// without a lookup by cookie.
     pub token: u64,
+    /// Bytes TCP had already delivered that it handed to the verdict again
+    /// (an overlapping retransmission); cut off before the redirect.
+    pub repeated: u64,
 }
 
 #[cfg(feature = "user")]

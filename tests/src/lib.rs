@@ -22,6 +22,7 @@ pub mod http;
 pub mod net;
 pub mod observe;
 pub mod peers;
+pub mod rawtcp;
 pub use http::*;
 pub use net::*;
 pub use observe::*;

@@ -33,6 +33,8 @@ const TEST_PACKAGES: &[&str] = &[
     "haproxy",
     "iproute2",
     "util-linux",
+    // Drops the kernel's RSTs for tests/tests/retransmission.rs's raw client.
+    "nftables",
 ];
 
 pub enum EbpfToolchain {

@@ -15,6 +15,7 @@ use aya::{
     programs::SkSkb,
     Ebpf, EbpfLoader,
 };
+use super::layout::Layout;
 use proxy_common::{
     Link, MAP_EVENTS, MAP_LIMITS, MAP_LINKS, MAP_SPLICED, MAP_TARGETS, PROG_VERDICT,
 };
@@ -53,8 +54,12 @@ impl Maps {
             Some(log::Level::Debug) => aya_log::Level::Debug as u8,
             Some(log::Level::Trace) => aya_log::Level::Trace as u8,
         };
+        let layout = Layout::of_running_kernel()
+            .context("the verdict program needs two offsets from the kernel's BTF")?;
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &ebpf_level, false)
+            .override_global("SKB_SEQ_OFFSET", &layout.skb_seq, true)
+            .override_global("TCP_COPIED_SEQ_OFFSET", &layout.tcp_copied_seq, true)
             .load(EBPF_OBJECT)
             .map_err(explain_load_error)?;
         start_kernel_logger(&mut ebpf);
@@ -188,37 +193,40 @@ fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
         }
         source = s.source();
     }
-    if text.contains("Operation not permitted") || text.contains("Permission denied") {
-        // Name the capability that is missing: CAP_BPF for any map or
-        // program, CAP_NET_ADMIN for the sockhash maps and the sk_skb
-        // program. CAP_SYS_ADMIN (21) stands in for both.
-        const CAP_NET_ADMIN: u32 = 12;
-        const CAP_SYS_ADMIN: u32 = 21;
-        const CAP_BPF: u32 = 39;
-        let eff = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-                u64::from_str_radix(hex.trim(), 16).ok()
-            });
-        let missing: Vec<&str> = match eff {
-            Some(eff) if eff & (1 << CAP_SYS_ADMIN) == 0 => {
-                [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN")]
-                    .into_iter()
-                    .filter(|&(bit, _)| eff & (1 << bit) == 0)
-                    .map(|(_, name)| name)
-                    .collect()
-            }
-            _ => Vec::new(),
-        };
+    // Name the capability that is missing: CAP_BPF for any map or program,
+    // CAP_NET_ADMIN for the sockhash maps and the sk_skb program,
+    // CAP_PERFMON for the verdict's reads of kernel memory (see
+    // `already_delivered` in proxy-ebpf; without it the verifier refuses
+    // the helper). CAP_SYS_ADMIN (21) stands in for all three.
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    const GRANT: &str = "run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON";
+    let eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        });
+    let missing: Vec<&str> = match eff {
+        Some(eff) if eff & (1 << CAP_SYS_ADMIN) == 0 => {
+            [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_PERFMON, "CAP_PERFMON")]
+                .into_iter()
+                .filter(|&(bit, _)| eff & (1 << bit) == 0)
+                .map(|(_, name)| name)
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    if !missing.is_empty() || text.contains("Operation not permitted") || text.contains("Permission denied") {
         let why = match eff {
-            None => "run as root, or grant CAP_BPF and CAP_NET_ADMIN".to_string(),
+            None => GRANT.to_string(),
             Some(_) if missing.is_empty() => "the process has the capabilities eBPF needs, so a \
                  security module, seccomp filter or user namespace is refusing bpf()"
                 .to_string(),
             Some(_) => format!(
-                "missing {}; run as root, or grant CAP_BPF and CAP_NET_ADMIN \
-                 (AmbientCapabilities= in dist/splicer.service)",
+                "missing {}; {GRANT} (AmbientCapabilities= in dist/splicer.service)",
                 missing.join(" and ")
             ),
         };

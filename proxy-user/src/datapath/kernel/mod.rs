@@ -12,6 +12,7 @@
 //! `Kernel` wires them: the program's signals and the epoll set's events
 //! both wake the park.
 mod epoll;
+mod layout;
 mod maps;
 mod park;
 mod sockopt;

@@ -114,6 +114,14 @@ pub fn forget(maps: &Maps, (c, u): (u64, u64)) -> (Link, Link) {
         maps.remove_link(cookie);
         maps.remove_limit(cookie);
     }
+    if links.0.repeated + links.1.repeated > 0 {
+        log::info!(
+            "sockets {c}/{u}: TCP handed the kernel path {}/{} bytes a second time \
+             (overlapping retransmissions); cut off, forwarded once",
+            links.0.repeated,
+            links.1.repeated
+        );
+    }
     links
 }
 
@@ -185,6 +193,16 @@ impl<'a> Flow<'a> {
     /// every byte before it sits in `dst`'s send queue, half-closes `dst`
     /// and returns Fin; on a reset, SrcReset.
     pub async fn advance(&self) -> Option<End> {
+        if self.maps.link(self.cookie).is_some_and(|l| l.dropped > 0) {
+            // The verdict program could not forward an skb exactly once
+            // (see `trim_head` in proxy-ebpf) and woke us: the stream has a
+            // hole, so it must not go on.
+            log::error!(
+                "socket {}: the kernel dropped bytes it could not forward exactly once; resetting",
+                self.cookie
+            );
+            return Some(End::SrcReset);
+        }
         match sockopt::closed_or_failed(self.src.as_raw_fd()) {
             Err(_) => return Some(End::SrcReset),
             Ok((false, false)) => return self.keep_up().await.err(),
