@@ -179,10 +179,10 @@ fn already_delivered(ctx: &SkBuffContext) -> u32 {
 }
 
 /// The most the head of an skb can be cut by: CUTS cuts of 4095 bytes, the
-/// most `bpf_skb_adjust_room` takes at once for sk_skb programs. An
-/// overlap is at most one retransmitted skb (64 KiB, or a few hundred KiB
-/// with BIG TCP); more is treated as a hole (see the caller).
-const CUTS: u32 = 64;
+/// most `bpf_skb_adjust_room` takes at once for sk_skb programs, so about
+/// 1 MiB. Overlaps of four 64 KiB loopback segments (262 KB) were seen
+/// under load; more than the limit is treated as a hole (see the caller).
+const CUTS: u32 = 256;
 const MAX_CUT: u32 = CUTS * 4095;
 
 /// Cuts `behind` bytes off the front of the skb; the length left, or None

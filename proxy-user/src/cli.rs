@@ -29,6 +29,8 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR")] pub metrics: Option<SocketAddr>,
     /// On SIGTERM, how long live connections may take to finish [default: 30s].
     #[arg(long, value_name = "DURATION")] pub drain_timeout: Option<Dur>,
+    /// Cap on what spliced connections may hold in kernel queues beyond each direction's floor, e.g. 512MiB [default: half of net.ipv4.tcp_mem's pressure threshold].
+    #[arg(long, value_name = "SIZE")] pub max_buffered: Option<bytesize::ByteSize>,
     /// Check the configuration, print it, and exit.
     #[arg(long)] pub check: bool,
 }
@@ -52,6 +54,7 @@ impl Cli {
             offload: self.offload,
             metrics: self.metrics,
             drain_timeout: self.drain_timeout.map(|d| d.0),
+            max_buffered: self.max_buffered.map(|b| b.as_u64()),
         }
     }
 
@@ -84,6 +87,7 @@ impl Cli {
             offload: overrides.offload.unwrap_or(OffloadMode::Auto),
             metrics: overrides.metrics,
             drain_timeout: overrides.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            max_buffered: overrides.max_buffered,
             listeners: vec![listener],
         };
         config
@@ -120,6 +124,8 @@ mod tests {
             "2s",
             "--log-level",
             "warn",
+            "--max-buffered",
+            "1GiB",
         ])
         .unwrap();
         let l = &c.listeners[0];
@@ -128,6 +134,7 @@ mod tests {
         assert_eq!(l.connect_timeout, std::time::Duration::from_secs(2));
         assert_eq!(c.offload, OffloadMode::Userspace);
         assert_eq!(c.log_level, log::LevelFilter::Warn);
+        assert_eq!(c.max_buffered, Some(1 << 30));
     }
 
     #[test]

@@ -283,6 +283,9 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// How long SIGTERM waits for live connections before closing them.
     pub drain_timeout: Duration,
+    /// `--max-buffered`: what spliced connections may hold in kernel queues
+    /// beyond each direction's floor (None: the datapath's default).
+    pub max_buffered: Option<u64>,
     pub listeners: Vec<Listener>,
 }
 
@@ -295,6 +298,7 @@ struct FileConfig {
     offload: Option<OffloadMode>,
     metrics: Option<SocketAddr>,
     drain_timeout: Option<Dur>,
+    max_buffered: Option<bytesize::ByteSize>,
     #[serde(default)]
     listener: Vec<ListenerSpec>,
 }
@@ -443,6 +447,7 @@ pub struct Overrides {
     pub offload: Option<OffloadMode>,
     pub metrics: Option<SocketAddr>,
     pub drain_timeout: Option<Duration>,
+    pub max_buffered: Option<u64>,
 }
 
 impl Config {
@@ -471,6 +476,9 @@ impl Config {
                 .drain_timeout
                 .or(file.drain_timeout.map(|d| d.0))
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            max_buffered: overrides
+                .max_buffered
+                .or(file.max_buffered.map(|b| b.as_u64())),
             listeners,
         };
         config
@@ -763,6 +771,7 @@ mod tests {
             r#"
             metrics = "127.0.0.1:9100"
             drain-timeout = "10s"
+            max-buffered = "256MiB"
             [[listener]]
             listen = "127.0.0.1:1"
             upstream = ["127.0.0.1:2", "127.0.0.1:3 weight=5", "[::1]:4 weight=0"]
@@ -779,6 +788,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
         assert_eq!(c.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_buffered, Some(256 << 20));
         let l = &c.listeners[0];
         let weights: Vec<u32> = l.upstreams.iter().map(|u| u.weight).collect();
         assert_eq!(weights, [1, 5, 0]);
@@ -797,7 +807,7 @@ mod tests {
         assert_eq!(l.max_conns, Some(1000));
         let d = parse("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n").unwrap();
         assert_eq!(d.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
-        assert_eq!(d.metrics, None);
+        assert_eq!((d.metrics, d.max_buffered), (None, None));
         let l = &d.listeners[0];
         assert_eq!((l.balance, l.health.check, l.max_conns), (Balance::RoundRobin, HealthCheck::Off, None));
         assert_eq!((l.health.rise, l.health.fall, l.health.interval), (2, 3, Duration::from_secs(2)));

@@ -175,6 +175,9 @@ pub struct Metrics {
     upstream_connect: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
     offload_mode: Family<ModeLabel, Gauge>,
     reloads: Family<ResultLabel, Counter>,
+    buffer_cap: Gauge,
+    buffer_granted: Gauge,
+    buffer_refused: Counter,
     registry: Registry,
     totals: Arc<Counters>,
     /// Each listener's kernel byte counts, by name, kept across reloads.
@@ -200,6 +203,9 @@ impl Metrics {
             upstream_connect: registered(&mut r, "upstream_connect_seconds", "Time to connect to this upstream, for clients", connect),
             offload_mode: family(&mut r, "offload_mode", "1 for the offload in effect (sockmap or userspace)"),
             reloads: family(&mut r, "config_reloads", "SIGHUP reloads, by result (ok or failed)"),
+            buffer_cap: registered(&mut r, "kernel_buffer_cap_bytes", "--max-buffered: what kernel-carried directions may hold in kernel queues beyond their floors, together", Gauge::default()),
+            buffer_granted: registered(&mut r, "kernel_buffer_granted_bytes", "What the grants of kernel-carried directions beyond their floors allow them to hold now, together", Gauge::default()),
+            buffer_refused: registered(&mut r, "kernel_buffer_grants_refused", "Times a fast kernel-carried direction could not get a bigger grant because --max-buffered was reached", Counter::default()),
             registry: r,
             totals: Arc::default(),
             kernel: Mutex::default(),
@@ -211,7 +217,7 @@ impl Metrics {
     /// (`live`), so they grow while a spliced connection is open. The caller
     /// holds `live` steady meanwhile (no connection moving from live to
     /// closed), or a byte could count twice. A counter never goes back (a
-    /// connection busy in a task at this moment is counted at the next scrape).
+    /// connection relayed half in userspace is counted when it closes).
     pub fn publish_kernel_bytes(&self, live: &LiveBytes) {
         for (_, k) in self.kernel.lock().unwrap().iter() {
             let live = live.0.get(&Arc::as_ptr(k)).copied().unwrap_or_default();
@@ -220,6 +226,13 @@ impl Metrics {
                 k.counters[d].inc_by(total.saturating_sub(k.counters[d].get()));
             }
         }
+    }
+
+    /// The kernel buffer budget (see datapath/kernel/budget.rs), at a scrape.
+    pub fn publish_buffer_budget(&self, cap: u64, granted: u64, refused: u64) {
+        self.buffer_cap.set(i64::try_from(cap).unwrap_or(i64::MAX));
+        self.buffer_granted.set(i64::try_from(granted).unwrap_or(i64::MAX));
+        self.buffer_refused.inc_by(refused.saturating_sub(self.buffer_refused.get()));
     }
 
     /// The Prometheus/OpenMetrics text exposition.

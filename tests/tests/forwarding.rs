@@ -71,9 +71,10 @@ fn backpressure(mode: &str) -> Result<()> {
         buffered < TOTAL,
         "{mode}: all {TOTAL} bytes were accepted by a chain whose reader reads nothing"
     );
-    // sockmap: the peer's 32 MiB send buffer plus up to 1.5 flow-control
-    // windows of 16 MiB plus the receive buffers (splice.rs).
-    ensure!(buffered < 96 << 20, "{mode}: {buffered} bytes buffered for a stalled reader: buffering is not bounded by socket buffers");
+    // sockmap: a reader stalled from the start keeps its direction at the
+    // floor grant (budget.rs): 5.4 MiB measured, with the receive buffers;
+    // userspace: the sockets' autotuned buffers, 9 MiB measured.
+    ensure!(buffered < 32 << 20, "{mode}: {buffered} bytes buffered for a stalled reader: buffering is not bounded by socket buffers");
     c.set_nonblocking(false)?;
     c.write_all(&buf[pending.clone()])?;
     sent += pending.len() as u64;

@@ -24,6 +24,7 @@ pub async fn run(config: Config, reload: Option<ReloadSource>) -> Result<()> {
     let datapath = Arc::new(Datapath::init(
         config.offload,
         config.log_level,
+        config.max_buffered,
         Arc::new(Drain::default()),
     )?);
     metrics.set_offload_mode(datapath.mode());

@@ -75,6 +75,7 @@ impl Server {
             ("log-level", new.log_level != self.config.log_level),
             ("offload", new.offload != self.config.offload),
             ("metrics", new.metrics != self.config.metrics),
+            ("max-buffered", new.max_buffered != self.config.max_buffered),
         ] {
             if changed {
                 log::warn!("reload: key `{key}` changed; it takes effect at the next restart");

@@ -27,17 +27,23 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    pub fn init(mode: OffloadMode, level: log::LevelFilter, drain: Arc<Drain>) -> Result<Datapath> {
+    /// `max_buffered`: see `Config::max_buffered`.
+    pub fn init(
+        mode: OffloadMode,
+        level: log::LevelFilter,
+        max_buffered: Option<u64>,
+        drain: Arc<Drain>,
+    ) -> Result<Datapath> {
         let kernel = match mode {
             OffloadMode::Userspace => {
                 log::info!("offload: userspace (requested with --offload userspace)");
                 None
             }
             OffloadMode::Sockmap => Some(
-                Kernel::load(level, drain.clone())
+                Kernel::load(level, max_buffered, drain.clone())
                     .context("--offload sockmap: the eBPF sockmap offload cannot be used")?,
             ),
-            OffloadMode::Auto => match Kernel::load(level, drain.clone()) {
+            OffloadMode::Auto => match Kernel::load(level, max_buffered, drain.clone()) {
                 Ok(k) => Some(k),
                 Err(e) => {
                     log::warn!("offload: userspace, because the eBPF sockmap offload is unavailable: {e:#}");
@@ -46,7 +52,11 @@ impl Datapath {
             },
         };
         if let Some(k) = &kernel {
-            log::info!("offload: sockmap (sk_skb stream verdict, prog id {})", k.prog_id());
+            log::info!(
+                "offload: sockmap (sk_skb stream verdict, prog id {}; max-buffered {})",
+                k.prog_id(),
+                bytesize::ByteSize(k.budget().cap()).display().iec()
+            );
         }
         Ok(Datapath { kernel, drain })
     }
@@ -69,23 +79,17 @@ impl Datapath {
             client: early_client,
             upstream: early_upstream,
         } = early;
-        // Once userspace has read from a socket, it also forwards whatever
-        // else is queued on it (see relay::forward_queued), so that the
-        // kernel only ever gets untouched skbs. The counts then cover every
-        // byte userspace took, so the FIN check knows all later ones went
-        // through the kernel.
-        let mut c2u = early_client.len() as u64;
+        // What userspace read past a preamble goes on first. Whatever is
+        // still queued stays for the kernel path, which cuts off the front
+        // of an skb that userspace read in part (README, How the kernel path
+        // works, step 10). The counts cover every byte userspace took, so
+        // the FIN check knows all later ones went through the kernel.
+        let c2u = early_client.len() as u64;
         net::write_all(&conn.upstream, &early_client).await?;
         drop(early_client);
-        if consumed > 0 || c2u > 0 {
-            c2u += relay::forward_queued(&conn.client, &conn.upstream).await?;
-        }
-        let mut u2c = early_upstream.len() as u64;
+        let u2c = early_upstream.len() as u64;
         net::write_all(&conn.client, &early_upstream).await?;
         drop(early_upstream);
-        if u2c > 0 {
-            u2c += relay::forward_queued(&conn.upstream, &conn.client).await?;
-        }
         m.user_bytes(Direction::client_to_upstream).inc_by(c2u);
         m.user_bytes(Direction::upstream_to_client).inc_by(u2c);
         let read = Read {
@@ -104,10 +108,14 @@ impl Datapath {
     }
 
     /// Brings the kernel byte counters up to date for a metrics scrape,
-    /// open connections included.
+    /// open connections included, and the buffer budget's gauges.
     pub fn publish_kernel_bytes(&self, metrics: &Metrics) {
         match &self.kernel {
-            Some(k) => k.publish_kernel_bytes(metrics),
+            Some(k) => {
+                k.publish_kernel_bytes(metrics);
+                let b = k.budget();
+                metrics.publish_buffer_budget(b.cap(), b.granted(), b.refused());
+            }
             None => metrics.publish_kernel_bytes(&LiveBytes::default()),
         }
     }

@@ -84,28 +84,6 @@ fn half_close(dst: &TcpStream) -> End {
     }
 }
 
-/// Forwards whatever `src` has queued right now, without waiting for more.
-/// Used after userspace read from `src` (a PROXY header, an upgrade request
-/// or response): on Linux 6.x the verdict program is handed whole skbs, so
-/// the rest of an skb whose front userspace consumed would be spliced again
-/// from its start. Draining the queue leaves only untouched skbs for the
-/// kernel.
-pub async fn forward_queued(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
-    let mut buf = vec![0u8; BUF_SIZE];
-    let mut total = 0u64;
-    loop {
-        match src.try_read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => {
-                write_all(dst, &buf[..n]).await?;
-                total += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// Resolves only if `sock` gets reset. Used once a direction has passed its
 /// FIN on, so that an RST arriving later still reaches the other side.
 /// Waits on ERROR alone: tokio keeps read-closed readiness set for good

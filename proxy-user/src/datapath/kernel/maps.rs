@@ -132,6 +132,11 @@ impl Maps {
         inserted.context("LIMITS insert")
     }
 
+    /// Where the program signals `cookie` next.
+    pub fn limit(&self, cookie: u64) -> Option<u64> {
+        lock(&self.limits).get(&cookie, 0).ok()
+    }
+
     pub fn remove_limit(&self, cookie: u64) {
         let _ = lock(&self.limits).remove(&cookie);
     }

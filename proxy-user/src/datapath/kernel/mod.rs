@@ -3,6 +3,8 @@
 //! a flow-control signal.
 //!
 //! - maps.rs: the eBPF program and its maps;
+//! - budget.rs: what each kernel-carried direction may hold, within
+//!   `--max-buffered`;
 //! - splice.rs: handing two sockets to the kernel, and one kernel-carried
 //!   direction (`Flow`) up to its FIN;
 //! - park.rs: connections carried both ways, parked with no task;
@@ -11,6 +13,7 @@
 //!
 //! `Kernel` wires them: the program's signals and the epoll set's events
 //! both wake the park.
+mod budget;
 mod epoll;
 mod layout;
 mod maps;
@@ -29,6 +32,7 @@ use anyhow::{Context as _, Result};
 use tokio::{net::TcpStream, sync::watch};
 
 use self::{
+    budget::{Budget, Grant},
     epoll::Epoll,
     maps::Maps,
     park::{Park, ToPark},
@@ -45,6 +49,7 @@ use crate::{
 
 pub struct Kernel {
     maps: Arc<Maps>,
+    budget: Arc<Budget>,
     epoll: Arc<Epoll>,
     park: Arc<Park>,
     drain: Arc<Drain>,
@@ -55,11 +60,14 @@ pub struct Kernel {
 impl Kernel {
     /// Loads the program and starts what wakes parked connections. Called
     /// inside the runtime.
-    pub fn load(level: log::LevelFilter, drain: Arc<Drain>) -> Result<Kernel> {
+    /// `max_buffered`: the budget's cap (None: `Budget::default_cap`).
+    pub fn load(level: log::LevelFilter, max_buffered: Option<u64>, drain: Arc<Drain>) -> Result<Kernel> {
         let (maps, events) = Maps::load(level)?;
         let maps = Arc::new(maps);
+        let budget = Arc::new(Budget::new(max_buffered.unwrap_or_else(Budget::default_cap)));
         let epoll = Arc::new(Epoll::new().context("starting the splice watcher")?);
-        let park = Arc::new(Park::new(maps.clone(), epoll.clone(), drain.clone()));
+        let park = Arc::new(Park::new(maps.clone(), budget.clone(), epoll.clone(), drain.clone()));
+        tokio::spawn(park.clone().sweep());
         let p = park.clone();
         events.dispatch(move |token| p.wake(token))?;
         let (p, e) = (park.clone(), epoll.clone());
@@ -69,6 +77,7 @@ impl Kernel {
             .context("starting the splice watcher")?;
         Ok(Kernel {
             maps,
+            budget,
             epoll,
             park,
             drain,
@@ -92,6 +101,10 @@ impl Kernel {
 
     pub fn prog_id(&self) -> u32 {
         self.maps.prog_id
+    }
+
+    pub fn budget(&self) -> &Budget {
+        &self.budget
     }
 
     /// The end of a drain: parked connections have no task waiting on the
@@ -216,9 +229,11 @@ impl Kernel {
 }
 
 /// A kernel-carried direction in a task: looks at it after every wake-up.
+/// Its grant stays at the floor: nothing would give it back while idle.
 async fn kernel_direction(d: &Flow<'_>, mut wake: watch::Receiver<()>) -> End {
+    let mut grant = Grant::FLOOR;
     loop {
-        if let Some(end) = d.advance().await {
+        if let Some(end) = d.advance(&mut grant).await {
             return end;
         }
         if wake.changed().await.is_err() {

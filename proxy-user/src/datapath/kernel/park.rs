@@ -23,6 +23,7 @@ use std::{
 use tokio::{net::TcpStream as TokioStream, runtime::Handle, sync::watch};
 
 use super::{
+    budget::{self, Budget, Grant},
     epoll::Epoll,
     maps::Maps,
     sockopt,
@@ -53,6 +54,8 @@ pub struct Spliced {
     started: u64,
     who: Who,
     ends: Ends,
+    /// Each direction's grant (budget.rs), packed.
+    grants: u8,
     owner: Arc<dyn Owner>,
 }
 
@@ -88,6 +91,19 @@ struct Table {
     /// IPv6 (and other non-IPv4) addresses of parked connections, which do
     /// not fit in Who.
     wide: HashMap<u64, ClientAddrs>,
+    /// The sockets of connections a task holds (not in `slots`), so that a
+    /// scrape counts their bytes too.
+    busy: HashMap<u64, Counted>,
+}
+
+/// What a scrape reads of one connection: its sockets and its listener's
+/// kernel byte counters.
+type Counted = (RawFd, RawFd, Arc<KernelBytes>);
+
+impl Spliced {
+    fn counted(&self) -> Counted {
+        (self.client.as_raw_fd(), self.upstream.as_raw_fd(), self.owner.metrics().kernel.clone())
+    }
 }
 
 /// The table of kernel-carried connections, and what their tasks need.
@@ -97,6 +113,7 @@ pub struct Park {
     /// scrape reads the parked connections' sockets.
     closing: RwLock<()>,
     maps: Arc<Maps>,
+    budget: Arc<Budget>,
     epoll: Arc<Epoll>,
     drain: Arc<Drain>,
     /// Where wake-ups spawn their tasks (the epoll thread is not in it).
@@ -107,11 +124,12 @@ pub struct Park {
 
 impl Park {
     /// Made inside the runtime, before any connection is handed off.
-    pub fn new(maps: Arc<Maps>, epoll: Arc<Epoll>, drain: Arc<Drain>) -> Park {
+    pub fn new(maps: Arc<Maps>, budget: Arc<Budget>, epoll: Arc<Epoll>, drain: Arc<Drain>) -> Park {
         Park {
             table: Mutex::default(),
             closing: RwLock::default(),
             maps,
+            budget,
             epoll,
             drain,
             runtime: Handle::current(),
@@ -161,6 +179,7 @@ impl Park {
                     return;
                 };
                 t.state[i] = BUSY;
+                t.busy.insert(token, conn.counted());
                 self.runtime.spawn(self.clone().run(token, conn));
             }
             Some(WAITER) => {
@@ -177,6 +196,27 @@ impl Park {
         let n = self.table.lock().unwrap().state.len();
         for token in 0..n as u64 {
             self.wake(token);
+        }
+    }
+
+    /// Wakes, every `SWEEP`, the parked connections whose grants are above
+    /// the floor, so that an idle one gives its grant back (see budget.rs).
+    pub async fn sweep(self: Arc<Self>) {
+        let mut every = tokio::time::interval(budget::SWEEP);
+        loop {
+            every.tick().await;
+            let granted: Vec<u64> = {
+                let t = self.table.lock().unwrap();
+                t.slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.as_ref().is_some_and(|c| c.grants != 0))
+                    .map(|(i, _)| i as u64)
+                    .collect()
+            };
+            for token in granted {
+                self.wake(token);
+            }
         }
     }
 
@@ -197,11 +237,13 @@ impl Park {
             started: c.started.saturating_duration_since(self.start).as_millis() as u64,
             who: self.who(token, c.who),
             ends: Ends::default(),
+            grants: Grant::pack([Grant::FLOOR; 2]),
             owner: c.owner,
         };
         for s in [&conn.client, &conn.upstream] {
             self.epoll.add(s.as_raw_fd(), token)?;
         }
+        self.table.lock().unwrap().busy.insert(token, conn.counted());
         if let Err(conn) = self.park(token, conn) {
             self.runtime.spawn(self.clone().run(token, conn));
         }
@@ -218,6 +260,7 @@ impl Park {
         }
         t.slots[i] = Some(conn);
         t.state[i] = PARKED;
+        t.busy.remove(&token);
         Ok(())
     }
 
@@ -247,15 +290,19 @@ impl Park {
         if self.drain.is_forced() {
             return Some((Outcome::Drained, (cc, uc)));
         }
-        let maps = &self.maps;
+        let (maps, budget) = (&*self.maps, &*self.budget);
         let c2u = Flow::new(maps, c.client.as_fd(), c.upstream.as_fd(), cc, c.upstream_base)
-            .consumed(u64::from(c.header) + u64::from(c.early));
+            .consumed(u64::from(c.header) + u64::from(c.early))
+            .growing(budget);
         let u2c = Flow::new(maps, c.upstream.as_fd(), c.client.as_fd(), uc, c.client_base)
-            .consumed(u64::from(c.up_early));
+            .consumed(u64::from(c.up_early))
+            .growing(budget);
+        let [mut g0, mut g1] = Grant::unpack(c.grants);
         let (a, b) = tokio::join!(
-            direction(c2u, c.ends.get(0)),
-            direction(u2c, c.ends.get(1))
+            direction(c2u, c.ends.get(0), &mut g0),
+            direction(u2c, c.ends.get(1), &mut g1)
         );
+        c.grants = Grant::pack([g0, g1]);
         c.ends.set(0, a);
         c.ends.set(1, b);
         Outcome::of(c.ends.get(0), c.ends.get(1), c.ends.first()).map(|o| (o, (cc, uc)))
@@ -272,15 +319,22 @@ impl Park {
             early,
             up_early,
             who,
+            grants,
             owner,
             ..
         } = c;
         let (cl, ul) = {
             // The bytes move from live to closed while no scrape is reading.
             let _closing = self.closing.write().unwrap();
+            // No scrape reads the sockets once they are closed (their
+            // numbers may be reused at once).
+            self.table.lock().unwrap().busy.remove(&token);
             // Both sockets closed (so out of the sockhashes) before their
             // links go.
             drop((client, upstream));
+            for g in Grant::unpack(grants) {
+                self.budget.release(g);
+            }
             let links = splice::forget(&self.maps, cookies);
             owner.metrics().kernel.add_closed(links.0.redirected, links.1.redirected);
             links
@@ -300,19 +354,21 @@ impl Park {
         owner.closed(addrs, &totals, elapsed);
     }
 
-    /// Publishes what the parked connections have redirected so far. The
-    /// table is locked only to list their sockets; the reads (two system
-    /// calls a socket) run without it, so wake-ups and parking go on. No
-    /// connection closes (`finish`) meanwhile: its sockets stay open, and
-    /// its bytes cannot move from live to closed and count twice.
+    /// Publishes what the connections carried both ways, parked or held
+    /// by a task, have redirected so far. The table is locked only to list
+    /// their sockets; the reads (two system calls a socket) run without it,
+    /// so wake-ups and parking go on. No connection closes (`finish`)
+    /// meanwhile: its sockets stay open, and its bytes cannot move from
+    /// live to closed and count twice.
     pub fn publish_kernel_bytes(&self, metrics: &Metrics) {
         let _no_closing = self.closing.read().unwrap();
-        let parked: Vec<(RawFd, RawFd, Arc<KernelBytes>)> = {
+        let parked: Vec<Counted> = {
             let t = self.table.lock().unwrap();
             t.slots
                 .iter()
                 .flatten()
-                .map(|c| (c.client.as_raw_fd(), c.upstream.as_raw_fd(), c.owner.metrics().kernel.clone()))
+                .map(Spliced::counted)
+                .chain(t.busy.values().cloned())
                 .collect()
         };
         let read = |fd: RawFd| {
@@ -349,14 +405,15 @@ fn free(t: &mut Table, token: u64) {
     t.state[i] = FREE;
     t.waiters.remove(&token);
     t.wide.remove(&token);
+    t.busy.remove(&token);
     t.free.push(i as u32);
 }
 
 /// One direction after a wake-up: on while open, and a reset of its source
 /// after its FIN was passed on still counts.
-async fn direction(d: Flow<'_>, end: Option<End>) -> Option<End> {
+async fn direction(d: Flow<'_>, end: Option<End>, grant: &mut Grant) -> Option<End> {
     match end {
-        None => d.advance().await,
+        None => d.advance(grant).await,
         Some(End::Fin) if splice::was_reset(d.src()) => Some(End::SrcReset),
         other => other,
     }

@@ -48,6 +48,12 @@ struct TcpInfoPrefix {
     _max_pacing_rate: u64,
     bytes_acked: u64,
     bytes_received: u64,
+    _segs_to_data_segs_out: [u32; 6],
+    _delivery_rate_to_sndbuf_limited: [u64; 4],
+    _delivered: [u32; 2],
+    _bytes_sent_retrans: [u64; 2],
+    _dsack_to_rcv_ooopack: [u32; 3],
+    snd_wnd: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -59,11 +65,13 @@ pub struct TcpInfo {
     pub bytes_received: u64,
     /// The kernel's estimate of the peer's segment size.
     pub rcv_mss: u32,
+    /// The window the peer advertises (Linux 5.19+; None before).
+    pub snd_wnd: Option<u32>,
 }
 
 pub fn tcp_info(fd: RawFd) -> io::Result<TcpInfo> {
     let (info, len) = get::<TcpInfoPrefix>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
-    if len < mem::size_of::<TcpInfoPrefix>() {
+    if len < mem::offset_of!(TcpInfoPrefix, _segs_to_data_segs_out) {
         return Err(io::Error::other(
             "kernel tcp_info too short (needs Linux 4.1+)",
         ));
@@ -73,6 +81,7 @@ pub fn tcp_info(fd: RawFd) -> io::Result<TcpInfo> {
         bytes_acked: info.bytes_acked,
         bytes_received: info.bytes_received,
         rcv_mss: info.rcv_mss,
+        snd_wnd: (len >= mem::size_of::<TcpInfoPrefix>()).then_some(info.snd_wnd),
     })
 }
 
@@ -92,14 +101,37 @@ pub fn unacked_send_queue(fd: RawFd) -> io::Result<u64> {
     Ok(n as u64)
 }
 
-/// Total bytes that have entered this socket's send queue since it opened
-/// (acknowledged plus still queued), with its TCP state. Only differences
-/// are meaningful. The two reads are not atomic; reading the acknowledged
-/// count first can only under-count, never over-count.
-pub fn bytes_queued_total(fd: RawFd) -> io::Result<(u8, u64)> {
+/// A socket's send side: its TCP state, the bytes the peer has
+/// acknowledged since it opened, and the bytes still queued.
+#[derive(Debug, Clone, Copy)]
+pub struct SendQueue {
+    pub state: u8,
+    pub acked: u64,
+    pub queued: u64,
+    /// The peer's receive window is shut (it has stopped reading, or reads
+    /// slower than we send).
+    pub peer_full: bool,
+}
+
+impl SendQueue {
+    /// Total bytes that have entered the send queue since the socket
+    /// opened. Only differences are meaningful.
+    pub fn total(self) -> u64 {
+        self.acked + self.queued
+    }
+}
+
+/// The two reads are not atomic; reading the acknowledged count first can
+/// only under-count the total, never over-count it.
+pub fn send_queue(fd: RawFd) -> io::Result<SendQueue> {
     let info = tcp_info(fd)?;
     let queued = unacked_send_queue(fd)?;
-    Ok((info.state, info.bytes_acked + queued))
+    Ok(SendQueue {
+        state: info.state,
+        acked: info.bytes_acked,
+        queued,
+        peer_full: info.snd_wnd == Some(0),
+    })
 }
 
 /// Sets SO_RCVLOWAT. On TCP this also re-checks the receive queue and calls
@@ -107,10 +139,6 @@ pub fn bytes_queued_total(fd: RawFd) -> io::Result<(u8, u64)> {
 /// that arrived before the socket joined the sockmap reach the verdict program.
 pub fn set_rcvlowat(fd: RawFd, bytes: i32) -> io::Result<()> {
     set(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
-}
-
-pub fn window_clamp(fd: RawFd) -> io::Result<i32> {
-    get::<libc::c_int>(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP).map(|(v, _)| v)
 }
 
 /// Caps the receive window this socket advertises (the kernel's minimum
@@ -123,6 +151,12 @@ pub fn set_window_clamp(fd: RawFd, bytes: i32) -> io::Result<()> {
 /// unlike SO_SNDBUF it is not capped by net.core.wmem_max.
 pub fn force_sndbuf(fd: RawFd, bytes: i32) -> io::Result<()> {
     set(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
+}
+
+/// SO_RCVBUFFORCE: like SO_RCVBUF, it locks the receive buffer, so the
+/// kernel's autotuning no longer grows it, nor the window clamp with it.
+pub fn force_rcvbuf(fd: RawFd, bytes: i32) -> io::Result<()> {
+    set(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
 }
 
 /// TCP_QUICKACK. Off: ACKs are delayed (the peer's next segment waits for

@@ -12,7 +12,8 @@
 //! - Only ESTABLISHED sockets can join a sockmap. A side that has already
 //!   half-closed stays with the userspace relay, per direction.
 //! - Redirects get no backpressure from the kernel; a lagging peer gets it
-//!   from a clamped TCP window on the source (see WINDOW).
+//!   from a clamped TCP window on the source, past a per-direction window
+//!   that budget.rs grants (see `Flow::keep_up`).
 use std::{
     os::fd::{AsRawFd, BorrowedFd},
     time::{Duration, Instant},
@@ -22,7 +23,11 @@ use tokio::net::TcpStream;
 
 use proxy_common::Link;
 
-use super::{maps::Maps, sockopt};
+use super::{
+    budget::{Budget, Grant},
+    maps::Maps,
+    sockopt,
+};
 use crate::{datapath::carried::End, net};
 
 /// What the kernel now holds of a connection.
@@ -33,7 +38,7 @@ pub struct Handoff {
     /// Whether the kernel carries client->upstream, and upstream->client.
     pub client_spliced: bool,
     pub upstream_spliced: bool,
-    /// Each socket's send-queue total (see `sockopt::bytes_queued_total`)
+    /// Each socket's send-queue total (see `sockopt::SendQueue`)
     /// just before anything was redirected to it.
     pub client_base: u64,
     pub upstream_base: u64,
@@ -53,13 +58,13 @@ pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream, token: u64
         maps.set_link(u, c, token)?;
         // Flow control before anything can be redirected: a socket without
         // its limit would let a slow reader's queue grow without bound.
-        maps.set_limit(c, WINDOW)?;
-        maps.set_limit(u, WINDOW)?;
+        maps.set_limit(c, Grant::FLOOR.window())?;
+        maps.set_limit(u, Grant::FLOOR.window())?;
         maps.add_target(u, upstream)?;
         maps.add_target(c, client)?;
         // Baselines before any redirect can add to the send queues.
-        let (_, client_base) = sockopt::bytes_queued_total(client.as_raw_fd())?;
-        let (_, upstream_base) = sockopt::bytes_queued_total(upstream.as_raw_fd())?;
+        let client_base = sockopt::send_queue(client.as_raw_fd())?.total();
+        let upstream_base = sockopt::send_queue(upstream.as_raw_fd())?.total();
         anyhow::Ok((client_base, upstream_base))
     })();
     let (client_base, upstream_base) = match entered {
@@ -74,9 +79,7 @@ pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream, token: u64
         }
     };
     for sock in [client, upstream] {
-        if let Err(e) = sockopt::force_sndbuf(sock.as_raw_fd(), SNDBUF) {
-            log::debug!("SO_SNDBUFFORCE: {e}");
-        }
+        Grant::FLOOR.apply(sock.as_raw_fd(), sock.as_raw_fd());
     }
     let mut handoff = Handoff {
         cookies: (c, u),
@@ -125,28 +128,13 @@ pub fn forget(maps: &Maps, (c, u): (u64, u64)) -> (Link, Link) {
     links
 }
 
-/// How far the kernel may run ahead of the peer. The kernel gives redirects
-/// no backpressure of its own: the verdict takes each skb off the source
-/// socket's books, so its receive window never closes and a slow reader
-/// would let the peer's psock queue grow without bound. Once this many
-/// redirected bytes are not yet in the peer's send queue, the source's TCP
-/// receive window is clamped shut (TCP_WINDOW_CLAMP) until the peer has
-/// caught up half way. That touches neither the sockmap nor the data path,
-/// so it cannot lose or reorder a byte.
-pub const WINDOW: u64 = 16 << 20;
-
-/// Each socket's send buffer once spliced (the kernel doubles it for its
-/// bookkeeping). The kernel moves redirected skbs into the peer's send
-/// queue from a worker that, when the queue is full, retries only a jiffy
-/// later (4 ms at HZ=250): with the autotuned 4 MiB a fast stream kept
-/// hitting that wait. A limit, not an allocation: an idle connection
-/// costs no more for it.
-const SNDBUF: i32 = 16 << 20;
-
 /// One kernel-carried direction `src -> dst`. It keeps no state of its
-/// own between calls, so a parked connection can rebuild it on each wake.
+/// own between calls (its grant is the caller's), so a parked connection
+/// can rebuild it on each wake.
 pub struct Flow<'a> {
     maps: &'a Maps,
+    /// Where a grant grows from; None: it stays at the floor.
+    budget: Option<&'a Budget>,
     src: BorrowedFd<'a>,
     dst: BorrowedFd<'a>,
     cookie: u64,
@@ -168,11 +156,20 @@ impl<'a> Flow<'a> {
     ) -> Self {
         Flow {
             maps,
+            budget: None,
             src,
             dst,
             cookie,
             src_user_bytes: 0,
             dst_base,
+        }
+    }
+
+    /// Lets the direction's grant grow from `budget`.
+    pub fn growing(self, budget: &'a Budget) -> Self {
+        Flow {
+            budget: Some(budget),
+            ..self
         }
     }
 
@@ -189,10 +186,11 @@ impl<'a> Flow<'a> {
     }
 
     /// Does what `src`'s state calls for now, after any wake-up: while it is
-    /// open, keeps the flow control current (None); on FIN, waits until
-    /// every byte before it sits in `dst`'s send queue, half-closes `dst`
-    /// and returns Fin; on a reset, SrcReset.
-    pub async fn advance(&self) -> Option<End> {
+    /// open, keeps the flow control and `grant` current (None); on FIN,
+    /// waits until every byte before it sits in `dst`'s send queue,
+    /// half-closes `dst` and returns Fin; on a reset, SrcReset. The caller
+    /// gives the grant back to the budget once the direction has ended.
+    pub async fn advance(&self, grant: &mut Grant) -> Option<End> {
         if self.maps.link(self.cookie).is_some_and(|l| l.dropped > 0) {
             // The verdict program could not forward an skb exactly once
             // (see `trim_head` in proxy-ebpf) and woke us: the stream has a
@@ -205,7 +203,7 @@ impl<'a> Flow<'a> {
         }
         match sockopt::closed_or_failed(self.src.as_raw_fd()) {
             Err(_) => return Some(End::SrcReset),
-            Ok((false, false)) => return self.keep_up().await.err(),
+            Ok((false, false)) => return self.keep_up(grant).await.err(),
             Ok(_) => {}
         }
         // A reset sets the socket error; a FIN does not.
@@ -228,62 +226,134 @@ impl<'a> Flow<'a> {
         }
     }
 
-    /// (bytes redirected towards `dst`, bytes `dst`'s send queue has taken)
-    /// since the handoff, or None if `dst` can no longer send.
-    fn progress(&self) -> Option<(u64, u64)> {
-        let (state, total) = sockopt::bytes_queued_total(self.dst.as_raw_fd()).ok()?;
-        if state != sockopt::TCP_ESTABLISHED && state != sockopt::TCP_CLOSE_WAIT {
+    /// How far the direction has come since the handoff, or None if `dst`
+    /// can no longer send.
+    fn progress(&self) -> Option<Progress> {
+        let q = sockopt::send_queue(self.dst.as_raw_fd()).ok()?;
+        if q.state != sockopt::TCP_ESTABLISHED && q.state != sockopt::TCP_CLOSE_WAIT {
             return None;
         }
-        Some((
-            self.maps.link(self.cookie)?.redirected,
-            total.saturating_sub(self.dst_base),
-        ))
+        let sent = self.maps.link(self.cookie)?.redirected;
+        let taken = q.total().saturating_sub(self.dst_base);
+        Some(Progress {
+            sent,
+            taken,
+            acked: taken.saturating_sub(q.queued),
+            lag: sent.saturating_sub(taken),
+            peer_full: q.peer_full,
+        })
     }
 
     /// If `dst` keeps up, moves the limit (where the kernel signals next)
-    /// to WINDOW past what `dst` has taken; if it lags WINDOW behind, holds
-    /// the sender back until `dst` has caught up half way: gently first
-    /// (see `slow_down`), and with a zero window if the lag still grows to
-    /// one and a half WINDOWs. Safe to call at any time: a wake-up for
-    /// another reason only moves the limit.
-    async fn keep_up(&self) -> Result<(), End> {
-        let (sent, taken) = self.progress().ok_or(End::DstFailed)?;
-        if sent - taken.min(sent) < WINDOW {
-            self.set_limit(taken + WINDOW);
+    /// a window past what `dst` has taken, and resizes the grant
+    /// (`regrant`). If it lags a window behind, holds the sender back until
+    /// `dst` has caught up half way: gently (see `slow_down`) while `dst`'s
+    /// peer acknowledges bytes, growing the grant as the budget allows, and
+    /// with a zero window once `dst`'s peer has acknowledged nothing since
+    /// the last look and either advertises a zero window itself or the lag
+    /// has reached one and a half windows. A zero
+    /// window costs the sender a persist-timer probe (200 ms or more) to
+    /// learn that it reopened, so a reader that still reads must not get
+    /// one; a reader that stopped must get one at once, because the gentle
+    /// hold barely slows a sender on a fast link. Safe to call at any time:
+    /// a wake-up for another reason only moves the limit.
+    async fn keep_up(&self, grant: &mut Grant) -> Result<(), End> {
+        let p = self.progress().ok_or(End::DstFailed)?;
+        if p.lag < grant.window() {
+            self.regrant(grant, &p);
+            self.set_limit(p.taken + grant.window());
             return Ok(());
         }
         let fd = self.src.as_raw_fd();
-        let open = sockopt::window_clamp(fd).unwrap_or(0).max(1 << 20);
-        log::debug!(
-            "socket {}: peer {} bytes behind, holding the sender",
-            self.cookie,
-            sent - taken
-        );
+        log::debug!("socket {}: peer {} bytes behind, holding the sender", self.cookie, p.lag);
+        let stop = || {
+            log::debug!("socket {}: peer stopped reading, stopping the sender", self.cookie);
+            // The kernel's minimum clamp: a zero window once in-flight bytes land.
+            let _ = sockopt::set_window_clamp(fd, 1);
+            true
+        };
         slow_down(fd);
         let mut stopped = false;
-        let mut delay = Duration::from_millis(1);
+        let (mut acked, mut grown_at) = (p.acked, p.acked);
+        let (mut delay, mut last_lag) = (Duration::from_millis(1), p.lag);
         let result = loop {
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(10));
-            match self.progress() {
-                None => break Err(End::DstFailed),
-                Some((sent, taken)) if sent - taken.min(sent) <= WINDOW / 2 => break Ok(taken),
-                // FIN or RST: nothing more will come; `advance` handles it next.
-                _ if sockopt::closed_or_failed(fd).map_or(true, |(c, f)| c || f) => break Ok(0),
-                Some((sent, taken)) if !stopped && sent - taken.min(sent) > WINDOW + WINDOW / 2 => {
-                    log::debug!("socket {}: peer still falling behind, stopping the sender", self.cookie);
-                    // The kernel's minimum clamp: a zero window once in-flight bytes land.
-                    let _ = sockopt::set_window_clamp(fd, 1);
-                    stopped = true;
+            let Some(p) = self.progress() else {
+                break Err(End::DstFailed);
+            };
+            // Every millisecond while the lag grows and the sender is not
+            // stopped: the gentle hold barely slows a sender on a fast link,
+            // so each millisecond a stopped reader goes unnoticed costs a
+            // millisecond at line rate. Otherwise less and less often (a
+            // reader that is merely slow keeps its task for a while).
+            delay = if !stopped && p.lag > last_lag {
+                Duration::from_millis(1)
+            } else {
+                (delay * 2).min(Duration::from_millis(10))
+            };
+            last_lag = p.lag;
+            let reading = p.acked > acked;
+            acked = p.acked;
+            // Grown for a reader that took half a window since: one that
+            // only filled its receive buffer before it stopped gets nothing.
+            if p.acked >= grown_at + grant.window() / 2 {
+                grown_at = p.acked;
+                // The send buffer only: the window stays held.
+                if let Some(next) = self.budget.and_then(|b| b.grow(*grant)) {
+                    log::debug!("socket {}: window {} -> {} while held", self.cookie, grant.window(), next.window());
+                    *grant = next;
+                    next.apply_sndbuf(self.dst.as_raw_fd());
                 }
-                Some(_) => {}
+            }
+            if p.lag <= grant.window() / 2 {
+                break Ok(p.taken);
+            }
+            // FIN or RST: nothing more will come; `advance` handles it next.
+            if sockopt::closed_or_failed(fd).map_or(true, |(c, f)| c || f) {
+                break Ok(0);
+            }
+            if !stopped && !reading && (p.peer_full || p.lag > grant.window() + grant.window() / 2) {
+                stopped = stop();
             }
         };
-        release(fd, open);
+        release(fd, grant.window_clamp());
         let taken = result?;
-        self.set_limit(taken + WINDOW);
+        self.set_limit(taken + grant.window());
         Ok(())
+    }
+
+    /// The grant a step up, if the budget allows.
+    fn grow(&self, grant: &mut Grant) {
+        if let Some(next) = self.budget.and_then(|b| b.grow(*grant)) {
+            self.resize(grant, next);
+        }
+    }
+
+    fn resize(&self, grant: &mut Grant, next: Grant) {
+        log::debug!("socket {}: window {} -> {}", self.cookie, grant.window(), next.window());
+        *grant = next;
+        next.apply(self.src.as_raw_fd(), self.dst.as_raw_fd());
+    }
+
+    /// Up a step when this wake-up is the kernel's signal that another
+    /// window went through and `dst`'s peer has acknowledged all but less
+    /// than a window of what `dst` took (a reader that stopped leaves its
+    /// send queue full); back to the floor, if the budget lent more, when
+    /// it is another wake-up (a sweep, see budget.rs) and the direction is
+    /// idle: nothing ahead of `dst`'s send queue, and less than a floor
+    /// window in it.
+    fn regrant(&self, grant: &mut Grant, p: &Progress) {
+        let Some(budget) = self.budget else {
+            return;
+        };
+        let unacked = p.taken - p.acked;
+        let signalled = self.maps.limit(self.cookie).is_some_and(|limit| p.sent >= limit);
+        if signalled && unacked < grant.window() {
+            self.grow(grant);
+        } else if !signalled && *grant != Grant::FLOOR && p.lag == 0 && unacked < Grant::FLOOR.window() {
+            budget.release(*grant);
+            self.resize(grant, Grant::FLOOR);
+        }
     }
 
     /// Polls until (1) every byte `src` received went through the verdict
@@ -297,7 +367,7 @@ impl<'a> Flow<'a> {
             // bytes_received counts the FIN's sequence number too.
             let received = sockopt::tcp_info(self.src.as_raw_fd())
                 .map_or(0, |i| i.bytes_received.saturating_sub(1));
-            let (sent, taken) = self.progress().ok_or(End::DstFailed)?;
+            let Progress { sent, taken, .. } = self.progress().ok_or(End::DstFailed)?;
             if received <= self.src_user_bytes + seen && taken >= sent {
                 return Ok(());
             }
@@ -316,6 +386,20 @@ impl<'a> Flow<'a> {
             delay = (delay * 2).min(Duration::from_millis(50));
         }
     }
+}
+
+/// Where a kernel-carried direction stands, in bytes since the handoff.
+struct Progress {
+    /// Redirected towards `dst` by the verdict program.
+    sent: u64,
+    /// Taken into `dst`'s send queue.
+    taken: u64,
+    /// Of those, acknowledged by `dst`'s peer.
+    acked: u64,
+    /// Redirected but not yet in `dst`'s send queue: waiting on its psock.
+    lag: u64,
+    /// `dst`'s peer advertises a zero window.
+    peer_full: bool,
 }
 
 /// Slows the sender down without a zero window: the window is clamped to
