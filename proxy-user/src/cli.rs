@@ -7,7 +7,7 @@ use clap::Parser;
 
 use std::net::SocketAddr;
 
-use crate::config::{Config, Dur, ListenerSpec, LogLevel, OffloadMode, Overrides, DEFAULT_DRAIN_TIMEOUT};
+use crate::config::{Config, Dur, Handoff, ListenerSpec, LogLevel, OffloadMode, Overrides, DEFAULT_DRAIN_TIMEOUT};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,6 +23,8 @@ pub struct Cli {
     pub listener: ListenerSpec,
     /// Who forwards bulk bytes: the eBPF sockmap, userspace, or auto.
     #[arg(long, value_enum, value_name = "auto|sockmap|userspace")] pub offload: Option<OffloadMode>,
+    /// When the kernel takes a connection over: now, or auto (relay in userspace until it goes idle or carries a bulk stream) [default: now].
+    #[arg(long, value_enum, value_name = "now|auto")] pub handoff: Option<Handoff>,
     /// off, error, warn, info, debug or trace [default: info].
     #[arg(long, value_name = "LEVEL")] pub log_level: Option<LogLevel>,
     /// Serve Prometheus metrics on this address at /metrics.
@@ -52,6 +54,7 @@ impl Cli {
         Overrides {
             log_level: self.log_level.map(|l| l.0),
             offload: self.offload,
+            handoff: self.handoff,
             metrics: self.metrics,
             drain_timeout: self.drain_timeout.map(|d| d.0),
             max_buffered: self.max_buffered.map(|b| b.as_u64()),
@@ -85,6 +88,7 @@ impl Cli {
         let config = Config {
             log_level: overrides.log_level.unwrap_or(log::LevelFilter::Info),
             offload: overrides.offload.unwrap_or(OffloadMode::Auto),
+            handoff: overrides.handoff.unwrap_or_default(),
             metrics: overrides.metrics,
             drain_timeout: overrides.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             max_buffered: overrides.max_buffered,

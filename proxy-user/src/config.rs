@@ -91,6 +91,21 @@ pub enum OffloadMode {
     Userspace,
 }
 
+/// `--handoff`: when the kernel takes a connection over (sockmap offload
+/// only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Handoff {
+    /// As soon as the connection is set up.
+    #[default]
+    Now,
+    /// Once it proves worth it, HAProxy's `splice-auto` idea: relayed in
+    /// userspace first, and handed to the kernel when it goes idle or
+    /// carries a bulk stream (datapath::relay::relay_or_promote). Short
+    /// and chatty connections never pay for the two psocks.
+    Auto,
+}
+
 /// `--log-level`, as the `log` crate names levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogLevel(pub log::LevelFilter);
@@ -279,6 +294,7 @@ pub struct Listener {
 pub struct Config {
     pub log_level: log::LevelFilter,
     pub offload: OffloadMode,
+    pub handoff: Handoff,
     /// Where to serve Prometheus metrics at /metrics.
     pub metrics: Option<SocketAddr>,
     /// How long SIGTERM waits for live connections before closing them.
@@ -296,6 +312,7 @@ pub struct Config {
 struct FileConfig {
     log_level: Option<LogLevel>,
     offload: Option<OffloadMode>,
+    handoff: Option<Handoff>,
     metrics: Option<SocketAddr>,
     drain_timeout: Option<Dur>,
     max_buffered: Option<bytesize::ByteSize>,
@@ -445,6 +462,7 @@ impl ListenerSpec {
 pub struct Overrides {
     pub log_level: Option<log::LevelFilter>,
     pub offload: Option<OffloadMode>,
+    pub handoff: Option<Handoff>,
     pub metrics: Option<SocketAddr>,
     pub drain_timeout: Option<Duration>,
     pub max_buffered: Option<u64>,
@@ -471,6 +489,7 @@ impl Config {
                 .offload
                 .or(file.offload)
                 .unwrap_or(OffloadMode::Auto),
+            handoff: overrides.handoff.or(file.handoff).unwrap_or_default(),
             metrics: overrides.metrics.or(file.metrics),
             drain_timeout: overrides
                 .drain_timeout

@@ -23,6 +23,7 @@ pub async fn run(config: Config, reload: Option<ReloadSource>) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let datapath = Arc::new(Datapath::init(
         config.offload,
+        config.handoff,
         config.log_level,
         config.max_buffered,
         Arc::new(Drain::default()),

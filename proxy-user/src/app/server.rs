@@ -74,6 +74,7 @@ impl Server {
         for (key, changed) in [
             ("log-level", new.log_level != self.config.log_level),
             ("offload", new.offload != self.config.offload),
+            ("handoff", new.handoff != self.config.handoff),
             ("metrics", new.metrics != self.config.metrics),
             ("max-buffered", new.max_buffered != self.config.max_buffered),
         ] {

@@ -14,7 +14,7 @@ use self::{
     kernel::Kernel,
 };
 use crate::{
-    config::OffloadMode,
+    config::{Handoff, OffloadMode},
     drain::Drain,
     metrics::{Direction, LiveBytes, Metrics, Path},
     net,
@@ -23,6 +23,8 @@ use crate::{
 pub struct Datapath {
     /// None: the userspace relay carries every connection.
     kernel: Option<Kernel>,
+    /// When the kernel takes a connection over.
+    handoff: Handoff,
     drain: Arc<Drain>,
 }
 
@@ -30,6 +32,7 @@ impl Datapath {
     /// `max_buffered`: see `Config::max_buffered`.
     pub fn init(
         mode: OffloadMode,
+        handoff: Handoff,
         level: log::LevelFilter,
         max_buffered: Option<u64>,
         drain: Arc<Drain>,
@@ -53,12 +56,20 @@ impl Datapath {
         };
         if let Some(k) = &kernel {
             log::info!(
-                "offload: sockmap (sk_skb stream verdict, prog id {}; max-buffered {})",
+                "offload: sockmap (sk_skb stream verdict, prog id {}; max-buffered {}; handoff {})",
                 k.prog_id(),
-                bytesize::ByteSize(k.budget().cap()).display().iec()
+                bytesize::ByteSize(k.budget().cap()).display().iec(),
+                match handoff {
+                    Handoff::Now => "now",
+                    Handoff::Auto => "auto",
+                }
             );
         }
-        Ok(Datapath { kernel, drain })
+        Ok(Datapath {
+            kernel,
+            handoff,
+            drain,
+        })
     }
 
     /// The offload in effect, as the metrics label it.
@@ -98,6 +109,15 @@ impl Datapath {
             u2c,
         };
         match &self.kernel {
+            Some(k) if self.handoff == Handoff::Auto => {
+                match relay::relay_or_promote(&self.drain, m, &conn.client, &conn.upstream, read).await {
+                    Ok(totals) => {
+                        m.offloaded(Path::userspace);
+                        Ok(Some(totals))
+                    }
+                    Err(read) => k.carry(conn, read).await,
+                }
+            }
             Some(k) => k.carry(conn, read).await,
             None => {
                 m.offloaded(Path::userspace);

@@ -4,10 +4,11 @@
 use std::{
     io,
     sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
 };
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::{io::Interest, net::TcpStream};
+use tokio::{io::Interest, net::TcpStream, sync::watch};
 
 use super::carried::{drive, End, Read, Totals};
 use crate::{
@@ -45,6 +46,119 @@ pub async fn relay(
 
 const BUF_SIZE: usize = 64 * 1024;
 
+/// `--handoff auto`: relays both directions in userspace, like `relay`,
+/// until the connection shows it is worth the kernel's two psocks: it went
+/// IDLE with nothing moving (an MQTT client between packets: it is then
+/// parked at about 100 bytes), or one direction read BULK full buffers in a
+/// row (a stream faster than userspace drains it). Then both directions
+/// stop between reads, with every byte read already written, and Err says
+/// what userspace carried, for the kernel to take over from. A connection
+/// that ends first (or a drain) is finished here: Ok.
+pub async fn relay_or_promote(
+    drain: &Drain,
+    metrics: &ListenerMetrics,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    early: Read,
+) -> Result<Totals, Read> {
+    let (c2u, u2c) = (AtomicU64::new(early.c2u), AtomicU64::new(early.u2c));
+    let (c2u_metric, u2c_metric) = (
+        metrics.user_bytes(Direction::client_to_upstream),
+        metrics.user_bytes(Direction::upstream_to_client),
+    );
+    let (stop, stopped) = watch::channel(false);
+    let direction = |src, dst, bytes, metric| {
+        let mut stopped = stopped.clone();
+        let stop = &stop;
+        async move {
+            let end = copy(src, dst, bytes, metric, Some(&mut stopped)).await;
+            // A direction that ended, or wants the kernel, ends the phase.
+            stop.send_replace(true);
+            end
+        }
+    };
+    let both = async {
+        tokio::join!(
+            direction(client, upstream, &c2u, c2u_metric),
+            direction(upstream, client, &u2c, u2c_metric)
+        )
+    };
+    tokio::pin!(both);
+    let drained = drain.forced();
+    tokio::pin!(drained);
+    let mut draining = false;
+    let mut moved = c2u.load(Relaxed) + u2c.load(Relaxed);
+    let (c2u_step, u2c_step) = loop {
+        tokio::select! {
+            steps = &mut both => break steps,
+            () = tokio::time::sleep(IDLE) => {
+                let now = c2u.load(Relaxed) + u2c.load(Relaxed);
+                if now == moved {
+                    stop.send_replace(true);
+                }
+                moved = now;
+            }
+            () = &mut drained, if !draining => {
+                draining = true;
+                stop.send_replace(true);
+            }
+        }
+    };
+    let (c2u_now, u2c_now) = (c2u.load(Relaxed), u2c.load(Relaxed));
+    if let (Step::Promote, Step::Promote) = (c2u_step, u2c_step) {
+        // A parked connection keeps these counts in 32 bits (park.rs); one
+        // that carried more in userspace stays there.
+        if !drain.is_forced() && c2u_now.max(u2c_now) < u64::from(u32::MAX) {
+            return Err(Read {
+                consumed: early.consumed,
+                c2u: c2u_now,
+                u2c: u2c_now,
+            });
+        }
+    }
+    // Finish in userspace: an ended direction keeps its end, a stopped one
+    // resumes (it holds no bytes).
+    let resume = |step, src, dst, bytes, metric| async move {
+        match step {
+            Step::Ended(end) => end,
+            Step::Promote => user_direction(src, dst, bytes, metric).await,
+        }
+    };
+    let outcome = drive(
+        drain,
+        resume(c2u_step, client, upstream, &c2u, c2u_metric),
+        resume(u2c_step, upstream, client, &u2c, u2c_metric),
+        wait_reset(client),
+        wait_reset(upstream),
+    )
+    .await;
+    outcome.pass_on(client, upstream);
+    Ok(Totals {
+        c2u: c2u.load(Relaxed),
+        u2c: u2c.load(Relaxed),
+        kernel: 0,
+        outcome,
+    })
+}
+
+/// How long a `--handoff auto` connection may go with no byte either way
+/// before the kernel takes it over. Shorter than MQTT keep-alive intervals
+/// (tens of seconds), longer than the gaps of a connection that is busy.
+const IDLE: Duration = Duration::from_secs(2);
+
+/// How many full buffers (64 KiB each) in a row make a direction a bulk
+/// stream under `--handoff auto`: 1 MiB that arrived faster than it was
+/// read. Small MQTT packets, even at a high rate, rarely fill one.
+const BULK: u32 = 16;
+
+/// Where a direction of `relay_or_promote` stopped.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Between reads, with nothing held: the kernel may take over.
+    Promote,
+    Ended(End),
+}
+
 /// Copies `src` to `dst` until EOF, then half-closes `dst`. `bytes` counts
 /// what was passed on, and stays right if this future is dropped mid-way.
 /// `metric` is the listener's live byte counter.
@@ -54,25 +168,62 @@ pub async fn user_direction(
     bytes: &AtomicU64,
     metric: &Counter,
 ) -> End {
+    match copy(src, dst, bytes, metric, None).await {
+        Step::Ended(end) => end,
+        Step::Promote => unreachable!("a relay with no stop signal never stops"),
+    }
+}
+
+/// `user_direction`, and, given `stop`, the phase of `relay_or_promote`:
+/// returns Promote when `stop` turns true while no bytes are held, or by
+/// itself after BULK full buffers in a row.
+async fn copy(
+    src: &TcpStream,
+    dst: &TcpStream,
+    bytes: &AtomicU64,
+    metric: &Counter,
+    mut stop: Option<&mut watch::Receiver<bool>>,
+) -> Step {
+    let mut full_in_a_row = 0;
     loop {
-        if src.readable().await.is_err() {
-            return End::SrcReset;
+        let readable = async {
+            match stop.as_deref_mut() {
+                // Biased: a stop wins over more bytes, so a stream cannot
+                // keep the connection in userspace.
+                Some(stop) => tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => None,
+                    r = src.readable() => Some(r),
+                },
+                None => Some(src.readable().await),
+            }
+        };
+        match readable.await {
+            None => return Step::Promote,
+            Some(Err(_)) => return Step::Ended(End::SrcReset),
+            Some(Ok(())) => {}
         }
         // The buffer lives only while bytes flow, so an idle connection
         // holds none (MQTT connections are idle most of the time).
         let mut buf = vec![0u8; BUF_SIZE];
         loop {
             let n = match src.try_read(&mut buf) {
-                Ok(0) => return half_close(dst),
+                Ok(0) => return Step::Ended(half_close(dst)),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => return End::SrcReset,
+                Err(_) => return Step::Ended(End::SrcReset),
             };
             if write_all(dst, &buf[..n]).await.is_err() {
-                return End::DstFailed;
+                return Step::Ended(End::DstFailed);
             }
             bytes.fetch_add(n as u64, Relaxed);
             metric.inc_by(n as u64);
+            if let Some(stop) = &stop {
+                full_in_a_row = if n == BUF_SIZE { full_in_a_row + 1 } else { 0 };
+                if full_in_a_row >= BULK || *stop.borrow() {
+                    return Step::Promote;
+                }
+            }
         }
     }
 }
