@@ -30,6 +30,9 @@ pub enum Kind {
     /// No forwarder: the client connects straight to the server.
     Direct,
     SplicerSockmap,
+    /// The sockmap offload with `--handoff auto`: userspace until a
+    /// connection goes idle or carries a bulk stream.
+    SplicerAuto,
     SplicerUserspace,
     Haproxy,
     /// HAProxy with `option splice-request` and `option splice-response`.
@@ -37,9 +40,10 @@ pub enum Kind {
     Nginx,
 }
 
-pub const ALL: [Kind; 6] = [
+pub const ALL: [Kind; 7] = [
     Kind::Direct,
     Kind::SplicerSockmap,
+    Kind::SplicerAuto,
     Kind::SplicerUserspace,
     Kind::Haproxy,
     Kind::HaproxySplice,
@@ -51,6 +55,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::SplicerSockmap => "splicer sockmap",
+            Kind::SplicerAuto => "splicer handoff auto",
             Kind::SplicerUserspace => "splicer userspace",
             Kind::Haproxy => "haproxy",
             Kind::HaproxySplice => "haproxy splice",
@@ -131,17 +136,20 @@ fn command(kind: Kind, s: &Setup, listen: SocketAddr) -> Result<Option<Command>>
     let name = kind.name().replace(' ', "-");
     Ok(Some(match kind {
         Kind::Direct => return Ok(None),
-        Kind::SplicerSockmap | Kind::SplicerUserspace => {
+        Kind::SplicerSockmap | Kind::SplicerAuto | Kind::SplicerUserspace => {
             let mut c = Command::new(&s.splicer);
             c.arg("--listen").arg(listen.to_string());
             c.arg("--upstream").arg(up.to_string());
             c.args(["--send-proxy", if s.send_proxy { "v1" } else { "off" }]);
-            let offload = if kind == Kind::SplicerSockmap {
-                "sockmap"
-            } else {
+            let offload = if kind == Kind::SplicerUserspace {
                 "userspace"
+            } else {
+                "sockmap"
             };
             c.args(["--offload", offload, "--log-level", "warn"]);
+            if kind == Kind::SplicerAuto {
+                c.args(["--handoff", "auto"]);
+            }
             c
         }
         Kind::Haproxy | Kind::HaproxySplice => {
