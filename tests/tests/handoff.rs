@@ -5,7 +5,7 @@
 //! with traffic in both directions at the moment it happens.
 use std::{
     io::{Read as _, Write as _},
-    net::Shutdown,
+    net::{Shutdown, TcpStream},
     thread,
     time::Duration,
 };
@@ -13,18 +13,21 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 use splicer_tests::*;
 
-fn auto(dir: &std::path::Path, upstream: std::net::SocketAddr) -> Result<Splicer> {
-    splicer_in_mode(dir, "sockmap", upstream, &["--handoff", "auto"])
+/// splicer with `--handoff auto` in front of a listener of the test's, and
+/// one client connection through it: (splicer, client side, upstream side).
+fn connected(name: &str) -> Result<(Splicer, TcpStream, TcpStream)> {
+    let dir = scratch(name);
+    let (listener, upstream) = listen_on(BROKER_IP)?;
+    let splicer = splicer_in_mode(&dir, "sockmap", upstream, &["--handoff", "auto"])?;
+    let c = connect_from_client(splicer.listen)?;
+    let (u, _) = listener.accept()?;
+    Ok((splicer, c, u))
 }
 
 /// A short exchange ends before any handoff: no kernel bytes, no psock.
 #[test]
 fn short_connection_stays_in_userspace() -> Result<()> {
-    let dir = scratch("handoff-short");
-    let (listener, upstream) = listen_on(BROKER_IP)?;
-    let splicer = auto(&dir, upstream)?;
-    let mut c = connect_from_client(splicer.listen)?;
-    let (mut u, _) = listener.accept()?;
+    let (splicer, mut c, mut u) = connected("handoff-short")?;
     c.write_all(b"ping")?;
     let mut got = [0u8; 4];
     u.read_exact(&mut got)?;
@@ -45,11 +48,7 @@ fn short_connection_stays_in_userspace() -> Result<()> {
 fn bulk_moves_to_the_kernel_mid_stream() -> Result<()> {
     const UP: u64 = 64 << 20;
     const DOWN: u64 = 32 << 20;
-    let dir = scratch("handoff-bulk");
-    let (listener, upstream) = listen_on(BROKER_IP)?;
-    let splicer = auto(&dir, upstream)?;
-    let mut c = connect_from_client(splicer.listen)?;
-    let (mut u, _) = listener.accept()?;
+    let (splicer, mut c, mut u) = connected("handoff-bulk")?;
     let (mut c2, mut u2) = (c.try_clone()?, u.try_clone()?);
     let up = thread::spawn(move || -> Result<()> {
         send_pattern(&mut c2, 21, UP)?;
@@ -81,11 +80,7 @@ fn bulk_moves_to_the_kernel_mid_stream() -> Result<()> {
 /// handed over; what it sends afterwards goes through the kernel.
 #[test]
 fn idle_connection_is_handed_over() -> Result<()> {
-    let dir = scratch("handoff-idle");
-    let (listener, upstream) = listen_on(BROKER_IP)?;
-    let splicer = auto(&dir, upstream)?;
-    let mut c = connect_from_client(splicer.listen)?;
-    let (mut u, _) = listener.accept()?;
+    let (splicer, mut c, mut u) = connected("handoff-idle")?;
     c.write_all(b"CONNECT")?;
     let mut got = [0u8; 7];
     u.read_exact(&mut got)?;
@@ -120,11 +115,7 @@ fn idle_connection_is_handed_over() -> Result<()> {
 /// the other direction still open.
 #[test]
 fn half_close_before_handoff_finishes_in_userspace() -> Result<()> {
-    let dir = scratch("handoff-halfclose");
-    let (listener, upstream) = listen_on(BROKER_IP)?;
-    let splicer = auto(&dir, upstream)?;
-    let mut c = connect_from_client(splicer.listen)?;
-    let (mut u, _) = listener.accept()?;
+    let (splicer, mut c, mut u) = connected("handoff-halfclose")?;
     send_pattern(&mut c, 25, 100_000)?;
     c.shutdown(Shutdown::Write)?;
     let mut all = Vec::new();
