@@ -149,10 +149,10 @@ fn abort(s: TcpStream) {
     drop(s);
 }
 
-fn reset_passes_on(mode: &str, client_resets: bool) -> Result<()> {
-    let dir = scratch(&format!("reset-{mode}-{client_resets}"));
+fn reset_passes_on(mode: &str, extra: &[&str], client_resets: bool) -> Result<()> {
+    let dir = scratch(&format!("reset-{mode}-{}-{client_resets}", extra.len()));
     let (listener, upstream) = listen_on(BROKER_IP)?;
-    let splicer = splicer_in_mode(&dir, mode, upstream, &[])?;
+    let splicer = splicer_in_mode(&dir, mode, upstream, extra)?;
     let mut c = connect_from_client(splicer.listen)?;
     let (mut u, _) = listener.accept()?;
     // Traffic both ways first, so the connection is fully spliced.
@@ -187,12 +187,20 @@ fn reset_passes_on(mode: &str, client_resets: bool) -> Result<()> {
 
 #[test]
 fn client_reset_reaches_upstream() -> Result<()> {
-    MODES.iter().try_for_each(|m| reset_passes_on(m, true))
+    MODES.iter().try_for_each(|m| reset_passes_on(m, &[], true))
 }
 
 #[test]
 fn upstream_reset_reaches_client() -> Result<()> {
-    MODES.iter().try_for_each(|m| reset_passes_on(m, false))
+    MODES.iter().try_for_each(|m| reset_passes_on(m, &[], false))
+}
+
+/// The same while `--handoff auto` still relays in userspace.
+#[test]
+fn reset_reaches_the_other_side_before_the_handoff() -> Result<()> {
+    let auto = ["--handoff", "auto"];
+    reset_passes_on("sockmap", &auto, true)?;
+    reset_passes_on("sockmap", &auto, false)
 }
 
 /// Half-close in each direction: the other direction keeps flowing, and a

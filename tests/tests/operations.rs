@@ -523,10 +523,11 @@ fn drain_lets_a_transfer_finish_userspace() -> Result<()> {
 
 /// Past --drain-timeout, idle clients and brokers see a clean close (FIN,
 /// not a reset), and splicer exits 0.
-fn drain_timeout_closes_cleanly(mode: &str) -> Result<()> {
-    let dir = scratch(&format!("drain-timeout-{mode}"));
+fn drain_timeout_closes_cleanly(mode: &str, extra: &[&str]) -> Result<()> {
+    let dir = scratch(&format!("drain-timeout-{mode}-{}", extra.len()));
     let (sink, up) = sink()?;
-    let mut s = splicer_in_mode(&dir, mode, up, &["--drain-timeout", "1s"])?;
+    let args = [&["--drain-timeout", "1s"], extra].concat();
+    let mut s = splicer_in_mode(&dir, mode, up, &args)?;
     let mut pairs = Vec::new();
     for i in 0..3 {
         let mut c = connect_from(CLIENT_IP, s.listen)?;
@@ -557,10 +558,17 @@ fn drain_timeout_closes_cleanly(mode: &str) -> Result<()> {
 
 #[test]
 fn drain_timeout_closes_cleanly_sockmap() -> Result<()> {
-    drain_timeout_closes_cleanly("sockmap")
+    drain_timeout_closes_cleanly("sockmap", &[])
 }
 
 #[test]
 fn drain_timeout_closes_cleanly_userspace() -> Result<()> {
-    drain_timeout_closes_cleanly("userspace")
+    drain_timeout_closes_cleanly("userspace", &[])
+}
+
+/// The same while the connections are still in `--handoff auto`'s
+/// userspace phase (the drain comes before their 2 s of idleness).
+#[test]
+fn drain_timeout_closes_cleanly_before_the_handoff() -> Result<()> {
+    drain_timeout_closes_cleanly("sockmap", &["--handoff", "auto"])
 }
