@@ -489,6 +489,12 @@ impl Counters {
         self.accepted.load(Ordering::Relaxed)
     }
 
+    /// Connections the kernel took over (at once, or after `--handoff
+    /// auto`'s userspace phase).
+    pub fn spliced(&self) -> u64 {
+        self.spliced.load(Ordering::Relaxed)
+    }
+
     /// Client connections open now, on every listener.
     pub fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)

@@ -81,10 +81,14 @@ fn raise_fd_limit() {
 /// node's RSS is what its live connections need, not its worst minute.
 #[allow(unsafe_code)] // malloc_trim is glibc's, with no safe wrapper
 async fn trim_heap(metrics: Arc<Metrics>) {
-    let mut seen = 0;
+    let mut seen = (0, 0);
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-        let now = metrics.totals().accepted();
+        // New connections, or connections handed to the kernel (whose
+        // userspace task and buffers are then freed, as with `--handoff
+        // auto`), leave freed heap behind.
+        let t = metrics.totals();
+        let now = (t.accepted(), t.spliced());
         if now != seen {
             seen = now;
             // SAFETY: malloc_trim only releases free memory; no pointers involved.

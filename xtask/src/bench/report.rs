@@ -262,8 +262,9 @@ fn describe(workload: &str, p: &Plan, nofile: u64) -> String {
         PINGPONG => format!("{} round trips of 64 bytes on one connection (after 100 warm-up ones), Nagle off.", p.rounds),
         IDLE => format!(
             "{} connections held (as many as an open-files limit of {nofile} lets a forwarder hold, at 2 fds each, \
-             or the plan's number), each checked end to end with a 1-byte echo, through a freshly started forwarder. \
-             Forwarder RSS: VmRSS of its processes, holding minus before, per connection. \
+             or the plan's number), each checked end to end with a 1-byte echo, through a freshly started forwarder, \
+             then left idle for 11 s (past `--handoff auto`'s handoff and splicer's next heap trim; the reading before \
+             also waits for a trim). Forwarder RSS: VmRSS of its processes, holding minus before, per connection. \
              Kernel: pages held by all slab caches (socket structs, inodes, files, epoll, BPF map entries; \
              TIME_WAIT socks left out) plus TCP buffer pages, holding minus before, per connection, for the \
              whole machine: so it includes the client's and server's sockets, which is what direct shows.",

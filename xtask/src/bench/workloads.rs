@@ -23,6 +23,9 @@ use super::{
     Plan,
 };
 
+/// How long the idle step waits before each memory reading (see `idle`).
+const SETTLE: Duration = Duration::from_secs(11);
+
 /// Everything one measurement produced; the JSON output is a list of these.
 #[derive(Serialize, Clone)]
 pub struct Sample {
@@ -282,6 +285,13 @@ impl Ctx<'_> {
     fn idle(&self, fwd: &mut Forwarder, rep: usize) -> Result<Sample> {
         let n = self.plan.idle_conns;
         fwd.restart(self.setup)?;
+        // splicer returns freed heap to the system (malloc_trim) at most
+        // every 5 s after it accepted a connection: one connection now, and
+        // a wait past that, so "before" is read on a trimmed heap as "holding"
+        // is below. Without it, the trim of start-up memory fell between the
+        // two readings and made the difference negative.
+        drop(std::net::TcpStream::connect(fwd.addr));
+        thread::sleep(SETTLE);
         let quiet = wait_quiet(self.plan.quiet_wait);
         let rss = |f: &Forwarder| f.pid().map(tree_rss_bytes).unwrap_or(0) as f64;
         let (rss0, kmem0) = (rss(fwd), kernel_mem_bytes() as f64);
@@ -313,8 +323,11 @@ impl Ctx<'_> {
         };
         let (cpu, sys) = (fwd_cpu(fwd) - cpu0, busy_cpu_s() - sys0);
         let wall = t0.elapsed();
-        // Let lazily freed memory (RCU, deferred work) settle before reading.
-        thread::sleep(Duration::from_secs(1));
+        // Let lazily freed memory (RCU, deferred work) settle, and the
+        // connections sit idle past `--handoff auto`'s handoff (2 s idle,
+        // checked every 2 s) and splicer's next heap trim (every 5 s), as
+        // idle MQTT clients do, before reading.
+        thread::sleep(SETTLE);
         let (rss1, kmem1) = (rss(fwd), kernel_mem_bytes() as f64);
         fwd.check_alive()?;
         // Let go: a line on stdin closes everything.
