@@ -30,7 +30,8 @@ pub struct Link {
     /// without a lookup by cookie.
     pub token: u64,
     /// Bytes TCP had already delivered that it handed to the verdict again
-    /// (an overlapping retransmission); cut off before the redirect.
+    /// (an overlapping retransmission, or the front of an skb userspace
+    /// read in part before the handoff); cut off before the redirect.
     pub repeated: u64,
 }
 

@@ -27,10 +27,30 @@ pub async fn relay(
     early: Read,
 ) -> Totals {
     let (c2u, u2c) = (AtomicU64::new(early.c2u), AtomicU64::new(early.u2c));
+    relay_rest(drain, metrics, client, upstream, (&c2u, &u2c), (Step::Open, Step::Open)).await
+}
+
+/// Relays until the connection ends, from where each direction stands:
+/// one that already ended keeps its end, an open one is copied (it holds
+/// no bytes). `counts` already hold what was forwarded each way.
+async fn relay_rest(
+    drain: &Drain,
+    metrics: &ListenerMetrics,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    (c2u, u2c): (&AtomicU64, &AtomicU64),
+    (c2u_step, u2c_step): (Step, Step),
+) -> Totals {
+    let rest = |step, src, dst, bytes, metric| async move {
+        match step {
+            Step::Ended(end) => end,
+            Step::Open => user_direction(src, dst, bytes, metric).await,
+        }
+    };
     let outcome = drive(
         drain,
-        user_direction(client, upstream, &c2u, metrics.user_bytes(Direction::client_to_upstream)),
-        user_direction(upstream, client, &u2c, metrics.user_bytes(Direction::upstream_to_client)),
+        rest(c2u_step, client, upstream, c2u, metrics.user_bytes(Direction::client_to_upstream)),
+        rest(u2c_step, upstream, client, u2c, metrics.user_bytes(Direction::upstream_to_client)),
         wait_reset(client),
         wait_reset(upstream),
     )
@@ -105,7 +125,7 @@ pub async fn relay_or_promote(
         }
     };
     let (c2u_now, u2c_now) = (c2u.load(Relaxed), u2c.load(Relaxed));
-    if let (Step::Promote, Step::Promote) = (c2u_step, u2c_step) {
+    if let (Step::Open, Step::Open) = (c2u_step, u2c_step) {
         // A parked connection keeps these counts in 32 bits (park.rs); one
         // that carried more in userspace stays there.
         if !drain.is_forced() && c2u_now.max(u2c_now) < u64::from(u32::MAX) {
@@ -116,29 +136,7 @@ pub async fn relay_or_promote(
             });
         }
     }
-    // Finish in userspace: an ended direction keeps its end, a stopped one
-    // resumes (it holds no bytes).
-    let resume = |step, src, dst, bytes, metric| async move {
-        match step {
-            Step::Ended(end) => end,
-            Step::Promote => user_direction(src, dst, bytes, metric).await,
-        }
-    };
-    let outcome = drive(
-        drain,
-        resume(c2u_step, client, upstream, &c2u, c2u_metric),
-        resume(u2c_step, upstream, client, &u2c, u2c_metric),
-        wait_reset(client),
-        wait_reset(upstream),
-    )
-    .await;
-    outcome.pass_on(client, upstream);
-    Ok(Totals {
-        c2u: c2u.load(Relaxed),
-        u2c: u2c.load(Relaxed),
-        kernel: 0,
-        outcome,
-    })
+    Ok(relay_rest(drain, metrics, client, upstream, (&c2u, &u2c), (c2u_step, u2c_step)).await)
 }
 
 /// How long a `--handoff auto` connection may go with no byte either way
@@ -151,11 +149,12 @@ const IDLE: Duration = Duration::from_secs(2);
 /// read. Small MQTT packets, even at a high rate, rarely fill one.
 const BULK: u32 = 16;
 
-/// Where a direction of `relay_or_promote` stopped.
+/// Where a relayed direction stands.
 #[derive(Debug, Clone, Copy)]
 enum Step {
-    /// Between reads, with nothing held: the kernel may take over.
-    Promote,
+    /// Open, stopped between reads with nothing held: userspace or the
+    /// kernel may carry it on.
+    Open,
     Ended(End),
 }
 
@@ -170,12 +169,12 @@ pub async fn user_direction(
 ) -> End {
     match copy(src, dst, bytes, metric, None).await {
         Step::Ended(end) => end,
-        Step::Promote => unreachable!("a relay with no stop signal never stops"),
+        Step::Open => unreachable!("a relay with no stop signal never stops"),
     }
 }
 
 /// `user_direction`, and, given `stop`, the phase of `relay_or_promote`:
-/// returns Promote when `stop` turns true while no bytes are held, or by
+/// returns Open when `stop` turns true while no bytes are held, or by
 /// itself after BULK full buffers in a row.
 async fn copy(
     src: &TcpStream,
@@ -199,7 +198,7 @@ async fn copy(
             }
         };
         match readable.await {
-            None => return Step::Promote,
+            None => return Step::Open,
             Some(Err(_)) => return Step::Ended(End::SrcReset),
             Some(Ok(())) => {}
         }
@@ -221,7 +220,7 @@ async fn copy(
             if let Some(stop) = &stop {
                 full_in_a_row = if n == BUF_SIZE { full_in_a_row + 1 } else { 0 };
                 if full_in_a_row >= BULK || *stop.borrow() {
-                    return Step::Promote;
+                    return Step::Open;
                 }
             }
         }

@@ -186,6 +186,16 @@ fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
 
 /// Turns the usual load failures into a reason an operator can act on.
 fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
+    // Name the capability that is missing: CAP_BPF for any map or program,
+    // CAP_NET_ADMIN for the sockhash maps and the sk_skb program,
+    // CAP_PERFMON for the verdict's reads of kernel memory (see
+    // `already_delivered` in proxy-ebpf; without it the verifier refuses
+    // the helper). CAP_SYS_ADMIN (21) stands in for all three.
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    const GRANT: &str = "run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON";
     // aya's Display leaves out the OS error; collect the whole chain.
     let mut text = e.to_string();
     let mut source = std::error::Error::source(&e);
@@ -198,16 +208,6 @@ fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
         }
         source = s.source();
     }
-    // Name the capability that is missing: CAP_BPF for any map or program,
-    // CAP_NET_ADMIN for the sockhash maps and the sk_skb program,
-    // CAP_PERFMON for the verdict's reads of kernel memory (see
-    // `already_delivered` in proxy-ebpf; without it the verifier refuses
-    // the helper). CAP_SYS_ADMIN (21) stands in for all three.
-    const CAP_NET_ADMIN: u32 = 12;
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    const GRANT: &str = "run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON";
     let eff = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

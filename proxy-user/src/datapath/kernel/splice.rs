@@ -120,7 +120,8 @@ pub fn forget(maps: &Maps, (c, u): (u64, u64)) -> (Link, Link) {
     if links.0.repeated + links.1.repeated > 0 {
         log::info!(
             "sockets {c}/{u}: TCP handed the kernel path {}/{} bytes a second time \
-             (overlapping retransmissions); cut off, forwarded once",
+             (overlapping retransmissions, or skbs read in part before the handoff); \
+             cut off, forwarded once",
             links.0.repeated,
             links.1.repeated
         );
