@@ -154,3 +154,34 @@ fn userspace_offload_ignores_handoff() -> Result<()> {
     ensure!(close_num(&line, "kernel_bytes")? == 0, "{line}");
     Ok(())
 }
+
+/// Bytes dripped one at a time, before the idle handoff and after it,
+/// arrive once and in order, the later ones through the kernel.
+#[test]
+fn dripped_bytes_cross_the_handoff_in_order() -> Result<()> {
+    let (splicer, mut c, mut u) = connected("handoff-drip")?;
+    let mut stream = vec![0u8; 40];
+    Pattern::new(28).fill(&mut stream);
+    let drip = |c: &mut TcpStream, bytes: &[u8]| -> Result<()> {
+        for b in bytes {
+            c.write_all(std::slice::from_ref(b))?;
+            thread::sleep(Duration::from_millis(30));
+        }
+        Ok(())
+    };
+    drip(&mut c, &stream[..20])?;
+    thread::sleep(Duration::from_millis(4500));
+    drip(&mut c, &stream[20..])?;
+    c.shutdown(Shutdown::Write)?;
+    let mut got = Vec::new();
+    u.set_read_timeout(Some(Duration::from_secs(5)))?;
+    u.read_to_end(&mut got)?;
+    ensure!(got == stream, "upstream got {} bytes, not the 40 sent in order", got.len());
+    drop((c, u));
+    let line = splicer.wait_closed(1, Duration::from_secs(5))?.remove(0);
+    ensure!(
+        close_num(&line, "kernel_bytes")? == 20,
+        "the 20 bytes after the idle handoff should go through the kernel: {line}"
+    );
+    Ok(())
+}
