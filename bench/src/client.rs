@@ -2,7 +2,7 @@
 //! keeps few connections busy at a time (idle ones just sit in a Vec), and
 //! this is the simplest code whose cost is the same for every forwarder.
 use std::{
-    io::{BufRead, Read, Write},
+    io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -15,7 +15,7 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 use serde_json::{json, Value};
 
-use crate::net::{connect, quantile};
+use crate::net::{connect, open_many, quantile, ready_then_wait};
 
 /// `bytes` in total over `conns` connections (split evenly), client to
 /// server. Sending stops early at `max_time`; the server's count must equal
@@ -101,13 +101,15 @@ pub fn pingpong(
     }))
 }
 
-/// `conns` short connections, `concurrency` at a time: connect, send the
-/// command and 8 bytes, read the 8 back, close. Every one must succeed.
+/// `conns` short connections, `concurrency` at a time, each one
+/// `exchange(target, i)` (short_exchange, or an MQTT CONNECT and
+/// DISCONNECT). Every one must succeed.
 pub fn connrate(
     target: SocketAddr,
     conns: usize,
     concurrency: usize,
     max_time: Duration,
+    exchange: fn(SocketAddr, u64) -> Result<()>,
 ) -> Result<Value> {
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
@@ -122,7 +124,7 @@ pub fn connrate(
                         return Ok(lat_us);
                     }
                     let t = Instant::now();
-                    short_exchange(target, i as u64)
+                    exchange(target, i as u64)
                         .with_context(|| format!("short connection {i}"))?;
                     lat_us.push(t.elapsed().as_secs_f64() * 1e6);
                 }
@@ -144,7 +146,8 @@ pub fn connrate(
     }))
 }
 
-fn short_exchange(target: SocketAddr, i: u64) -> Result<()> {
+/// Connect, send the command and 8 bytes, read the 8 back, close.
+pub fn short_exchange(target: SocketAddr, i: u64) -> Result<()> {
     let mut s = connect(target)?;
     let mut msg = [b'E'; 9];
     msg[1..].copy_from_slice(&i.to_le_bytes());
@@ -159,37 +162,17 @@ fn short_exchange(target: SocketAddr, i: u64) -> Result<()> {
 /// (so the forwarder has its upstream side open too), prints a `ready`
 /// line, and holds them until stdin has a line or closes.
 pub fn idle(target: SocketAddr, conns: usize) -> Result<Value> {
-    let threads = 8;
     let start = Instant::now();
-    let openers: Vec<_> = (0..threads)
-        .map(|t| {
-            let n = conns / threads + usize::from(t < conns % threads);
-            thread::spawn(move || -> Result<Vec<TcpStream>> {
-                let mut held = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let mut s = connect(target)?;
-                    s.write_all(b"E!")?;
-                    let mut b = [0u8; 1];
-                    s.read_exact(&mut b)
-                        .with_context(|| format!("no echo on held connection {}", held.len()))?;
-                    held.push(s);
-                }
-                Ok(held)
-            })
-        })
-        .collect();
-    let mut held = Vec::with_capacity(conns);
-    for o in openers {
-        held.extend(o.join().expect("opener thread panicked")?);
-    }
+    let held = open_many(conns, move |i| -> Result<TcpStream> {
+        let mut s = connect(target)?;
+        s.write_all(b"E!")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)
+            .with_context(|| format!("no echo on held connection {i}"))?;
+        Ok(s)
+    })?;
     let secs = start.elapsed().as_secs_f64();
-    println!(
-        "{}",
-        json!({"event": "ready", "conns": held.len(), "secs": secs})
-    );
-    std::io::stdout().flush()?;
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line)?;
+    ready_then_wait(&json!({"event": "ready", "conns": held.len(), "secs": secs}))?;
     drop(held);
     Ok(json!({"event": "done", "conns": conns, "open_secs": secs}))
 }

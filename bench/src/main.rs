@@ -65,6 +65,34 @@ enum Cmd {
         #[arg(long, value_parser = humantime_secs)]
         max_time: Duration,
     },
+    /// CONNS MQTT clients, CONCURRENCY at a time, each connecting,
+    /// sending CONNECT, waiting for the CONNACK, DISCONNECT and close: a
+    /// reconnect storm.
+    MqttStorm {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        conns: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, value_parser = humantime_secs)]
+        max_time: Duration,
+    },
+    /// CONNS MQTT clients connect and say `ready`; after a line on stdin
+    /// they publish RATE messages per second in total, in turn, for
+    /// DURATION, to one subscriber.
+    Fleet {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        conns: usize,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long, value_parser = humantime_secs)]
+        duration: Duration,
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+    },
     /// Open CONNS connections, check each end to end, print `ready`, hold
     /// them until a line (or EOF) on stdin, then close them.
     Idle {
@@ -126,7 +154,26 @@ fn main() -> Result<()> {
             conns,
             concurrency,
             max_time,
-        } => client::connrate(target, conns, concurrency, max_time)?,
+        } => client::connrate(target, conns, concurrency, max_time, client::short_exchange)?,
+        Cmd::MqttStorm {
+            target,
+            conns,
+            concurrency,
+            max_time,
+        } => client::connrate(target, conns, concurrency, max_time, mqtt::reconnect)?,
+        Cmd::Fleet {
+            target,
+            conns,
+            rate,
+            duration,
+            payload,
+        } => mqtt::fleet(&mqtt::Fleet {
+            target,
+            conns,
+            rate,
+            duration,
+            payload,
+        })?,
         Cmd::Idle { target, conns } => client::idle(target, conns)?,
         Cmd::Mqtt {
             target,

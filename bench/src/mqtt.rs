@@ -18,7 +18,7 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
 
-use crate::net::{connect, quantile};
+use crate::net::{connect, open_many, quantile, ready_then_wait};
 
 pub struct Plan {
     pub target: SocketAddr,
@@ -236,6 +236,19 @@ impl Mqtt {
         Ok(())
     }
 
+    /// One PUBLISH of `payload` to `topic`, its first 8 bytes set to the
+    /// time since `t0` (the subscriber's latency clock).
+    fn publish(&mut self, topic: &str, qos: u8, pkid: u16, payload: &mut [u8], t0: Instant) -> Result<()> {
+        payload[..8].copy_from_slice(&(t0.elapsed().as_nanos() as u64).to_le_bytes());
+        let mut body = Vec::with_capacity(topic.len() + payload.len() + 4);
+        put_str(&mut body, topic.as_bytes());
+        if qos > 0 {
+            body.extend(pkid.to_be_bytes());
+        }
+        body.extend(&*payload);
+        self.send(&packet(0x30 | qos << 1, &body))
+    }
+
     /// Publishes up to `n` messages to `bench/<id>`, each when the window
     /// has room (and, if paced, at first_at + k * interval); at QoS 1 waits
     /// for each PUBACK before the next, as a device with one message in
@@ -264,14 +277,7 @@ impl Mqtt {
                 thread::sleep(at.saturating_duration_since(Instant::now()));
             }
             let pkid = (sent % 65535 + 1) as u16;
-            payload[..8].copy_from_slice(&(t0.elapsed().as_nanos() as u64).to_le_bytes());
-            let mut body = Vec::with_capacity(topic.len() + size + 4);
-            put_str(&mut body, topic.as_bytes());
-            if qos > 0 {
-                body.extend(pkid.to_be_bytes());
-            }
-            body.extend(&payload);
-            self.send(&packet(0x30 | qos << 1, &body))?;
+            self.publish(&topic, qos, pkid, &mut payload, t0)?;
             if qos > 0 {
                 let (kind, ack) = read_packet(&mut self.r)
                     .with_context(|| format!("publisher {id}: no PUBACK for {pkid}"))?;
@@ -285,6 +291,81 @@ impl Mqtt {
         self.send(&[0xe0, 0])?; // DISCONNECT
         Ok(sent)
     }
+}
+
+/// One client of a reconnect storm: connect, CONNECT, wait for the
+/// CONNACK, DISCONNECT, close.
+pub fn reconnect(target: SocketAddr, i: u64) -> Result<()> {
+    let mut m = Mqtt::connect(target, &format!("storm-{}-{i}", std::process::id()))?;
+    m.send(&[0xe0, 0])
+}
+
+/// The fleet workload: many devices, each connected and mostly idle.
+pub struct Fleet {
+    pub target: SocketAddr,
+    pub conns: usize,
+    /// Messages per second from the whole fleet, each from the next client
+    /// in turn: every client publishes once per conns / rate seconds.
+    pub rate: f64,
+    pub duration: Duration,
+    pub payload: usize,
+}
+
+/// Connects the fleet and one subscriber (to `fleet/#`), says `ready` and
+/// waits for a line on stdin (xtask measures from there), then publishes
+/// at QoS 0, paced, and reports what the subscriber received and how late.
+pub fn fleet(p: &Fleet) -> Result<Value> {
+    let t0 = Instant::now();
+    let pid = std::process::id();
+    let mut sub = Mqtt::connect(p.target, &format!("fleet-sub-{pid}"))?;
+    sub.subscribe("fleet/#", 0)?;
+    let target = p.target;
+    let mut fleet = open_many(p.conns, move |i| Mqtt::connect(target, &format!("fleet-{pid}-{i}")))?;
+    ready_then_wait(&json!({"event": "ready", "conns": fleet.len(), "secs": t0.elapsed().as_secs_f64()}))?;
+
+    // No window: the pace is the bound.
+    let window = Arc::new(Window::new(u64::MAX));
+    let got = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sub_sock = sub.w.get_ref().try_clone()?;
+    let receiver = {
+        let (window, got, stop) = (window.clone(), got.clone(), stop.clone());
+        thread::spawn(move || receive(sub, &window, &got, &stop, t0))
+    };
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / p.rate);
+    let topics: Vec<String> = (0..fleet.len()).map(|i| format!("fleet/{i}")).collect();
+    let mut payload = vec![0x42_u8; p.payload.max(8)];
+    let mut sent = 0u64;
+    loop {
+        let at = start + interval.mul_f64(sent as f64);
+        if at >= start + p.duration {
+            break;
+        }
+        thread::sleep(at.saturating_duration_since(Instant::now()));
+        let i = sent as usize % fleet.len();
+        fleet[i].publish(&topics[i], 0, 0, &mut payload, t0)?;
+        sent += 1;
+    }
+    let caught_up = Instant::now() + GRACE;
+    while got.load(Ordering::Relaxed) < sent && Instant::now() < caught_up {
+        thread::sleep(Duration::from_millis(1));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = sub_sock.shutdown(Shutdown::Both);
+    let (received, mut lat_us, _) = receiver.join().expect("subscriber thread panicked")?;
+    ensure!(received == sent, "fleet: the subscriber received {received} of {sent} messages");
+    let secs = start.elapsed().as_secs_f64();
+    Ok(json!({
+        "conns": fleet.len(),
+        "sent": sent,
+        "received": received,
+        "secs": secs,
+        "msgs_per_s": received as f64 / p.duration.as_secs_f64(),
+        "p50_us": quantile(&mut lat_us, 0.5),
+        "p99_us": quantile(&mut lat_us, 0.99),
+        "max_us": quantile(&mut lat_us, 1.0),
+    }))
 }
 
 /// A packet: type and flags, the remaining length (varint), the body.

@@ -56,3 +56,43 @@ pub fn quantile(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
+
+/// Opens `n` connections with `open(i)` from 8 threads at once (a
+/// forwarder's accept loop, not the client, should set the pace), in order
+/// of `i`.
+pub fn open_many<T: Send + 'static>(
+    n: usize,
+    open: impl Fn(usize) -> Result<T> + Send + Sync + 'static,
+) -> Result<Vec<T>> {
+    const THREADS: usize = 8;
+    let open = std::sync::Arc::new(open);
+    let openers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let open = open.clone();
+            std::thread::spawn(move || -> Result<Vec<T>> {
+                (t..n).step_by(THREADS).map(|i| open(i)).collect()
+            })
+        })
+        .collect();
+    let mut per_thread = Vec::with_capacity(THREADS);
+    for o in openers {
+        per_thread.push(o.join().expect("opener thread panicked")?.into_iter());
+    }
+    // Interleave back into the order of i.
+    let mut all = Vec::with_capacity(n);
+    for i in 0..n {
+        all.push(per_thread[i % THREADS].next().expect("one per i"));
+    }
+    Ok(all)
+}
+
+/// Prints `ready` (a JSON line) and blocks until a line (or EOF) on stdin:
+/// how xtask lets a workload's set-up happen outside its measurement.
+pub fn ready_then_wait(ready: &serde_json::Value) -> Result<()> {
+    use std::io::{BufRead, Write};
+    println!("{ready}");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(())
+}

@@ -23,7 +23,7 @@ pub struct Cli {
     pub listener: ListenerSpec,
     /// Who forwards bulk bytes: the eBPF sockmap, userspace, or auto.
     #[arg(long, value_enum, value_name = "auto|sockmap|userspace")] pub offload: Option<OffloadMode>,
-    /// When the kernel takes a connection over: now, or auto (relay in userspace until it goes idle or carries a bulk stream) [default: now].
+    /// When the kernel takes a connection over: now, or auto (relay in userspace until it goes idle or carries a bulk stream) [default: auto].
     #[arg(long, value_enum, value_name = "now|auto")] pub handoff: Option<Handoff>,
     /// off, error, warn, info, debug or trace [default: info].
     #[arg(long, value_name = "LEVEL")] pub log_level: Option<LogLevel>,

@@ -97,12 +97,14 @@ pub enum OffloadMode {
 #[serde(rename_all = "lowercase")]
 pub enum Handoff {
     /// As soon as the connection is set up.
-    #[default]
     Now,
     /// Once it proves worth it, HAProxy's `splice-auto` idea: relayed in
     /// userspace first, and handed to the kernel when it goes idle or
     /// carries a bulk stream (datapath::relay::relay_or_promote). Short
-    /// and chatty connections never pay for the two psocks.
+    /// and chatty connections never pay for the two psocks. The default:
+    /// it serves MQTT best (short connections and saturated small
+    /// messages stay in userspace, idle clients and bulk go to the kernel).
+    #[default]
     Auto,
 }
 

@@ -67,6 +67,11 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// The flag that has the kernel take each connection at once, for tests
+/// that check the kernel path carried it (the default, `--handoff auto`,
+/// first relays in userspace).
+pub const HANDOFF_NOW: [&str; 2] = ["--handoff", "now"];
+
 /// A running splicer.
 pub struct Splicer {
     pub proc: Proc,
@@ -164,7 +169,11 @@ pub fn close_num(line: &str, key: &str) -> Result<u64> {
 }
 
 /// Starts splicer in `mode` forwarding to `upstream` and checks that the
-/// mode asked for is the mode in effect.
+/// mode asked for is the mode in effect. In sockmap mode the kernel takes
+/// each connection at once (`--handoff now`) unless `extra` says otherwise:
+/// these tests check what the kernel path carries, and under the default
+/// `--handoff auto` a short test connection would never reach it
+/// (handoff.rs tests the default).
 pub fn splicer_in_mode(
     dir: &Path,
     mode: &str,
@@ -173,6 +182,9 @@ pub fn splicer_in_mode(
 ) -> Result<Splicer> {
     let up = upstream.to_string();
     let mut args = vec!["--upstream", up.as_str(), "--offload", mode];
+    if mode == "sockmap" && !extra.contains(&"--handoff") {
+        args.extend(HANDOFF_NOW);
+    }
     args.extend_from_slice(extra);
     let s = Splicer::start(dir, &args)?;
     if s.offload() != mode {

@@ -573,7 +573,8 @@ fn weighted_round_robin_in(mode: &str) -> Result<()> {
     let path = dir.join("splicer.toml");
     fs::write(&path, &text)?;
     let mut cmd = Command::new(splicer_bin());
-    cmd.arg("--config").arg(&path);
+    // Each test connection is short: only `now` hands it to the kernel.
+    cmd.arg("--config").arg(&path).args(HANDOFF_NOW);
     let s = Splicer::start_cmd(&dir, cmd, listen)?;
     ensure!(
         s.offload() == mode,

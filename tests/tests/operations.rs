@@ -379,7 +379,7 @@ fn reload_under_load(mode: &str) -> Result<()> {
         )
     };
     let config = write_config(&dir, &listener(&format!("\"{up1}\"")))?;
-    let mut s = start_config(&dir, &config, listen, &[])?;
+    let mut s = start_config(&dir, &config, listen, &HANDOFF_NOW)?;
 
     const LEN: u64 = 1 << 30;
     let c = connect_from(CLIENT_IP, listen)?;

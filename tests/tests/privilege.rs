@@ -244,6 +244,10 @@ fn documented_capabilities_are_enough_for_sockmap() -> Result<()> {
             &up_s,
             "--offload",
             "sockmap",
+            // The kernel path from the first byte: what needs the
+            // capabilities.
+            "--handoff",
+            "now",
             "--log-level",
             "debug",
         ],

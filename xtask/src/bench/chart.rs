@@ -39,8 +39,8 @@ const PANELS: [(&str, &str, &str); 8] = [
 fn short(k: Kind) -> &'static str {
     match k {
         Kind::Direct => "direct",
-        Kind::SplicerSockmap => "sockmap",
-        Kind::SplicerAuto => "handoff auto",
+        Kind::Splicer => "splicer",
+        Kind::SplicerNow => "handoff now",
         Kind::SplicerUserspace => "userspace",
         Kind::Haproxy => "haproxy",
         Kind::HaproxySplice => "hap.splice",
@@ -51,8 +51,8 @@ fn short(k: Kind) -> &'static str {
 fn color(k: Kind) -> RGBColor {
     match k {
         Kind::Direct => RGBColor(150, 150, 150),
-        Kind::SplicerSockmap => RGBColor(31, 119, 180),
-        Kind::SplicerAuto => RGBColor(23, 190, 207),
+        Kind::Splicer => RGBColor(31, 119, 180),
+        Kind::SplicerNow => RGBColor(23, 190, 207),
         Kind::SplicerUserspace => RGBColor(140, 190, 230),
         Kind::Haproxy => RGBColor(230, 120, 20),
         Kind::HaproxySplice => RGBColor(250, 180, 90),

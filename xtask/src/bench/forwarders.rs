@@ -29,10 +29,12 @@ pub fn workers() -> usize {
 pub enum Kind {
     /// No forwarder: the client connects straight to the server.
     Direct,
-    SplicerSockmap,
-    /// The sockmap offload with `--handoff auto`: userspace until a
-    /// connection goes idle or carries a bulk stream.
-    SplicerAuto,
+    /// splicer as it ships: the sockmap offload with `--handoff auto`
+    /// (userspace until a connection goes idle or carries a bulk stream).
+    Splicer,
+    /// The sockmap offload with `--handoff now`: every connection in the
+    /// kernel from its start.
+    SplicerNow,
     SplicerUserspace,
     Haproxy,
     /// HAProxy with `option splice-request` and `option splice-response`.
@@ -42,8 +44,8 @@ pub enum Kind {
 
 pub const ALL: [Kind; 7] = [
     Kind::Direct,
-    Kind::SplicerSockmap,
-    Kind::SplicerAuto,
+    Kind::Splicer,
+    Kind::SplicerNow,
     Kind::SplicerUserspace,
     Kind::Haproxy,
     Kind::HaproxySplice,
@@ -54,8 +56,8 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Direct => "direct",
-            Kind::SplicerSockmap => "splicer sockmap",
-            Kind::SplicerAuto => "splicer handoff auto",
+            Kind::Splicer => "splicer",
+            Kind::SplicerNow => "splicer handoff now",
             Kind::SplicerUserspace => "splicer userspace",
             Kind::Haproxy => "haproxy",
             Kind::HaproxySplice => "haproxy splice",
@@ -136,7 +138,7 @@ fn command(kind: Kind, s: &Setup, listen: SocketAddr) -> Result<Option<Command>>
     let name = kind.name().replace(' ', "-");
     Ok(Some(match kind {
         Kind::Direct => return Ok(None),
-        Kind::SplicerSockmap | Kind::SplicerAuto | Kind::SplicerUserspace => {
+        Kind::Splicer | Kind::SplicerNow | Kind::SplicerUserspace => {
             let mut c = Command::new(&s.splicer);
             c.arg("--listen").arg(listen.to_string());
             c.arg("--upstream").arg(up.to_string());
@@ -147,8 +149,8 @@ fn command(kind: Kind, s: &Setup, listen: SocketAddr) -> Result<Option<Command>>
                 "sockmap"
             };
             c.args(["--offload", offload, "--log-level", "warn"]);
-            if kind == Kind::SplicerAuto {
-                c.args(["--handoff", "auto"]);
+            if kind == Kind::SplicerNow {
+                c.args(["--handoff", "now"]);
             }
             c
         }

@@ -24,7 +24,8 @@ use splicer_testkit::{free_port, Proc};
 use crate::{build, install, root, run_cmd};
 use forwarders::{Forwarder, Setup, ALL};
 use workloads::{
-    Ctx, Sample, BULK1, BULK4, CONNRATE, IDLE, IPERF, MQTT0, MQTT1, MQTT_PACED, PINGPONG,
+    Ctx, Sample, BULK1, BULK4, CONNRATE, FLEET, IDLE, IPERF, MQTT0, MQTT1, MQTT_PACED,
+    MQTT_STORM, PINGPONG,
 };
 
 /// The load generator's server (PROXY header stripped, then discard/echo).
@@ -53,6 +54,9 @@ pub struct Plan {
     /// Messages at QoS 0, paced at this many per second: latency below
     /// saturation (at saturation it is mostly queueing).
     pub mqtt_paced: (u64, f64),
+    /// The fleet: connections, messages per second from all of them, and
+    /// seconds of publishing.
+    pub fleet: (usize, f64, u64),
     /// No step runs longer (it stops early and reports what it did).
     #[serde(with = "secs")]
     pub max_time: Duration,
@@ -84,6 +88,7 @@ impl Plan {
                 mqtt_publishers: 10,
                 mqtt_messages: [5_000, 2_000],
                 mqtt_paced: (2_000, 2_000.0),
+                fleet: (500, 250.0, 4),
                 max_time: Duration::from_secs(10),
                 quiet_wait: Duration::from_secs(1),
             }
@@ -99,6 +104,9 @@ impl Plan {
                 mqtt_publishers: 50,
                 mqtt_messages: [100_000, 30_000],
                 mqtt_paced: (15_000, 5_000.0),
+                // 9,000 devices (each forwarder holds 2 fds per connection
+                // under a 20,000 limit), each publishing every 3 s.
+                fleet: (9_000, 3_000.0, 20),
                 max_time: Duration::from_secs(30),
                 quiet_wait: Duration::from_secs(2),
             }
@@ -139,6 +147,7 @@ pub fn run(quick: bool, out: &Path) -> Result<String> {
         );
         plan.idle_conns = fd_room;
     }
+    plan.fleet.0 = plan.fleet.0.min(fd_room);
     let dir = std::env::temp_dir().join(format!("splicer-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     eprintln!("bench: logs and configs in {}", dir.display());
@@ -282,8 +291,13 @@ fn mqtt_phase(run: &Run) -> Result<Vec<Sample>> {
         Command::new("mosquitto").arg("-c").arg(&conf),
     )?;
     broker.wait_listening(broker_addr, START)?;
-    let max_conns = run.plan.mqtt_publishers + 100;
-    let samples = run.phase(broker_addr, false, max_conns, &[MQTT0, MQTT1, MQTT_PACED])?;
+    let max_conns = run.plan.mqtt_publishers.max(run.plan.fleet.0) + 100;
+    let samples = run.phase(
+        broker_addr,
+        false,
+        max_conns,
+        &[MQTT0, MQTT1, MQTT_PACED, MQTT_STORM, FLEET],
+    )?;
     broker.check_alive()?;
     Ok(samples)
 }

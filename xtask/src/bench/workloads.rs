@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
     path::Path,
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -62,6 +62,16 @@ pub const CONNRATE: &str = "connection rate";
 pub const MQTT0: &str = "MQTT QoS 0";
 pub const MQTT1: &str = "MQTT QoS 1";
 pub const MQTT_PACED: &str = "MQTT QoS 0, paced";
+/// Short MQTT sessions (connect, CONNECT, CONNACK, DISCONNECT): a
+/// reconnect storm after an outage.
+pub const MQTT_STORM: &str = "MQTT reconnect storm";
+/// Thousands of connected devices, each publishing now and then.
+pub const FLEET: &str = "MQTT fleet";
+
+/// How long the fleet sits connected before it publishes: past `--handoff
+/// auto`'s idle handoff (2 s without a byte, checked every 2 s), as a
+/// fleet that has been up for a while is.
+pub const FLEET_SETTLE: Duration = Duration::from_secs(5);
 
 /// One step's readings around its run.
 struct Measured {
@@ -134,8 +144,8 @@ impl Ctx<'_> {
                 "--max-time",
                 &secs,
             ]),
-            CONNRATE => strings(&[
-                "connrate",
+            CONNRATE | MQTT_STORM => strings(&[
+                if workload == CONNRATE { "connrate" } else { "mqtt-storm" },
                 "--target",
                 &target,
                 "--conns",
@@ -168,6 +178,7 @@ impl Ctx<'_> {
                 ])
             }
             IDLE => return self.idle(fwd, rep),
+            FLEET => return self.fleet(fwd, rep),
             IPERF => return self.iperf(fwd, rep),
             _ => bail!("unknown workload {workload}"),
         };
@@ -195,7 +206,7 @@ impl Ctx<'_> {
                 m.insert("system_cpu_us_per_round_trip", sys * 1e6 / n);
                 m.insert("kernel_work_us_per_round_trip", kernel * 1e6 / n);
             }
-            CONNRATE => {
+            CONNRATE | MQTT_STORM => {
                 let n = num("conns");
                 m.insert("conns_per_s", num("conns_per_s"));
                 m.insert("p99_us", num("p99_us"));
@@ -203,15 +214,7 @@ impl Ctx<'_> {
                 m.insert("system_cpu_us_per_conn", sys * 1e6 / n);
                 m.insert("kernel_work_us_per_conn", kernel * 1e6 / n);
             }
-            _ => {
-                let n = num("received");
-                m.insert("msgs_per_s", num("msgs_per_s"));
-                m.insert("p50_us", num("p50_us"));
-                m.insert("p99_us", num("p99_us"));
-                m.insert("forwarder_cpu_us_per_msg", cpu * 1e6 / n);
-                m.insert("system_cpu_us_per_msg", sys * 1e6 / n);
-                m.insert("kernel_work_us_per_msg", kernel * 1e6 / n);
-            }
+            _ => per_message(&mut m, &client, &at),
         }
         Ok(at.sample(workload, fwd, rep, m, client))
     }
@@ -296,31 +299,11 @@ impl Ctx<'_> {
         let rss = |f: &Forwarder| f.pid().map(tree_rss_bytes).unwrap_or(0) as f64;
         let (rss0, kmem0) = (rss(fwd), kernel_mem_bytes() as f64);
         let (cpu0, sys0, t0) = (fwd_cpu(fwd), busy_cpu_s(), Instant::now());
-        let mut child = Command::new(self.loadgen)
-            .args([
-                "idle",
-                "--target",
-                &fwd.addr.to_string(),
-                "--conns",
-                &n.to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot start the load generator")?;
-        let lines = line_reader(child.stdout.take().unwrap());
-        let stderr = read_in_background(child.stderr.take().unwrap());
-        let ready = lines.recv_timeout(Duration::from_secs(300));
-        let Ok(ready) = ready else {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "idle through {}: the client never held its connections:\n{}",
-                fwd.kind.name(),
-                stderr.join().unwrap_or_default()
-            );
-        };
+        let mut held = Held::spawn(
+            self.loadgen,
+            &["idle", "--target", &fwd.addr.to_string(), "--conns", &n.to_string()],
+        )?;
+        let client = held.line(Duration::from_secs(300), "held its connections")?;
         let (cpu, sys) = (fwd_cpu(fwd) - cpu0, busy_cpu_s() - sys0);
         let wall = t0.elapsed();
         // Let lazily freed memory (RCU, deferred work) settle, and the
@@ -331,15 +314,8 @@ impl Ctx<'_> {
         let (rss1, kmem1) = (rss(fwd), kernel_mem_bytes() as f64);
         fwd.check_alive()?;
         // Let go: a line on stdin closes everything.
-        child.stdin.take().unwrap().write_all(b"\n")?;
-        let status = child.wait()?;
-        if !status.success() {
-            bail!(
-                "idle client failed ({status}):\n{}",
-                stderr.join().unwrap_or_default()
-            );
-        }
-        let client: Value = serde_json::from_str(&ready).context("idle client's ready line")?;
+        held.go()?;
+        held.finish()?;
         let mut m = BTreeMap::new();
         m.insert("forwarder_rss_bytes_per_conn", (rss1 - rss0) / n as f64);
         m.insert("kernel_bytes_per_conn", (kmem1 - kmem0) / n as f64);
@@ -354,6 +330,116 @@ impl Ctx<'_> {
             kernel: f64::NAN,
         };
         Ok(at.sample(IDLE, fwd, rep, m, client))
+    }
+}
+
+impl Ctx<'_> {
+    /// The fleet: the client connects every device and waits; after
+    /// FLEET_SETTLE the measurement starts and the devices publish, paced.
+    fn fleet(&self, fwd: &mut Forwarder, rep: usize) -> Result<Sample> {
+        let p = self.plan;
+        let (conns, rate, secs) = p.fleet;
+        let mut held = Held::spawn(
+            self.loadgen,
+            &[
+                "fleet",
+                "--target",
+                &fwd.addr.to_string(),
+                "--conns",
+                &conns.to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--duration",
+                &format!("{secs}s"),
+            ],
+        )?;
+        held.line(Duration::from_secs(300), "connected the fleet")?;
+        thread::sleep(FLEET_SETTLE);
+        let (at, client) = self.measure(fwd, || {
+            held.go()?;
+            held.line(Duration::from_secs(secs + 60), "reported")
+        })?;
+        held.finish()?;
+        let mut m = BTreeMap::new();
+        per_message(&mut m, &client, &at);
+        Ok(at.sample(FLEET, fwd, rep, m, client))
+    }
+}
+
+/// The figures of an MQTT step: rate, latency, and CPU per message
+/// received.
+fn per_message(m: &mut BTreeMap<&'static str, f64>, client: &Value, at: &Measured) {
+    let num = |k: &str| client.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    let n = num("received");
+    m.insert("msgs_per_s", num("msgs_per_s"));
+    m.insert("p50_us", num("p50_us"));
+    m.insert("p99_us", num("p99_us"));
+    m.insert("forwarder_cpu_us_per_msg", at.cpu * 1e6 / n);
+    m.insert("system_cpu_us_per_msg", at.sys * 1e6 / n);
+    m.insert("kernel_work_us_per_msg", at.kernel * 1e6 / n);
+}
+
+/// A load generator client that sets up, prints a `ready` line and waits
+/// for a line on its stdin: set-up stays out of what is measured.
+struct Held {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl Held {
+    fn spawn(loadgen: &Path, args: &[&str]) -> Result<Held> {
+        let mut child = Command::new(loadgen)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start the load generator")?;
+        let lines = line_reader(child.stdout.take().unwrap());
+        let stderr = read_in_background(child.stderr.take().unwrap());
+        Ok(Held {
+            child,
+            lines,
+            stderr: Some(stderr),
+        })
+    }
+
+    /// Its next JSON line; on a timeout or exit, its stderr in the error.
+    fn line(&mut self, timeout: Duration, what: &str) -> Result<Value> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => serde_json::from_str(&line)
+                .with_context(|| format!("load generator printed {line:?}")),
+            Err(_) => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("the load generator never {what}:\n{}", self.stderr())
+            }
+        }
+    }
+
+    /// The line on stdin that lets it go on.
+    fn go(&mut self) -> Result<()> {
+        let stdin = self.child.stdin.as_mut().context("stdin already closed")?;
+        Ok(stdin.write_all(b"\n")?)
+    }
+
+    /// Waits for it to exit; it exits non-zero when anything was lost.
+    fn finish(mut self) -> Result<()> {
+        drop(self.child.stdin.take());
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("load generator failed ({status}):\n{}", self.stderr());
+        }
+        Ok(())
+    }
+
+    /// What it wrote to stderr (once it has exited).
+    fn stderr(&mut self) -> String {
+        self.stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
     }
 }
 
