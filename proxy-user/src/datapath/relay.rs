@@ -202,19 +202,22 @@ async fn copy(
             Some(Err(_)) => return Step::Ended(End::SrcReset),
             Some(Ok(())) => {}
         }
-        // The buffer lives only while bytes flow, so an idle connection
-        // holds none (MQTT connections are idle most of the time).
-        let mut buf = vec![0u8; BUF_SIZE];
         loop {
-            let n = match src.try_read(&mut buf) {
-                Ok(0) => return Step::Ended(half_close(dst)),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => return Step::Ended(End::SrcReset),
+            let n = match read_and_write(src, dst) {
+                Ok(Moved::Eof) => return Step::Ended(half_close(dst)),
+                Ok(Moved::Drained) => break,
+                Ok(Moved::All(n)) => n,
+                Ok(Moved::Part(n, rest)) => {
+                    // dst is full: only now does this connection hold a
+                    // buffer of its own, until dst takes the rest.
+                    if write_all(dst, &rest).await.is_err() {
+                        return Step::Ended(End::DstFailed);
+                    }
+                    n
+                }
+                Err(Failed::Src) => return Step::Ended(End::SrcReset),
+                Err(Failed::Dst) => return Step::Ended(End::DstFailed),
             };
-            if write_all(dst, &buf[..n]).await.is_err() {
-                return Step::Ended(End::DstFailed);
-            }
             bytes.fetch_add(n as u64, Relaxed);
             metric.inc_by(n as u64);
             if let Some(stop) = &stop {
@@ -225,6 +228,56 @@ async fn copy(
             }
         }
     }
+}
+
+/// What one `read_and_write` did.
+enum Moved {
+    /// src had nothing more to read.
+    Drained,
+    /// src sent its FIN.
+    Eof,
+    /// Read this many bytes and wrote them all.
+    All(usize),
+    /// Read this many; dst took only part, and these are the rest.
+    Part(usize, Vec<u8>),
+}
+
+enum Failed {
+    Src,
+    Dst,
+}
+
+std::thread_local! {
+    /// The runtime thread's one relay buffer. A read and the write of what
+    /// it read happen without an await in between, so every connection on
+    /// the thread can share it: a relayed connection holds no buffer of
+    /// its own unless its destination is full, and an MQTT packet costs no
+    /// 64 KiB allocation.
+    static BUF: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; BUF_SIZE].into_boxed_slice());
+}
+
+/// One read from `src` into the thread's buffer, and as much of it written
+/// to `dst` as it takes now.
+fn read_and_write(src: &TcpStream, dst: &TcpStream) -> Result<Moved, Failed> {
+    BUF.with_borrow_mut(|buf| {
+        let n = match src.try_read(buf) {
+            Ok(0) => return Ok(Moved::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Moved::Drained),
+            Err(_) => return Err(Failed::Src),
+        };
+        let mut done = 0;
+        while done < n {
+            match dst.try_write(&buf[done..n]) {
+                Ok(k) => done += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Moved::Part(n, buf[done..n].to_vec()))
+                }
+                Err(_) => return Err(Failed::Dst),
+            }
+        }
+        Ok(Moved::All(n))
+    })
 }
 
 fn half_close(dst: &TcpStream) -> End {

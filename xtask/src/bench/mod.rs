@@ -106,7 +106,7 @@ impl Plan {
                 mqtt_paced: (15_000, 5_000.0),
                 // 9,000 devices (each forwarder holds 2 fds per connection
                 // under a 20,000 limit), each publishing every 3 s.
-                fleet: (9_000, 3_000.0, 20),
+                fleet: (9_000, 3_000.0, 10),
                 max_time: Duration::from_secs(30),
                 quiet_wait: Duration::from_secs(2),
             }
