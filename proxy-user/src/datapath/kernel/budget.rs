@@ -34,6 +34,9 @@ const FLOOR_SHIFT: u8 = 18;
 /// The ceiling: 16 MiB, 2^6 floors.
 const TOP: u8 = 6;
 
+/// See `Grant::rcvbuf`.
+const LAG_ROOM: i32 = 16 << 20;
+
 /// How often parked connections with a grant above the floor are looked at.
 pub const SWEEP: Duration = Duration::from_secs(1);
 
@@ -61,15 +64,44 @@ impl Grant {
         1 << (FLOOR_SHIFT + self.0)
     }
 
+    /// The source's receive buffer. Redirected skbs stay charged to it
+    /// until the redirect worker has moved them into the destination's
+    /// send queue, so with a buffer near the clamp a worker running behind
+    /// shrinks the window below one segment (64 KiB on loopback), which a
+    /// sender treats as zero: it waits for its persist probe, 200 ms or
+    /// more, because nothing sends a window update when the worker catches
+    /// up (seen: 0.2 GB bulk at 0.5 GB/s instead of 1.5-2). So the buffer
+    /// leaves room for LAG_ROOM of such skbs besides the clamp; a lag past
+    /// that is `keep_up`'s to hold (splice.rs).
+    fn rcvbuf(self) -> i32 {
+        4 * self.window_clamp() + LAG_ROOM
+    }
+
     /// Sets the direction `src -> dst` to this grant. The source's receive
     /// buffer is set (and so locked) too: receive autotuning, which the
     /// verdict's instant reads drive up, raises the window clamp with the
     /// buffer, and lifted the zero window that held a sender back (seen:
-    /// 330 MB redirected to a client that had stopped reading). Four times
-    /// the clamp, so that the clamp stays what limits the window.
+    /// 330 MB redirected to a client that had stopped reading). Its size
+    /// (`rcvbuf`) keeps the clamp what limits the window.
     pub fn apply(self, src: RawFd, dst: RawFd) {
+        self.apply_with_rcvbuf(src, dst, self.rcvbuf());
+    }
+
+    /// `apply` at the handoff, where the source's receive buffer is never
+    /// made smaller than it is. A connection relayed in userspace first
+    /// (`--handoff auto`) can have megabytes queued there, and they stay
+    /// charged to it until the redirect worker has passed them on; a
+    /// smaller buffer would advertise a zero window, which nothing but the
+    /// sender's persist probe reopens, 200 ms or more later (seen: 0.2 GB
+    /// bulk at 0.2-0.6 GB/s instead of 1.5-2).
+    pub fn apply_at_handoff(self, src: RawFd, dst: RawFd) {
+        let now = sockopt::rcvbuf(src).unwrap_or(0);
+        self.apply_with_rcvbuf(src, dst, now.max(self.rcvbuf()));
+    }
+
+    fn apply_with_rcvbuf(self, src: RawFd, dst: RawFd, rcvbuf: i32) {
         self.apply_sndbuf(dst);
-        if let Err(e) = sockopt::force_rcvbuf(src, 4 * self.window_clamp()) {
+        if let Err(e) = sockopt::force_rcvbuf(src, rcvbuf) {
             log::debug!("SO_RCVBUFFORCE: {e}");
         }
         if let Err(e) = sockopt::set_window_clamp(src, self.window_clamp()) {

@@ -159,6 +159,12 @@ pub fn force_rcvbuf(fd: RawFd, bytes: i32) -> io::Result<()> {
     set(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
 }
 
+/// The receive buffer as `force_rcvbuf` would set it: SO_RCVBUF reads back
+/// twice the value set (the kernel's bookkeeping share), so this halves it.
+pub fn rcvbuf(fd: RawFd) -> io::Result<i32> {
+    get::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_RCVBUF).map(|(b, _)| b / 2)
+}
+
 /// TCP_QUICKACK. Off: ACKs are delayed (the peer's next segment waits for
 /// the delayed-ACK timer when its window is full). On: an ACK that was
 /// being delayed goes out now, carrying the current window.

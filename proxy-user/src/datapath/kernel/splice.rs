@@ -79,7 +79,7 @@ pub fn handoff(maps: &Maps, client: &TcpStream, upstream: &TcpStream, token: u64
         }
     };
     for sock in [client, upstream] {
-        Grant::FLOOR.apply(sock.as_raw_fd(), sock.as_raw_fd());
+        Grant::FLOOR.apply_at_handoff(sock.as_raw_fd(), sock.as_raw_fd());
     }
     let mut handoff = Handoff {
         cookies: (c, u),
@@ -313,7 +313,8 @@ impl<'a> Flow<'a> {
             if sockopt::closed_or_failed(fd).map_or(true, |(c, f)| c || f) {
                 break Ok(0);
             }
-            if !stopped && !reading && (p.peer_full || p.lag > grant.window() + grant.window() / 2) {
+            let behind = p.peer_full || p.lag > grant.window() + grant.window() / 2;
+            if !stopped && behind && !reading {
                 stopped = stop();
             }
         };
