@@ -42,6 +42,7 @@ fn main() -> Result<()> {
         .filter_module("proxy_ebpf", config.log_level)
         .format_timestamp_millis()
         .init();
+    app::one_heap();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

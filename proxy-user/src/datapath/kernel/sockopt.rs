@@ -2,7 +2,7 @@
 //! expose: SO_COOKIE, TCP_INFO, the window clamp, SIOCOUTQ and friends.
 // Raw getsockopt/setsockopt/ioctl/poll on fds the caller owns; each call
 // says what it reads or writes. (The other unsafe modules: epoll.rs,
-// maps.rs, and two libc calls in app/mod.rs.)
+// maps.rs, and the libc calls in app/mod.rs.)
 #![allow(unsafe_code)]
 use std::{io, mem, os::fd::RawFd};
 
