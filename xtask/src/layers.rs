@@ -36,7 +36,7 @@ pub fn check(src: &Path) -> Result<String> {
     }
     let count: usize = edges.values().map(BTreeSet::len).sum();
     if let Some(cycle) = find_cycle(&modules, &edges) {
-        let names: Vec<String> = cycle.iter().map(|m| name(m)).collect();
+        let names: Vec<String> = cycle.iter().map(name).collect();
         bail!("module cycle in {}: {}", src.display(), names.join(" -> "));
     }
     Ok(format!("{} modules, {count} edges between them, no cycle", modules.len()))

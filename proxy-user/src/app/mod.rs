@@ -80,12 +80,18 @@ fn raise_fd_limit() {
 /// thread and often freed on another, and with an arena per thread the
 /// freed memory stayed spread over pages `malloc_trim` could not return:
 /// 1,000 idle connections handed to the kernel by `--handoff auto` cost
-/// 1,605 bytes each in RSS, against 278 with one arena (measured by hand,
-/// as the bench's idle step does). Small blocks still come from each
-/// thread's cache without the arena's lock. Called before any thread
-/// starts.
+/// 1,605 bytes each in RSS, against 344 with one arena (measured by hand,
+/// as the bench's idle step does). Blocks up to about 1 KiB still come from
+/// each thread's cache without the arena's lock; larger ones (a task, a
+/// relay's leftover when its destination is full) share the lock, which
+/// costs little with one runtime thread per core on small machines. An
+/// operator's own `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` wins. Called
+/// before any thread starts.
 #[allow(unsafe_code)] // mallopt is glibc's, with no safe wrapper
 pub fn one_heap() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() || std::env::var_os("GLIBC_TUNABLES").is_some() {
+        return;
+    }
     // SAFETY: mallopt sets a tunable; no pointers involved.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
 }

@@ -1,17 +1,20 @@
 //! The process-wide cap on what spliced connections may hold in kernel
 //! queues (`--max-buffered`).
 //!
-//! A redirected byte leaves the source socket's books at the verdict. It
-//! then waits on the peer's psock queue, which no socket and no `tcp_mem`
-//! accounts for, and then in the peer's send queue, whose size splicer
-//! forces past `net.core.wmem_max` so that a fast stream does not stall.
-//! So each kernel-carried direction has a `Grant`: the size of its
-//! destination's send buffer, and how far its redirects may run ahead of
-//! that send queue before its source is held back (splice.rs).
+//! A redirected byte waits on the peer's psock queue, which no `tcp_mem`
+//! accounts for (it stays charged to the source's receive buffer until it
+//! moves on), and then in the peer's send queue, whose size splicer forces
+//! past `net.core.wmem_max` so that a fast stream does not stall. So each
+//! kernel-carried direction has a `Grant`: the size of its destination's
+//! send buffer, and how far its redirects may run ahead of that send queue
+//! before its source is held back (splice.rs).
 //!
 //! Every direction starts at the floor, which costs nothing from the
 //! budget: a client that stops reading holds about `Grant::held()` of the
-//! floor, less than a userspace proxy's autotuned buffers. A direction whose
+//! floor once splicer has stopped its writer, plus what the writer sent
+//! while splicer noticed (its hold looks every millisecond); the kernel's
+//! own ceiling, the source's receive buffer (`Grant::rcvbuf`), is 17 MiB at
+//! the floor, so it is that reaction that bounds it. A direction whose
 //! peer keeps up doubles its grant at each flow-control signal, up to the
 //! ceiling, while the sum of what grants above the floor may hold stays
 //! within the cap. Grants go back to the floor when their direction is
@@ -117,10 +120,11 @@ impl Grant {
         }
     }
 
-    /// The most the direction holds in the kernel when its reader stops:
-    /// the send queue (2 × sndbuf) and the redirects ahead of it, which
-    /// stop at 1.5 windows plus what was in flight when the window closed
-    /// (at most a window clamp): 4.5 windows, rounded up to 5.
+    /// What the direction holds in the kernel once its stopped reader's
+    /// writer is stopped: the send queue (2 × sndbuf) and the redirects
+    /// ahead of it, 1.5 windows plus what was in flight when the window
+    /// closed (at most a window clamp): 4.5 windows, rounded up to 5. What
+    /// lands while splicer notices comes on top (splice.rs `keep_up`).
     pub fn held(self) -> u64 {
         5 * self.window()
     }
