@@ -54,7 +54,8 @@ enum Cmd {
         max_time: Duration,
     },
     /// CONNS short connections (connect, 8 bytes each way, close), with
-    /// CONCURRENCY of them in flight.
+    /// CONCURRENCY of them in flight; with --mqtt, MQTT sessions instead
+    /// (connect, CONNECT, CONNACK, DISCONNECT, close): a reconnect storm.
     Connrate {
         #[arg(long)]
         target: SocketAddr,
@@ -64,19 +65,8 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, value_parser = humantime_secs)]
         max_time: Duration,
-    },
-    /// CONNS MQTT clients, CONCURRENCY at a time, each connecting,
-    /// sending CONNECT, waiting for the CONNACK, DISCONNECT and close: a
-    /// reconnect storm.
-    MqttStorm {
         #[arg(long)]
-        target: SocketAddr,
-        #[arg(long)]
-        conns: usize,
-        #[arg(long, default_value_t = 32)]
-        concurrency: usize,
-        #[arg(long, value_parser = humantime_secs)]
-        max_time: Duration,
+        mqtt: bool,
     },
     /// CONNS MQTT clients connect and say `ready`; after a line on stdin
     /// they publish RATE messages per second in total, in turn, for
@@ -154,13 +144,11 @@ fn main() -> Result<()> {
             conns,
             concurrency,
             max_time,
-        } => client::connrate(target, conns, concurrency, max_time, client::short_exchange)?,
-        Cmd::MqttStorm {
-            target,
-            conns,
-            concurrency,
-            max_time,
-        } => client::connrate(target, conns, concurrency, max_time, mqtt::reconnect)?,
+            mqtt,
+        } => {
+            let exchange = if mqtt { mqtt::reconnect } else { client::short_exchange };
+            client::connrate(target, conns, concurrency, max_time, exchange)?
+        }
         Cmd::Fleet {
             target,
             conns,

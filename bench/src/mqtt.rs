@@ -42,20 +42,12 @@ pub fn run(p: &Plan) -> Result<Value> {
     // is in this process, so one monotonic clock serves both ends.
     let t0 = Instant::now();
     let pid = std::process::id();
-    let mut sub = Mqtt::connect(p.target, &format!("bench-sub-{pid}"))?;
-    sub.subscribe("bench/#", p.qos)?;
+    let sub = Mqtt::connect(p.target, &format!("bench-sub-{pid}"))?;
     let pubs = (0..p.publishers)
         .map(|i| Mqtt::connect(p.target, &format!("bench-pub-{pid}-{i}")))
         .collect::<Result<Vec<_>>>()?;
-
     let window = Arc::new(Window::new(p.window));
-    let got = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sub_sock = sub.w.get_ref().try_clone()?;
-    let receiver = {
-        let (window, got, stop) = (window.clone(), got.clone(), stop.clone());
-        thread::spawn(move || receive(sub, &window, &got, &stop, t0))
-    };
+    let sub = Subscriber::start(sub, "bench/#", p.qos, window.clone(), t0)?;
 
     let start = Instant::now();
     let deadline = start + p.max_time;
@@ -77,14 +69,7 @@ pub fn run(p: &Plan) -> Result<Value> {
     for s in senders {
         sent += s.join().expect("publisher thread panicked")?;
     }
-    // Wait for the subscriber to catch up, then unblock its read.
-    let caught_up = Instant::now() + GRACE;
-    while got.load(Ordering::Relaxed) < sent && Instant::now() < caught_up {
-        thread::sleep(Duration::from_millis(1));
-    }
-    stop.store(true, Ordering::Relaxed);
-    let _ = sub_sock.shutdown(Shutdown::Both);
-    let (received, mut lat_us, last) = receiver.join().expect("subscriber thread panicked")?;
+    let (received, mut lat_us, last) = sub.finish(sent)?;
     ensure!(
         received == sent,
         "QoS {}: the subscriber received {received} of {sent} messages",
@@ -102,6 +87,47 @@ pub fn run(p: &Plan) -> Result<Value> {
         "p99_us": quantile(&mut lat_us, 0.99),
         "stopped_by_time": sent < each * p.publishers as u64,
     }))
+}
+
+/// The subscriber of a workload, reading on a thread of its own.
+struct Subscriber {
+    got: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    sock: TcpStream,
+    thread: thread::JoinHandle<Result<(u64, Vec<f64>, Instant)>>,
+}
+
+impl Subscriber {
+    /// Subscribes `sub` to `filter` and starts reading; each message
+    /// received frees a slot of `window`.
+    fn start(mut sub: Mqtt, filter: &str, qos: u8, window: Arc<Window>, t0: Instant) -> Result<Subscriber> {
+        sub.subscribe(filter, qos)?;
+        let got = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sock = sub.w.get_ref().try_clone()?;
+        let thread = {
+            let (got, stop) = (got.clone(), stop.clone());
+            thread::spawn(move || receive(sub, &window, &got, &stop, t0))
+        };
+        Ok(Subscriber {
+            got,
+            stop,
+            sock,
+            thread,
+        })
+    }
+
+    /// Waits (GRACE at most) until `sent` messages arrived, then unblocks
+    /// the read; returns what `receive` does.
+    fn finish(self, sent: u64) -> Result<(u64, Vec<f64>, Instant)> {
+        let caught_up = Instant::now() + GRACE;
+        while self.got.load(Ordering::Relaxed) < sent && Instant::now() < caught_up {
+            thread::sleep(Duration::from_millis(1));
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.sock.shutdown(Shutdown::Both);
+        self.thread.join().expect("subscriber thread panicked")
+    }
 }
 
 /// Reads PUBLISHes until told to stop; returns the count, each one's
@@ -317,21 +343,12 @@ pub struct Fleet {
 pub fn fleet(p: &Fleet) -> Result<Value> {
     let t0 = Instant::now();
     let pid = std::process::id();
-    let mut sub = Mqtt::connect(p.target, &format!("fleet-sub-{pid}"))?;
-    sub.subscribe("fleet/#", 0)?;
+    let sub = Mqtt::connect(p.target, &format!("fleet-sub-{pid}"))?;
     let target = p.target;
     let mut fleet = open_many(p.conns, move |i| Mqtt::connect(target, &format!("fleet-{pid}-{i}")))?;
     ready_then_wait(&json!({"event": "ready", "conns": fleet.len(), "secs": t0.elapsed().as_secs_f64()}))?;
-
     // No window: the pace is the bound.
-    let window = Arc::new(Window::new(u64::MAX));
-    let got = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sub_sock = sub.w.get_ref().try_clone()?;
-    let receiver = {
-        let (window, got, stop) = (window.clone(), got.clone(), stop.clone());
-        thread::spawn(move || receive(sub, &window, &got, &stop, t0))
-    };
+    let sub = Subscriber::start(sub, "fleet/#", 0, Arc::new(Window::new(u64::MAX)), t0)?;
     let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / p.rate);
     let topics: Vec<String> = (0..fleet.len()).map(|i| format!("fleet/{i}")).collect();
@@ -347,13 +364,7 @@ pub fn fleet(p: &Fleet) -> Result<Value> {
         fleet[i].publish(&topics[i], 0, 0, &mut payload, t0)?;
         sent += 1;
     }
-    let caught_up = Instant::now() + GRACE;
-    while got.load(Ordering::Relaxed) < sent && Instant::now() < caught_up {
-        thread::sleep(Duration::from_millis(1));
-    }
-    stop.store(true, Ordering::Relaxed);
-    let _ = sub_sock.shutdown(Shutdown::Both);
-    let (received, mut lat_us, _) = receiver.join().expect("subscriber thread panicked")?;
+    let (received, mut lat_us, _) = sub.finish(sent)?;
     ensure!(received == sent, "fleet: the subscriber received {received} of {sent} messages");
     let secs = start.elapsed().as_secs_f64();
     Ok(json!({

@@ -144,17 +144,23 @@ impl Ctx<'_> {
                 "--max-time",
                 &secs,
             ]),
-            CONNRATE | MQTT_STORM => strings(&[
-                if workload == CONNRATE { "connrate" } else { "mqtt-storm" },
-                "--target",
-                &target,
-                "--conns",
-                &p.short_conns.to_string(),
-                "--concurrency",
-                &p.concurrency.to_string(),
-                "--max-time",
-                &secs,
-            ]),
+            CONNRATE | MQTT_STORM => {
+                let mut a = strings(&[
+                    "connrate",
+                    "--target",
+                    &target,
+                    "--conns",
+                    &p.short_conns.to_string(),
+                    "--concurrency",
+                    &p.concurrency.to_string(),
+                    "--max-time",
+                    &secs,
+                ]);
+                if workload == MQTT_STORM {
+                    a.push("--mqtt".into());
+                }
+                a
+            }
             MQTT0 | MQTT1 | MQTT_PACED => {
                 let qos = usize::from(workload == MQTT1);
                 let (messages, rate) = match workload {
