@@ -585,7 +585,7 @@ fn held_for_stopped_readers(cap: &str, n: usize, warm: u64) -> Result<(f64, Stri
 /// stopped direction holds beyond its grant is not: the floor (1.25 MiB)
 /// plus what lands while splicer notices that the reader stopped, about a
 /// millisecond at full speed (README "Limits"). Measured here: 100–170 MiB
-/// under a 32 MiB cap (168 since the receive buffers leave room for the
+/// under a 32 MiB cap (131–168 since the receive buffers leave room for the
 /// redirect lag, budget.rs `Grant::rcvbuf`) against 700–920 MiB under
 /// 4 GiB; the build before the
 /// budget held about 55 MiB a connection (880 MiB for these 16) with any
