@@ -383,15 +383,7 @@ pub fn fleet(p: &Fleet) -> Result<Value> {
 fn packet(first: u8, body: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(body.len() + 5);
     v.push(first);
-    let mut n = body.len();
-    loop {
-        let byte = (n % 128) as u8;
-        n /= 128;
-        v.push(if n > 0 { byte | 0x80 } else { byte });
-        if n == 0 {
-            break;
-        }
-    }
+    splicer_proto::mqtt::put_varint(&mut v, body.len());
     v.extend_from_slice(body);
     v
 }

@@ -222,14 +222,15 @@ impl Tally {
     }
 }
 
-/// Coverage-guided fuzzing of the two parsers that read what clients send:
-/// the PROXY protocol parser and the WebSocket upgrade rewriter, 30 s each.
+/// Coverage-guided fuzzing of the parsers that read what clients send: the
+/// PROXY protocol parser, the WebSocket upgrade rewriter and the MQTT
+/// CONNECT parser, 30 s each.
 fn fuzz() -> Result<()> {
     if !install::fuzzer()? {
         eprintln!("fuzz: skipped, no nightly toolchain");
         return Ok(());
     }
-    for target in ["proxy_protocol", "http_upgrade"] {
+    for target in ["proxy_protocol", "http_upgrade", "mqtt_connect"] {
         eprintln!("fuzz: fuzzing {target} for 30 s (cargo +nightly fuzz run {target} in fuzz/)");
         run_cmd(
             Command::new("cargo")
