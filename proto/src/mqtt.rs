@@ -485,12 +485,8 @@ mod tests {
             let c = whole(&bytes);
             assert_eq!((c.version, c.client_id.as_str(), c.keepalive, c.len), (version, "dev-1", 30, bytes.len()));
             assert_eq!((c.username, c.clean_start), (None, true));
-            assert_eq!(level_of(&bytes), Some(level));
+            assert_eq!(super::level(&bytes), Some(level));
         }
-    }
-
-    fn level_of(bytes: &[u8]) -> Option<u8> {
-        level(bytes)
     }
 
     #[test]

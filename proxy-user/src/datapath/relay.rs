@@ -215,8 +215,7 @@ async fn copy(
                     }
                     n
                 }
-                Err(Failed::Src) => return Step::Ended(End::SrcReset),
-                Err(Failed::Dst) => return Step::Ended(End::DstFailed),
+                Err(end) => return Step::Ended(end),
             };
             bytes.fetch_add(n as u64, Relaxed);
             metric.inc_by(n as u64);
@@ -242,11 +241,6 @@ enum Moved {
     Part(usize, Vec<u8>),
 }
 
-enum Failed {
-    Src,
-    Dst,
-}
-
 std::thread_local! {
     /// The runtime thread's one relay buffer. A read and the write of what
     /// it read happen without an await in between, so every connection on
@@ -257,14 +251,14 @@ std::thread_local! {
 }
 
 /// One read from `src` into the thread's buffer, and as much of it written
-/// to `dst` as it takes now.
-fn read_and_write(src: &TcpStream, dst: &TcpStream) -> Result<Moved, Failed> {
+/// to `dst` as it takes now; Err says how the direction ended.
+fn read_and_write(src: &TcpStream, dst: &TcpStream) -> Result<Moved, End> {
     BUF.with_borrow_mut(|buf| {
         let n = match src.try_read(buf) {
             Ok(0) => return Ok(Moved::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Moved::Drained),
-            Err(_) => return Err(Failed::Src),
+            Err(_) => return Err(End::SrcReset),
         };
         let mut done = 0;
         while done < n {
@@ -273,7 +267,7 @@ fn read_and_write(src: &TcpStream, dst: &TcpStream) -> Result<Moved, Failed> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Ok(Moved::Part(n, buf[done..n].to_vec()))
                 }
-                Err(_) => return Err(Failed::Dst),
+                Err(_) => return Err(End::DstFailed),
             }
         }
         Ok(Moved::All(n))

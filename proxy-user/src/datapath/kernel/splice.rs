@@ -313,8 +313,7 @@ impl<'a> Flow<'a> {
             if sockopt::closed_or_failed(fd).map_or(true, |(c, f)| c || f) {
                 break Ok(0);
             }
-            let behind = p.peer_full || p.lag > grant.window() + grant.window() / 2;
-            if !stopped && behind && !reading {
+            if !stopped && !reading && (p.peer_full || p.lag > grant.window() + grant.window() / 2) {
                 stopped = stop();
             }
         };
