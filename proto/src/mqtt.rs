@@ -94,6 +94,28 @@ impl Refusal {
     }
 }
 
+/// The CONNACK a broker sends when it cannot take the client now: return
+/// code 0x03 "server unavailable" (3.x), reason 0x88 (5.0). For a client
+/// whose CONNECT was read when no upstream would take it: it backs off as
+/// it would from its broker.
+pub fn unavailable(version: Version) -> &'static [u8] {
+    match version {
+        Version::V5 => &[0x20, 0x03, 0x00, 0x88, 0x00],
+        Version::V3_1 | Version::V3_1_1 => &[0x20, 0x02, 0x00, 0x03],
+    }
+}
+
+impl fmt::Display for Version {
+    /// As the close line's `mqtt_version=` and the metrics' label say it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Version::V3_1 => "3.1",
+            Version::V3_1_1 => "3.1.1",
+            Version::V5 => "5.0",
+        })
+    }
+}
+
 /// The protocol level byte of a CONNECT at the front of `buf`, if that far
 /// has arrived: what `Refusal::connack` needs to answer in the client's
 /// own version.
@@ -102,6 +124,11 @@ pub fn level(buf: &[u8]) -> Option<u8> {
     let name_len = usize::from(u16::from_be_bytes([*buf.get(header)?, *buf.get(header + 1)?]));
     buf.get(header + 2 + name_len).copied()
 }
+
+/// How much of an incomplete CONNECT's body is checked before the rest
+/// arrives: the protocol name and level, the flags, the keep-alive, and
+/// the start of what follows.
+const EARLY: usize = 64;
 
 /// Reads the CONNECT at the front of `buf`: Ok(None) while it is
 /// incomplete (and no longer than `max`), Ok(Some) once it is whole and
@@ -125,8 +152,12 @@ pub fn parse_connect(buf: &[u8], max: usize) -> Result<Option<Connect>, Refusal>
     }
     if buf.len() < len {
         // What has arrived must still be able to start a CONNECT: refuse a
-        // wrong protocol name or level without waiting for the rest.
-        return match body(&buf[header..], true) {
+        // wrong protocol name or level without waiting for the rest. Only
+        // the first EARLY bytes are looked at, so a long CONNECT dripped a
+        // byte at a time costs work in proportion to its bytes, not to
+        // their square.
+        let early = &buf[header..buf.len().min(header + EARLY)];
+        return match body(early, true) {
             Err(r) => Err(r),
             Ok(_) => Ok(None),
         };

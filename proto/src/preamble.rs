@@ -12,6 +12,7 @@
 //! drive these same readers.
 use crate::{
     http_upgrade::{self, Head, Refusal, ResponseHead},
+    mqtt,
     proxy_protocol::{self, Header, ParseError, Versions},
 };
 
@@ -58,6 +59,35 @@ impl Reader for ProxyHeader {
             }
             Err(ParseError::Incomplete) if buf.len() >= self.max => Step::Fail(ParseError::TooLong),
             Err(ParseError::Incomplete) => Step::More,
+            Err(e) => Step::Fail(e),
+        }
+    }
+}
+
+/// An MQTT CONNECT, at most `max` bytes. `mqtt::parse_connect` looks at
+/// a bounded prefix until the packet's length has arrived, then parses it
+/// once.
+pub struct MqttConnect {
+    max: usize,
+}
+
+impl MqttConnect {
+    pub fn new(max: usize) -> Self {
+        MqttConnect { max }
+    }
+}
+
+impl Reader for MqttConnect {
+    type Value = mqtt::Connect;
+    type Error = mqtt::Refusal;
+
+    fn step(&mut self, buf: &[u8]) -> Step<mqtt::Connect, mqtt::Refusal> {
+        match mqtt::parse_connect(buf, self.max) {
+            Ok(Some(c)) => {
+                let len = c.len;
+                Step::Done(c, len)
+            }
+            Ok(None) => Step::More,
             Err(e) => Step::Fail(e),
         }
     }
@@ -199,6 +229,11 @@ mod tests {
         for n in [1, 2, 3, 7, 64, 4096] {
             match feed(&mut UpgradeRequest::new(16384), &with_frames, n) {
                 Step::Done(h, len) => assert_eq!((h.target.as_str(), len), ("/mqtt", UPGRADE.len()), "{n}"),
+                other => panic!("{n}: {other:?}"),
+            }
+            let connect = b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03abc\xc0\x00";
+            match feed(&mut MqttConnect::new(1024), connect, n) {
+                Step::Done(c, len) => assert_eq!((c.client_id.as_str(), len), ("abc", connect.len() - 2)),
                 other => panic!("{n}: {other:?}"),
             }
             let v1 = b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nMQTT";

@@ -55,8 +55,13 @@ impl AcceptProxy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// Any bytes over TCP, forwarded as they come.
     Tcp,
+    /// Any bytes over WebSocket: the upgrade is read and rewritten.
     Ws,
+    /// MQTT over TCP: the first packet must be a CONNECT, read before an
+    /// upstream is chosen.
+    Mqtt,
 }
 
 /// `--forwarded-for` / `--forwarded-port`.
@@ -162,6 +167,10 @@ pub enum Balance {
     LeastConn,
     /// A hash of the real client IP: the same client lands on the same broker.
     Source,
+    /// A hash of the MQTT client identifier (protocol = "mqtt"): a client
+    /// finds its session on the broker it left it on, from any address.
+    /// An empty client ID (the broker assigns one) hashes the real IP.
+    ClientId,
 }
 
 /// `--health-check`: how upstreams are probed.
@@ -247,6 +256,21 @@ pub const DEFAULT_WS_HEADER_MAX: usize = 16 * 1024;
 /// worth each) stay small.
 pub const DEFAULT_MAX_HANDSHAKES: usize = 1024;
 pub const DEFAULT_WS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// As EMQX's `max_packet_size` would let a CONNECT with a will be, well
+/// below it: a CONNECT is a handshake, held per client until it is whole.
+pub const DEFAULT_MQTT_CONNECT_MAX: usize = 64 * 1024;
+/// As EMQX's `idle_timeout`'s order of magnitude (15 s) and HAProxy's
+/// `tcp-request inspect-delay` in its MQTT examples (10 s).
+pub const DEFAULT_MQTT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// What `mqtt-connect-max` may be set to.
+pub const MQTT_CONNECT_MAX_RANGE: std::ops::RangeInclusive<usize> = 128..=16 << 20;
+
+/// An MQTT listener's CONNECT reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MqttOptions {
+    pub connect_max: usize,
+    pub connect_timeout: Duration,
+}
 
 /// A WebSocket listener's upgrade handling.
 #[derive(Debug, Clone, PartialEq)]
@@ -290,6 +314,8 @@ pub struct Listener {
     pub untrusted_proxy: UntrustedProxy,
     /// Some for WebSocket listeners.
     pub ws: Option<WsOptions>,
+    /// Some for MQTT listeners.
+    pub mqtt: Option<MqttOptions>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -335,7 +361,7 @@ pub struct ListenerSpec {
     /// Upstream broker: `ADDR` or `"ADDR weight=N"`; repeat for several.
     #[arg(long, value_name = "ADDR")] pub upstream: Vec<Upstream>,
     /// How to pick an upstream [default: round-robin].
-    #[arg(long, value_enum, value_name = "round-robin|least-conn|source")] pub balance: Option<Balance>,
+    #[arg(long, value_enum, value_name = "round-robin|least-conn|source|client-id")] pub balance: Option<Balance>,
     /// Active upstream checks [default: off].
     #[arg(long, value_enum, value_name = "off|tcp|mqtt")] pub health_check: Option<HealthCheck>,
     /// Time between checks of one upstream [default: 2s].
@@ -370,8 +396,13 @@ pub struct ListenerSpec {
     /// A PROXY header from an untrusted peer: ignore it (use the peer's
     /// address) or reject the connection [default: ignore].
     #[arg(long, value_enum, value_name = "ignore|reject")] pub untrusted_proxy: Option<UntrustedProxy>,
-    /// tcp (MQTT over TCP) or ws (MQTT over WebSocket) [default: tcp].
-    #[arg(long, value_enum, value_name = "tcp|ws")] pub protocol: Option<Protocol>,
+    /// tcp (bytes over TCP), ws (over WebSocket) or mqtt (MQTT over TCP,
+    /// its CONNECT read first) [default: tcp].
+    #[arg(long, value_enum, value_name = "tcp|ws|mqtt")] pub protocol: Option<Protocol>,
+    /// mqtt: largest CONNECT packet, in bytes [default: 65536].
+    #[arg(long, value_name = "BYTES")] pub mqtt_connect_max: Option<usize>,
+    /// mqtt: how long a client may take to send its CONNECT [default: 10s].
+    #[arg(long, value_name = "DURATION")] pub mqtt_connect_timeout: Option<Dur>,
     /// ws: the WebSocket path; `*` accepts any [default: /mqtt].
     #[arg(long, value_name = "PATH")] pub ws_path: Option<String>,
     /// ws: X-Forwarded-For: override (the client) or append (to what came in) [default: override].
@@ -398,7 +429,17 @@ impl ListenerSpec {
             bail!("listener `{name}`: key `listen` is required");
         };
         let protocol = self.protocol.unwrap_or(Protocol::Tcp);
-        if protocol == Protocol::Tcp {
+        if protocol != Protocol::Mqtt {
+            let mqtt_only = [
+                ("mqtt-connect-max", self.mqtt_connect_max.is_some()),
+                ("mqtt-connect-timeout", self.mqtt_connect_timeout.is_some()),
+                ("balance = \"client-id\"", self.balance == Some(Balance::ClientId)),
+            ];
+            if let Some((key, _)) = mqtt_only.iter().find(|(_, set)| *set) {
+                bail!("listener `{name}`: key `{key}` applies to MQTT listeners only (protocol = \"mqtt\")");
+            }
+        }
+        if protocol != Protocol::Ws {
             let ws_only = [
                 ("ws-path", self.ws_path.is_some()),
                 ("forwarded-for", self.forwarded_for.is_some()),
@@ -454,6 +495,12 @@ impl ListenerSpec {
                 header_timeout: self
                     .ws_header_timeout
                     .map_or(DEFAULT_WS_HEADER_TIMEOUT, |d| d.0),
+            }),
+            mqtt: (protocol == Protocol::Mqtt).then(|| MqttOptions {
+                connect_max: self.mqtt_connect_max.unwrap_or(DEFAULT_MQTT_CONNECT_MAX),
+                connect_timeout: self
+                    .mqtt_connect_timeout
+                    .map_or(DEFAULT_MQTT_CONNECT_TIMEOUT, |d| d.0),
             }),
         })
     }
@@ -582,6 +629,18 @@ impl Config {
                 }
                 if ws.header_timeout.is_zero() {
                     bail!("{at}: key `ws-header-timeout`: must be greater than zero");
+                }
+            }
+            if let Some(m) = &l.mqtt {
+                if !MQTT_CONNECT_MAX_RANGE.contains(&m.connect_max) {
+                    bail!(
+                        "{at}: key `mqtt-connect-max`: must be between {} and {} bytes",
+                        MQTT_CONNECT_MAX_RANGE.start(),
+                        MQTT_CONNECT_MAX_RANGE.end()
+                    );
+                }
+                if m.connect_timeout.is_zero() {
+                    bail!("{at}: key `mqtt-connect-timeout`: must be greater than zero");
                 }
             }
             if l.accept_proxy != AcceptProxy::Off && l.trusted_proxies.is_empty() {
@@ -781,7 +840,41 @@ mod tests {
             (format!("{ws}ws-path = \"mqtt\"\n"), &["`ws-path`"]),
             (format!("{ws}ws-header-max = 10\n"), &["`ws-header-max`"]),
             (format!("{ws}forwarded-for = \"replace\"\n"), &["forwarded-for", "append"]),
-            (format!("{L}protocol = \"mqtt\"\n"), &["protocol", "ws"]),
+            (format!("{L}protocol = \"sse\"\n"), &["protocol", "ws"]),
+        ];
+        assert_refused(cases);
+    }
+
+    #[test]
+    fn mqtt_keys() {
+        let c = parse(&format!(
+            "{L}protocol = \"mqtt\"\nbalance = \"client-id\"\nmqtt-connect-max = 4096\nmqtt-connect-timeout = \"2s\"\n"
+        ))
+        .unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.balance, Balance::ClientId);
+        assert_eq!(
+            l.mqtt,
+            Some(MqttOptions {
+                connect_max: 4096,
+                connect_timeout: Duration::from_secs(2)
+            })
+        );
+        assert!(l.ws.is_none());
+        let m = parse(&format!("{L}protocol = \"mqtt\"\n")).unwrap().listeners[0].mqtt.unwrap();
+        assert_eq!((m.connect_max, m.connect_timeout), (DEFAULT_MQTT_CONNECT_MAX, DEFAULT_MQTT_CONNECT_TIMEOUT));
+        assert!(parse(L).unwrap().listeners[0].mqtt.is_none());
+    }
+
+    #[test]
+    fn mqtt_errors_name_the_key() {
+        let mqtt = format!("{L}protocol = \"mqtt\"\n");
+        let cases: [(String, &[&str]); 5] = [
+            (format!("{L}balance = \"client-id\"\n"), &["client-id", "MQTT listeners only"]),
+            (format!("{L}protocol = \"ws\"\nmqtt-connect-max = 4096\n"), &["`mqtt-connect-max`", "MQTT listeners only"]),
+            (format!("{L}mqtt-connect-timeout = \"1s\"\n"), &["`mqtt-connect-timeout`"]),
+            (format!("{mqtt}mqtt-connect-max = 10\n"), &["`mqtt-connect-max`", "between"]),
+            (format!("{mqtt}mqtt-connect-timeout = \"0s\"\n"), &["`mqtt-connect-timeout`", "greater than zero"]),
         ];
         assert_refused(cases);
     }

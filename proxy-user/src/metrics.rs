@@ -12,6 +12,8 @@ use std::{
     },
 };
 
+use splicer_proto::mqtt::Version;
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
     metrics::{
@@ -64,6 +66,9 @@ pub enum Reject {
     /// The broker answered a WebSocket upgrade with something other than
     /// 101 (its answer was passed to the client), or not at all.
     upstream_refused_upgrade,
+    /// An MQTT listener's client sent no valid CONNECT first (see
+    /// splicer_mqtt_connect_rejections for why).
+    bad_mqtt_connect,
 }
 
 const CLOSE_REASONS: [CloseReason; 7] = [
@@ -76,7 +81,7 @@ const CLOSE_REASONS: [CloseReason; 7] = [
     CloseReason::rejected,
 ];
 
-const REJECTS: [Reject; 8] = [
+const REJECTS: [Reject; 9] = [
     Reject::bad_proxy_header,
     Reject::untrusted_proxy_header,
     Reject::bad_websocket_request,
@@ -85,6 +90,7 @@ const REJECTS: [Reject; 8] = [
     Reject::max_conns,
     Reject::max_handshakes,
     Reject::upstream_refused_upgrade,
+    Reject::bad_mqtt_connect,
 ];
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -139,6 +145,18 @@ struct ModeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    listener: String,
+    version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    listener: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: String,
 }
@@ -175,6 +193,8 @@ pub struct Metrics {
     upstream_connect: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
     offload_mode: Family<ModeLabel, Gauge>,
     reloads: Family<ResultLabel, Counter>,
+    mqtt_connections: Family<VersionLabels, Counter>,
+    mqtt_rejections: Family<ReasonLabels, Counter>,
     buffer_cap: Gauge,
     buffer_granted: Gauge,
     buffer_refused: Counter,
@@ -203,6 +223,8 @@ impl Metrics {
             upstream_connect: registered(&mut r, "upstream_connect_seconds", "Time to connect to this upstream, for clients", connect),
             offload_mode: family(&mut r, "offload_mode", "1 for the offload in effect (sockmap or userspace)"),
             reloads: family(&mut r, "config_reloads", "SIGHUP reloads, by result (ok or failed)"),
+            mqtt_connections: family(&mut r, "mqtt_connections", "MQTT listeners: clients whose CONNECT was read, by protocol version"),
+            mqtt_rejections: family(&mut r, "mqtt_connect_rejections", "MQTT listeners: clients refused for their first packet, by reason (not_connect, malformed, unsupported_version, too_large, timeout, closed)"),
             buffer_cap: registered(&mut r, "kernel_buffer_cap_bytes", "--max-buffered: what kernel-carried directions may hold in kernel queues beyond their floors, together", Gauge::default()),
             buffer_granted: registered(&mut r, "kernel_buffer_granted_bytes", "What the grants of kernel-carried directions beyond their floors allow them to hold now, together", Gauge::default()),
             buffer_refused: registered(&mut r, "kernel_buffer_grants_refused", "Times a fast kernel-carried direction could not get a bigger grant because --max-buffered was reached", Counter::default()),
@@ -273,6 +295,28 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// An MQTT listener's handles, its series created at zero. `reasons`
+    /// are the rejection labels it can count.
+    pub fn mqtt(&self, listener: &str, reasons: &[&'static str]) -> MqttMetrics {
+        let versions = [Version::V3_1, Version::V3_1_1, Version::V5].map(|v| {
+            self.mqtt_connections.get_or_create_owned(&VersionLabels {
+                listener: listener.into(),
+                version: v.to_string(),
+            })
+        });
+        let rejections = reasons
+            .iter()
+            .map(|r| {
+                let c = self.mqtt_rejections.get_or_create_owned(&ReasonLabels {
+                    listener: listener.into(),
+                    reason: (*r).into(),
+                });
+                (*r, c)
+            })
+            .collect();
+        MqttMetrics { versions, rejections }
+    }
+
     /// A reload dropped the upstream: its series go.
     pub fn forget_upstream(&self, listener: &str, upstream: &str) {
         let l = UpstreamLabels {
@@ -283,6 +327,26 @@ impl Metrics {
         self.upstream_active.remove(&l);
         self.upstream_failures.remove(&l);
         self.upstream_connect.remove(&l);
+    }
+}
+
+/// An MQTT listener's metric handles.
+#[derive(Clone, Debug)]
+pub struct MqttMetrics {
+    /// By Version, in declaration order.
+    versions: [Counter; 3],
+    rejections: Vec<(&'static str, Counter)>,
+}
+
+impl MqttMetrics {
+    pub fn connected(&self, v: Version) {
+        self.versions[v as usize].inc();
+    }
+
+    pub fn refused(&self, reason: &str) {
+        if let Some((_, c)) = self.rejections.iter().find(|(r, _)| *r == reason) {
+            c.inc();
+        }
     }
 }
 
@@ -403,6 +467,7 @@ impl ListenerMetrics {
         inc(match reason {
             Reject::bad_proxy_header | Reject::untrusted_proxy_header => &self.totals.proxy_rejected,
             Reject::bad_websocket_request | Reject::upstream_refused_upgrade => &self.totals.ws_refused,
+            Reject::bad_mqtt_connect => &self.totals.mqtt_refused,
             Reject::access_denied => &self.totals.denied,
             Reject::upstream_down => &self.totals.upstream_down,
             Reject::max_conns | Reject::max_handshakes => &self.totals.over_max_conns,
@@ -472,6 +537,7 @@ pub struct Counters {
     proxy_rejected: AtomicU64,
     proxy_untrusted: AtomicU64,
     ws_refused: AtomicU64,
+    mqtt_refused: AtomicU64,
     denied: AtomicU64,
     over_max_conns: AtomicU64,
 }
@@ -504,7 +570,7 @@ impl Counters {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
             "accepted={} active={} closed={} spliced={} relayed={} upstream_down={} \
-             proxy_rejected={} proxy_untrusted={} ws_refused={} denied={} over_max_conns={}",
+             proxy_rejected={} proxy_untrusted={} ws_refused={} mqtt_refused={} denied={} over_max_conns={}",
             g(&self.accepted),
             g(&self.active),
             g(&self.closed),
@@ -514,6 +580,7 @@ impl Counters {
             g(&self.proxy_rejected),
             g(&self.proxy_untrusted),
             g(&self.ws_refused),
+            g(&self.mqtt_refused),
             g(&self.denied),
             g(&self.over_max_conns),
         )

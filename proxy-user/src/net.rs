@@ -1,5 +1,6 @@
-//! Small socket helpers shared by ingress (HTTP refusals) and the datapath
-//! (the relay, passing a reset on).
+//! Small socket helpers shared by ingress (refusals: HTTP answers, MQTT
+//! CONNACKs; a client's keep-alive) and the datapath (the relay, passing a
+//! reset on).
 use std::{io, os::fd::AsFd, time::Duration};
 
 use tokio::net::TcpStream;
@@ -27,4 +28,42 @@ pub fn abort_on_close(sock: &impl AsFd) {
 /// Sends FIN on `sock` (a half-close), whatever it was doing.
 pub fn half_close(sock: &impl AsFd) -> io::Result<()> {
     socket2::SockRef::from(sock).shutdown(std::net::Shutdown::Write)
+}
+
+/// How long a client has to take a refusal (ours or the broker's).
+const REFUSAL_WRITE: Duration = Duration::from_secs(5);
+
+/// Writes a refusal (an HTTP answer, a CONNACK) and half-closes; a client
+/// that reads nothing has REFUSAL_WRITE to take it, and does not hold the
+/// connection longer.
+pub async fn answer_and_close(client: &TcpStream, answer: &[u8]) {
+    let _ = tokio::time::timeout(REFUSAL_WRITE, write_all(client, answer)).await;
+    close_gently(client);
+}
+
+/// Reads what is left of a refused request and half-closes, so the client
+/// gets the answer and a FIN rather than a reset (closing a socket with
+/// unread bytes makes the kernel send RST, which can destroy the answer).
+fn close_gently(client: &TcpStream) {
+    let mut buf = [0u8; 16 * 1024];
+    for _ in 0..16 {
+        match client.try_read(&mut buf) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+    let _ = half_close(client);
+}
+
+/// Lets the kernel close a client that vanished, even while the kernel
+/// carries its bytes: keep-alive probes after `idle` without a segment,
+/// and TCP_USER_TIMEOUT so that probes (or data) unanswered for `limit`
+/// end the connection with an error both directions see.
+pub fn dead_peer_limit(sock: &impl AsFd, idle: Duration, limit: Duration) -> io::Result<()> {
+    let s = socket2::SockRef::from(sock);
+    // Probes every quarter of the idle time: the limit is overshot by at
+    // most one interval.
+    let interval = (idle / 4).max(Duration::from_secs(1));
+    s.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle).with_interval(interval))?;
+    s.set_tcp_user_timeout(Some(limit))
 }

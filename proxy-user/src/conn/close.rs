@@ -2,11 +2,13 @@
 //! its counts. A `Route` (a listener and one of its upstreams) is the
 //! datapath's `Owner` for every connection between them, so a connection
 //! parked in the kernel reports here when it ends without holding
-//! anything of its own.
+//! anything of its own. An MQTT connection holds one thing of its own,
+//! who connected (`Named`), for its close line.
 use std::{fmt, sync::Arc, time::Duration};
 
 use crate::{
     datapath::carried::{ClientAddrs, Outcome, Owner, Totals},
+    ingress::mqtt::Session,
     metrics::{CloseReason, ListenerMetrics},
     upstream::health::UpstreamState,
 };
@@ -36,14 +38,20 @@ impl Owner for Route {
         &self.metrics
     }
 
-    /// Logs the close line and counts the end.
     fn closed(&self, who: ClientAddrs, t: &Totals, duration: Duration) {
+        self.close(who, None, t, duration);
+    }
+}
+
+impl Route {
+    /// Logs the close line and counts the end.
+    fn close(&self, who: ClientAddrs, session: Option<&Session>, t: &Totals, duration: Duration) {
         self.upstream.metrics.active.dec();
         log::info!(
             "[{}] closed {} upstream={} client_to_upstream={} upstream_to_client={} \
              kernel_bytes={} duration={:.3}s end={}",
             self.listener,
-            self::who(who),
+            named(who, session),
             self.upstream.addr,
             t.c2u,
             t.u2c,
@@ -60,6 +68,32 @@ impl Owner for Route {
             Outcome::Error => CloseReason::error,
         });
     }
+}
+
+/// The owner of one MQTT connection: its route, and who connected.
+pub struct Named {
+    pub route: Arc<Route>,
+    pub session: Session,
+}
+
+impl Owner for Named {
+    fn metrics(&self) -> &ListenerMetrics {
+        &self.route.metrics
+    }
+
+    fn closed(&self, who: ClientAddrs, t: &Totals, duration: Duration) {
+        self.route.close(who, Some(&self.session), t, duration);
+    }
+}
+
+/// Which client this is, and on an MQTT listener who it said it is once
+/// its CONNECT was read: `client=… [via=…] [client_id=… username=…
+/// mqtt_version=…]`.
+pub fn named(a: ClientAddrs, session: Option<&Session>) -> impl fmt::Display + '_ {
+    fmt::from_fn(move |f| match session {
+        Some(s) => write!(f, "{} {s}", who(a)),
+        None => write!(f, "{}", who(a)),
+    })
 }
 
 /// Which client this is, for logs: `client=` the real one, and `via=` the

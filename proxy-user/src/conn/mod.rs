@@ -1,14 +1,20 @@
 //! One client connection from accept to close: find out who the client is
-//! (ingress), pick and connect an upstream (upstream), tell it who the
-//! client is (PROXY header, rewritten upgrade request) and, on a WebSocket
-//! listener, wait for it to switch protocols; then hand both sockets to the
-//! datapath, and log one line at the end (close.rs).
+//! (ingress), on an MQTT listener read its CONNECT, pick and connect an
+//! upstream (upstream), tell it who the client is (PROXY header, rewritten
+//! upgrade request) and, on a WebSocket listener, wait for it to switch
+//! protocols; then hand both sockets to the datapath, and log one line at
+//! the end (close.rs).
 mod close;
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use splicer_proto::{
     http_upgrade::Refusal,
+    mqtt as mqtt_packet,
     trust::{self, Trusted},
 };
 use tokio::{
@@ -16,20 +22,21 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
-use self::close::Route;
+use self::close::{Named, Route};
 use crate::{
     config::{HealthCheck, Listener},
     datapath::{
-        carried::{Carried, ClientAddrs, Early, Owner as _, Totals},
+        carried::{Carried, ClientAddrs, Early, Owner, Totals},
         Datapath,
     },
     ingress::{
         access::Access,
         inbox::Inbox,
+        mqtt,
         proxy_header::{self, Rejection},
         websocket,
     },
-    metrics::{CloseReason, ListenerMetrics, Metrics, Reject},
+    metrics::{CloseReason, ListenerMetrics, Metrics, MqttMetrics, Reject},
     net,
     upstream::{
         balance::Balancer,
@@ -46,6 +53,8 @@ pub struct ListenerCtx {
     pub balancer: Balancer,
     pub datapath: Arc<Datapath>,
     pub metrics: ListenerMetrics,
+    /// Some on MQTT listeners.
+    mqtt_metrics: Option<MqttMetrics>,
     /// One per upstream, in the balancer's order: what a connection to it
     /// reports its end to.
     routes: Vec<Arc<Route>>,
@@ -94,6 +103,9 @@ impl ListenerCtx {
             access: Access::new(&config.allow, &config.deny),
             balancer: Balancer::new(config.balance, upstreams),
             metrics: listener_metrics,
+            mqtt_metrics: config
+                .mqtt
+                .map(|_| metrics.mqtt(&config.name, &mqtt::NO_CONNECT_LABELS)),
             datapath,
             routes,
             handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
@@ -175,10 +187,9 @@ async fn serve(
             }
         }
     }
-    // Client bytes behind the preambles: they go upstream only once the
-    // upstream has been told who the client is (and, on a WebSocket
-    // listener, has switched protocols).
-    let early_client = inbox.into_rest();
+    // Client bytes behind the preambles (the CONNECT among them) go
+    // upstream only once the upstream has been told who the client is (and,
+    // on a WebSocket listener, has switched protocols).
     let who = ClientAddrs {
         peer,
         real: id.client,
@@ -189,24 +200,67 @@ async fn serve(
         refuse(ctx, &client, Refusal::Forbidden).await;
         return Some(CloseReason::rejected);
     }
-    let Some((upstream, state)) = connect_upstream(ctx, who.real).await else {
+    // On an MQTT listener, the CONNECT: who connects, and whether it is
+    // MQTT at all, before any upstream is touched. Its bytes go upstream
+    // first of the client's, unchanged.
+    let mut session = None;
+    let early_client = match (&ctx.config.mqtt, &ctx.mqtt_metrics) {
+        (Some(opts), Some(mm)) => match mqtt::read_connect(opts, &mut inbox, &client).await {
+            Ok((s, mut connect)) => {
+                mm.connected(s.version);
+                session = Some(s);
+                connect.extend_from_slice(inbox.held());
+                connect
+            }
+            Err(why) => {
+                m.rejected(Reject::bad_mqtt_connect);
+                mm.refused(why.label());
+                log::warn!("[{name}] {}: refused: {why}", close::who(who));
+                return Some(CloseReason::rejected);
+            }
+        },
+        _ => inbox.into_rest(),
+    };
+    let client_id = session.as_ref().map(|s| s.client_id.as_str());
+    let Some((upstream, state)) = connect_upstream(ctx, who.real, client_id).await else {
         m.rejected(Reject::upstream_down);
-        log::warn!("[{name}] {}: every upstream is down, closing the client", close::who(who));
-        refuse(ctx, &client, Refusal::BadGateway).await;
+        log::warn!(
+            "[{name}] {}: every upstream is down, closing the client",
+            close::named(who, session.as_ref())
+        );
+        match &session {
+            Some(s) => net::answer_and_close(&client, mqtt_packet::unavailable(s.version)).await,
+            None => refuse(ctx, &client, Refusal::BadGateway).await,
+        }
         return Some(CloseReason::rejected);
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
+    if let Some(k) = session.as_ref().map(|s| s.keepalive).filter(|&k| k > 0) {
+        // MQTT 3.1.2.10: a client silent for 1.5 keep-alives is gone.
+        let k = Duration::from_secs(k.into());
+        if let Err(e) = net::dead_peer_limit(&client, k, k * 3 / 2) {
+            log::warn!("[{name}] {}: setting TCP keep-alive: {e}", close::who(who));
+        }
+    }
     state.metrics.active.inc();
     let route = ctx.route(&state);
+    // The connection's owner: its route, or on an MQTT listener its own
+    // Named (the route and who connected, for the close line).
+    let mqtt_owner = session.map(|session| Arc::new(Named { route: route.clone(), session }));
+    let owner: Arc<dyn Owner> = match &mqtt_owner {
+        Some(n) => n.clone(),
+        None => route,
+    };
+    let named = close::named(who, mqtt_owner.as_deref().map(|n| &n.session));
     // Tell the broker who the client is: the PROXY header, then the
     // rewritten upgrade request.
     let mut told = proxy_header::upstream_header(&ctx.config, &id, local).unwrap_or_default();
     told.extend_from_slice(&head);
     let wrote = tokio::time::timeout(ctx.config.connect_timeout, net::write_all(&upstream, &told)).await;
     if let Err(e) = wrote.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
-        log::warn!("[{name}] {} -> {}: telling it who the client is: {e}", close::who(who), state.addr);
-        route.closed(who, &Totals::error(), started.elapsed());
+        log::warn!("[{name}] {named} -> {}: telling it who the client is: {e}", state.addr);
+        owner.closed(who, &Totals::error(), started.elapsed());
         return None;
     }
     // The handshake's buffers are done with; a connection relayed for days
@@ -219,8 +273,7 @@ async fn serve(
             Err(no) => {
                 m.rejected(Reject::upstream_refused_upgrade);
                 log::warn!(
-                    "[{name}] {} -> {}: WebSocket upgrade not switched: {no}; closing both",
-                    close::who(who),
+                    "[{name}] {named} -> {}: WebSocket upgrade not switched: {no}; closing both",
                     state.addr
                 );
                 websocket::pass_refusal(&client, &no).await;
@@ -235,7 +288,7 @@ async fn serve(
         upstream,
         who,
         started,
-        owner: route.clone(),
+        owner: owner.clone(),
     };
     let early = Early {
         consumed,
@@ -246,11 +299,11 @@ async fn serve(
         Ok(Some(t)) => t,
         Ok(None) => return None,
         Err(e) => {
-            log::warn!("[{name}] {} -> {}: {e:#}", close::who(who), state.addr);
+            log::warn!("[{name}] {named} -> {}: {e:#}", state.addr);
             Totals::error()
         }
     };
-    route.closed(who, &totals, started.elapsed());
+    owner.closed(who, &totals, started.elapsed());
     None
 }
 
@@ -269,10 +322,11 @@ async fn refuse(ctx: &ListenerCtx, client: &TcpStream, refusal: Refusal) {
 async fn connect_upstream(
     ctx: &ListenerCtx,
     client: SocketAddr,
+    client_id: Option<&str>,
 ) -> Option<(TcpStream, Arc<UpstreamState>)> {
     let timeout = ctx.config.connect_timeout;
     let name = &ctx.config.name;
-    for up in ctx.balancer.candidates(client.ip()) {
+    for up in ctx.balancer.candidates(client.ip(), client_id) {
         let started = Instant::now();
         let why = match tokio::time::timeout(timeout, TcpStream::connect(up.addr)).await {
             Ok(Ok(s)) => {

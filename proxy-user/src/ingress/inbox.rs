@@ -65,6 +65,12 @@ impl<'a> Inbox<'a> {
         true
     }
 
+    /// What has arrived and not been taken: a refused preamble's bytes,
+    /// for an answer in the client's own terms.
+    pub fn held(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// What arrived behind the preambles read, in a buffer of its size.
     pub fn into_rest(self) -> Vec<u8> {
         let mut rest = self.buf;

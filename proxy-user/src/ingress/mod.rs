@@ -1,9 +1,10 @@
 //! Who the client is, decided from the first bytes it sends: a PROXY
 //! header from a trusted hop (proxy_header.rs), a WebSocket upgrade with
-//! forwarding headers and the broker's answer to it (websocket.rs), all
-//! read through one Inbox per socket (inbox.rs); and whether that client
-//! may come in (access.rs).
+//! forwarding headers and the broker's answer to it (websocket.rs), an
+//! MQTT CONNECT (mqtt.rs), all read through one Inbox per socket
+//! (inbox.rs); and whether that client may come in (access.rs).
 pub mod access;
 pub mod inbox;
+pub mod mqtt;
 pub mod proxy_header;
 pub mod websocket;

@@ -113,9 +113,6 @@ impl fmt::Display for NoSwitch {
     }
 }
 
-/// How long a client has to take a refusal (ours or the broker's).
-const REFUSAL_WRITE: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// A refusal's body is passed on up to this size; a longer one is cut.
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
@@ -157,7 +154,7 @@ pub async fn await_switch(ws: &WsOptions, upstream: &TcpStream) -> Result<Vec<u8
 /// and half-closes.
 pub async fn pass_refusal(client: &TcpStream, no: &NoSwitch) {
     match no {
-        NoSwitch::Status { response, .. } => answer_and_close(client, response).await,
+        NoSwitch::Status { response, .. } => net::answer_and_close(client, response).await,
         NoSwitch::Failed(_) => refuse(client, &Refusal::BadGateway).await,
     }
 }
@@ -224,26 +221,5 @@ const CLIENT_CLAIMS: [&str; 8] = [
 
 /// Answers a request with `refusal`'s HTTP response and half-closes.
 pub async fn refuse(client: &TcpStream, refusal: &Refusal) {
-    answer_and_close(client, &refusal.response()).await;
-}
-
-/// Writes an HTTP answer and half-closes; a client that reads nothing has
-/// REFUSAL_WRITE to take it, and does not hold the connection longer.
-async fn answer_and_close(client: &TcpStream, response: &[u8]) {
-    let _ = tokio::time::timeout(REFUSAL_WRITE, net::write_all(client, response)).await;
-    close_gently(client);
-}
-
-/// Reads what is left of a refused request and half-closes, so the client
-/// gets the response and a FIN rather than a reset (closing a socket with
-/// unread bytes makes the kernel send RST, which can destroy the response).
-fn close_gently(client: &TcpStream) {
-    let mut buf = [0u8; 16 * 1024];
-    for _ in 0..16 {
-        match client.try_read(&mut buf) {
-            Ok(n) if n > 0 => continue,
-            _ => break,
-        }
-    }
-    let _ = net::half_close(client);
+    net::answer_and_close(client, &refusal.response()).await;
 }

@@ -1,5 +1,6 @@
-//! Choosing an upstream for a new client: round-robin, least-conn or
-//! source hashing, by weight, over the upstreams that are up. The first
+//! Choosing an upstream for a new client: round-robin, least-conn, or
+//! hashing the client's IP or MQTT client ID, by weight, over the
+//! upstreams that are up. The first
 //! candidate is the choice; the rest are the fallbacks tried in order when
 //! a connect fails.
 use std::{
@@ -40,15 +41,22 @@ impl Balancer {
     }
 
     /// The upstreams to try for a client, best first. Empty when every
-    /// upstream is down.
-    pub fn candidates(&self, client: IpAddr) -> Vec<Arc<UpstreamState>> {
+    /// upstream is down. `client_id` is the MQTT client identifier, when
+    /// the listener reads one.
+    pub fn candidates(&self, client: IpAddr, client_id: Option<&str>) -> Vec<Arc<UpstreamState>> {
         let live: Vec<usize> = (0..self.upstreams.len())
             .filter(|&i| self.upstreams[i].1 > 0 && self.upstreams[i].0.is_up())
             .collect();
         let order = match self.kind {
             Balance::RoundRobin => self.round_robin(&live),
             Balance::LeastConn => self.least_conn(live),
-            Balance::Source => self.source(live, client),
+            Balance::Source => self.rendezvous(live, &Key::Ip(client)),
+            Balance::ClientId => match client_id {
+                Some(id) if !id.is_empty() => self.rendezvous(live, &Key::ClientId(id)),
+                // The broker will assign an ID: nothing to be sticky to
+                // but the client's address.
+                _ => self.rendezvous(live, &Key::Ip(client)),
+            },
         };
         order
             .into_iter()
@@ -91,15 +99,15 @@ impl Balancer {
         live
     }
 
-    /// Weighted rendezvous hashing on the client IP: every upstream gets a
-    /// score from hash(client, upstream) and the highest wins. Removing an
-    /// upstream moves only the clients it had; adding one takes only the
-    /// clients it now scores highest for. The hash is fixed (not
-    /// randomised per process), so several splicer nodes and restarts agree.
-    fn source(&self, mut live: Vec<usize>, client: IpAddr) -> Vec<usize> {
+    /// Weighted rendezvous hashing: every upstream gets a score from
+    /// hash(key, upstream) and the highest wins. Removing an upstream moves
+    /// only the clients it had; adding one takes only the clients it now
+    /// scores highest for. The hash is fixed (not randomised per process),
+    /// so several splicer nodes and restarts agree.
+    fn rendezvous(&self, mut live: Vec<usize>, key: &Key) -> Vec<usize> {
         let score = |i: usize| {
             let (u, w) = &self.upstreams[i];
-            let h = hash(client, &u.addr.to_string());
+            let h = hash(key, &u.addr.to_string());
             // A uniform number in (0, 1); score = -w / ln(u).
             let unit = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
             -f64::from(*w) / unit.ln()
@@ -109,15 +117,26 @@ impl Balancer {
     }
 }
 
-/// FNV-1a over the client address and the upstream's name, then a
-/// SplitMix64 finish so nearby inputs spread over all 64 bits.
-fn hash(client: IpAddr, upstream: &str) -> u64 {
-    let octets: Vec<u8> = match splicer_proto::trust::canonical(client) {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
+/// What a client is hashed by.
+enum Key<'a> {
+    Ip(IpAddr),
+    ClientId(&'a str),
+}
+
+/// FNV-1a over the key and the upstream's name, then a SplitMix64 finish
+/// so nearby inputs spread over all 64 bits. An IP is hashed as its
+/// octets; a client ID as its UTF-8 bytes behind a 0xfe byte, which no
+/// IP's hash starts the same way as.
+fn hash(key: &Key, upstream: &str) -> u64 {
+    let key: Vec<u8> = match key {
+        Key::Ip(ip) => match splicer_proto::trust::canonical(*ip) {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        },
+        Key::ClientId(id) => [&[0xfe], id.as_bytes()].concat(),
     };
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in octets.iter().chain(&[0xff]).chain(upstream.as_bytes()) {
+    for b in key.iter().chain(&[0xff]).chain(upstream.as_bytes()) {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -143,7 +162,7 @@ mod tests {
     }
 
     fn first(b: &Balancer, client: &str) -> SocketAddr {
-        b.candidates(client.parse().unwrap())[0].addr
+        b.candidates(client.parse().unwrap(), None)[0].addr
     }
 
     fn port(a: SocketAddr) -> u16 {
@@ -165,7 +184,7 @@ mod tests {
     fn round_robin_rotates_and_lists_every_live_upstream_once() {
         let b = balancer(Balance::RoundRobin, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1), ("127.0.0.1:3", 1)]);
         let orders: Vec<Vec<u16>> = (0..4)
-            .map(|_| b.candidates([127, 0, 0, 9].into()).iter().map(|u| u.addr.port()).collect())
+            .map(|_| b.candidates([127, 0, 0, 9].into(), None).iter().map(|u| u.addr.port()).collect())
             .collect();
         assert_eq!(orders, [vec![1, 2, 3], vec![2, 3, 1], vec![3, 1, 2], vec![1, 2, 3]]);
     }
@@ -182,11 +201,11 @@ mod tests {
         let b = balancer(Balance::RoundRobin, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 0), ("127.0.0.1:3", 1)]);
         take_down(&b.upstreams[0].0);
         for _ in 0..5 {
-            let c: Vec<u16> = b.candidates([127, 0, 0, 9].into()).iter().map(|u| u.addr.port()).collect();
+            let c: Vec<u16> = b.candidates([127, 0, 0, 9].into(), None).iter().map(|u| u.addr.port()).collect();
             assert_eq!(c, [3]);
         }
         take_down(&b.upstreams[2].0);
-        assert!(b.candidates([127, 0, 0, 9].into()).is_empty());
+        assert!(b.candidates([127, 0, 0, 9].into(), None).is_empty());
     }
 
     #[test]
@@ -195,7 +214,7 @@ mod tests {
         b.upstreams[0].0.metrics.active.set(3);
         b.upstreams[1].0.metrics.active.set(4); // 2 per unit of weight
         b.upstreams[2].0.metrics.active.set(1);
-        let c: Vec<u16> = b.candidates([127, 0, 0, 9].into()).iter().map(|u| u.addr.port()).collect();
+        let c: Vec<u16> = b.candidates([127, 0, 0, 9].into(), None).iter().map(|u| u.addr.port()).collect();
         assert_eq!(c, [3, 2, 1]);
         // Equal loads take turns.
         for (u, _) in &b.upstreams {
@@ -220,10 +239,10 @@ mod tests {
         let b2 = balancer(Balance::Source, &[three[0], three[2]]);
         let mut share = [0; 3];
         for c in clients() {
-            let before = b3.candidates(c)[0].addr;
-            assert_eq!(before, b3.candidates(c)[0].addr, "same client, same upstream");
+            let before = b3.candidates(c, None)[0].addr;
+            assert_eq!(before, b3.candidates(c, None)[0].addr, "same client, same upstream");
             share[port(before) as usize - 1] += 1;
-            let after = b2.candidates(c)[0].addr;
+            let after = b2.candidates(c, None)[0].addr;
             if port(before) != 2 {
                 assert_eq!(before, after, "{c} moved although its upstream stayed");
             }
@@ -249,16 +268,55 @@ mod tests {
     #[test]
     fn source_follows_weights() {
         let b = balancer(Balance::Source, &[("127.0.0.1:1", 3), ("127.0.0.1:2", 1)]);
-        let heavy = clients().into_iter().filter(|&c| port(b.candidates(c)[0].addr) == 1).count();
+        let heavy = clients().into_iter().filter(|&c| port(b.candidates(c, None)[0].addr) == 1).count();
         // A 3:1 split of 3000 is 2250.
         assert!((2100..2400).contains(&heavy), "{heavy}");
     }
 
     #[test]
-    fn source_hash_is_stable_across_builds() {
-        // Several nodes and restarts must agree: pin the function.
-        assert_eq!(hash([10, 0, 0, 1].into(), "127.0.0.1:1883"), hash([10, 0, 0, 1].into(), "127.0.0.1:1883"));
-        assert_ne!(hash([10, 0, 0, 1].into(), "127.0.0.1:1883"), hash([10, 0, 0, 2].into(), "127.0.0.1:1883"));
-        assert_eq!(hash("::ffff:10.0.0.1".parse().unwrap(), "x"), hash([10, 0, 0, 1].into(), "x"));
+    fn the_hash_is_pinned() {
+        // Several nodes, restarts and versions must agree: these values
+        // may never change.
+        let ip = |s: &str| Key::Ip(s.parse().unwrap());
+        assert_eq!(hash(&ip("10.0.0.1"), "127.0.0.1:1883"), PINNED_IP);
+        assert_eq!(hash(&Key::ClientId("sensor-17"), "127.0.0.1:1883"), PINNED_ID);
+        assert_ne!(hash(&ip("10.0.0.1"), "127.0.0.1:1883"), hash(&ip("10.0.0.2"), "127.0.0.1:1883"));
+        assert_eq!(hash(&ip("::ffff:10.0.0.1"), "x"), hash(&ip("10.0.0.1"), "x"));
+    }
+
+    const PINNED_IP: u64 = 9_547_619_934_934_830_746;
+    const PINNED_ID: u64 = 1_535_106_170_785_436_973;
+
+    fn ids() -> Vec<String> {
+        (0..3000).map(|i| format!("client-{i}")).collect()
+    }
+
+    #[test]
+    fn client_id_is_sticky_across_addresses_and_removing_an_upstream_moves_only_its_clients() {
+        let three = [("127.0.0.1:1", 1), ("127.0.0.1:2", 1), ("127.0.0.1:3", 1)];
+        let b3 = balancer(Balance::ClientId, &three);
+        let b2 = balancer(Balance::ClientId, &[three[0], three[2]]);
+        let mut share = [0; 3];
+        for (n, id) in ids().iter().enumerate() {
+            let before = b3.candidates([10, 0, 0, 1].into(), Some(id))[0].addr;
+            let elsewhere = b3.candidates([192, 168, (n >> 8) as u8, n as u8].into(), Some(id))[0].addr;
+            assert_eq!(before, elsewhere, "{id} moved with its address");
+            share[port(before) as usize - 1] += 1;
+            let after = b2.candidates([10, 0, 0, 1].into(), Some(id))[0].addr;
+            if port(before) != 2 {
+                assert_eq!(before, after, "{id} moved although its upstream stayed");
+            }
+        }
+        assert!(share.iter().all(|&n| (850..1150).contains(&n)), "{share:?}");
+    }
+
+    #[test]
+    fn an_empty_client_id_hashes_the_address() {
+        let b = balancer(Balance::ClientId, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1), ("127.0.0.1:3", 1)]);
+        let s = balancer(Balance::Source, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1), ("127.0.0.1:3", 1)]);
+        for c in clients() {
+            assert_eq!(b.candidates(c, Some(""))[0].addr, s.candidates(c, None)[0].addr);
+            assert_eq!(b.candidates(c, None)[0].addr, s.candidates(c, None)[0].addr);
+        }
     }
 }

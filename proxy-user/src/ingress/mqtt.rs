@@ -1,0 +1,161 @@
+//! The first packet on an MQTT listener: a CONNECT, read through the Inbox
+//! within `mqtt-connect-max` and `mqtt-connect-timeout` before an upstream
+//! is chosen. Anything else is refused as a broker would refuse it (a
+//! CONNACK with the fitting code for a client that can read one, then the
+//! close). The packet itself is parsed in splicer_proto::mqtt; its bytes go
+//! to the broker unchanged.
+use std::fmt;
+
+use splicer_proto::{
+    mqtt::{self, Connect, Refusal, Version},
+    preamble::MqttConnect,
+};
+use tokio::net::TcpStream;
+
+use super::inbox::{Inbox, ReadError};
+use crate::{config::MqttOptions, net};
+
+/// Who connected, as the CONNECT says: what a connection keeps of it for
+/// the balancer and its close line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub version: Version,
+    pub client_id: String,
+    pub username: Option<String>,
+    /// Seconds; 0: none.
+    pub keepalive: u16,
+}
+
+impl From<Connect> for Session {
+    fn from(c: Connect) -> Session {
+        Session {
+            version: c.version,
+            client_id: c.client_id,
+            username: c.username,
+            keepalive: c.keepalive,
+        }
+    }
+}
+
+/// The client's own words are logged at most this many characters long.
+const LOGGED_CHARS: usize = 64;
+
+impl fmt::Display for Session {
+    /// The close line's and rejection lines' fields.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "client_id={}", Quoted(&self.client_id))?;
+        match &self.username {
+            Some(u) => write!(f, " username={}", Quoted(u))?,
+            None => f.write_str(" username=-")?,
+        }
+        write!(f, " mqtt_version={}", self.version)
+    }
+}
+
+/// A client-chosen string in a log line: quoted, with quotes, backslashes
+/// and control characters escaped, cut at LOGGED_CHARS (marked `...`), so
+/// it cannot forge fields or lines.
+struct Quoted<'a>(&'a str);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"")?;
+        for c in self.0.chars().take(LOGGED_CHARS) {
+            write!(f, "{}", c.escape_debug())?;
+        }
+        if self.0.chars().nth(LOGGED_CHARS).is_some() {
+            f.write_str("...")?;
+        }
+        f.write_str("\"")
+    }
+}
+
+/// Why no CONNECT was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoConnect {
+    Refused(Refusal),
+    /// Not whole within mqtt-connect-timeout.
+    Timeout,
+    /// The client closed (or reset) before it was whole.
+    Closed,
+}
+
+impl NoConnect {
+    /// The `reason` label of `splicer_mqtt_connect_rejections`.
+    pub fn label(self) -> &'static str {
+        match self {
+            NoConnect::Refused(Refusal::NotConnect) => "not_connect",
+            NoConnect::Refused(Refusal::Malformed(_)) => "malformed",
+            NoConnect::Refused(Refusal::UnsupportedVersion(_)) => "unsupported_version",
+            NoConnect::Refused(Refusal::TooLarge) => "too_large",
+            NoConnect::Timeout => "timeout",
+            NoConnect::Closed => "closed",
+        }
+    }
+}
+
+impl fmt::Display for NoConnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoConnect::Refused(r) => r.fmt(f),
+            NoConnect::Timeout => f.write_str("no whole CONNECT within mqtt-connect-timeout"),
+            NoConnect::Closed => f.write_str("closed before a whole CONNECT"),
+        }
+    }
+}
+
+/// Every label `NoConnect::label` gives, for the metric's series.
+pub const NO_CONNECT_LABELS: [&str; 6] =
+    ["not_connect", "malformed", "unsupported_version", "too_large", "timeout", "closed"];
+
+/// Reads the client's CONNECT: its meaning and its bytes (which the caller
+/// sends on). On a refusal the client has been answered and half-closed.
+pub async fn read_connect(
+    opts: &MqttOptions,
+    inbox: &mut Inbox<'_>,
+    client: &TcpStream,
+) -> Result<(Session, Vec<u8>), NoConnect> {
+    let mut reader = MqttConnect::new(opts.connect_max);
+    let why = match tokio::time::timeout(opts.connect_timeout, inbox.read(&mut reader)).await {
+        Ok(Ok((connect, raw))) => return Ok((connect.into(), raw)),
+        Ok(Err(ReadError::Refused(r))) => NoConnect::Refused(r),
+        Ok(Err(ReadError::Closed)) => NoConnect::Closed,
+        Err(_) => NoConnect::Timeout,
+    };
+    match why {
+        NoConnect::Refused(r) => match r.connack(mqtt::level(inbox.held())) {
+            Some(connack) => net::answer_and_close(client, connack).await,
+            None => net::answer_and_close(client, &[]).await,
+        },
+        // A broker closes a client too slow to send its CONNECT without a
+        // word (MQTT 3.1.4); one that closed has nobody left to answer.
+        NoConnect::Timeout | NoConnect::Closed => {}
+    }
+    Err(why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_fields_are_quoted_escaped_and_capped() {
+        let s = Session {
+            version: Version::V5,
+            client_id: "a\"b c\\d\n".into(),
+            username: None,
+            keepalive: 0,
+        };
+        assert_eq!(s.to_string(), r#"client_id="a\"b c\\d\n" username=- mqtt_version=5.0"#);
+        let s = Session {
+            version: Version::V3_1_1,
+            client_id: "x".repeat(100),
+            username: Some("u".into()),
+            keepalive: 0,
+        };
+        assert_eq!(
+            s.to_string(),
+            format!("client_id=\"{}...\" username=\"u\" mqtt_version=3.1.1", "x".repeat(64))
+        );
+    }
+}
