@@ -5,7 +5,7 @@
 //! per publisher, QoS 1 with one message in flight, a global window), which
 //! an event-loop client would hide behind its own queues.
 use std::{
-    io::{BufReader, BufWriter, Read, Write},
+    io::{BufReader, BufWriter, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -19,6 +19,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
 
 use crate::net::{connect, open_many, quantile, ready_then_wait};
+use splicer_testkit::mqtt::{packet, put_str, read_packet};
 
 pub struct Plan {
     pub target: SocketAddr,
@@ -379,37 +380,3 @@ pub fn fleet(p: &Fleet) -> Result<Value> {
     }))
 }
 
-/// A packet: type and flags, the remaining length (varint), the body.
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(body.len() + 5);
-    v.push(first);
-    splicer_proto::mqtt::put_varint(&mut v, body.len());
-    v.extend_from_slice(body);
-    v
-}
-
-fn put_str(v: &mut Vec<u8>, s: &[u8]) {
-    v.extend((s.len() as u16).to_be_bytes());
-    v.extend_from_slice(s);
-}
-
-fn read_packet(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut b = [0u8; 1];
-    r.read_exact(&mut b)?;
-    let first = b[0];
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        r.read_exact(&mut b)?;
-        len |= ((b[0] & 0x7f) as usize) << shift;
-        if b[0] & 0x80 == 0 {
-            break;
-        }
-        shift += 7;
-        if shift > 21 {
-            return Err(std::io::Error::other("remaining length over 4 bytes"));
-        }
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
-    Ok((first, body))
-}

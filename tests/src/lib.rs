@@ -27,7 +27,7 @@ pub use http::*;
 pub use net::*;
 pub use observe::*;
 pub use peers::*;
-pub use splicer_testkit::{free_port, is_listening, run_with_timeout, Proc};
+pub use splicer_testkit::{free_port, is_listening, mqtt, run_with_timeout, Proc};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 pub const SPLICER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);

@@ -156,10 +156,14 @@ impl Netns {
 
     /// Drops the RSTs the kernel sends from `src` (see RawTcp).
     pub fn drop_resets_from(&self, src: Ipv4Addr) -> Result<()> {
-        let rules = format!(
+        self.nft(&format!(
             "table inet splicer_test {{\n chain out {{\n  type filter hook output priority 0;\n  \
              ip saddr {src} tcp flags rst drop\n }}\n}}\n"
-        );
+        ))
+    }
+
+    /// Adds nftables `rules` (nft -f syntax) inside the namespace.
+    pub fn nft(&self, rules: &str) -> Result<()> {
         let mut nft = Command::new("ip")
             .args(["netns", "exec", &self.name, "nft", "-f", "-"])
             .stdin(Stdio::piped())

@@ -50,11 +50,13 @@ fn events<'a>(out: &'a str, event: &str) -> Vec<&'a str> {
 
 // ------------------------------------------------ 1. mosquitto pub/sub
 
-fn mosquitto_pub_sub(mode: &str) -> Result<()> {
-    let dir = scratch(&format!("mqtt-mosquitto-{mode}"));
+/// `protocol` is splicer's listener protocol (tcp, or mqtt: the CONNECT
+/// read first), `version` the clients' MQTT version (mosquitto's -V).
+fn mosquitto_pub_sub(mode: &str, protocol: &str, version: &str) -> Result<()> {
+    let dir = scratch(&format!("mqtt-mosquitto-{mode}-{protocol}-{version}"));
     let (mut broker, broker_addr) = start_mosquitto(&dir)?;
     // mosquitto does not read PROXY headers.
-    let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--send-proxy", "off"])?;
+    let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--send-proxy", "off", "--protocol", protocol])?;
     let (host, port) = (SPLICER_IP.to_string(), splicer.listen.port().to_string());
     let bind = CLIENT_IP.to_string();
     let mut ids = Vec::new();
@@ -65,7 +67,7 @@ fn mosquitto_pub_sub(mode: &str) -> Result<()> {
             &sub_id,
             &dir,
             Command::new("mosquitto_sub")
-                .args(["-h", &host, "-p", &port, "-A", &bind, "-i", &sub_id])
+                .args(["-h", &host, "-p", &port, "-A", &bind, "-i", &sub_id, "-V", version])
                 .args(["-t", &topic, "-q", qos, "-C", "3", "-v"]),
         )?;
         ids.push(sub_id.clone());
@@ -78,7 +80,7 @@ fn mosquitto_pub_sub(mode: &str) -> Result<()> {
             let pub_id = format!("pub-{mode}-q{qos}-{i}");
             let (st, out, err) = run_with_timeout(
                 Command::new("mosquitto_pub")
-                    .args(["-h", &host, "-p", &port, "-A", &bind, "-i", &pub_id])
+                    .args(["-h", &host, "-p", &port, "-A", &bind, "-i", &pub_id, "-V", version])
                     .args(["-t", &topic, "-q", qos, "-m", msg]),
                 STEP,
             )?;
@@ -132,16 +134,29 @@ fn mosquitto_pub_sub(mode: &str) -> Result<()> {
             close_num(l, "client_to_upstream")? > 0 && close_num(l, "upstream_to_client")? > 0,
             "no traffic in close line: {l}"
         );
+        // An MQTT listener names who connected.
+        if protocol == "mqtt" {
+            let id = close_field(l, "client_id").unwrap_or_default().trim_matches('"');
+            let v = if version == "5" { "5.0" } else { "3.1.1" };
+            ensure!(
+                ids.iter().any(|i| i == id) && close_field(l, "mqtt_version") == Some(v),
+                "close line without the client's ID or version {v}: {l}"
+            );
+        }
     }
     check_kernel_bytes(&closed, mode, false)
 }
 
 /// mosquitto_sub receives, in order, exactly what mosquitto_pub sent
-/// through splicer, at QoS 0 and QoS 1.
+/// through splicer, at QoS 0 and QoS 1: MQTT 3.1.1 through a plain TCP
+/// listener, and MQTT 3.1.1 and 5 through `protocol = "mqtt"`.
 #[test]
 fn mosquitto_pub_sub_through_splicer() -> Result<()> {
     for mode in MODES {
-        mosquitto_pub_sub(mode).with_context(|| format!("offload {mode}"))?;
+        for (protocol, version) in [("tcp", "311"), ("mqtt", "311"), ("mqtt", "5")] {
+            mosquitto_pub_sub(mode, protocol, version)
+                .with_context(|| format!("offload {mode}, protocol {protocol}, MQTT {version}"))?;
+        }
     }
     Ok(())
 }
@@ -157,10 +172,11 @@ fn aedes_client_address(
     broker_addr: SocketAddr,
     send_proxy: &str,
     is_proxy: Option<u32>,
+    protocol: &str,
 ) -> Result<()> {
-    let dir = scratch(&format!("mqtt-aedes-{mode}-{send_proxy}"));
-    let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--send-proxy", send_proxy])?;
-    let id = format!("addr-{mode}-{send_proxy}");
+    let dir = scratch(&format!("mqtt-aedes-{mode}-{send_proxy}-{protocol}"));
+    let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--send-proxy", send_proxy, "--protocol", protocol])?;
+    let id = format!("addr-{mode}-{send_proxy}-{protocol}");
     let out = run_client(&splicer, &id, &["--publish", "t/x", "hello"])?;
     let connected = client_connected(&out, &id)?;
     let local_port = json_field(connected, "localPort").context("no localPort")?;
@@ -219,9 +235,11 @@ fn aedes_sees_real_client_address_with_proxy_header() -> Result<()> {
     for mode in MODES {
         let dir = scratch(&format!("mqtt-aedes-{mode}"));
         let (mut broker, broker_addr) = start_aedes(&dir)?;
-        for (send_proxy, is_proxy) in [("v1", Some(1)), ("v2", Some(2)), ("off", None)] {
-            aedes_client_address(mode, &mut broker, broker_addr, send_proxy, is_proxy)
-                .with_context(|| format!("offload {mode}, --send-proxy {send_proxy}"))?;
+        for (send_proxy, is_proxy, protocol) in
+            [("v1", Some(1), "tcp"), ("v2", Some(2), "tcp"), ("v2", Some(2), "mqtt"), ("off", None, "tcp")]
+        {
+            aedes_client_address(mode, &mut broker, broker_addr, send_proxy, is_proxy, protocol)
+                .with_context(|| format!("offload {mode}, --send-proxy {send_proxy}, protocol {protocol}"))?;
         }
     }
     Ok(())
@@ -229,10 +247,10 @@ fn aedes_sees_real_client_address_with_proxy_header() -> Result<()> {
 
 // ------------------------------- 3. QoS 1 round trip through splicer
 
-fn roundtrip(mode: &str) -> Result<()> {
-    let dir = scratch(&format!("mqtt-roundtrip-{mode}"));
+fn roundtrip(mode: &str, protocol: &str) -> Result<()> {
+    let dir = scratch(&format!("mqtt-roundtrip-{mode}-{protocol}"));
     let (_broker, broker_addr) = start_aedes(&dir)?;
-    let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--send-proxy", "v2"])?;
+    let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--send-proxy", "v2", "--protocol", protocol])?;
     let sub_id = format!("rt-sub-{mode}");
     let mut sub = Proc::spawn_apart(
         &sub_id,
@@ -304,11 +322,14 @@ fn roundtrip(mode: &str) -> Result<()> {
 }
 
 /// Two MQTT.js clients through splicer (PROXY v2 to aedes): QoS 1 messages
-/// published by one reach the other, in order.
+/// published by one reach the other, in order; through a plain TCP
+/// listener and through `protocol = "mqtt"`.
 #[test]
 fn mqtt_client_roundtrip_qos1_through_splicer() -> Result<()> {
     for mode in MODES {
-        roundtrip(mode).with_context(|| format!("offload {mode}"))?;
+        for protocol in ["tcp", "mqtt"] {
+            roundtrip(mode, protocol).with_context(|| format!("offload {mode}, protocol {protocol}"))?;
+        }
     }
     Ok(())
 }

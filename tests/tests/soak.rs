@@ -42,10 +42,11 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// MQTT 3.1.1 CONNECT for `id`: clean session, keep-alive 30 s.
 fn connect_packet(id: &str) -> Vec<u8> {
-    let mut p = vec![0x10, (12 + id.len()) as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 30];
-    p.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    p.extend_from_slice(id.as_bytes());
-    p
+    mqtt::Connect {
+        keepalive: 30,
+        ..mqtt::Connect::new(4, id)
+    }
+    .bytes()
 }
 
 /// Runs `work` in a loop until `until`, counting rounds; the first error
