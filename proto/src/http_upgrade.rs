@@ -48,6 +48,8 @@ pub enum Refusal {
     Forbidden,
     /// 502: no upstream accepted a connection (the caller decides).
     BadGateway,
+    /// 429: over a rate limit (the caller decides).
+    TooManyRequests,
 }
 
 impl Refusal {
@@ -60,6 +62,7 @@ impl Refusal {
             Refusal::TooLarge => 431,
             Refusal::Forbidden => 403,
             Refusal::BadGateway => 502,
+            Refusal::TooManyRequests => 429,
         }
     }
 
@@ -73,6 +76,7 @@ impl Refusal {
             Refusal::TooLarge => "Request Header Fields Too Large",
             Refusal::Forbidden => "Forbidden",
             Refusal::BadGateway => "Bad Gateway",
+            Refusal::TooManyRequests => "Too Many Requests",
         }
     }
 
@@ -100,6 +104,7 @@ impl Refusal {
             Refusal::TooLarge => "The request head is too large.".to_string(),
             Refusal::Forbidden => "Your address may not use this endpoint.".to_string(),
             Refusal::BadGateway => "No broker is available.".to_string(),
+            Refusal::TooManyRequests => "Too many new connections; try again later.".to_string(),
         };
         let body = format!("{why}\n");
         let mut extra = String::new();

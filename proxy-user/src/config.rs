@@ -1,6 +1,12 @@
 //! Configuration: the TOML file and the single-listener command-line flags,
 //! both turned into one validated `Config`. Keys in the file mirror the flags.
-use std::{fmt, net::SocketAddr, path::Path, str::FromStr, time::Duration};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    str::FromStr,
+    time::Duration,
+};
 
 use anyhow::{bail, Context as _, Result};
 use serde::{de, Deserialize, Deserializer};
@@ -157,6 +163,78 @@ impl fmt::Display for Dur {
     }
 }
 
+/// A rate written `N/s`, `N/m` or `N/h` (`rate-limit`, `max-connect-rate`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PerSecond(pub f64);
+
+impl FromStr for PerSecond {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a rate like 20/s, 600/m or 1000/h");
+        let (n, per) = s.split_once('/').ok_or_else(bad)?;
+        let n: f64 = n.trim().parse().map_err(|_| bad())?;
+        let secs = match per.trim() {
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        match n.is_finite() && n > 0.0 {
+            true => Ok(PerSecond(n / secs)),
+            false => Err(format!("`{s}`: the rate must be greater than zero")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PerSecond {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// A token bucket's settings: `burst` at once, refilled at `per_sec`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_sec: f64,
+    pub burst: u32,
+}
+
+impl Rate {
+    /// A burst of one second's worth (at least one) unless given.
+    fn new(rate: PerSecond, burst: Option<u32>) -> Rate {
+        Rate {
+            per_sec: rate.0,
+            burst: burst.unwrap_or_else(|| rate.0.ceil().clamp(1.0, f64::from(u32::MAX)) as u32),
+        }
+    }
+}
+
+/// New-connection rate limits (ingress/limit.rs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// `rate-limit` with `rate-limit-burst`, per source prefix.
+    pub per_source: Option<Rate>,
+    /// `max-connect-rate`, for the whole listener.
+    pub listener: Option<Rate>,
+    /// `rate-limit-prefix-v4` / `-v6`: how much of an address is a source.
+    pub prefix_v4: u8,
+    pub prefix_v6: u8,
+}
+
+impl RateLimit {
+    /// The source prefix `client` counts against.
+    pub fn source_of(&self, client: IpAddr) -> IpNet {
+        let net = match splicer_proto::trust::canonical(client) {
+            IpAddr::V4(a) => IpNet::new(a.into(), self.prefix_v4),
+            IpAddr::V6(a) => IpNet::new(a.into(), self.prefix_v6),
+        };
+        net.expect("prefix lengths are validated").trunc()
+    }
+}
+
+pub const DEFAULT_RATE_PREFIX_V4: u8 = 32;
+pub const DEFAULT_RATE_PREFIX_V6: u8 = 64;
+
 /// `--balance`: how a listener picks an upstream for a new client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -303,6 +381,7 @@ pub struct Listener {
     /// Clients still in their handshake (PROXY header, upgrade request,
     /// the broker's answer) beyond which new ones are refused.
     pub max_handshakes: usize,
+    pub rate_limit: RateLimit,
     pub send_proxy: SendProxy,
     pub connect_timeout: Duration,
     pub accept_proxy: AcceptProxy,
@@ -379,6 +458,16 @@ pub struct ListenerSpec {
     #[arg(long, value_name = "N")] pub max_conns: Option<u64>,
     /// Refuse new clients while this many are still in their handshake [default: 1024].
     #[arg(long, value_name = "N")] pub max_handshakes: Option<usize>,
+    /// New connections per real client source, e.g. 20/s or 600/m [default: no limit].
+    #[arg(long, value_name = "RATE")] pub rate_limit: Option<PerSecond>,
+    /// Connections a source may open at once before rate-limit applies [default: one second's worth].
+    #[arg(long, value_name = "N")] pub rate_limit_burst: Option<u32>,
+    /// The IPv4 prefix length that is one source for rate-limit [default: 32].
+    #[arg(long, value_name = "BITS")] pub rate_limit_prefix_v4: Option<u8>,
+    /// The IPv6 prefix length that is one source for rate-limit [default: 64].
+    #[arg(long, value_name = "BITS")] pub rate_limit_prefix_v6: Option<u8>,
+    /// New connections per second for the whole listener, e.g. 1000/s [default: no limit].
+    #[arg(long, value_name = "RATE")] pub max_connect_rate: Option<PerSecond>,
     /// PROXY protocol header to write upstream before any client byte [default: off].
     #[arg(long, value_enum, value_name = "off|v1|v2")] pub send_proxy: Option<SendProxy>,
     /// Give up on an upstream connect after this long and try the next [default: 5s].
@@ -429,6 +518,16 @@ impl ListenerSpec {
             bail!("listener `{name}`: key `listen` is required");
         };
         let protocol = self.protocol.unwrap_or(Protocol::Tcp);
+        if self.rate_limit.is_none() {
+            let with_rate = [
+                ("rate-limit-burst", self.rate_limit_burst.is_some()),
+                ("rate-limit-prefix-v4", self.rate_limit_prefix_v4.is_some()),
+                ("rate-limit-prefix-v6", self.rate_limit_prefix_v6.is_some()),
+            ];
+            if let Some((key, _)) = with_rate.iter().find(|(_, set)| *set) {
+                bail!("listener `{name}`: key `{key}`: needs `rate-limit`");
+            }
+        }
         if protocol != Protocol::Mqtt {
             let mqtt_only = [
                 ("mqtt-connect-max", self.mqtt_connect_max.is_some()),
@@ -471,6 +570,12 @@ impl ListenerSpec {
             deny: self.deny,
             max_conns: self.max_conns,
             max_handshakes: self.max_handshakes.unwrap_or(DEFAULT_MAX_HANDSHAKES),
+            rate_limit: RateLimit {
+                per_source: self.rate_limit.map(|r| Rate::new(r, self.rate_limit_burst)),
+                listener: self.max_connect_rate.map(|r| Rate::new(r, None)),
+                prefix_v4: self.rate_limit_prefix_v4.unwrap_or(DEFAULT_RATE_PREFIX_V4),
+                prefix_v6: self.rate_limit_prefix_v6.unwrap_or(DEFAULT_RATE_PREFIX_V6),
+            },
             send_proxy: self.send_proxy.unwrap_or(SendProxy::Off),
             connect_timeout: self
                 .connect_timeout
@@ -630,6 +735,16 @@ impl Config {
                 if ws.header_timeout.is_zero() {
                     bail!("{at}: key `ws-header-timeout`: must be greater than zero");
                 }
+            }
+            let r = &l.rate_limit;
+            if r.per_source.is_some_and(|r| r.burst == 0) {
+                bail!("{at}: key `rate-limit-burst`: must be at least 1");
+            }
+            if !(1..=32).contains(&r.prefix_v4) {
+                bail!("{at}: key `rate-limit-prefix-v4`: must be between 1 and 32");
+            }
+            if !(1..=128).contains(&r.prefix_v6) {
+                bail!("{at}: key `rate-limit-prefix-v6`: must be between 1 and 128");
             }
             if let Some(m) = &l.mqtt {
                 if !MQTT_CONNECT_MAX_RANGE.contains(&m.connect_max) {
@@ -864,6 +979,30 @@ mod tests {
         let m = parse(&format!("{L}protocol = \"mqtt\"\n")).unwrap().listeners[0].mqtt.unwrap();
         assert_eq!((m.connect_max, m.connect_timeout), (DEFAULT_MQTT_CONNECT_MAX, DEFAULT_MQTT_CONNECT_TIMEOUT));
         assert!(parse(L).unwrap().listeners[0].mqtt.is_none());
+    }
+
+    #[test]
+    fn rate_limit_keys() {
+        let c = parse(&format!(
+            "{L}rate-limit = \"600/m\"\nrate-limit-burst = 30\nrate-limit-prefix-v6 = 56\nmax-connect-rate = \"2.5/s\"\n"
+        ))
+        .unwrap();
+        let r = c.listeners[0].rate_limit;
+        assert_eq!(r.per_source, Some(Rate { per_sec: 10.0, burst: 30 }));
+        assert_eq!(r.listener, Some(Rate { per_sec: 2.5, burst: 3 }));
+        assert_eq!((r.prefix_v4, r.prefix_v6), (32, 56));
+        assert_eq!(r.source_of("2001:db8:1:2ff::7".parse().unwrap()), "2001:db8:1:200::/56".parse::<IpNet>().unwrap());
+        assert_eq!(r.source_of("::ffff:192.0.2.7".parse().unwrap()), "192.0.2.7/32".parse::<IpNet>().unwrap());
+        let none = parse(L).unwrap().listeners[0].rate_limit;
+        assert_eq!((none.per_source, none.listener), (None, None));
+        let cases: [(String, &[&str]); 5] = [
+            (format!("{L}rate-limit = \"10\"\n"), &["rate-limit", "20/s"]),
+            (format!("{L}rate-limit = \"0/s\"\n"), &["rate-limit", "greater than zero"]),
+            (format!("{L}rate-limit-burst = 5\n"), &["`rate-limit-burst`", "needs `rate-limit`"]),
+            (format!("{L}rate-limit = \"1/s\"\nrate-limit-burst = 0\n"), &["`rate-limit-burst`", "at least 1"]),
+            (format!("{L}rate-limit = \"1/s\"\nrate-limit-prefix-v4 = 33\n"), &["`rate-limit-prefix-v4`"]),
+        ];
+        assert_refused(cases);
     }
 
     #[test]

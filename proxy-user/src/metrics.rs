@@ -69,6 +69,8 @@ pub enum Reject {
     /// An MQTT listener's client sent no valid CONNECT first (see
     /// splicer_mqtt_connect_rejections for why).
     bad_mqtt_connect,
+    /// Over rate-limit (its source's) or max-connect-rate (the listener's).
+    rate_limited,
 }
 
 const CLOSE_REASONS: [CloseReason; 7] = [
@@ -81,7 +83,7 @@ const CLOSE_REASONS: [CloseReason; 7] = [
     CloseReason::rejected,
 ];
 
-const REJECTS: [Reject; 9] = [
+const REJECTS: [Reject; 10] = [
     Reject::bad_proxy_header,
     Reject::untrusted_proxy_header,
     Reject::bad_websocket_request,
@@ -91,6 +93,7 @@ const REJECTS: [Reject; 9] = [
     Reject::max_handshakes,
     Reject::upstream_refused_upgrade,
     Reject::bad_mqtt_connect,
+    Reject::rate_limited,
 ];
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -468,6 +471,7 @@ impl ListenerMetrics {
             Reject::bad_proxy_header | Reject::untrusted_proxy_header => &self.totals.proxy_rejected,
             Reject::bad_websocket_request | Reject::upstream_refused_upgrade => &self.totals.ws_refused,
             Reject::bad_mqtt_connect => &self.totals.mqtt_refused,
+            Reject::rate_limited => &self.totals.rate_limited,
             Reject::access_denied => &self.totals.denied,
             Reject::upstream_down => &self.totals.upstream_down,
             Reject::max_conns | Reject::max_handshakes => &self.totals.over_max_conns,
@@ -538,6 +542,7 @@ pub struct Counters {
     proxy_untrusted: AtomicU64,
     ws_refused: AtomicU64,
     mqtt_refused: AtomicU64,
+    rate_limited: AtomicU64,
     denied: AtomicU64,
     over_max_conns: AtomicU64,
 }
@@ -570,7 +575,7 @@ impl Counters {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
             "accepted={} active={} closed={} spliced={} relayed={} upstream_down={} \
-             proxy_rejected={} proxy_untrusted={} ws_refused={} mqtt_refused={} denied={} over_max_conns={}",
+             proxy_rejected={} proxy_untrusted={} ws_refused={} mqtt_refused={} rate_limited={} denied={} over_max_conns={}",
             g(&self.accepted),
             g(&self.active),
             g(&self.closed),
@@ -581,6 +586,7 @@ impl Counters {
             g(&self.proxy_untrusted),
             g(&self.ws_refused),
             g(&self.mqtt_refused),
+            g(&self.rate_limited),
             g(&self.denied),
             g(&self.over_max_conns),
         )

@@ -406,9 +406,9 @@ fn two_nodes_agree_and_removing_a_broker_moves_only_its_clients() -> Result<()> 
         }
         Splicer::start(&dir.join(name), &args)
     };
-    std::fs::create_dir_all(dir.join("a"))?;
-    std::fs::create_dir_all(dir.join("b"))?;
-    std::fs::create_dir_all(dir.join("c"))?;
+    for d in ["a", "b", "c"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
     let ids: Vec<String> = (0..1000).map(|i| format!("device-{i:04}")).collect();
     let a = placement(&start("a", &ups)?, &ids)?;
     let b = placement(&start("b", &ups)?, &ids)?;
@@ -554,5 +554,92 @@ fn mqttjs_5_and_3_1_1_through_an_mqtt_listener() -> Result<()> {
         }
         ensure!(!splicer.proc.output().contains("hunter2"), "the password reached the log");
     }
+    Ok(())
+}
+
+// ------------------------------------------------- reconnect storms
+
+/// Opens `n` connections from `from` at once, each sending `first(i)`
+/// (and nothing more); then counts those splicer kept open (passed on to
+/// the upstream, which holds them) against those it closed at once.
+fn admitted(splicer: &Splicer, from: Ipv4Addr, n: usize, first: impl Fn(usize) -> Vec<u8>) -> Result<usize> {
+    let mut conns = Vec::new();
+    for i in 0..n {
+        let mut c = connect_from(from, splicer.listen)?;
+        c.write_all(&first(i))?;
+        conns.push(c);
+    }
+    let mut kept = 0;
+    for mut c in conns {
+        c.set_read_timeout(Some(Duration::from_millis(300)))?;
+        let mut b = [0u8; 64];
+        match c.read(&mut b) {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => kept += 1,
+            Ok(0) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            other => anyhow::bail!("unexpected answer: {other:?}"),
+        }
+    }
+    Ok(kept)
+}
+
+/// A burst from one address is cut to its burst and then its rate; another
+/// address is not affected; the cut connections are counted, and logged at
+/// most once a second.
+#[test]
+fn a_burst_from_one_address_is_cut_at_the_configured_rate() -> Result<()> {
+    let dir = scratch("mqtt-aware-rate");
+    let up = sinks(1)?[0];
+    let metrics = metrics_addr();
+    let m_arg = metrics.to_string();
+    let splicer = mqtt_splicer(
+        &dir,
+        "userspace",
+        up,
+        &["--rate-limit", "5/s", "--rate-limit-burst", "5", "--metrics", &m_arg],
+    )?;
+    let connect = |i: usize| Connect::new(4, &format!("storm-{i}")).bytes();
+    let first = admitted(&splicer, CLIENT_IP, 20, connect)?;
+    ensure!((5..=6).contains(&first), "burst of 20: {first} admitted, want the burst of 5");
+    let other = admitted(&splicer, Ipv4Addr::new(127, 0, 0, 6), 2, connect)?;
+    ensure!(other == 2, "another address was limited too ({other} of 2)");
+    thread::sleep(Duration::from_secs(1));
+    let later = admitted(&splicer, CLIENT_IP, 10, connect)?;
+    ensure!((4..=7).contains(&later), "a second later: {later} of 10 admitted, want about 5 (5/s)");
+    let cut = (20 - first) + (10 - later);
+    expect_metrics(
+        metrics,
+        &[("splicer_rejections_total{listener=\"default\",reason=\"rate_limited\"}", cut as f64)],
+    )?;
+    let lines = splicer.proc.lines_with("over rate-limit for 127.0.0.2/32");
+    ensure!((1..=3).contains(&lines.len()), "{} lines for {cut} cut connections:\n{}", lines.len(), lines.join("\n"));
+    Ok(())
+}
+
+/// Behind a trusted proxy the limits apply to the real client the PROXY
+/// header names, not to the proxy; `max-connect-rate` caps everyone.
+#[test]
+fn rate_limits_apply_to_the_real_client_behind_a_proxy() -> Result<()> {
+    let dir = scratch("mqtt-aware-rate-proxy");
+    let up = sinks(1)?[0];
+    let proxied = ["--accept-proxy", "v1", "--trusted-proxy", "127.0.0.2/32"];
+    std::fs::create_dir_all(dir.join("source"))?;
+    std::fs::create_dir_all(dir.join("listener"))?;
+    let splicer = mqtt_splicer(&dir.join("source"), "userspace", up, &[&proxied[..], &["--rate-limit", "3/m", "--rate-limit-burst", "3"]].concat())?;
+    let from = |src: &'static str| {
+        move |i: usize| {
+            let mut b = format!("PROXY TCP4 {src} 127.0.0.3 4000{i} 1883\r\n").into_bytes();
+            b.extend(Connect::new(4, &format!("behind-{i}")).bytes());
+            b
+        }
+    };
+    let a = admitted(&splicer, CLIENT_IP, 8, from("10.9.0.1"))?;
+    let b = admitted(&splicer, CLIENT_IP, 2, from("10.9.0.2"))?;
+    ensure!((a, b) == (3, 2), "10.9.0.1: {a} of 8 admitted (want 3); 10.9.0.2: {b} of 2 (want 2)");
+    let everyone = mqtt_splicer(&dir.join("listener"), "userspace", up, &[&proxied[..], &["--max-connect-rate", "4/s"]].concat())?;
+    let spread = |i: usize| from(["10.8.0.1", "10.8.0.2", "10.8.0.3", "10.8.0.4", "10.8.0.5", "10.8.0.6"][i % 6])(i);
+    let n = admitted(&everyone, CLIENT_IP, 12, spread)?;
+    ensure!((4..=5).contains(&n), "max-connect-rate 4/s let {n} of 12 in");
+    wait_lines(&everyone.proc, "over max-connect-rate", 1)?;
     Ok(())
 }

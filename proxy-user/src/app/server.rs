@@ -247,6 +247,20 @@ fn describe(l: &Listener) -> String {
     if let Some(m) = l.max_conns {
         let _ = write!(s, ", max-conns {m}");
     }
+    if let Some(m) = &l.mqtt {
+        let _ = write!(s, ", mqtt-connect-max {} timeout {:?}", m.connect_max, m.connect_timeout);
+    }
+    let r = &l.rate_limit;
+    if let Some(rate) = r.per_source {
+        let _ = write!(
+            s,
+            ", rate-limit {}/s burst {} per /{} and /{}",
+            rate.per_sec, rate.burst, r.prefix_v4, r.prefix_v6
+        );
+    }
+    if let Some(rate) = r.listener {
+        let _ = write!(s, ", max-connect-rate {}/s", rate.per_sec);
+    }
     s.push(')');
     s
 }

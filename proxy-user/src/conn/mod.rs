@@ -7,6 +7,7 @@
 mod close;
 
 use std::{
+    fmt,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -32,6 +33,7 @@ use crate::{
     ingress::{
         access::Access,
         inbox::Inbox,
+        limit::{Limited, Limits, LogGate},
         mqtt,
         proxy_header::{self, Rejection},
         websocket,
@@ -50,6 +52,10 @@ pub struct ListenerCtx {
     pub config: Listener,
     pub trusted: Trusted,
     pub access: Access,
+    /// Kept across reloads that leave the limits as they were, so a
+    /// reload in a storm does not hand every source a new burst.
+    limits: Arc<Limits>,
+    limited_log: LogGate,
     pub balancer: Balancer,
     pub datapath: Arc<Datapath>,
     pub metrics: ListenerMetrics,
@@ -101,6 +107,10 @@ impl ListenerCtx {
         ListenerCtx {
             trusted: Trusted::new(&config.trusted_proxies),
             access: Access::new(&config.allow, &config.deny),
+            limits: previous
+                .filter(|p| *p.limits.config() == config.rate_limit)
+                .map_or_else(|| Arc::new(Limits::new(config.rate_limit)), |p| p.limits.clone()),
+            limited_log: LogGate::default(),
             balancer: Balancer::new(config.balance, upstreams),
             metrics: listener_metrics,
             mqtt_metrics: config
@@ -198,6 +208,23 @@ async fn serve(
         m.rejected(Reject::access_denied);
         log::warn!("[{name}] {}: access denied (allow/deny)", close::who(who));
         refuse(ctx, &client, Refusal::Forbidden).await;
+        return Some(CloseReason::rejected);
+    }
+    let now = Instant::now();
+    if let Err(limited) = ctx.limits.admit(who.real.ip(), now) {
+        m.rejected(Reject::rate_limited);
+        if let Some(unlogged) = ctx.limited_log.pass(now) {
+            let limit = fmt::from_fn(|f| match limited {
+                Limited::Source(net) => write!(f, "rate-limit for {net}"),
+                Limited::Listener => f.write_str("max-connect-rate"),
+            });
+            let more = fmt::from_fn(|f| match unlogged {
+                0 => Ok(()),
+                n => write!(f, " ({n} more since the last such line)"),
+            });
+            log::warn!("[{name}] {}: over {limit}, closed{more}", close::who(who));
+        }
+        refuse(ctx, &client, Refusal::TooManyRequests).await;
         return Some(CloseReason::rejected);
     }
     // On an MQTT listener, the CONNECT: who connects, and whether it is

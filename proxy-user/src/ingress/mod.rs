@@ -2,9 +2,11 @@
 //! header from a trusted hop (proxy_header.rs), a WebSocket upgrade with
 //! forwarding headers and the broker's answer to it (websocket.rs), an
 //! MQTT CONNECT (mqtt.rs), all read through one Inbox per socket
-//! (inbox.rs); and whether that client may come in (access.rs).
+//! (inbox.rs); and whether that client may come in (access.rs) now
+//! (limit.rs).
 pub mod access;
 pub mod inbox;
+pub mod limit;
 pub mod mqtt;
 pub mod proxy_header;
 pub mod websocket;
