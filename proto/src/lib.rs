@@ -8,6 +8,8 @@
 //!   with X-Forwarded-For / X-Forwarded-Port / a real-IP header.
 //! - [`mqtt`]: the MQTT CONNECT a client sends first (3.1, 3.1.1, 5.0),
 //!   checked and read for who connects.
+//! - [`ws_frame`]: WebSocket client frames, read for the MQTT CONNECT
+//!   inside them on `mqtt-ws` listeners.
 //! - [`preamble`]: readers that take these as they arrive, a segment at a
 //!   time, with work proportional to the bytes.
 //! - [`trust`] and [`real_ip`]: which peers are believed (nginx
@@ -19,3 +21,4 @@ pub mod preamble;
 pub mod proxy_protocol;
 pub mod real_ip;
 pub mod trust;
+pub mod ws_frame;

@@ -14,6 +14,7 @@ use crate::{
     http_upgrade::{self, Head, Refusal, ResponseHead},
     mqtt,
     proxy_protocol::{self, Header, ParseError, Versions},
+    ws_frame::{self, BINARY, CLOSE, CONTINUATION, TEXT},
 };
 
 /// What a reader says about the bytes so far.
@@ -90,6 +91,106 @@ impl Reader for MqttConnect {
             Ok(None) => Step::More,
             Err(e) => Step::Fail(e),
         }
+    }
+}
+
+/// An MQTT CONNECT at the front of the binary WebSocket messages a client
+/// sends after the upgrade (`mqtt-ws` listeners): frames are unmasked as
+/// they arrive, partial ones included, into the message bytes, which
+/// `mqtt::parse_connect` reads. MQTT over WebSocket lets a CONNECT span
+/// frames and messages, and share one with what follows. Pings and pongs
+/// in between are skipped; a text or close frame first is not MQTT.
+///
+/// `Done`'s length covers every frame byte read so far: the frames go to
+/// the broker as they came. Frame headers do not count toward `max`, but
+/// the raw bytes are capped at twice it, so a client cannot hold a
+/// handshake's buffer open with empty frames.
+pub struct MqttConnectInWs {
+    max: usize,
+    /// Raw bytes consumed: frame headers and payload bytes unmasked.
+    scanned: usize,
+    /// The frame being read and how much of its payload has been.
+    frame: Option<(ws_frame::Head, u64)>,
+    /// A data message has begun and not yet ended (continuations next).
+    in_message: bool,
+    /// The data frames' payloads, unmasked.
+    message: Vec<u8>,
+}
+
+impl MqttConnectInWs {
+    pub fn new(max: usize) -> Self {
+        MqttConnectInWs {
+            max,
+            scanned: 0,
+            frame: None,
+            in_message: false,
+            message: Vec::new(),
+        }
+    }
+
+    /// Takes in the frame bytes that have arrived past `scanned`.
+    fn unframe(&mut self, buf: &[u8]) -> Result<(), mqtt::Refusal> {
+        use mqtt::Refusal::{Malformed, NotConnect};
+        loop {
+            let (head, done) = match &mut self.frame {
+                Some((h, d)) => (*h, d),
+                None => {
+                    let Some(h) = ws_frame::client_head(&buf[self.scanned..]).map_err(Malformed)? else {
+                        return Ok(());
+                    };
+                    match (h.opcode, self.in_message) {
+                        (BINARY, false) | (CONTINUATION, true) => self.in_message = !h.fin,
+                        (TEXT | BINARY, true) | (CONTINUATION, false) => {
+                            return Err(Malformed("WebSocket frames out of order"))
+                        }
+                        // Text, or a close before the CONNECT: not MQTT.
+                        (TEXT | CLOSE, false) => return Err(NotConnect),
+                        _ => {} // a ping or pong: skipped
+                    }
+                    self.scanned += h.len;
+                    let (h, d) = self.frame.insert((h, 0));
+                    (*h, d)
+                }
+            };
+            let left = head.payload_len - *done;
+            let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len() - self.scanned);
+            if matches!(head.opcode, BINARY | CONTINUATION) {
+                let from = *done as usize;
+                let bytes = &buf[self.scanned..self.scanned + n];
+                self.message
+                    .extend(bytes.iter().enumerate().map(|(i, b)| b ^ head.mask[(from + i) % 4]));
+            }
+            self.scanned += n;
+            *done += n as u64;
+            if *done < head.payload_len {
+                return Ok(());
+            }
+            self.frame = None;
+        }
+    }
+}
+
+impl Reader for MqttConnectInWs {
+    type Value = mqtt::Connect;
+    type Error = mqtt::Refusal;
+
+    fn step(&mut self, buf: &[u8]) -> Step<mqtt::Connect, mqtt::Refusal> {
+        if let Err(e) = self.unframe(buf) {
+            return Step::Fail(e);
+        }
+        match mqtt::parse_connect(&self.message, self.max) {
+            Ok(Some(c)) => Step::Done(c, self.scanned),
+            Ok(None) if buf.len() > 2 * self.max => Step::Fail(mqtt::Refusal::TooLarge),
+            Ok(None) => Step::More,
+            Err(e) => Step::Fail(e),
+        }
+    }
+}
+
+impl MqttConnectInWs {
+    /// The message bytes so far (for the CONNACK's version).
+    pub fn message(&self) -> &[u8] {
+        &self.message
     }
 }
 
@@ -242,6 +343,59 @@ mod tests {
                 other => panic!("{n}: {other:?}"),
             }
         }
+    }
+
+    /// A client frame as MQTT.js or a browser sends it.
+    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut f = vec![first, 0x80 | payload.len() as u8];
+        f.extend(mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    const CONNECT: &[u8] = b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03abc";
+
+    #[test]
+    fn a_connect_in_websocket_frames_whatever_the_framing_and_segments() {
+        let publish = b"\x30\x03\x00\x01t";
+        let framings: Vec<Vec<u8>> = vec![
+            // One frame with the CONNECT and a PUBLISH behind it.
+            masked(0x82, &[CONNECT, publish].concat()),
+            // Fragmented: binary, a ping between, two continuations.
+            [masked(0x02, &CONNECT[..3]), masked(0x89, b"hi"), masked(0x00, &CONNECT[3..9]), masked(0x80, &CONNECT[9..])]
+                .concat(),
+            // Two messages.
+            [masked(0x82, &CONNECT[..5]), masked(0x82, &CONNECT[5..])].concat(),
+        ];
+        for framed in &framings {
+            for n in [1, 2, 5, 4096] {
+                match feed(&mut MqttConnectInWs::new(1024), framed, n) {
+                    Step::Done(c, len) => {
+                        assert_eq!(c.client_id, "abc");
+                        assert!(len <= framed.len());
+                    }
+                    other => panic!("{n}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_connect_in_websocket_frames_is_refused() {
+        use mqtt::Refusal::*;
+        let refused = |bytes: &[u8]| match MqttConnectInWs::new(1024).step(bytes) {
+            Step::Fail(e) => e,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(refused(&masked(0x81, CONNECT)), NotConnect, "text frame");
+        assert_eq!(refused(&masked(0x88, b"\x03\xe8")), NotConnect, "close first");
+        assert!(matches!(refused(&[0x82, 0x0f]), Malformed(_)), "unmasked");
+        assert!(matches!(refused(&masked(0x80, CONNECT)), Malformed(_)), "continuation first");
+        assert_eq!(refused(&masked(0x82, b"GET / HTTP/1.1\r\n")), NotConnect);
+        // Empty frames cannot hold the buffer past twice the limit.
+        let empties: Vec<u8> = (0..200).flat_map(|_| masked(0x89, b"")).collect();
+        assert_eq!(MqttConnectInWs::new(128).step(&empties), Step::Fail(TooLarge));
     }
 
     #[test]

@@ -68,6 +68,11 @@ pub enum Protocol {
     /// MQTT over TCP: the first packet must be a CONNECT, read before an
     /// upstream is chosen.
     Mqtt,
+    /// MQTT over WebSocket: the upgrade as `ws`, then the CONNECT read
+    /// from the first frames after the broker's 101 (the client sends it
+    /// only then, so the upstream is chosen before it).
+    #[serde(rename = "mqtt-ws")]
+    MqttWs,
 }
 
 /// `--forwarded-for` / `--forwarded-port`.
@@ -362,6 +367,10 @@ pub struct WsOptions {
     pub set_real_ip_header: Option<String>,
     pub header_max: usize,
     pub header_timeout: Duration,
+    /// Remove Sec-WebSocket-Extensions from the request, so that no
+    /// extension (permessage-deflate) is agreed and the frames stay
+    /// readable (mqtt-ws: the CONNECT is read from them).
+    pub no_extensions: bool,
 }
 
 /// One listener, fully resolved.
@@ -485,12 +494,12 @@ pub struct ListenerSpec {
     /// A PROXY header from an untrusted peer: ignore it (use the peer's
     /// address) or reject the connection [default: ignore].
     #[arg(long, value_enum, value_name = "ignore|reject")] pub untrusted_proxy: Option<UntrustedProxy>,
-    /// tcp (bytes over TCP), ws (over WebSocket) or mqtt (MQTT over TCP,
-    /// its CONNECT read first) [default: tcp].
-    #[arg(long, value_enum, value_name = "tcp|ws|mqtt")] pub protocol: Option<Protocol>,
-    /// mqtt: largest CONNECT packet, in bytes [default: 65536].
+    /// tcp (bytes over TCP), ws (over WebSocket), mqtt (MQTT over TCP, its
+    /// CONNECT read first) or mqtt-ws (MQTT over WebSocket, likewise) [default: tcp].
+    #[arg(long, value_enum, value_name = "tcp|ws|mqtt|mqtt-ws")] pub protocol: Option<Protocol>,
+    /// mqtt, mqtt-ws: largest CONNECT packet, in bytes [default: 65536].
     #[arg(long, value_name = "BYTES")] pub mqtt_connect_max: Option<usize>,
-    /// mqtt: how long a client may take to send its CONNECT [default: 10s].
+    /// mqtt, mqtt-ws: how long a client may take to send its CONNECT [default: 10s].
     #[arg(long, value_name = "DURATION")] pub mqtt_connect_timeout: Option<Dur>,
     /// ws: the WebSocket path; `*` accepts any [default: /mqtt].
     #[arg(long, value_name = "PATH")] pub ws_path: Option<String>,
@@ -528,17 +537,30 @@ impl ListenerSpec {
                 bail!("listener `{name}`: key `{key}`: needs `rate-limit`");
             }
         }
-        if protocol != Protocol::Mqtt {
+        let (reads_mqtt, is_ws) = match protocol {
+            Protocol::Tcp => (false, false),
+            Protocol::Ws => (false, true),
+            Protocol::Mqtt => (true, false),
+            Protocol::MqttWs => (true, true),
+        };
+        if !reads_mqtt {
             let mqtt_only = [
                 ("mqtt-connect-max", self.mqtt_connect_max.is_some()),
                 ("mqtt-connect-timeout", self.mqtt_connect_timeout.is_some()),
                 ("balance = \"client-id\"", self.balance == Some(Balance::ClientId)),
             ];
             if let Some((key, _)) = mqtt_only.iter().find(|(_, set)| *set) {
-                bail!("listener `{name}`: key `{key}` applies to MQTT listeners only (protocol = \"mqtt\")");
+                bail!("listener `{name}`: key `{key}` applies to MQTT listeners only (protocol = \"mqtt\" or \"mqtt-ws\")");
             }
         }
-        if protocol != Protocol::Ws {
+        if is_ws && self.balance == Some(Balance::ClientId) {
+            bail!(
+                "listener `{name}`: key `balance`: \"client-id\" needs protocol = \"mqtt\": over WebSocket the \
+                 client sends its CONNECT only after the broker has answered the upgrade, so the broker is \
+                 chosen before the client ID is known (use \"source\")"
+            );
+        }
+        if !is_ws {
             let ws_only = [
                 ("ws-path", self.ws_path.is_some()),
                 ("forwarded-for", self.forwarded_for.is_some()),
@@ -550,7 +572,7 @@ impl ListenerSpec {
                 ("ws-header-timeout", self.ws_header_timeout.is_some()),
             ];
             if let Some((key, _)) = ws_only.iter().find(|(_, set)| *set) {
-                bail!("listener `{name}`: key `{key}` applies to WebSocket listeners only (protocol = \"ws\")");
+                bail!("listener `{name}`: key `{key}` applies to WebSocket listeners only (protocol = \"ws\" or \"mqtt-ws\")");
             }
         }
         Ok(Listener {
@@ -585,7 +607,7 @@ impl ListenerSpec {
             proxy_passthrough: self.proxy_passthrough,
             proxy_timeout: self.proxy_timeout.map_or(DEFAULT_PROXY_TIMEOUT, |d| d.0),
             untrusted_proxy: self.untrusted_proxy.unwrap_or(UntrustedProxy::Ignore),
-            ws: (protocol == Protocol::Ws).then(|| WsOptions {
+            ws: is_ws.then(|| WsOptions {
                 path: match self.ws_path.as_deref() {
                     Some("*") => None,
                     Some(p) => Some(p.to_string()),
@@ -600,8 +622,9 @@ impl ListenerSpec {
                 header_timeout: self
                     .ws_header_timeout
                     .map_or(DEFAULT_WS_HEADER_TIMEOUT, |d| d.0),
+                no_extensions: reads_mqtt,
             }),
-            mqtt: (protocol == Protocol::Mqtt).then(|| MqttOptions {
+            mqtt: reads_mqtt.then(|| MqttOptions {
                 connect_max: self.mqtt_connect_max.unwrap_or(DEFAULT_MQTT_CONNECT_MAX),
                 connect_timeout: self
                     .mqtt_connect_timeout
@@ -979,6 +1002,10 @@ mod tests {
         let m = parse(&format!("{L}protocol = \"mqtt\"\n")).unwrap().listeners[0].mqtt.unwrap();
         assert_eq!((m.connect_max, m.connect_timeout), (DEFAULT_MQTT_CONNECT_MAX, DEFAULT_MQTT_CONNECT_TIMEOUT));
         assert!(parse(L).unwrap().listeners[0].mqtt.is_none());
+        let l = &parse(&format!("{L}protocol = \"mqtt-ws\"\nws-path = \"/x\"\n")).unwrap().listeners[0];
+        assert!(l.mqtt.is_some() && l.ws.as_ref().is_some_and(|w| w.no_extensions && w.path.as_deref() == Some("/x")));
+        let ws = &parse(&format!("{L}protocol = \"ws\"\n")).unwrap().listeners[0];
+        assert!(ws.mqtt.is_none() && !ws.ws.as_ref().unwrap().no_extensions);
     }
 
     #[test]
@@ -1008,8 +1035,9 @@ mod tests {
     #[test]
     fn mqtt_errors_name_the_key() {
         let mqtt = format!("{L}protocol = \"mqtt\"\n");
-        let cases: [(String, &[&str]); 5] = [
+        let cases: [(String, &[&str]); 6] = [
             (format!("{L}balance = \"client-id\"\n"), &["client-id", "MQTT listeners only"]),
+            (format!("{L}protocol = \"mqtt-ws\"\nbalance = \"client-id\"\n"), &["`balance`", "after the broker has answered"]),
             (format!("{L}protocol = \"ws\"\nmqtt-connect-max = 4096\n"), &["`mqtt-connect-max`", "MQTT listeners only"]),
             (format!("{L}mqtt-connect-timeout = \"1s\"\n"), &["`mqtt-connect-timeout`"]),
             (format!("{mqtt}mqtt-connect-max = 10\n"), &["`mqtt-connect-max`", "between"]),

@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context as _, Result};
+use splicer_testkit::ws;
 use splicer_tests::{mqtt::Connect, rawtcp::Netns, *};
 
 /// splicer in `mode` with `--protocol mqtt` and `extra`.
@@ -641,5 +642,166 @@ fn rate_limits_apply_to_the_real_client_behind_a_proxy() -> Result<()> {
     let n = admitted(&everyone, CLIENT_IP, 12, spread)?;
     ensure!((4..=5).contains(&n), "max-connect-rate 4/s let {n} of 12 in");
     wait_lines(&everyone.proc, "over max-connect-rate", 1)?;
+    Ok(())
+}
+
+// ------------------------------------------------ MQTT over WebSocket
+
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// A fake broker's side of the upgrade: reads the request, answers 101.
+fn switch(up: &mut std::net::TcpStream) -> Result<Vec<u8>> {
+    let (head, rest) = read_head(up)?;
+    ensure!(rest.is_empty(), "client bytes before the 101: {}", show(&rest));
+    let answer = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n",
+        ws::accept(WS_KEY)
+    );
+    up.write_all(answer.as_bytes())?;
+    Ok(head)
+}
+
+/// A client's upgrade through `splicer`, offering permessage-deflate;
+/// returns the client, once it has the 101, and the fake broker's side.
+fn upgraded(splicer: &Splicer, broker: &TcpListener) -> Result<(std::net::TcpStream, std::net::TcpStream, Vec<u8>)> {
+    let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+    c.write_all(&upgrade_request(splicer.listen, "/mqtt", WS_KEY, &["Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"]))?;
+    let mut up = accept_within(broker, STEP)?.context("splicer never connected upstream")?;
+    up.set_read_timeout(Some(STEP))?;
+    let head = switch(&mut up)?;
+    let (answer, rest) = read_head(&mut c)?;
+    ensure!(answer.starts_with(b"HTTP/1.1 101 ") && rest.is_empty(), "client got {}", show(&answer));
+    Ok((c, up, head))
+}
+
+/// `protocol = "mqtt-ws"`: no extension reaches the broker (the frames
+/// must stay readable); the CONNECT, fragmented over frames with a ping
+/// between, is read after the 101 and every frame byte reaches the broker
+/// as the client sent it; the close line names the client.
+#[test]
+fn mqtt_ws_reads_the_connect_from_the_frames_and_forwards_them_unchanged() -> Result<()> {
+    for mode in MODES {
+        let dir = scratch(&format!("mqtt-aware-ws-{mode}"));
+        let (broker, broker_addr) = listen_on(BROKER_IP)?;
+        let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--protocol", "mqtt-ws"])?;
+        let (mut c, mut up, head) = upgraded(&splicer, &broker)?;
+        ensure!(
+            header_values(&head, "Sec-WebSocket-Extensions").is_empty(),
+            "an extension offer reached the broker:\n{}",
+            String::from_utf8_lossy(&head)
+        );
+        let connect = Connect { username: Some("dave"), keepalive: 30, ..Connect::new(5, "ws-client") }.bytes();
+        let mask = Some([9, 8, 7, 6]);
+        let mut first = ws::frame(ws::BINARY, &connect[..7], mask);
+        first[0] &= 0x7f; // not final: continued below
+        let frames = [
+            first,
+            ws::frame(0x9, b"ping", mask),
+            ws::frame(0x0, &connect[7..], mask), // the final continuation
+            ws::frame(ws::BINARY, &mqtt::packet(0x30, b"\x00\x01tx"), mask),
+        ]
+        .concat();
+        c.set_nodelay(true)?;
+        for piece in frames.chunks(5) {
+            c.write_all(piece)?;
+            thread::sleep(Duration::from_millis(2));
+        }
+        let mut got = vec![0u8; frames.len()];
+        up.read_exact(&mut got)?;
+        ensure!(got == frames, "{mode}: the broker got {}\nwant {}", show(&got), show(&frames));
+        let connack = ws::frame(ws::BINARY, &[0x20, 0x03, 0x00, 0x00, 0x00], None);
+        up.write_all(&connack)?;
+        let mut back = vec![0u8; connack.len()];
+        c.read_exact(&mut back)?;
+        ensure!(back == connack);
+        drop(c);
+        drop(up);
+        let line = splicer.wait_closed(1, STEP)?.remove(0);
+        ensure!(
+            quoted(&line, "client_id") == Some("ws-client")
+                && quoted(&line, "username") == Some("dave")
+                && close_field(&line, "mqtt_version") == Some("5.0"),
+            "{mode}: {line}"
+        );
+    }
+    Ok(())
+}
+
+/// Over WebSocket, what is not a CONNECT gets the CONNACK a broker would
+/// send (in a binary frame) and a Close frame; a silent client is cut at
+/// the timeout. No frame byte reaches the broker, which sees its
+/// connection close.
+#[test]
+fn mqtt_ws_refuses_what_is_not_a_connect() -> Result<()> {
+    let dir = scratch("mqtt-aware-ws-refusals");
+    let (broker, broker_addr) = listen_on(BROKER_IP)?;
+    let metrics = metrics_addr();
+    let m_arg = metrics.to_string();
+    let splicer = splicer_in_mode(
+        &dir,
+        "sockmap",
+        broker_addr,
+        &["--protocol", "mqtt-ws", "--mqtt-connect-timeout", "1s", "--metrics", &m_arg],
+    )?;
+    let mask = Some([1, 2, 3, 4]);
+    let mut reserved = Connect::new(5, "x").bytes();
+    reserved[9] |= 1;
+    let close_1002 = [0x88, 0x02, 0x03, 0xea];
+    let cases: [(&str, Vec<u8>, Vec<u8>); 4] = [
+        ("a text frame", ws::frame(0x1, b"hello", mask), close_1002.to_vec()),
+        ("a CONNECT with a reserved flag", ws::frame(ws::BINARY, &reserved, mask), [&[0x82, 0x05, 0x20, 0x03, 0x00, 0x81, 0x00][..], &close_1002].concat()),
+        ("an unmasked frame", ws::frame(ws::BINARY, &Connect::new(4, "x").bytes(), None), close_1002.to_vec()),
+        ("nothing", Vec::new(), Vec::new()),
+    ];
+    for (what, sent, want) in &cases {
+        let (mut c, mut up, _) = upgraded(&splicer, &broker)?;
+        c.write_all(sent)?;
+        let got = read_to_end_timeout(&mut c, STEP).with_context(|| *what)?;
+        ensure!(&got == want, "{what}: the client got {}, want {}", show(&got), show(want));
+        let at_broker = read_to_end_timeout(&mut up, STEP).unwrap_or_default();
+        ensure!(at_broker.is_empty(), "{what}: the broker got {}", show(&at_broker));
+    }
+    expect_metrics(
+        metrics,
+        &[
+            ("splicer_mqtt_connect_rejections_total{listener=\"default\",reason=\"not_connect\"}", 1.0),
+            ("splicer_mqtt_connect_rejections_total{listener=\"default\",reason=\"malformed\"}", 2.0),
+            ("splicer_mqtt_connect_rejections_total{listener=\"default\",reason=\"timeout\"}", 1.0),
+            ("splicer_rejections_total{listener=\"default\",reason=\"bad_mqtt_connect\"}", 4.0),
+        ],
+    )?;
+    Ok(())
+}
+
+/// MQTT.js over WebSocket (which offers permessage-deflate) through
+/// `protocol = "mqtt-ws"` to aedes: a QoS 1 message gets across, and the
+/// close lines name the clients.
+#[test]
+fn mqttjs_over_an_mqtt_ws_listener_to_aedes() -> Result<()> {
+    for mode in MODES {
+        let dir = scratch(&format!("mqtt-aware-mqttjs-ws-{mode}"));
+        let (_broker, broker_addr) = start_aedes_ws(&dir)?;
+        let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--protocol", "mqtt-ws"])?;
+        let url = format!("ws://{}/mqtt", splicer.listen);
+        let (sub_id, pub_id) = (format!("wsjs-sub-{mode}"), format!("wsjs-pub-{mode}"));
+        let mut sub = Proc::spawn_apart(
+            &sub_id,
+            &dir,
+            &mut mqtt_client_cmd(&url, &sub_id, &["--qos", "1", "--subscribe", "ws/t", "--count", "1", "--timeout-ms", "15000"]),
+        )?;
+        sub.wait_line("\"event\":\"subscribed\"", STEP)?;
+        run_mqtt_client(&url, &pub_id, &["--qos", "1", "--publish", "ws/t", "over-ws"], STEP)?;
+        ensure!(sub.wait_exit(STEP)?.success(), "subscriber: {}", sub.stderr());
+        ensure!(
+            sub.output().lines().any(|l| is_event(l, "message") && json_field(l, "payload").as_deref() == Some("over-ws")),
+            "{mode}: subscriber got\n{}",
+            sub.output()
+        );
+        for id in [&sub_id, &pub_id] {
+            let line = wait_lines(&splicer.proc, &format!("client_id=\"{id}\""), 1)?.remove(0);
+            ensure!(line.contains("] closed ") && close_field(&line, "mqtt_version") == Some("3.1.1"), "{mode}: {line}");
+        }
+    }
     Ok(())
 }

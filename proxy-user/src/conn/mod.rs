@@ -34,7 +34,7 @@ use crate::{
         access::Access,
         inbox::Inbox,
         limit::{Limited, Limits, LogGate},
-        mqtt,
+        mqtt::{self, Framing, Session},
         proxy_header::{self, Rejection},
         websocket,
     },
@@ -227,27 +227,17 @@ async fn serve(
         refuse(ctx, &client, Refusal::TooManyRequests).await;
         return Some(CloseReason::rejected);
     }
-    // On an MQTT listener, the CONNECT: who connects, and whether it is
-    // MQTT at all, before any upstream is touched. Its bytes go upstream
-    // first of the client's, unchanged.
+    let mut early_client = inbox.into_rest();
+    // MQTT over TCP: the CONNECT, before any upstream is touched. Who
+    // connects picks the broker (balance = "client-id").
     let mut session = None;
-    let early_client = match (&ctx.config.mqtt, &ctx.mqtt_metrics) {
-        (Some(opts), Some(mm)) => match mqtt::read_connect(opts, &mut inbox, &client).await {
-            Ok((s, mut connect)) => {
-                mm.connected(s.version);
-                session = Some(s);
-                connect.extend_from_slice(inbox.held());
-                connect
-            }
-            Err(why) => {
-                m.rejected(Reject::bad_mqtt_connect);
-                mm.refused(why.label());
-                log::warn!("[{name}] {}: refused: {why}", close::who(who));
-                return Some(CloseReason::rejected);
-            }
-        },
-        _ => inbox.into_rest(),
-    };
+    if ctx.config.mqtt.is_some() && ctx.config.ws.is_none() {
+        let Some((s, bytes)) = read_session(ctx, &client, early_client, Framing::Tcp, who).await else {
+            return Some(CloseReason::rejected);
+        };
+        session = Some(s);
+        early_client = bytes;
+    }
     let client_id = session.as_ref().map(|s| s.client_id.as_str());
     let Some((upstream, state)) = connect_upstream(ctx, who.real, client_id).await else {
         m.rejected(Reject::upstream_down);
@@ -263,44 +253,35 @@ async fn serve(
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    if let Some(k) = session.as_ref().map(|s| s.keepalive).filter(|&k| k > 0) {
-        // MQTT 3.1.2.10: a client silent for 1.5 keep-alives is gone.
-        let k = Duration::from_secs(k.into());
-        if let Err(e) = net::dead_peer_limit(&client, k, k * 3 / 2) {
-            log::warn!("[{name}] {}: setting TCP keep-alive: {e}", close::who(who));
-        }
-    }
     state.metrics.active.inc();
     let route = ctx.route(&state);
-    // The connection's owner: its route, or on an MQTT listener its own
-    // Named (the route and who connected, for the close line).
-    let mqtt_owner = session.map(|session| Arc::new(Named { route: route.clone(), session }));
-    let owner: Arc<dyn Owner> = match &mqtt_owner {
-        Some(n) => n.clone(),
-        None => route,
-    };
-    let named = close::named(who, mqtt_owner.as_deref().map(|n| &n.session));
     // Tell the broker who the client is: the PROXY header, then the
     // rewritten upgrade request.
     let mut told = proxy_header::upstream_header(&ctx.config, &id, local).unwrap_or_default();
     told.extend_from_slice(&head);
     let wrote = tokio::time::timeout(ctx.config.connect_timeout, net::write_all(&upstream, &told)).await;
     if let Err(e) = wrote.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
-        log::warn!("[{name}] {named} -> {}: telling it who the client is: {e}", state.addr);
-        owner.closed(who, &Totals::error(), started.elapsed());
+        log::warn!(
+            "[{name}] {} -> {}: telling it who the client is: {e}",
+            close::named(who, session.as_ref()),
+            state.addr
+        );
+        owner(route, session).closed(who, &Totals::error(), started.elapsed());
         return None;
     }
     // The handshake's buffers are done with; a connection relayed for days
     // must not keep them.
     drop((told, head, id));
     let mut early_upstream = Vec::new();
+    let mut sent_to_client = 0;
     if let Some(ws) = &ctx.config.ws {
         match websocket::await_switch(ws, &upstream).await {
             Ok(answer) => early_upstream = answer,
             Err(no) => {
                 m.rejected(Reject::upstream_refused_upgrade);
                 log::warn!(
-                    "[{name}] {named} -> {}: WebSocket upgrade not switched: {no}; closing both",
+                    "[{name}] {} -> {}: WebSocket upgrade not switched: {no}; closing both",
+                    close::who(who),
                     state.addr
                 );
                 websocket::pass_refusal(&client, &no).await;
@@ -308,8 +289,32 @@ async fn serve(
                 return Some(CloseReason::rejected);
             }
         }
+        // MQTT over WebSocket: the client sends its CONNECT only once it
+        // has the broker's 101, so the upstream was chosen before it.
+        if ctx.config.mqtt.is_some() {
+            let switched = net::write_all(&client, &early_upstream).await;
+            sent_to_client = std::mem::take(&mut early_upstream).len() as u64;
+            let read = match switched {
+                Ok(()) => read_session(ctx, &client, early_client, Framing::WebSocket, who).await,
+                Err(_) => None,
+            };
+            let Some((s, bytes)) = read else {
+                state.metrics.active.dec();
+                return Some(CloseReason::rejected);
+            };
+            session = Some(s);
+            early_client = bytes;
+        }
+    }
+    if let Some(k) = session.as_ref().map(|s| s.keepalive).filter(|&k| k > 0) {
+        // MQTT 3.1.2.10: a client silent for 1.5 keep-alives is gone.
+        let k = Duration::from_secs(k.into());
+        if let Err(e) = net::dead_peer_limit(&client, k, k * 3 / 2) {
+            log::warn!("[{name}] {}: setting TCP keep-alive: {e}", close::who(who));
+        }
     }
     drop(handshake);
+    let owner = owner(route, session);
     let conn = Carried {
         client,
         upstream,
@@ -321,17 +326,56 @@ async fn serve(
         consumed,
         client: early_client,
         upstream: early_upstream,
+        sent_to_client,
     };
     let totals = match ctx.datapath.carry(conn, early).await {
         Ok(Some(t)) => t,
         Ok(None) => return None,
         Err(e) => {
-            log::warn!("[{name}] {named} -> {}: {e:#}", state.addr);
+            log::warn!("[{name}] {} -> {}: {e:#}", close::who(who), state.addr);
             Totals::error()
         }
     };
     owner.closed(who, &totals, started.elapsed());
     None
+}
+
+/// The connection's owner: its route, or on an MQTT listener a Named of
+/// its own (the route and who connected, for the close line).
+fn owner(route: Arc<Route>, session: Option<Session>) -> Arc<dyn Owner> {
+    match session {
+        Some(session) => Arc::new(Named { route, session }),
+        None => route,
+    }
+}
+
+/// Reads the client's CONNECT from `held` (bytes already read) and the
+/// socket: who connected, and the bytes to forward (the CONNECT's, and any
+/// behind it). None when it was refused: counted, logged and answered.
+async fn read_session(
+    ctx: &ListenerCtx,
+    client: &TcpStream,
+    held: Vec<u8>,
+    framing: Framing,
+    who: ClientAddrs,
+) -> Option<(Session, Vec<u8>)> {
+    let (Some(opts), Some(mm)) = (&ctx.config.mqtt, &ctx.mqtt_metrics) else {
+        unreachable!("MQTT listeners have MQTT options and metrics")
+    };
+    let mut inbox = Inbox::holding(client, held);
+    match mqtt::read_connect(opts, &mut inbox, client, framing).await {
+        Ok((s, mut bytes)) => {
+            mm.connected(s.version);
+            bytes.extend_from_slice(inbox.held());
+            Some((s, bytes))
+        }
+        Err(why) => {
+            ctx.metrics.rejected(Reject::bad_mqtt_connect);
+            mm.refused(why.label());
+            log::warn!("[{}] {}: refused: {why}", ctx.config.name, close::who(who));
+            None
+        }
+    }
 }
 
 /// A WebSocket client gets an HTTP answer before the close; a TCP client

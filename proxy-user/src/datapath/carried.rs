@@ -37,6 +37,10 @@ pub struct Early {
     /// Upstream bytes read (the broker's `101` and anything behind it), to
     /// forward to the client first.
     pub upstream: Vec<u8>,
+    /// Upstream bytes the connection layer already forwarded to the client
+    /// (the broker's `101` on an `mqtt-ws` listener, sent so the client
+    /// would send its CONNECT).
+    pub sent_to_client: u64,
 }
 
 /// What userspace took of each side before the handoff: counted so the

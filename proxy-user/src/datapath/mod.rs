@@ -89,6 +89,7 @@ impl Datapath {
             consumed,
             client: early_client,
             upstream: early_upstream,
+            sent_to_client,
         } = early;
         // What userspace read past a preamble goes on first. Whatever is
         // still queued stays for the kernel path, which cuts off the front
@@ -98,7 +99,7 @@ impl Datapath {
         let c2u = early_client.len() as u64;
         net::write_all(&conn.upstream, &early_client).await?;
         drop(early_client);
-        let u2c = early_upstream.len() as u64;
+        let u2c = sent_to_client + early_upstream.len() as u64;
         net::write_all(&conn.client, &early_upstream).await?;
         drop(early_upstream);
         m.user_bytes(Direction::client_to_upstream).inc_by(c2u);

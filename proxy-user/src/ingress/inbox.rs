@@ -30,10 +30,12 @@ pub enum ReadError<E> {
 
 impl<'a> Inbox<'a> {
     pub fn new(stream: &'a TcpStream) -> Self {
-        Inbox {
-            stream,
-            buf: Vec::new(),
-        }
+        Self::holding(stream, Vec::new())
+    }
+
+    /// An inbox that already holds `buf`, read from `stream` before.
+    pub fn holding(stream: &'a TcpStream, buf: Vec<u8>) -> Self {
+        Inbox { stream, buf }
     }
 
     /// Reads until `reader` has a whole preamble at the front of what was

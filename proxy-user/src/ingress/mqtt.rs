@@ -1,6 +1,7 @@
 //! The first packet on an MQTT listener: a CONNECT, read through the Inbox
-//! within `mqtt-connect-max` and `mqtt-connect-timeout` before an upstream
-//! is chosen. Anything else is refused as a broker would refuse it (a
+//! within `mqtt-connect-max` and `mqtt-connect-timeout`, over TCP before an
+//! upstream is chosen, over WebSocket from the first frames after the
+//! broker's 101. Anything else is refused as a broker would refuse it (a
 //! CONNACK with the fitting code for a client that can read one, then the
 //! close). The packet itself is parsed in splicer_proto::mqtt; its bytes go
 //! to the broker unchanged.
@@ -8,7 +9,8 @@ use std::fmt;
 
 use splicer_proto::{
     mqtt::{self, Connect, Refusal, Version},
-    preamble::MqttConnect,
+    preamble::{MqttConnect, MqttConnectInWs},
+    ws_frame,
 };
 use tokio::net::TcpStream;
 
@@ -108,28 +110,57 @@ impl fmt::Display for NoConnect {
 pub const NO_CONNECT_LABELS: [&str; 6] =
     ["not_connect", "malformed", "unsupported_version", "too_large", "timeout", "closed"];
 
+/// How the CONNECT comes: as the first bytes (`protocol = "mqtt"`), or in
+/// the first binary WebSocket frames after the upgrade (`mqtt-ws`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Tcp,
+    WebSocket,
+}
+
 /// Reads the client's CONNECT: its meaning and its bytes (which the caller
-/// sends on). On a refusal the client has been answered and half-closed.
+/// sends on: the frames as they came, over WebSocket). On a refusal the
+/// client has been answered and half-closed.
 pub async fn read_connect(
     opts: &MqttOptions,
     inbox: &mut Inbox<'_>,
     client: &TcpStream,
+    framing: Framing,
 ) -> Result<(Session, Vec<u8>), NoConnect> {
-    let mut reader = MqttConnect::new(opts.connect_max);
-    let why = match tokio::time::timeout(opts.connect_timeout, inbox.read(&mut reader)).await {
+    let limit = opts.connect_timeout;
+    // The CONNECT's version, for an answer the client can read.
+    let (read, level) = match framing {
+        Framing::Tcp => {
+            let mut r = MqttConnect::new(opts.connect_max);
+            let read = tokio::time::timeout(limit, inbox.read(&mut r)).await;
+            (read, mqtt::level(inbox.held()))
+        }
+        Framing::WebSocket => {
+            let mut r = MqttConnectInWs::new(opts.connect_max);
+            let read = tokio::time::timeout(limit, inbox.read(&mut r)).await;
+            (read, mqtt::level(r.message()))
+        }
+    };
+    let why = match read {
         Ok(Ok((connect, raw))) => return Ok((connect.into(), raw)),
         Ok(Err(ReadError::Refused(r))) => NoConnect::Refused(r),
         Ok(Err(ReadError::Closed)) => NoConnect::Closed,
         Err(_) => NoConnect::Timeout,
     };
-    match why {
-        NoConnect::Refused(r) => match r.connack(mqtt::level(inbox.held())) {
-            Some(connack) => net::answer_and_close(client, connack).await,
-            None => net::answer_and_close(client, &[]).await,
-        },
-        // A broker closes a client too slow to send its CONNECT without a
-        // word (MQTT 3.1.4); one that closed has nobody left to answer.
-        NoConnect::Timeout | NoConnect::Closed => {}
+    // A broker closes a client too slow to send its CONNECT without a word
+    // (MQTT 3.1.4); one that closed has nobody left to answer.
+    if let NoConnect::Refused(r) = why {
+        let connack = r.connack(level);
+        let answer = match framing {
+            Framing::Tcp => connack.unwrap_or_default().to_vec(),
+            Framing::WebSocket => {
+                let mut frames = connack.map(|c| ws_frame::server_frame(ws_frame::BINARY, c)).unwrap_or_default();
+                let status = if r == Refusal::TooLarge { 1009 } else { 1002 };
+                frames.extend(ws_frame::close_frame(status));
+                frames
+            }
+        };
+        net::answer_and_close(client, &answer).await;
     }
     Err(why)
 }

@@ -202,7 +202,10 @@ fn forwarding(
                 .map(|n| (*n).to_string())
                 .chain(ws.real_ip_header.clone())
                 .collect(),
-        },
+        }
+        .into_iter()
+        .chain(ws.no_extensions.then(|| "Sec-WebSocket-Extensions".to_string()))
+        .collect(),
     }
 }
 
