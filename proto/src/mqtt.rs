@@ -60,6 +60,12 @@ pub enum Refusal {
     NotConnect,
     /// A CONNECT that breaks the specification; says where.
     Malformed(&'static str),
+    /// Well formed, but against MQTT 5's rules (a property given twice, a
+    /// zero receive maximum): what MQTT 5 calls a Protocol Error.
+    ProtocolError(&'static str),
+    /// A client ID a broker must refuse: empty in MQTT 3.1, or empty with
+    /// a persistent session in 3.1.1.
+    IdentifierRejected(&'static str),
     /// A protocol level this parser does not know (an MQTT 5 client gets
     /// CONNACK 0x84, a 3.x one return code 0x01).
     UnsupportedVersion(u8),
@@ -72,6 +78,8 @@ impl fmt::Display for Refusal {
         match self {
             Refusal::NotConnect => f.write_str("first packet is not an MQTT CONNECT"),
             Refusal::Malformed(what) => write!(f, "malformed CONNECT: {what}"),
+            Refusal::ProtocolError(what) => write!(f, "CONNECT against the protocol: {what}"),
+            Refusal::IdentifierRejected(what) => write!(f, "client ID rejected: {what}"),
             Refusal::UnsupportedVersion(v) => write!(f, "unsupported MQTT protocol level {v}"),
             Refusal::TooLarge => f.write_str("CONNECT longer than the limit"),
         }
@@ -80,14 +88,17 @@ impl fmt::Display for Refusal {
 
 impl Refusal {
     /// The CONNACK a broker would send before closing, if any: MQTT 5
-    /// clients get a reason code (0x81 malformed, 0x84 unsupported
-    /// version, 0x95 packet too large); a 3.x client asking for an unknown
-    /// level gets return code 0x01; anything else is just closed.
+    /// clients get a reason code (0x81 malformed, 0x82 protocol error,
+    /// 0x84 unsupported version, 0x95 packet too large); a 3.x client gets
+    /// return code 0x01 for an unknown level and 0x02 for a rejected
+    /// client ID; anything else is just closed.
     pub fn connack(self, level: Option<u8>) -> Option<&'static [u8]> {
         match (self, level) {
             (Refusal::UnsupportedVersion(_), Some(5..)) => Some(&[0x20, 0x03, 0x00, 0x84, 0x00]),
             (Refusal::UnsupportedVersion(_), _) => Some(&[0x20, 0x02, 0x00, 0x01]),
             (Refusal::Malformed(_), Some(5)) => Some(&[0x20, 0x03, 0x00, 0x81, 0x00]),
+            (Refusal::ProtocolError(_), Some(5)) => Some(&[0x20, 0x03, 0x00, 0x82, 0x00]),
+            (Refusal::IdentifierRejected(_), _) => Some(&[0x20, 0x02, 0x00, 0x02]),
             (Refusal::TooLarge, Some(5)) => Some(&[0x20, 0x03, 0x00, 0x95, 0x00]),
             _ => None,
         }
@@ -255,8 +266,15 @@ fn connect_body(r: &mut Reader) -> Result<Connect, Fail> {
         properties(r, CONNECT_PROPERTIES)?;
     }
     let client_id = r.string()?;
-    if version == Version::V3_1 && client_id.is_empty() {
-        return Err(malformed("empty client ID in MQTT 3.1"));
+    let clean_start = flags & 0x02 != 0;
+    if client_id.is_empty() {
+        match version {
+            Version::V3_1 => return Err(Bad(Refusal::IdentifierRejected("empty in MQTT 3.1"))),
+            Version::V3_1_1 if !clean_start => {
+                return Err(Bad(Refusal::IdentifierRejected("empty, with a persistent session")))
+            }
+            _ => {}
+        }
     }
     if will {
         if version == Version::V5 {
@@ -274,7 +292,7 @@ fn connect_body(r: &mut Reader) -> Result<Connect, Fail> {
         client_id,
         username,
         keepalive,
-        clean_start: flags & 0x02 != 0,
+        clean_start,
         len: 0,
     })
 }
@@ -333,7 +351,7 @@ fn properties(r: &mut Reader, allowed: &[(u8, Kind, bool)]) -> Result<(), Fail> 
         };
         let bit = 1u64 << (id & 63);
         if !repeats && seen & bit != 0 {
-            return Err(malformed("property given twice"));
+            return Err(Bad(Refusal::ProtocolError("property given twice")));
         }
         seen |= bit;
         // Inside the list, running out of bytes is malformed, not short:
@@ -350,7 +368,7 @@ fn properties(r: &mut Reader, allowed: &[(u8, Kind, bool)]) -> Result<(), Fail> 
         };
         match value {
             Ok(true) => {}
-            Ok(false) => return Err(malformed("property value out of range")),
+            Ok(false) => return Err(Bad(Refusal::ProtocolError("property value out of range"))),
             Err(()) => return Err(malformed("property runs past its list")),
         }
     }
@@ -573,8 +591,6 @@ mod tests {
             (set(|p| p.flags |= 0x18), "will QoS 3"),
             (set(|p| p.flags |= 0x20), "will QoS or retain without a will"),
             (set(|p| p.name = b"MQTX"), "protocol name"),
-            (set(|p| p.props = Some(vec![0x21, 0, 0])), "property value out of range"),
-            (set(|p| p.props = Some(vec![0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2])), "property given twice"),
             (set(|p| p.props = Some(vec![0x01, 1])), "property not allowed here"),
             (set(|p| p.props = Some(vec![0x11, 0, 0])), "property runs past its list"),
             (set(|p| p.client_id = b"a\0b"), "string contains U+0000"),
@@ -586,9 +602,29 @@ mod tests {
         let mut p = b(4);
         p.password = Some(b"x");
         assert_eq!(parse_connect(&p.bytes(), MAX), Err(Refusal::Malformed("password without a username")));
+        // Against MQTT 5's rules: a protocol error, not malformed.
+        let mut p = b(5);
+        p.props = Some(vec![0x21, 0, 0]);
+        assert_eq!(parse_connect(&p.bytes(), MAX), Err(Refusal::ProtocolError("property value out of range")));
+        p.props = Some(vec![0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2]);
+        assert_eq!(parse_connect(&p.bytes(), MAX), Err(Refusal::ProtocolError("property given twice")));
+        // Empty client IDs: refused in 3.1, and in 3.1.1 without a clean
+        // session; MQTT 5 lets the broker assign one.
         let mut p = b(3);
         p.client_id = b"";
-        assert_eq!(parse_connect(&p.bytes(), MAX), Err(Refusal::Malformed("empty client ID in MQTT 3.1")));
+        assert_eq!(parse_connect(&p.bytes(), MAX), Err(Refusal::IdentifierRejected("empty in MQTT 3.1")));
+        let mut p = b(4);
+        p.client_id = b"";
+        assert!(parse_connect(&p.bytes(), MAX).is_ok_and(|c| c.is_some()), "3.1.1 with a clean session");
+        p.flags &= !0x02;
+        assert_eq!(
+            parse_connect(&p.bytes(), MAX),
+            Err(Refusal::IdentifierRejected("empty, with a persistent session"))
+        );
+        let mut p = b(5);
+        p.client_id = b"";
+        p.flags &= !0x02;
+        assert!(parse_connect(&p.bytes(), MAX).is_ok_and(|c| c.is_some()), "5.0 without a clean start");
         // Trailing bytes inside the remaining length.
         let mut bytes = b(4).bytes();
         bytes[1] += 1;
@@ -655,6 +691,9 @@ mod tests {
         assert_eq!(parse_connect(&bytes, MAX).unwrap_err().connack(level(&bytes)), Some(&[0x20, 0x02, 0x00, 0x01][..]));
         assert_eq!(Refusal::Malformed("x").connack(Some(5)), Some(&[0x20, 0x03, 0x00, 0x81, 0x00][..]));
         assert_eq!(Refusal::Malformed("x").connack(Some(4)), None);
+        assert_eq!(Refusal::ProtocolError("x").connack(Some(5)), Some(&[0x20, 0x03, 0x00, 0x82, 0x00][..]));
+        assert_eq!(Refusal::ProtocolError("x").connack(Some(4)), None);
+        assert_eq!(Refusal::IdentifierRejected("x").connack(Some(3)), Some(&[0x20, 0x02, 0x00, 0x02][..]));
         assert_eq!(Refusal::NotConnect.connack(None), None);
     }
 }

@@ -101,10 +101,13 @@ impl Reader for MqttConnect {
 /// frames and messages, and share one with what follows. Pings and pongs
 /// in between are skipped; a text or close frame first is not MQTT.
 ///
-/// `Done`'s length covers every frame byte read so far: the frames go to
-/// the broker as they came. Frame headers do not count toward `max`, but
-/// the raw bytes are capped at twice it, so a client cannot hold a
-/// handshake's buffer open with empty frames.
+/// Frames are read only until the message bytes hold a whole CONNECT (or
+/// one that is refused): what follows it (a PUBLISH, a DISCONNECT and a
+/// Close) is the broker's to read. `Done`'s length covers the frame bytes
+/// read so far; the caller sends them, and those behind, as they came.
+/// Frame headers do not count toward `max`, but the raw bytes are capped
+/// at twice it, so a client cannot hold a handshake's buffer open with
+/// empty frames.
 pub struct MqttConnectInWs {
     max: usize,
     /// Raw bytes consumed: frame headers and payload bytes unmasked.
@@ -135,6 +138,11 @@ impl MqttConnectInWs {
             let (head, done) = match &mut self.frame {
                 Some((h, d)) => (*h, d),
                 None => {
+                    // Between frames: stop once the CONNECT is whole (or
+                    // refused); `step` parses it again to say so.
+                    if !matches!(mqtt::parse_connect(&self.message, self.max), Ok(None)) {
+                        return Ok(());
+                    }
                     let Some(h) = ws_frame::client_head(&buf[self.scanned..]).map_err(Malformed)? else {
                         return Ok(());
                     };
@@ -393,6 +401,13 @@ mod tests {
         assert!(matches!(refused(&[0x82, 0x0f]), Malformed(_)), "unmasked");
         assert!(matches!(refused(&masked(0x80, CONNECT)), Malformed(_)), "continuation first");
         assert_eq!(refused(&masked(0x82, b"GET / HTTP/1.1\r\n")), NotConnect);
+        // What follows a whole CONNECT is not read: a Close right behind
+        // it (a client that connects, publishes and leaves) is the broker's.
+        let then_close = [masked(0x82, CONNECT), masked(0x88, b"\x03\xe8")].concat();
+        match MqttConnectInWs::new(1024).step(&then_close) {
+            Step::Done(c, len) => assert_eq!((c.client_id.as_str(), len), ("abc", 6 + CONNECT.len())),
+            other => panic!("{other:?}"),
+        }
         // Empty frames cannot hold the buffer past twice the limit.
         let empties: Vec<u8> = (0..200).flat_map(|_| masked(0x89, b"")).collect();
         assert_eq!(MqttConnectInWs::new(128).step(&empties), Step::Fail(TooLarge));

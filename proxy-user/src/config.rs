@@ -252,7 +252,9 @@ pub enum Balance {
     Source,
     /// A hash of the MQTT client identifier (protocol = "mqtt"): a client
     /// finds its session on the broker it left it on, from any address.
-    /// An empty client ID (the broker assigns one) hashes the real IP.
+    /// An empty client ID (the broker assigns one) hashes the real IP; a
+    /// client that then reconnects with the ID it was assigned may land
+    /// elsewhere.
     ClientId,
 }
 

@@ -227,7 +227,7 @@ impl Metrics {
             offload_mode: family(&mut r, "offload_mode", "1 for the offload in effect (sockmap or userspace)"),
             reloads: family(&mut r, "config_reloads", "SIGHUP reloads, by result (ok or failed)"),
             mqtt_connections: family(&mut r, "mqtt_connections", "MQTT listeners: clients whose CONNECT was read, by protocol version"),
-            mqtt_rejections: family(&mut r, "mqtt_connect_rejections", "MQTT listeners: clients refused for their first packet, by reason (not_connect, malformed, unsupported_version, too_large, timeout, closed)"),
+            mqtt_rejections: family(&mut r, "mqtt_connect_rejections", "MQTT listeners: clients refused for their first packet, by reason (not_connect, malformed, protocol_error, identifier_rejected, unsupported_version, too_large, timeout, closed)"),
             buffer_cap: registered(&mut r, "kernel_buffer_cap_bytes", "--max-buffered: what kernel-carried directions may hold in kernel queues beyond their floors, together", Gauge::default()),
             buffer_granted: registered(&mut r, "kernel_buffer_granted_bytes", "What the grants of kernel-carried directions beyond their floors allow them to hold now, together", Gauge::default()),
             buffer_refused: registered(&mut r, "kernel_buffer_grants_refused", "Times a fast kernel-carried direction could not get a bigger grant because --max-buffered was reached", Counter::default()),

@@ -61,9 +61,13 @@ fn close_gently(client: &TcpStream) {
 /// end the connection with an error both directions see.
 pub fn dead_peer_limit(sock: &impl AsFd, idle: Duration, limit: Duration) -> io::Result<()> {
     let s = socket2::SockRef::from(sock);
+    // Linux takes at most 32767 s for either keep-alive time.
+    let idle = idle.min(MAX_KEEPALIVE);
     // Probes every quarter of the idle time: the limit is overshot by at
     // most one interval.
     let interval = (idle / 4).max(Duration::from_secs(1));
-    s.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle).with_interval(interval))?;
-    s.set_tcp_user_timeout(Some(limit))
+    s.set_tcp_user_timeout(Some(limit))?;
+    s.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle).with_interval(interval))
 }
+
+const MAX_KEEPALIVE: Duration = Duration::from_secs(32767);

@@ -190,10 +190,28 @@ fn bad_first_packets() -> Vec<Bad> {
             reason: "too_large",
         },
         Bad { what: "truncated, then FIN", sent: Connect::new(4, "cut").bytes()[..9].to_vec(), answer: b"", reason: "closed" },
+        Bad {
+            what: "an MQTT 5 property twice",
+            sent: {
+                let mut body = Vec::new();
+                mqtt::put_str(&mut body, b"MQTT");
+                body.extend([5, 0x02, 0, 0, 10, 0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2, 0, 1, b'x']);
+                mqtt::packet(0x10, &body)
+            },
+            answer: &[0x20, 0x03, 0x00, 0x82, 0x00],
+            reason: "protocol_error",
+        },
+        Bad {
+            what: "an empty client ID in 3.1",
+            sent: Connect::new(3, "").bytes(),
+            answer: &[0x20, 0x02, 0x00, 0x02],
+            reason: "identifier_rejected",
+        },
     ]
 }
 
-/// Junk, HTTP, TLS, malformed and oversized first packets, a truncated
+/// Junk, HTTP, TLS, malformed, oversized and protocol-breaking first
+/// packets, a truncated
 /// CONNECT, a silent client and a slow drip: each refused as a broker would
 /// refuse it, counted and logged, and not one reaches an upstream. Waiting
 /// for the slow ones burns no CPU.

@@ -15,7 +15,7 @@ use std::{
 
 use splicer_proto::{
     http_upgrade::Refusal,
-    mqtt as mqtt_packet,
+    mqtt::{self as mqtt_packet, Connect},
     trust::{self, Trusted},
 };
 use tokio::{
@@ -34,7 +34,7 @@ use crate::{
         access::Access,
         inbox::Inbox,
         limit::{Limited, Limits, LogGate},
-        mqtt::{self, Framing, Session},
+        mqtt::{self, Framing, NoConnect, Session},
         proxy_header::{self, Rejection},
         websocket,
     },
@@ -230,16 +230,20 @@ async fn serve(
     let mut early_client = inbox.into_rest();
     // MQTT over TCP: the CONNECT, before any upstream is touched. Who
     // connects picks the broker (balance = "client-id").
-    let mut session = None;
+    let mut connect = None;
     if ctx.config.mqtt.is_some() && ctx.config.ws.is_none() {
-        let Some((s, bytes)) = read_session(ctx, &client, early_client, Framing::Tcp, who).await else {
+        let Some((c, bytes)) = read_session(ctx, &client, early_client, Framing::Tcp, who).await else {
             return Some(CloseReason::rejected);
         };
-        session = Some(s);
+        connect = Some(c);
         early_client = bytes;
     }
-    let client_id = session.as_ref().map(|s| s.client_id.as_str());
-    let Some((upstream, state)) = connect_upstream(ctx, who.real, client_id).await else {
+    let client_id = connect.as_ref().map(|c| c.client_id.as_str());
+    let upstream = connect_upstream(ctx, who.real, client_id).await;
+    // From here on only what the log shows of the CONNECT is kept.
+    let mut session = connect.as_ref().map(Session::from);
+    drop(connect);
+    let Some((upstream, state)) = upstream else {
         m.rejected(Reject::upstream_down);
         log::warn!(
             "[{name}] {}: every upstream is down, closing the client",
@@ -292,22 +296,27 @@ async fn serve(
         // MQTT over WebSocket: the client sends its CONNECT only once it
         // has the broker's 101, so the upstream was chosen before it.
         if ctx.config.mqtt.is_some() {
-            let switched = net::write_all(&client, &early_upstream).await;
+            let limit = ctx.config.connect_timeout;
+            let switched = tokio::time::timeout(limit, net::write_all(&client, &early_upstream)).await;
             sent_to_client = std::mem::take(&mut early_upstream).len() as u64;
             let read = match switched {
-                Ok(()) => read_session(ctx, &client, early_client, Framing::WebSocket, who).await,
-                Err(_) => None,
+                Ok(Ok(())) => read_session(ctx, &client, early_client, Framing::WebSocket, who).await,
+                // Gone (or not reading) before its CONNECT could come.
+                _ => no_connect(ctx, who, NoConnect::Closed),
             };
-            let Some((s, bytes)) = read else {
+            let Some((c, bytes)) = read else {
                 state.metrics.active.dec();
                 return Some(CloseReason::rejected);
             };
-            session = Some(s);
+            session = Some(Session::from(&c));
             early_client = bytes;
         }
     }
     if let Some(k) = session.as_ref().map(|s| s.keepalive).filter(|&k| k > 0) {
-        // MQTT 3.1.2.10: a client silent for 1.5 keep-alives is gone.
+        // MQTT 3.1.2.10: the server may close a client it has not heard
+        // from for 1.5 keep-alives. A client that answers TCP probes is
+        // alive; one that vanished is closed by the kernel that long after
+        // its last packet.
         let k = Duration::from_secs(k.into());
         if let Err(e) = net::dead_peer_limit(&client, k, k * 3 / 2) {
             log::warn!("[{name}] {}: setting TCP keep-alive: {e}", close::who(who));
@@ -350,15 +359,15 @@ fn owner(route: Arc<Route>, session: Option<Session>) -> Arc<dyn Owner> {
 }
 
 /// Reads the client's CONNECT from `held` (bytes already read) and the
-/// socket: who connected, and the bytes to forward (the CONNECT's, and any
-/// behind it). None when it was refused: counted, logged and answered.
+/// socket: the CONNECT, and the bytes to forward (its own, and any behind
+/// it). None when it was refused: counted, logged and answered.
 async fn read_session(
     ctx: &ListenerCtx,
     client: &TcpStream,
     held: Vec<u8>,
     framing: Framing,
     who: ClientAddrs,
-) -> Option<(Session, Vec<u8>)> {
+) -> Option<(Connect, Vec<u8>)> {
     let (Some(opts), Some(mm)) = (&ctx.config.mqtt, &ctx.mqtt_metrics) else {
         unreachable!("MQTT listeners have MQTT options and metrics")
     };
@@ -369,13 +378,18 @@ async fn read_session(
             bytes.extend_from_slice(inbox.held());
             Some((s, bytes))
         }
-        Err(why) => {
-            ctx.metrics.rejected(Reject::bad_mqtt_connect);
-            mm.refused(why.label());
-            log::warn!("[{}] {}: refused: {why}", ctx.config.name, close::who(who));
-            None
-        }
+        Err(why) => no_connect(ctx, who, why),
     }
+}
+
+/// Counts and logs a client refused for its first packet.
+fn no_connect<T>(ctx: &ListenerCtx, who: ClientAddrs, why: NoConnect) -> Option<T> {
+    ctx.metrics.rejected(Reject::bad_mqtt_connect);
+    if let Some(mm) = &ctx.mqtt_metrics {
+        mm.refused(why.label());
+    }
+    log::warn!("[{}] {}: refused: {why}", ctx.config.name, close::who(who));
+    None
 }
 
 /// A WebSocket client gets an HTTP answer before the close; a TCP client

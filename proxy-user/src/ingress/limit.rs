@@ -6,11 +6,14 @@
 //! on `$binary_remote_addr`, and HAProxy's `sc_conn_rate` stick tables,
 //! do the same job.
 //!
-//! The per-source table is bounded: sources whose bucket has refilled are
-//! forgotten (a full bucket is what a new source gets anyway), and past
-//! MAX_SOURCES live entries a new source is let through untracked, so an
-//! attacker with many addresses costs bounded memory and the listener-wide
-//! rate stays the backstop.
+//! The per-source table is bounded: when it is full, sources whose bucket
+//! has refilled are forgotten (a full bucket is what a new source gets
+//! anyway); if it is still full, new sources share one bucket of a single
+//! source's size until room is made. An attacker with many addresses costs
+//! bounded memory and cannot switch the limit off by filling the table;
+//! while it is full, new clients are squeezed (as nginx's `limit_conn`
+//! refuses when its zone is exhausted), and clients already tracked are
+//! not affected.
 use std::{
     collections::HashMap,
     net::IpAddr,
@@ -22,7 +25,8 @@ use ipnet::IpNet;
 
 use crate::config::{Rate, RateLimit};
 
-/// Sources tracked at most, per listener: about 40 bytes each.
+/// Sources tracked at most, per listener: about 100 bytes each with the
+/// hash table's own overhead, so about 6.5 MB when full.
 pub const MAX_SOURCES: usize = 1 << 16;
 
 /// A token bucket: `burst` connections at once, refilled at `per_sec`.
@@ -44,7 +48,9 @@ impl Bucket {
     fn take(&mut self, rate: &Rate, now: Instant) -> bool {
         let refill = now.saturating_duration_since(self.at).as_secs_f64() * rate.per_sec;
         self.tokens = (self.tokens + refill).min(f64::from(rate.burst));
-        self.at = now;
+        // `now` was read before the lock: another caller may have come
+        // later, and time must not be credited twice.
+        self.at = self.at.max(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -81,6 +87,8 @@ struct Sources {
     buckets: HashMap<IpNet, Bucket>,
     /// When the table was last swept of refilled buckets.
     swept: Option<Instant>,
+    /// What new sources share while the table is full.
+    overflow: Option<Bucket>,
 }
 
 impl Limits {
@@ -135,7 +143,7 @@ impl Sources {
                 self.buckets.retain(|_, b| !b.refilled(rate, now));
             }
             if self.buckets.len() >= MAX_SOURCES {
-                return true;
+                return self.overflow.get_or_insert_with(|| Bucket::full(rate, now)).take(rate, now);
             }
         }
         let mut b = Bucket::full(rate, now);
@@ -233,9 +241,10 @@ mod tests {
             let _ = l.admit(IpAddr::from(i.to_be_bytes()), t);
         }
         assert_eq!(l.tracked(), MAX_SOURCES);
-        // Past the cap a new source is let through untracked.
-        assert!(l.admit(ip("203.0.113.1"), t).is_ok());
-        assert!(l.admit(ip("203.0.113.1"), t).is_ok());
+        // Past the cap new sources share one source's bucket (burst 1),
+        // which the last ten above emptied; they are not let through.
+        assert!(l.admit(ip("203.0.113.1"), t).is_err());
+        assert!(l.admit(ip("203.0.113.2"), t).is_err());
         // Once their buckets refill, a sweep forgets them.
         let later = t + Duration::from_secs(2);
         assert!(l.admit(ip("203.0.113.1"), later).is_ok());

@@ -18,54 +18,72 @@ use super::inbox::{Inbox, ReadError};
 use crate::{config::MqttOptions, net};
 
 /// Who connected, as the CONNECT says: what a connection keeps of it for
-/// the balancer and its close line.
+/// its close line, for as long as it lives (the balancer has read the
+/// whole client ID by then).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     pub version: Version,
-    pub client_id: String,
-    pub username: Option<String>,
+    pub client_id: Logged,
+    pub username: Option<Logged>,
     /// Seconds; 0: none.
     pub keepalive: u16,
 }
 
-impl From<Connect> for Session {
-    fn from(c: Connect) -> Session {
+impl From<&Connect> for Session {
+    fn from(c: &Connect) -> Session {
         Session {
             version: c.version,
-            client_id: c.client_id,
-            username: c.username,
+            client_id: Logged::new(&c.client_id),
+            username: c.username.as_deref().map(Logged::new),
             keepalive: c.keepalive,
         }
     }
 }
 
-/// The client's own words are logged at most this many characters long.
+/// The client's own words are kept and logged at most this many
+/// characters long.
 const LOGGED_CHARS: usize = 64;
 
 impl fmt::Display for Session {
     /// The close line's and rejection lines' fields.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "client_id={}", Quoted(&self.client_id))?;
+        write!(f, "client_id={}", self.client_id)?;
         match &self.username {
-            Some(u) => write!(f, " username={}", Quoted(u))?,
+            Some(u) => write!(f, " username={u}")?,
             None => f.write_str(" username=-")?,
         }
         write!(f, " mqtt_version={}", self.version)
     }
 }
 
-/// A client-chosen string in a log line: quoted, with quotes, backslashes
-/// and control characters escaped, cut at LOGGED_CHARS (marked `...`), so
-/// it cannot forge fields or lines.
-struct Quoted<'a>(&'a str);
+/// A client-chosen string as a connection keeps it for its log lines: at
+/// most LOGGED_CHARS characters (a CONNECT may carry 64 KiB of them, which
+/// a connection held for days must not), and whether it was cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged {
+    text: String,
+    cut: bool,
+}
 
-impl fmt::Display for Quoted<'_> {
+impl Logged {
+    fn new(s: &str) -> Logged {
+        let text: String = s.chars().take(LOGGED_CHARS).collect();
+        Logged {
+            cut: text.len() < s.len(),
+            text,
+        }
+    }
+}
+
+impl fmt::Display for Logged {
+    /// Quoted, with quotes, backslashes and control characters escaped and
+    /// a cut marked `...`, so it cannot forge fields or lines.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("\"")?;
-        for c in self.0.chars().take(LOGGED_CHARS) {
+        for c in self.text.chars() {
             write!(f, "{}", c.escape_debug())?;
         }
-        if self.0.chars().nth(LOGGED_CHARS).is_some() {
+        if self.cut {
             f.write_str("...")?;
         }
         f.write_str("\"")
@@ -88,6 +106,8 @@ impl NoConnect {
         match self {
             NoConnect::Refused(Refusal::NotConnect) => "not_connect",
             NoConnect::Refused(Refusal::Malformed(_)) => "malformed",
+            NoConnect::Refused(Refusal::ProtocolError(_)) => "protocol_error",
+            NoConnect::Refused(Refusal::IdentifierRejected(_)) => "identifier_rejected",
             NoConnect::Refused(Refusal::UnsupportedVersion(_)) => "unsupported_version",
             NoConnect::Refused(Refusal::TooLarge) => "too_large",
             NoConnect::Timeout => "timeout",
@@ -107,8 +127,16 @@ impl fmt::Display for NoConnect {
 }
 
 /// Every label `NoConnect::label` gives, for the metric's series.
-pub const NO_CONNECT_LABELS: [&str; 6] =
-    ["not_connect", "malformed", "unsupported_version", "too_large", "timeout", "closed"];
+pub const NO_CONNECT_LABELS: [&str; 8] = [
+    "not_connect",
+    "malformed",
+    "protocol_error",
+    "identifier_rejected",
+    "unsupported_version",
+    "too_large",
+    "timeout",
+    "closed",
+];
 
 /// How the CONNECT comes: as the first bytes (`protocol = "mqtt"`), or in
 /// the first binary WebSocket frames after the upgrade (`mqtt-ws`).
@@ -126,7 +154,7 @@ pub async fn read_connect(
     inbox: &mut Inbox<'_>,
     client: &TcpStream,
     framing: Framing,
-) -> Result<(Session, Vec<u8>), NoConnect> {
+) -> Result<(Connect, Vec<u8>), NoConnect> {
     let limit = opts.connect_timeout;
     // The CONNECT's version, for an answer the client can read.
     let (read, level) = match framing {
@@ -142,7 +170,7 @@ pub async fn read_connect(
         }
     };
     let why = match read {
-        Ok(Ok((connect, raw))) => return Ok((connect.into(), raw)),
+        Ok(Ok(read)) => return Ok(read),
         Ok(Err(ReadError::Refused(r))) => NoConnect::Refused(r),
         Ok(Err(ReadError::Closed)) => NoConnect::Closed,
         Err(_) => NoConnect::Timeout,
@@ -173,20 +201,22 @@ mod tests {
     fn logged_fields_are_quoted_escaped_and_capped() {
         let s = Session {
             version: Version::V5,
-            client_id: "a\"b c\\d\n".into(),
+            client_id: Logged::new("a\"b c\\d\n"),
             username: None,
             keepalive: 0,
         };
         assert_eq!(s.to_string(), r#"client_id="a\"b c\\d\n" username=- mqtt_version=5.0"#);
         let s = Session {
             version: Version::V3_1_1,
-            client_id: "x".repeat(100),
-            username: Some("u".into()),
+            client_id: Logged::new(&"é".repeat(100)),
+            username: Some(Logged::new("u")),
             keepalive: 0,
         };
+        assert_eq!(s.client_id.text.len(), 128, "64 characters kept, not 100");
         assert_eq!(
             s.to_string(),
-            format!("client_id=\"{}...\" username=\"u\" mqtt_version=3.1.1", "x".repeat(64))
+            format!("client_id=\"{}...\" username=\"u\" mqtt_version=3.1.1", "é".repeat(64))
         );
+        assert!(!Logged::new(&"x".repeat(64)).cut);
     }
 }

@@ -125,8 +125,9 @@ enum Key<'a> {
 
 /// FNV-1a over the key and the upstream's name, then a SplitMix64 finish
 /// so nearby inputs spread over all 64 bits. An IP is hashed as its
-/// octets; a client ID as its UTF-8 bytes behind a 0xfe byte, which no
-/// IP's hash starts the same way as.
+/// octets; a client ID as its UTF-8 bytes behind a 0xfe byte. The two can
+/// coincide (client ID "abc" and 254.97.98.99), which only sends both to
+/// the same broker. Pinned by a test: changing it moves every client.
 fn hash(key: &Key, upstream: &str) -> u64 {
     let key: Vec<u8> = match key {
         Key::Ip(ip) => match splicer_proto::trust::canonical(*ip) {

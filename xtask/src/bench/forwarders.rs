@@ -78,6 +78,9 @@ pub struct Setup {
     pub max_conns: usize,
     /// The open-files limit everything runs with.
     pub nofile: u64,
+    /// The MQTT-aware phase: every forwarder in its MQTT-aware set-up in
+    /// front of these brokers (`upstream` is the first, for direct).
+    pub aware: Option<Vec<SocketAddr>>,
 }
 
 pub struct Forwarder {
@@ -134,24 +137,16 @@ impl Forwarder {
 
 /// The command line (and config file) for one forwarder.
 fn command(kind: Kind, s: &Setup, listen: SocketAddr) -> Result<Option<Command>> {
+    if let Some(brokers) = &s.aware {
+        return aware_command(kind, s, listen, brokers);
+    }
     let up = s.upstream;
     let name = kind.name().replace(' ', "-");
     Ok(Some(match kind {
         Kind::Direct => return Ok(None),
         Kind::Splicer | Kind::SplicerNow | Kind::SplicerUserspace => {
-            let mut c = Command::new(&s.splicer);
-            c.arg("--listen").arg(listen.to_string());
+            let mut c = splicer(kind, s, listen);
             c.arg("--upstream").arg(up.to_string());
-            c.args(["--send-proxy", if s.send_proxy { "v1" } else { "off" }]);
-            let offload = if kind == Kind::SplicerUserspace {
-                "userspace"
-            } else {
-                "sockmap"
-            };
-            c.args(["--offload", offload, "--log-level", "warn"]);
-            if kind == Kind::SplicerNow {
-                c.args(["--handoff", "now"]);
-            }
             c
         }
         Kind::Haproxy | Kind::HaproxySplice => {
@@ -178,44 +173,130 @@ fn command(kind: Kind, s: &Setup, listen: SocketAddr) -> Result<Option<Command>>
                     proxy = if s.send_proxy { " send-proxy" } else { "" },
                 ),
             )?;
-            let mut c = Command::new("haproxy");
-            c.arg("-db").arg("-f").arg(cfg);
+            haproxy(cfg)
+        }
+        Kind::Nginx => nginx(s, &format!("proxy_pass {up};"), listen)?,
+    }))
+}
+
+/// splicer as `kind` runs it, listening on `listen`; upstreams to add.
+fn splicer(kind: Kind, s: &Setup, listen: SocketAddr) -> Command {
+    let mut c = Command::new(&s.splicer);
+    c.arg("--listen").arg(listen.to_string());
+    c.args(["--send-proxy", if s.send_proxy { "v1" } else { "off" }]);
+    let offload = if kind == Kind::SplicerUserspace {
+        "userspace"
+    } else {
+        "sockmap"
+    };
+    c.args(["--offload", offload, "--log-level", "warn"]);
+    if kind == Kind::SplicerNow {
+        c.args(["--handoff", "now"]);
+    }
+    c
+}
+
+fn haproxy(cfg: PathBuf) -> Command {
+    let mut c = Command::new("haproxy");
+    c.arg("-db").arg("-f").arg(cfg);
+    c
+}
+
+/// nginx in the foreground with one stream server on `listen` whose
+/// proxying is `pass` (and `upstreams`, a stream-level block, if any).
+fn nginx_with(s: &Setup, upstreams: &str, pass: &str, listen: SocketAddr) -> Result<Command> {
+    let d = s.dir.join("nginx");
+    fs::create_dir_all(&d)?;
+    let conf = d.join(format!("nginx-{}.conf", listen.port()));
+    // Each connection takes two of nginx's connection slots (client
+    // and upstream), and nginx gives every slot memory up front.
+    // proxy_half_close: the bulk client half-closes and waits for
+    // the server's byte count, as HAProxy and splicer allow.
+    fs::write(
+        &conf,
+        format!(
+            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+             daemon off;\nworker_processes {workers};\n\
+             worker_rlimit_nofile {fds};\n\
+             pid {d}/nginx-{port}.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections {slots}; }}\n\
+             stream {{\n{upstreams}  server {{\n    listen {listen} backlog=4096;\n    \
+             {pass}\n    proxy_protocol {proxy};\n    \
+             proxy_timeout 10m;\n    proxy_half_close on;\n  }}\n}}\n",
+            workers = workers(),
+            fds = s.nofile,
+            slots = 2 * s.max_conns + 1024,
+            d = d.display(),
+            port = listen.port(),
+            proxy = if s.send_proxy { "on" } else { "off" },
+        ),
+    )?;
+    let mut c = Command::new("nginx");
+    c.arg("-p")
+        .arg(&d)
+        .arg("-e")
+        .arg(d.join("error.log"))
+        .arg("-c")
+        .arg(conf);
+    Ok(c)
+}
+
+fn nginx(s: &Setup, pass: &str, listen: SocketAddr) -> Result<Command> {
+    nginx_with(s, "", pass, listen)
+}
+
+/// Each forwarder set up as an MQTT deployment that routes by client would
+/// be, in front of several brokers: splicer `protocol = "mqtt"` with
+/// `balance = "client-id"`; HAProxy refusing what `mqtt_is_valid` refuses
+/// and hashing `mqtt_field_value(connect,client_identifier)` (2.6 has
+/// both); nginx, which cannot read MQTT, hashing the client address.
+fn aware_command(kind: Kind, s: &Setup, listen: SocketAddr, brokers: &[SocketAddr]) -> Result<Option<Command>> {
+    let name = kind.name().replace(' ', "-");
+    Ok(Some(match kind {
+        Kind::Direct => return Ok(None),
+        Kind::Splicer | Kind::SplicerNow | Kind::SplicerUserspace => {
+            let mut c = splicer(kind, s, listen);
+            c.args(["--protocol", "mqtt", "--balance", "client-id"]);
+            for b in brokers {
+                c.arg("--upstream").arg(b.to_string());
+            }
             c
         }
-        Kind::Nginx => {
-            let d = s.dir.join("nginx");
-            fs::create_dir_all(&d)?;
-            let conf = d.join("nginx.conf");
-            // Each connection takes two of nginx's connection slots (client
-            // and upstream), and nginx gives every slot memory up front.
-            // proxy_half_close: the bulk client half-closes and waits for
-            // the server's byte count, as HAProxy and splicer allow.
+        Kind::Haproxy | Kind::HaproxySplice => {
+            let splice = if kind == Kind::HaproxySplice {
+                "    option splice-request\n    option splice-response\n"
+            } else {
+                ""
+            };
+            let servers: String = brokers
+                .iter()
+                .enumerate()
+                .map(|(i, b)| format!("    server b{i} {b}\n"))
+                .collect();
+            let cfg = s.dir.join(format!("{name}-mqtt.cfg"));
             fs::write(
-                &conf,
+                &cfg,
                 format!(
-                    "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
-                     daemon off;\nworker_processes {workers};\n\
-                     worker_rlimit_nofile {fds};\n\
-                     pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-                     events {{ worker_connections {slots}; }}\n\
-                     stream {{\n  server {{\n    listen {listen} backlog=4096;\n    \
-                     proxy_pass {up};\n    proxy_protocol {proxy};\n    \
-                     proxy_timeout 10m;\n    proxy_half_close on;\n  }}\n}}\n",
-                    workers = workers(),
-                    fds = s.nofile,
-                    slots = 2 * s.max_conns + 1024,
-                    d = d.display(),
-                    proxy = if s.send_proxy { "on" } else { "off" },
+                    "global\n    maxconn {max}\n    maxpipes 200\n    nbthread {threads}\n\
+                     defaults\n    mode tcp\n    maxconn {max}\n    timeout connect 5s\n    \
+                     timeout client 10m\n    timeout server 10m\n\
+                     frontend mqtt\n    bind {listen}\n{splice}    \
+                     tcp-request inspect-delay 10s\n    \
+                     tcp-request content reject unless {{ req.payload(0,0),mqtt_is_valid }}\n    \
+                     default_backend brokers\n\
+                     backend brokers\n{splice}    \
+                     balance hash req.payload(0,0),mqtt_field_value(connect,client_identifier)\n    \
+                     hash-type consistent\n{servers}",
+                    max = s.max_conns,
+                    threads = workers(),
                 ),
             )?;
-            let mut c = Command::new("nginx");
-            c.arg("-p")
-                .arg(&d)
-                .arg("-e")
-                .arg(d.join("error.log"))
-                .arg("-c")
-                .arg(conf);
-            c
+            haproxy(cfg)
+        }
+        Kind::Nginx => {
+            let servers: String = brokers.iter().map(|b| format!("    server {b};\n")).collect();
+            let upstreams = format!("  upstream brokers {{\n    hash $remote_addr consistent;\n{servers}  }}\n");
+            nginx_with(s, &upstreams, "proxy_pass brokers;", listen)?
         }
     }))
 }

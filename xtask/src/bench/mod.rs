@@ -24,8 +24,8 @@ use splicer_testkit::{free_port, Proc};
 use crate::{build, install, root, run_cmd};
 use forwarders::{Forwarder, Setup, ALL};
 use workloads::{
-    Ctx, Sample, BULK1, BULK4, CONNRATE, FLEET, IDLE, IPERF, MQTT0, MQTT1, MQTT_PACED,
-    MQTT_STORM, PINGPONG,
+    Ctx, Sample, BULK1, BULK4, CONNRATE, FLEET, IDLE, IPERF, MQTT0, MQTT1, MQTT_AWARE,
+    MQTT_PACED, MQTT_STORM, PINGPONG,
 };
 
 /// The load generator's server (PROXY header stripped, then discard/echo).
@@ -209,6 +209,19 @@ impl Run<'_> {
         max_conns: usize,
         workloads: &[&'static str],
     ) -> Result<Vec<Sample>> {
+        self.phase_with(upstream, None, send_proxy, max_conns, workloads)
+    }
+
+    /// As `phase`; `aware`: every forwarder in its MQTT-aware set-up in
+    /// front of these brokers.
+    fn phase_with(
+        &self,
+        upstream: SocketAddr,
+        aware: Option<Vec<SocketAddr>>,
+        send_proxy: bool,
+        max_conns: usize,
+        workloads: &[&'static str],
+    ) -> Result<Vec<Sample>> {
         let setup = Setup {
             dir: self.dir.to_path_buf(),
             splicer: self.splicer.to_path_buf(),
@@ -216,6 +229,7 @@ impl Run<'_> {
             send_proxy,
             max_conns,
             nofile: self.nofile,
+            aware,
         };
         let ctx = Ctx {
             loadgen: self.loadgen,
@@ -270,19 +284,27 @@ fn iperf_phase(run: &Run) -> Result<Vec<Sample>> {
 
 /// MQTT through every forwarder to mosquitto. Debian's mosquitto (2.0)
 /// cannot read PROXY headers, so in this phase no forwarder sends one.
+/// Then the reconnect storm again through the MQTT-aware set-ups, in front
+/// of three of mosquitto's listeners (one process: the brokers' CPU is the
+/// same whichever a client lands on).
 fn mqtt_phase(run: &Run) -> Result<Vec<Sample>> {
-    let broker_addr = SocketAddr::from((BROKER_IP, free_port(BROKER_IP)));
+    let brokers: Vec<SocketAddr> = (0..3)
+        .map(|_| SocketAddr::from((BROKER_IP, free_port(BROKER_IP))))
+        .collect();
+    let broker_addr = brokers[0];
     let conf = run.dir.join("mosquitto.conf");
+    let listeners: String = brokers
+        .iter()
+        .map(|b| format!("listener {} {}\n", b.port(), b.ip()))
+        .collect();
     // Nagle off, as brokers run in production (EMQX's default), so latency
     // is the forwarder's and not a delayed ACK's.
     std::fs::write(
         &conf,
         format!(
-            "listener {} {}\nallow_anonymous true\npersistence false\n\
+            "per_listener_settings false\n{listeners}allow_anonymous true\npersistence false\n\
              set_tcp_nodelay true\nmax_queued_messages 100000\n\
-             log_dest stderr\nlog_type error\nlog_type warning\n",
-            broker_addr.port(),
-            broker_addr.ip()
+             log_dest stderr\nlog_type error\nlog_type warning\n"
         ),
     )?;
     let mut broker = Proc::spawn(
@@ -292,12 +314,13 @@ fn mqtt_phase(run: &Run) -> Result<Vec<Sample>> {
     )?;
     broker.wait_listening(broker_addr, START)?;
     let max_conns = run.plan.mqtt_publishers.max(run.plan.fleet.0) + 100;
-    let samples = run.phase(
+    let mut samples = run.phase(
         broker_addr,
         false,
         max_conns,
         &[MQTT0, MQTT1, MQTT_PACED, MQTT_STORM, FLEET],
     )?;
+    samples.extend(run.phase_with(broker_addr, Some(brokers), false, max_conns, &[MQTT_AWARE])?);
     broker.check_alive()?;
     Ok(samples)
 }

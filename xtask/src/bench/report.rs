@@ -226,6 +226,7 @@ fn tables() -> Vec<(&'static str, Vec<Col>)> {
             ],
         ),
         (MQTT_STORM, connrate()),
+        (MQTT_AWARE, connrate()),
         (
             FLEET,
             // Paced, so latency instead of the rate, then the same costs.
@@ -311,6 +312,14 @@ fn describe(workload: &str, p: &Plan, nofile: u64) -> String {
         MQTT_STORM => format!(
             "mosquitto as the broker; {} MQTT sessions, {} at a time, each a new connection: CONNECT (a client ID of its own, \
              clean session), CONNACK, DISCONNECT, close. A reconnect storm: what a broker cluster's load balancer sees after an outage.",
+            p.short_conns, p.concurrency
+        ),
+        MQTT_AWARE => format!(
+            "The reconnect storm above ({} sessions, {} at a time), through each forwarder set up to route MQTT by client, \
+             in front of three mosquitto listeners: splicer `protocol = \"mqtt\"`, `balance = \"client-id\"` (the CONNECT \
+             read and checked before a broker is chosen); HAProxy `tcp-request content reject unless {{ req.payload(0,0),mqtt_is_valid }}` \
+             with `balance hash req.payload(0,0),mqtt_field_value(connect,client_identifier)`; nginx, which cannot read MQTT, \
+             `hash $remote_addr consistent`. Direct goes to the first listener.",
             p.short_conns, p.concurrency
         ),
         FLEET => format!(

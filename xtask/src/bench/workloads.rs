@@ -65,6 +65,9 @@ pub const MQTT_PACED: &str = "MQTT QoS 0, paced";
 /// Short MQTT sessions (connect, CONNECT, CONNACK, DISCONNECT): a
 /// reconnect storm after an outage.
 pub const MQTT_STORM: &str = "MQTT reconnect storm";
+/// The same storm through forwarders that read the CONNECT and route by
+/// client (issue 13), in front of three brokers.
+pub const MQTT_AWARE: &str = "MQTT reconnect storm, MQTT-aware";
 /// Thousands of connected devices, each publishing now and then.
 pub const FLEET: &str = "MQTT fleet";
 
@@ -144,7 +147,7 @@ impl Ctx<'_> {
                 "--max-time",
                 &secs,
             ]),
-            CONNRATE | MQTT_STORM => {
+            CONNRATE | MQTT_STORM | MQTT_AWARE => {
                 let mut a = strings(&[
                     "connrate",
                     "--target",
@@ -156,7 +159,7 @@ impl Ctx<'_> {
                     "--max-time",
                     &secs,
                 ]);
-                if workload == MQTT_STORM {
+                if workload != CONNRATE {
                     a.push("--mqtt".into());
                 }
                 a
@@ -212,7 +215,7 @@ impl Ctx<'_> {
                 m.insert("system_cpu_us_per_round_trip", sys * 1e6 / n);
                 m.insert("kernel_work_us_per_round_trip", kernel * 1e6 / n);
             }
-            CONNRATE | MQTT_STORM => {
+            CONNRATE | MQTT_STORM | MQTT_AWARE => {
                 let n = num("conns");
                 m.insert("conns_per_s", num("conns_per_s"));
                 m.insert("p99_us", num("p99_us"));
