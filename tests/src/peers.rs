@@ -2,7 +2,7 @@
 //! `peers_dir()`), mosquitto and nginx.
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::Path,
     process::{Command, ExitStatus},
     thread,
@@ -141,6 +141,35 @@ pub fn spawn_mosquitto(
         thread::sleep(Duration::from_millis(20));
     }
     Ok(Ok(broker))
+}
+
+/// mosquitto with a `protocol websockets` listener on BROKER_IP, or Err
+/// with the reason it cannot run (then the caller skips).
+pub fn start_mosquitto_ws(dir: &Path) -> Result<std::result::Result<(Proc, SocketAddr), String>> {
+    // mosquitto 2.0.11 (Debian 12) refuses to start with only a websockets
+    // listener ("Unable to start any listening sockets"), so there is a TCP
+    // one too; and libwebsockets binds the wildcard address whatever the
+    // listener line says, so the port must be free on [::] as well.
+    let tcp_port = free_port(BROKER_IP);
+    let ws_port = loop {
+        let p = free_port(BROKER_IP);
+        if TcpListener::bind(("::", p)).is_ok() && TcpListener::bind(("0.0.0.0", p)).is_ok() {
+            break p;
+        }
+    };
+    let conf = format!(
+        "listener {tcp_port} {BROKER_IP}\n\
+         listener {ws_port} {BROKER_IP}\nprotocol websockets\n\
+         allow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n"
+    );
+    let addr = v4(BROKER_IP, ws_port);
+    match spawn_mosquitto(dir, &conf, addr)? {
+        Ok(broker) => Ok(Ok((broker, addr))),
+        Err((st, out)) if out.to_ascii_lowercase().contains("websockets") => Ok(Err(format!(
+            "mosquitto has no usable websockets ({st}):\n{out}"
+        ))),
+        Err((st, out)) => bail!("mosquitto exited ({st}):\n{out}"),
+    }
 }
 
 /// nginx in the foreground, single process, everything inside `dir`, once

@@ -792,34 +792,50 @@ fn mqtt_ws_refuses_what_is_not_a_connect() -> Result<()> {
     Ok(())
 }
 
-/// MQTT.js over WebSocket (which offers permessage-deflate) through
-/// `protocol = "mqtt-ws"` to aedes: a QoS 1 message gets across, and the
-/// close lines name the clients.
+/// MQTT.js over WebSocket through `protocol = "mqtt-ws"`: a QoS 1 message
+/// gets across, and the close lines name the clients: MQTT 3.1.1 to aedes,
+/// and MQTT 5 to mosquitto's websockets listener.
 #[test]
-fn mqttjs_over_an_mqtt_ws_listener_to_aedes() -> Result<()> {
+fn mqttjs_over_an_mqtt_ws_listener() -> Result<()> {
     for mode in MODES {
         let dir = scratch(&format!("mqtt-aware-mqttjs-ws-{mode}"));
-        let (_broker, broker_addr) = start_aedes_ws(&dir)?;
-        let splicer = splicer_in_mode(&dir, mode, broker_addr, &["--protocol", "mqtt-ws"])?;
-        let url = format!("ws://{}/mqtt", splicer.listen);
-        let (sub_id, pub_id) = (format!("wsjs-sub-{mode}"), format!("wsjs-pub-{mode}"));
-        let mut sub = Proc::spawn_apart(
-            &sub_id,
-            &dir,
-            &mut mqtt_client_cmd(&url, &sub_id, &["--qos", "1", "--subscribe", "ws/t", "--count", "1", "--timeout-ms", "15000"]),
-        )?;
-        sub.wait_line("\"event\":\"subscribed\"", STEP)?;
-        run_mqtt_client(&url, &pub_id, &["--qos", "1", "--publish", "ws/t", "over-ws"], STEP)?;
-        ensure!(sub.wait_exit(STEP)?.success(), "subscriber: {}", sub.stderr());
-        ensure!(
-            sub.output().lines().any(|l| is_event(l, "message") && json_field(l, "payload").as_deref() == Some("over-ws")),
-            "{mode}: subscriber got\n{}",
-            sub.output()
-        );
-        for id in [&sub_id, &pub_id] {
-            let line = wait_lines(&splicer.proc, &format!("client_id=\"{id}\""), 1)?.remove(0);
-            ensure!(line.contains("] closed ") && close_field(&line, "mqtt_version") == Some("3.1.1"), "{mode}: {line}");
+        let (_aedes, aedes_addr) = start_aedes_ws(&dir)?;
+        ws_roundtrip(&dir.join("aedes"), mode, aedes_addr, "4")?;
+        let mdir = dir.join("mosquitto");
+        std::fs::create_dir_all(&mdir)?;
+        match start_mosquitto_ws(&mdir)? {
+            Ok((_mosquitto, addr)) => ws_roundtrip(&mdir, mode, addr, "5")?,
+            Err(why) => eprintln!("SKIPPED the mosquitto part: {why}"),
         }
+    }
+    Ok(())
+}
+
+/// One MQTT.js subscriber and one publisher of MQTT `version` through a
+/// fresh `mqtt-ws` splicer to `broker`.
+fn ws_roundtrip(dir: &std::path::Path, mode: &str, broker: SocketAddr, version: &str) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let splicer = splicer_in_mode(dir, mode, broker, &["--protocol", "mqtt-ws"])?;
+    let url = format!("ws://{}/mqtt", splicer.listen);
+    let (sub_id, pub_id) = (format!("wsjs-sub-{mode}-{version}"), format!("wsjs-pub-{mode}-{version}"));
+    let common = ["--mqtt-version", version, "--qos", "1"];
+    let mut sub = Proc::spawn_apart(
+        &sub_id,
+        dir,
+        &mut mqtt_client_cmd(&url, &sub_id, &[&common[..], &["--subscribe", "ws/t", "--count", "1", "--timeout-ms", "15000"]].concat()),
+    )?;
+    sub.wait_line("\"event\":\"subscribed\"", STEP)?;
+    run_mqtt_client(&url, &pub_id, &[&common[..], &["--publish", "ws/t", "over-ws"]].concat(), STEP)?;
+    ensure!(sub.wait_exit(STEP)?.success(), "subscriber: {}", sub.stderr());
+    ensure!(
+        sub.output().lines().any(|l| is_event(l, "message") && json_field(l, "payload").as_deref() == Some("over-ws")),
+        "{mode} MQTT {version}: subscriber got\n{}",
+        sub.output()
+    );
+    let want = if version == "5" { "5.0" } else { "3.1.1" };
+    for id in [&sub_id, &pub_id] {
+        let line = wait_lines(&splicer.proc, &format!("client_id=\"{id}\""), 1)?.remove(0);
+        ensure!(line.contains("] closed ") && close_field(&line, "mqtt_version") == Some(want), "{mode}: {line}");
     }
     Ok(())
 }

@@ -357,35 +357,6 @@ fn check_close_lines(s: &Splicer, n: usize, mode: &str, upstream: SocketAddr) ->
     check_kernel_bytes(&closed, mode, true)
 }
 
-/// mosquitto with a `protocol websockets` listener on BROKER_IP, or Err
-/// with the reason it cannot run (then the caller skips).
-fn start_mosquitto_ws(dir: &Path) -> Result<std::result::Result<(Proc, SocketAddr), String>> {
-    // mosquitto 2.0.11 (Debian 12) refuses to start with only a websockets
-    // listener ("Unable to start any listening sockets"), so there is a TCP
-    // one too; and libwebsockets binds the wildcard address whatever the
-    // listener line says, so the port must be free on [::] as well.
-    let tcp_port = free_port(BROKER_IP);
-    let ws_port = loop {
-        let p = free_port(BROKER_IP);
-        if TcpListener::bind(("::", p)).is_ok() && TcpListener::bind(("0.0.0.0", p)).is_ok() {
-            break p;
-        }
-    };
-    let conf = format!(
-        "listener {tcp_port} {BROKER_IP}\n\
-         listener {ws_port} {BROKER_IP}\nprotocol websockets\n\
-         allow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n"
-    );
-    let addr = v4(BROKER_IP, ws_port);
-    match spawn_mosquitto(dir, &conf, addr)? {
-        Ok(broker) => Ok(Ok((broker, addr))),
-        Err((st, out)) if out.to_ascii_lowercase().contains("websockets") => Ok(Err(format!(
-            "mosquitto has no usable websockets ({st}):\n{out}"
-        ))),
-        Err((st, out)) => bail!("mosquitto exited ({st}):\n{out}"),
-    }
-}
-
 // ---------------------------------------- 1. MQTT.js to aedes and mosquitto
 
 fn mqttjs_over_ws_in(mode: &str) -> Result<()> {
