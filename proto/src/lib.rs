@@ -8,6 +8,8 @@
 //!   with X-Forwarded-For / X-Forwarded-Port / a real-IP header.
 //! - [`mqtt`]: the MQTT CONNECT a client sends first (3.1, 3.1.1, 5.0),
 //!   checked and read for who connects.
+//! - [`tls_hello`]: the TLS ClientHello, read for its server name (SNI)
+//!   and ALPN without terminating TLS, on `tls-passthrough` listeners.
 //! - [`ws_frame`]: WebSocket client frames, read for the MQTT CONNECT
 //!   inside them on `mqtt-ws` listeners.
 //! - [`preamble`]: readers that take these as they arrive, a segment at a
@@ -20,5 +22,6 @@ pub mod mqtt;
 pub mod preamble;
 pub mod proxy_protocol;
 pub mod real_ip;
+pub mod tls_hello;
 pub mod trust;
 pub mod ws_frame;

@@ -14,6 +14,7 @@ use crate::{
     http_upgrade::{self, Head, Refusal, ResponseHead},
     mqtt,
     proxy_protocol::{self, Header, ParseError, Versions},
+    tls_hello::{self, ClientHello, Records},
     ws_frame::{self, BINARY, CLOSE, CONTINUATION, TEXT},
 };
 
@@ -199,6 +200,32 @@ impl MqttConnectInWs {
     /// The message bytes so far (for the CONNACK's version).
     pub fn message(&self) -> &[u8] {
         &self.message
+    }
+}
+
+/// A TLS ClientHello (`tls-passthrough`), its handshake message at most
+/// `max` bytes; records are taken as they complete (tls_hello::Records).
+pub struct TlsClientHello(Records);
+
+impl TlsClientHello {
+    pub fn new(max: usize) -> Self {
+        TlsClientHello(Records::new(max))
+    }
+}
+
+impl Reader for TlsClientHello {
+    type Value = ClientHello;
+    type Error = tls_hello::Refusal;
+
+    fn step(&mut self, buf: &[u8]) -> Step<ClientHello, tls_hello::Refusal> {
+        match self.0.feed(buf) {
+            Ok(Some(h)) => {
+                let len = h.len;
+                Step::Done(h, len)
+            }
+            Ok(None) => Step::More,
+            Err(e) => Step::Fail(e),
+        }
     }
 }
 

@@ -73,6 +73,10 @@ pub enum Protocol {
     /// only then, so the upstream is chosen before it).
     #[serde(rename = "mqtt-ws")]
     MqttWs,
+    /// TLS, not terminated: the ClientHello read for its server name,
+    /// which picks the upstream group (`sni`); then spliced as it is.
+    #[serde(rename = "tls-passthrough")]
+    TlsPassthrough,
 }
 
 /// `--forwarded-for` / `--forwarded-port`.
@@ -350,6 +354,94 @@ pub const DEFAULT_MQTT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// What `mqtt-connect-max` may be set to.
 pub const MQTT_CONNECT_MAX_RANGE: std::ops::RangeInclusive<usize> = 128..=16 << 20;
 
+/// The default largest ClientHello: browsers' and MQTT clients' are under
+/// 2 KiB even with post-quantum key shares.
+pub const DEFAULT_TLS_HELLO_MAX: usize = 16 * 1024;
+pub const DEFAULT_TLS_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which server names an `sni` entry takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SniMatch {
+    /// This name exactly (lowercase).
+    Exact(String),
+    /// `*.example.com`: any name ending in `.example.com` (the suffix,
+    /// dot included), at any depth.
+    Suffix(String),
+    /// `*`: every other name, and a ClientHello without one.
+    Any,
+}
+
+impl FromStr for SniMatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.split('.').all(|l| {
+                    !l.is_empty() && l.len() <= 63 && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+                })
+        };
+        let lower = s.to_ascii_lowercase();
+        match lower.strip_prefix("*.") {
+            _ if lower == "*" => Ok(SniMatch::Any),
+            Some(rest) if name_ok(rest) => Ok(SniMatch::Suffix(format!(".{rest}"))),
+            None if name_ok(&lower) => Ok(SniMatch::Exact(lower)),
+            _ => Err(format!("`{s}` is not a server name, `*.suffix` or `*`")),
+        }
+    }
+}
+
+impl fmt::Display for SniMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SniMatch::Exact(n) => f.write_str(n),
+            SniMatch::Suffix(s) => write!(f, "*{s}"),
+            SniMatch::Any => f.write_str("*"),
+        }
+    }
+}
+
+/// `--sni NAME=ADDR`: one upstream of an SNI group (repeat the flag for
+/// more); in the file, `sni = { "NAME" = ["ADDR", ...] }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniRoute {
+    pub name: SniMatch,
+    pub upstream: Upstream,
+}
+
+impl FromStr for SniRoute {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, up) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}`: expected NAME=ADDR, e.g. broker.example=10.0.0.11:8883"))?;
+        Ok(SniRoute {
+            name: name.trim().parse()?,
+            upstream: up.trim().parse()?,
+        })
+    }
+}
+
+/// The file's `sni` table: names to lists of upstreams.
+fn sni_table<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SniRoute>, D::Error> {
+    let table = std::collections::BTreeMap::<String, Vec<Upstream>>::deserialize(d)?;
+    let mut routes = Vec::new();
+    for (name, ups) in table {
+        let name: SniMatch = name.parse().map_err(de::Error::custom)?;
+        routes.extend(ups.into_iter().map(|upstream| SniRoute { name: name.clone(), upstream }));
+    }
+    Ok(routes)
+}
+
+/// A `tls-passthrough` listener's ClientHello reading and routing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPassthrough {
+    pub hello_max: usize,
+    pub hello_timeout: Duration,
+    /// Upstream groups by server name, each in the order given; empty: every
+    /// client goes to `upstream`.
+    pub groups: Vec<(SniMatch, Vec<Upstream>)>,
+}
+
 /// An MQTT listener's CONNECT reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MqttOptions {
@@ -406,6 +498,9 @@ pub struct Listener {
     pub ws: Option<WsOptions>,
     /// Some for MQTT listeners.
     pub mqtt: Option<MqttOptions>,
+    /// Some for `tls-passthrough` listeners. Their `upstreams` are every
+    /// group's, for health checks and metrics.
+    pub tls: Option<TlsPassthrough>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -497,12 +592,22 @@ pub struct ListenerSpec {
     /// address) or reject the connection [default: ignore].
     #[arg(long, value_enum, value_name = "ignore|reject")] pub untrusted_proxy: Option<UntrustedProxy>,
     /// tcp (bytes over TCP), ws (over WebSocket), mqtt (MQTT over TCP, its
-    /// CONNECT read first) or mqtt-ws (MQTT over WebSocket, likewise) [default: tcp].
-    #[arg(long, value_enum, value_name = "tcp|ws|mqtt|mqtt-ws")] pub protocol: Option<Protocol>,
+    /// CONNECT read first), mqtt-ws (MQTT over WebSocket, likewise) or
+    /// tls-passthrough (TLS routed by server name, not terminated) [default: tcp].
+    #[arg(long, value_enum, value_name = "tcp|ws|mqtt|mqtt-ws|tls-passthrough")] pub protocol: Option<Protocol>,
     /// mqtt, mqtt-ws: largest CONNECT packet, in bytes [default: 65536].
     #[arg(long, value_name = "BYTES")] pub mqtt_connect_max: Option<usize>,
     /// mqtt, mqtt-ws: how long a client may take to send its CONNECT [default: 10s].
     #[arg(long, value_name = "DURATION")] pub mqtt_connect_timeout: Option<Dur>,
+    /// tls-passthrough: route clients asking for this server name (`*.suffix`
+    /// for any under it, `*` for the rest) to this upstream; repeatable.
+    #[arg(long = "sni", value_name = "NAME=ADDR")]
+    #[serde(deserialize_with = "sni_table")]
+    pub sni: Vec<SniRoute>,
+    /// tls-passthrough: largest ClientHello, in bytes [default: 16384].
+    #[arg(long, value_name = "BYTES")] pub tls_hello_max: Option<usize>,
+    /// tls-passthrough: how long a client may take to send its ClientHello [default: 5s].
+    #[arg(long, value_name = "DURATION")] pub tls_hello_timeout: Option<Dur>,
     /// ws: the WebSocket path; `*` accepts any [default: /mqtt].
     #[arg(long, value_name = "PATH")] pub ws_path: Option<String>,
     /// ws: X-Forwarded-For: override (the client) or append (to what came in) [default: override].
@@ -540,11 +645,53 @@ impl ListenerSpec {
             }
         }
         let (reads_mqtt, is_ws) = match protocol {
-            Protocol::Tcp => (false, false),
+            Protocol::Tcp | Protocol::TlsPassthrough => (false, false),
             Protocol::Ws => (false, true),
             Protocol::Mqtt => (true, false),
             Protocol::MqttWs => (true, true),
         };
+        let is_tls = protocol == Protocol::TlsPassthrough;
+        if !is_tls {
+            let tls_only = [
+                ("sni", !self.sni.is_empty()),
+                ("tls-hello-max", self.tls_hello_max.is_some()),
+                ("tls-hello-timeout", self.tls_hello_timeout.is_some()),
+            ];
+            if let Some((key, _)) = tls_only.iter().find(|(_, set)| *set) {
+                bail!("listener `{name}`: key `{key}` applies to TLS passthrough listeners only (protocol = \"tls-passthrough\")");
+            }
+        }
+        // The groups, in the order first named; `upstream` is the `*` group
+        // when there is no other.
+        let mut groups: Vec<(SniMatch, Vec<Upstream>)> = Vec::new();
+        for r in &self.sni {
+            match groups.iter_mut().find(|(n, _)| *n == r.name) {
+                Some((_, ups)) => ups.push(r.upstream),
+                None => groups.push((r.name.clone(), vec![r.upstream])),
+            }
+        }
+        let mut upstreams = self.upstream;
+        if !groups.is_empty() {
+            if !upstreams.is_empty() {
+                if groups.iter().any(|(n, _)| *n == SniMatch::Any) {
+                    bail!("listener `{name}`: keys `upstream` and `sni` \"*\" both say where other names go: keep one");
+                }
+                groups.push((SniMatch::Any, upstreams.clone()));
+            }
+            upstreams = Vec::new();
+            for (_, ups) in &groups {
+                for u in ups {
+                    match upstreams.iter_mut().find(|o: &&mut Upstream| o.addr == u.addr) {
+                        // One address in two groups: one upstream, checked once.
+                        Some(o) if o.weight != u.weight => {
+                            bail!("listener `{name}`: key `sni`: {} has two weights", u.addr)
+                        }
+                        Some(_) => {}
+                        None => upstreams.push(*u),
+                    }
+                }
+            }
+        }
         if !reads_mqtt {
             let mqtt_only = [
                 ("mqtt-connect-max", self.mqtt_connect_max.is_some()),
@@ -580,7 +727,7 @@ impl ListenerSpec {
         Ok(Listener {
             name,
             listen,
-            upstreams: self.upstream,
+            upstreams,
             balance: self.balance.unwrap_or(Balance::RoundRobin),
             health: Health {
                 check: self.health_check.unwrap_or(HealthCheck::Off),
@@ -625,6 +772,11 @@ impl ListenerSpec {
                     .ws_header_timeout
                     .map_or(DEFAULT_WS_HEADER_TIMEOUT, |d| d.0),
                 no_extensions: reads_mqtt,
+            }),
+            tls: is_tls.then(|| TlsPassthrough {
+                hello_max: self.tls_hello_max.unwrap_or(DEFAULT_TLS_HELLO_MAX),
+                hello_timeout: self.tls_hello_timeout.map_or(DEFAULT_TLS_HELLO_TIMEOUT, |d| d.0),
+                groups,
             }),
             mqtt: reads_mqtt.then(|| MqttOptions {
                 connect_max: self.mqtt_connect_max.unwrap_or(DEFAULT_MQTT_CONNECT_MAX),
@@ -770,6 +922,14 @@ impl Config {
             }
             if !(1..=128).contains(&r.prefix_v6) {
                 bail!("{at}: key `rate-limit-prefix-v6`: must be between 1 and 128");
+            }
+            if let Some(t) = &l.tls {
+                if !(512..=64 * 1024).contains(&t.hello_max) {
+                    bail!("{at}: key `tls-hello-max`: must be between 512 and 65536 bytes");
+                }
+                if t.hello_timeout.is_zero() {
+                    bail!("{at}: key `tls-hello-timeout`: must be greater than zero");
+                }
             }
             if let Some(m) = &l.mqtt {
                 if !MQTT_CONNECT_MAX_RANGE.contains(&m.connect_max) {
@@ -1030,6 +1190,43 @@ mod tests {
             (format!("{L}rate-limit-burst = 5\n"), &["`rate-limit-burst`", "needs `rate-limit`"]),
             (format!("{L}rate-limit = \"1/s\"\nrate-limit-burst = 0\n"), &["`rate-limit-burst`", "at least 1"]),
             (format!("{L}rate-limit = \"1/s\"\nrate-limit-prefix-v4 = 33\n"), &["`rate-limit-prefix-v4`"]),
+        ];
+        assert_refused(cases);
+    }
+
+    #[test]
+    fn tls_passthrough_keys() {
+        let c = parse(
+            r#"
+            [[listener]]
+            listen = "127.0.0.1:8883"
+            protocol = "tls-passthrough"
+            tls-hello-max = 4096
+            sni = { "A.example" = ["10.0.0.1:8883", "10.0.0.2:8883 weight=2"], "*.b.example" = ["10.0.0.3:8883"], "*" = ["10.0.0.1:8883"] }
+            "#,
+        )
+        .unwrap();
+        let l = &c.listeners[0];
+        let t = l.tls.as_ref().unwrap();
+        assert_eq!(t.hello_max, 4096);
+        assert_eq!(t.hello_timeout, DEFAULT_TLS_HELLO_TIMEOUT);
+        let names: Vec<String> = t.groups.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(names, ["*", "*.b.example", "a.example"], "lowercased, in the table's order");
+        let addrs: Vec<String> = l.upstreams.iter().map(ToString::to_string).collect();
+        assert_eq!(addrs, ["10.0.0.1:8883", "10.0.0.3:8883", "10.0.0.2:8883 weight=2"], "each once");
+        // `upstream` is the `*` group when there is none.
+        let c = parse("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\nprotocol = \"tls-passthrough\"\nsni = { \"a.example\" = [\"127.0.0.1:3\"] }\n").unwrap();
+        let t = c.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(t.groups[1].0, SniMatch::Any);
+        assert_eq!(c.listeners[0].upstreams.len(), 2);
+        let tls = "[[listener]]\nlisten = \"127.0.0.1:1\"\nprotocol = \"tls-passthrough\"\n";
+        let cases: [(String, &[&str]); 6] = [
+            (format!("{L}sni = {{ \"a.example\" = [\"127.0.0.1:3\"] }}\n"), &["`sni`", "TLS passthrough listeners only"]),
+            (format!("{tls}sni = {{ \"a b\" = [\"127.0.0.1:3\"] }}\n"), &["a b", "server name"]),
+            (format!("{tls}sni = {{ \"*.\" = [\"127.0.0.1:3\"] }}\n"), &["server name"]),
+            (format!("{tls}upstream = [\"127.0.0.1:2\"]\nsni = {{ \"*\" = [\"127.0.0.1:3\"] }}\n"), &["`upstream`", "keep one"]),
+            (format!("{tls}sni = {{ \"a.example\" = [\"127.0.0.1:3\"], \"b.example\" = [\"127.0.0.1:3 weight=2\"] }}\n"), &["two weights"]),
+            (format!("{tls}upstream = [\"127.0.0.1:2\"]\ntls-hello-max = 100\n"), &["`tls-hello-max`"]),
         ];
         assert_refused(cases);
     }

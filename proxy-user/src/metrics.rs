@@ -71,6 +71,10 @@ pub enum Reject {
     bad_mqtt_connect,
     /// Over rate-limit (its source's) or max-connect-rate (the listener's).
     rate_limited,
+    /// A tls-passthrough client sent no valid ClientHello first.
+    bad_tls_hello,
+    /// A tls-passthrough client asked for a server name no `sni` group takes.
+    unknown_sni,
 }
 
 const CLOSE_REASONS: [CloseReason; 7] = [
@@ -83,7 +87,7 @@ const CLOSE_REASONS: [CloseReason; 7] = [
     CloseReason::rejected,
 ];
 
-const REJECTS: [Reject; 10] = [
+const REJECTS: [Reject; 12] = [
     Reject::bad_proxy_header,
     Reject::untrusted_proxy_header,
     Reject::bad_websocket_request,
@@ -94,6 +98,8 @@ const REJECTS: [Reject; 10] = [
     Reject::upstream_refused_upgrade,
     Reject::bad_mqtt_connect,
     Reject::rate_limited,
+    Reject::bad_tls_hello,
+    Reject::unknown_sni,
 ];
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -472,6 +478,7 @@ impl ListenerMetrics {
             Reject::bad_websocket_request | Reject::upstream_refused_upgrade => &self.totals.ws_refused,
             Reject::bad_mqtt_connect => &self.totals.mqtt_refused,
             Reject::rate_limited => &self.totals.rate_limited,
+            Reject::bad_tls_hello | Reject::unknown_sni => &self.totals.tls_refused,
             Reject::access_denied => &self.totals.denied,
             Reject::upstream_down => &self.totals.upstream_down,
             Reject::max_conns | Reject::max_handshakes => &self.totals.over_max_conns,
@@ -543,6 +550,7 @@ pub struct Counters {
     ws_refused: AtomicU64,
     mqtt_refused: AtomicU64,
     rate_limited: AtomicU64,
+    tls_refused: AtomicU64,
     denied: AtomicU64,
     over_max_conns: AtomicU64,
 }
@@ -575,7 +583,7 @@ impl Counters {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
             "accepted={} active={} closed={} spliced={} relayed={} upstream_down={} \
-             proxy_rejected={} proxy_untrusted={} ws_refused={} mqtt_refused={} rate_limited={} denied={} over_max_conns={}",
+             proxy_rejected={} proxy_untrusted={} ws_refused={} mqtt_refused={} rate_limited={} tls_refused={} denied={} over_max_conns={}",
             g(&self.accepted),
             g(&self.active),
             g(&self.closed),
@@ -587,6 +595,7 @@ impl Counters {
             g(&self.ws_refused),
             g(&self.mqtt_refused),
             g(&self.rate_limited),
+            g(&self.tls_refused),
             g(&self.denied),
             g(&self.over_max_conns),
         )

@@ -23,10 +23,12 @@ pub mod net;
 pub mod observe;
 pub mod peers;
 pub mod rawtcp;
+pub mod tls;
 pub use http::*;
 pub use net::*;
 pub use observe::*;
 pub use peers::*;
+pub use tls::*;
 pub use splicer_testkit::{free_port, is_listening, mqtt, run_with_timeout, Proc};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);

@@ -202,6 +202,16 @@ pub fn start_nginx(dir: &Path, listen: SocketAddr, top: &str, blocks: &str) -> R
     Ok(p)
 }
 
+/// nginx with the stream module; `stream_body` goes inside `stream { }`.
+pub fn start_nginx_stream(dir: &Path, listen: SocketAddr, stream_body: &str) -> Result<Proc> {
+    start_nginx(
+        dir,
+        listen,
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n",
+        &format!("stream {{\n{stream_body}\n}}\n"),
+    )
+}
+
 /// nginx's own address: it listens there and binds its upstream side
 /// there too, so the next tier sees it as the peer.
 pub const NGINX_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);

@@ -98,16 +98,6 @@ fn send_through(
     Ok((client, header))
 }
 
-/// nginx with the stream module; `stream_body` goes inside `stream { }`.
-fn start_nginx_stream(dir: &Path, listen: SocketAddr, stream_body: &str) -> Result<Proc> {
-    start_nginx(
-        dir,
-        listen,
-        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n",
-        &format!("stream {{\n{stream_body}\n}}\n"),
-    )
-}
-
 /// nginx as LB 1 as in the guide: `proxy_protocol on` towards `upstream`,
 /// its upstream side bound to 127.0.0.5.
 fn nginx_lb1(dir: &Path, upstream: SocketAddr) -> Result<(Proc, SocketAddr)> {

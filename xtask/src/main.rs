@@ -223,14 +223,14 @@ impl Tally {
 }
 
 /// Coverage-guided fuzzing of the parsers that read what clients send: the
-/// PROXY protocol parser, the WebSocket upgrade rewriter and the MQTT
-/// CONNECT parser, 30 s each.
+/// PROXY protocol parser, the WebSocket upgrade rewriter, the MQTT
+/// CONNECT parser and the TLS ClientHello reader, 30 s each.
 fn fuzz() -> Result<()> {
     if !install::fuzzer()? {
         eprintln!("fuzz: skipped, no nightly toolchain");
         return Ok(());
     }
-    for target in ["proxy_protocol", "http_upgrade", "mqtt_connect"] {
+    for target in ["proxy_protocol", "http_upgrade", "mqtt_connect", "tls_hello"] {
         eprintln!("fuzz: fuzzing {target} for 30 s (cargo +nightly fuzz run {target} in fuzz/)");
         run_cmd(
             Command::new("cargo")

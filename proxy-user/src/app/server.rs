@@ -250,6 +250,13 @@ fn describe(l: &Listener) -> String {
     if let Some(m) = &l.mqtt {
         let _ = write!(s, ", mqtt-connect-max {} timeout {:?}", m.connect_max, m.connect_timeout);
     }
+    if let Some(t) = &l.tls {
+        let _ = write!(s, ", tls-passthrough (not terminated; spliced like TCP)");
+        for (name, ups) in &t.groups {
+            let ups: Vec<String> = ups.iter().map(ToString::to_string).collect();
+            let _ = write!(s, ", sni {name} -> {}", ups.join(" "));
+        }
+    }
     let r = &l.rate_limit;
     if let Some(rate) = r.per_source {
         let _ = write!(

@@ -2,13 +2,14 @@
 //! its counts. A `Route` (a listener and one of its upstreams) is the
 //! datapath's `Owner` for every connection between them, so a connection
 //! parked in the kernel reports here when it ends without holding
-//! anything of its own. An MQTT connection holds one thing of its own,
-//! who connected (`Named`), for its close line.
+//! anything of its own. An MQTT or TLS passthrough connection holds one
+//! thing of its own, what its first packet said (`Named`), for its close
+//! line.
 use std::{fmt, sync::Arc, time::Duration};
 
 use crate::{
     datapath::carried::{ClientAddrs, Outcome, Owner, Totals},
-    ingress::mqtt::Session,
+    ingress::{mqtt::Session, tls::TlsSession},
     metrics::{CloseReason, ListenerMetrics},
     upstream::health::UpstreamState,
 };
@@ -43,15 +44,31 @@ impl Owner for Route {
     }
 }
 
+/// What a client's first packet said, as its log lines show it.
+#[derive(Debug, Clone)]
+pub enum Said {
+    Mqtt(Session),
+    Tls(TlsSession),
+}
+
+impl fmt::Display for Said {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Said::Mqtt(s) => s.fmt(f),
+            Said::Tls(s) => s.fmt(f),
+        }
+    }
+}
+
 impl Route {
     /// Logs the close line and counts the end.
-    fn close(&self, who: ClientAddrs, session: Option<&Session>, t: &Totals, duration: Duration) {
+    fn close(&self, who: ClientAddrs, said: Option<&Said>, t: &Totals, duration: Duration) {
         self.upstream.metrics.active.dec();
         log::info!(
             "[{}] closed {} upstream={} client_to_upstream={} upstream_to_client={} \
              kernel_bytes={} duration={:.3}s end={}",
             self.listener,
-            named(who, session),
+            named(who, said),
             self.upstream.addr,
             t.c2u,
             t.u2c,
@@ -70,10 +87,11 @@ impl Route {
     }
 }
 
-/// The owner of one MQTT connection: its route, and who connected.
+/// The owner of one MQTT or TLS passthrough connection: its route, and
+/// what its first packet said.
 pub struct Named {
     pub route: Arc<Route>,
-    pub session: Session,
+    pub said: Said,
 }
 
 impl Owner for Named {
@@ -82,15 +100,14 @@ impl Owner for Named {
     }
 
     fn closed(&self, who: ClientAddrs, t: &Totals, duration: Duration) {
-        self.route.close(who, Some(&self.session), t, duration);
+        self.route.close(who, Some(&self.said), t, duration);
     }
 }
 
-/// Which client this is, and on an MQTT listener who it said it is once
-/// its CONNECT was read: `client=… [via=…] [client_id=… username=…
-/// mqtt_version=…]`.
-pub fn named(a: ClientAddrs, session: Option<&Session>) -> impl fmt::Display + '_ {
-    fmt::from_fn(move |f| match session {
+/// Which client this is, and what its first packet said once it was read:
+/// `client=… [via=…] [client_id=… username=… mqtt_version=… | sni=…]`.
+pub fn named(a: ClientAddrs, said: Option<&Said>) -> impl fmt::Display + '_ {
+    fmt::from_fn(move |f| match said {
         Some(s) => write!(f, "{} {s}", who(a)),
         None => write!(f, "{}", who(a)),
     })

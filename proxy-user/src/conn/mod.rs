@@ -23,7 +23,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
-use self::close::{Named, Route};
+use self::close::{Named, Route, Said};
 use crate::{
     config::{HealthCheck, Listener},
     datapath::{
@@ -34,7 +34,9 @@ use crate::{
         access::Access,
         inbox::Inbox,
         limit::{Limited, Limits, LogGate},
+        self,
         mqtt::{self, Framing, NoConnect, Session},
+        tls::TlsSession,
         proxy_header::{self, Rejection},
         websocket,
     },
@@ -43,6 +45,7 @@ use crate::{
     upstream::{
         balance::Balancer,
         health::{Failure, UpstreamState},
+        sni::SniRouter,
     },
 };
 
@@ -56,7 +59,10 @@ pub struct ListenerCtx {
     /// reload in a storm does not hand every source a new burst.
     limits: Arc<Limits>,
     limited_log: LogGate,
+    /// Every upstream of the listener (health checks go through it).
     pub balancer: Balancer,
+    /// On `tls-passthrough` listeners with `sni`: the groups by name.
+    sni: Option<SniRouter>,
     pub datapath: Arc<Datapath>,
     pub metrics: ListenerMetrics,
     /// Some on MQTT listeners.
@@ -111,6 +117,12 @@ impl ListenerCtx {
                 .filter(|p| *p.limits.config() == config.rate_limit)
                 .map_or_else(|| Arc::new(Limits::new(config.rate_limit)), |p| p.limits.clone()),
             limited_log: LogGate::default(),
+            sni: config.tls.as_ref().filter(|t| !t.groups.is_empty()).map(|t| {
+                SniRouter::new(config.balance, &t.groups, |u| {
+                    let (state, _) = upstreams.iter().find(|(s, _)| s.addr == u.addr).expect("groups' upstreams are the listener's");
+                    state.clone()
+                })
+            }),
             balancer: Balancer::new(config.balance, upstreams),
             metrics: listener_metrics,
             mqtt_metrics: config
@@ -238,20 +250,49 @@ async fn serve(
         connect = Some(c);
         early_client = bytes;
     }
+    // TLS passthrough: the ClientHello, whose server name picks the group.
+    let mut balancer = &ctx.balancer;
+    let mut hello = None;
+    if let Some(tls) = &ctx.config.tls {
+        let mut inbox = Inbox::holding(&client, early_client);
+        let (h, mut bytes) = match ingress::tls::read_hello(tls, &mut inbox).await {
+            Ok(read) => read,
+            Err(why) => {
+                m.rejected(Reject::bad_tls_hello);
+                log::warn!("[{name}] {}: refused: {why}", close::who(who));
+                return Some(CloseReason::rejected);
+            }
+        };
+        bytes.extend_from_slice(inbox.held());
+        early_client = bytes;
+        let said = TlsSession { sni: h.sni };
+        if let Some(router) = &ctx.sni {
+            let Some(group) = router.group(said.sni.as_deref()) else {
+                m.rejected(Reject::unknown_sni);
+                log::warn!("[{name}] {}: refused: no upstream group for {said}", close::who(who));
+                return Some(CloseReason::rejected);
+            };
+            balancer = group;
+        }
+        hello = Some(said);
+    }
     let client_id = connect.as_ref().map(|c| c.client_id.as_str());
-    let upstream = connect_upstream(ctx, who.real, client_id).await;
-    // From here on only what the log shows of the CONNECT is kept.
-    let mut session = connect.as_ref().map(Session::from);
-    drop(connect);
+    let upstream = connect_upstream(ctx, balancer, who.real, client_id).await;
+    // From here on only what the log shows of the first packet is kept.
+    let mut said = match (connect, hello) {
+        (Some(c), _) => Some(Said::Mqtt(Session::from(&c))),
+        (None, Some(h)) => Some(Said::Tls(h)),
+        (None, None) => None,
+    };
     let Some((upstream, state)) = upstream else {
         m.rejected(Reject::upstream_down);
         log::warn!(
             "[{name}] {}: every upstream is down, closing the client",
-            close::named(who, session.as_ref())
+            close::named(who, said.as_ref())
         );
-        match &session {
-            Some(s) => net::answer_and_close(&client, mqtt_packet::unavailable(s.version)).await,
-            None => refuse(ctx, &client, Refusal::BadGateway).await,
+        match &said {
+            Some(Said::Mqtt(s)) => net::answer_and_close(&client, mqtt_packet::unavailable(s.version)).await,
+            _ => refuse(ctx, &client, Refusal::BadGateway).await,
         }
         return Some(CloseReason::rejected);
     };
@@ -267,10 +308,10 @@ async fn serve(
     if let Err(e) = wrote.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
         log::warn!(
             "[{name}] {} -> {}: telling it who the client is: {e}",
-            close::named(who, session.as_ref()),
+            close::named(who, said.as_ref()),
             state.addr
         );
-        owner(route, session).closed(who, &Totals::error(), started.elapsed());
+        owner(route, said).closed(who, &Totals::error(), started.elapsed());
         return None;
     }
     // The handshake's buffers are done with; a connection relayed for days
@@ -308,22 +349,26 @@ async fn serve(
                 state.metrics.active.dec();
                 return Some(CloseReason::rejected);
             };
-            session = Some(Session::from(&c));
+            said = Some(Said::Mqtt(Session::from(&c)));
             early_client = bytes;
         }
     }
-    if let Some(k) = session.as_ref().map(|s| s.keepalive).filter(|&k| k > 0) {
+    let keepalive = match &said {
+        Some(Said::Mqtt(s)) => s.keepalive,
+        _ => 0,
+    };
+    if keepalive > 0 {
         // MQTT 3.1.2.10: the server may close a client it has not heard
         // from for 1.5 keep-alives. A client that answers TCP probes is
         // alive; one that vanished is closed by the kernel that long after
         // its last packet.
-        let k = Duration::from_secs(k.into());
+        let k = Duration::from_secs(keepalive.into());
         if let Err(e) = net::dead_peer_limit(&client, k, k * 3 / 2) {
             log::warn!("[{name}] {}: setting TCP keep-alive: {e}", close::who(who));
         }
     }
     drop(handshake);
-    let owner = owner(route, session);
+    let owner = owner(route, said);
     let conn = Carried {
         client,
         upstream,
@@ -351,9 +396,9 @@ async fn serve(
 
 /// The connection's owner: its route, or on an MQTT listener a Named of
 /// its own (the route and who connected, for the close line).
-fn owner(route: Arc<Route>, session: Option<Session>) -> Arc<dyn Owner> {
-    match session {
-        Some(session) => Arc::new(Named { route, session }),
+fn owner(route: Arc<Route>, said: Option<Said>) -> Arc<dyn Owner> {
+    match said {
+        Some(said) => Arc::new(Named { route, said }),
         None => route,
     }
 }
@@ -406,12 +451,13 @@ async fn refuse(ctx: &ListenerCtx, client: &TcpStream, refusal: Refusal) {
 /// nothing about the broker, and the client is refused at once.
 async fn connect_upstream(
     ctx: &ListenerCtx,
+    balancer: &Balancer,
     client: SocketAddr,
     client_id: Option<&str>,
 ) -> Option<(TcpStream, Arc<UpstreamState>)> {
     let timeout = ctx.config.connect_timeout;
     let name = &ctx.config.name;
-    for up in ctx.balancer.candidates(client.ip(), client_id) {
+    for up in balancer.candidates(client.ip(), client_id) {
         let started = Instant::now();
         let why = match tokio::time::timeout(timeout, TcpStream::connect(up.addr)).await {
             Ok(Ok(s)) => {

@@ -18,6 +18,8 @@ use crate::config::Balance;
 pub struct Balancer {
     kind: Balance,
     upstreams: Vec<(Arc<UpstreamState>, u32)>,
+    /// Each upstream's address as the hash reads it, written once.
+    names: Vec<String>,
     /// Smooth weighted round-robin's running weights, one per upstream.
     current: Mutex<Vec<i64>>,
     /// Rotates ties in least-conn so equal upstreams share the load.
@@ -30,6 +32,7 @@ impl Balancer {
         let n = upstreams.len();
         Balancer {
             kind,
+            names: upstreams.iter().map(|(u, _)| u.addr.to_string()).collect(),
             upstreams,
             current: Mutex::new(vec![0; n]),
             turn: AtomicUsize::new(0),
@@ -104,16 +107,20 @@ impl Balancer {
     /// only the clients it had; adding one takes only the clients it now
     /// scores highest for. The hash is fixed (not randomised per process),
     /// so several splicer nodes and restarts agree.
-    fn rendezvous(&self, mut live: Vec<usize>, key: &Key) -> Vec<usize> {
-        let score = |i: usize| {
-            let (u, w) = &self.upstreams[i];
-            let h = hash(key, &u.addr.to_string());
-            // A uniform number in (0, 1); score = -w / ln(u).
-            let unit = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-            -f64::from(*w) / unit.ln()
-        };
-        live.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
-        live
+    fn rendezvous(&self, live: Vec<usize>, key: &Key) -> Vec<usize> {
+        let key = key.bytes();
+        let mut scored: Vec<(f64, usize)> = live
+            .into_iter()
+            .map(|i| {
+                let h = hash(&key, &self.names[i]);
+                // A uniform number in (0, 1); score = -w / ln(u).
+                let unit = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                (-f64::from(self.upstreams[i].1) / unit.ln(), i)
+            })
+            .collect();
+        // Highest first; the sort is stable, so ties keep list order.
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        scored.into_iter().map(|(_, i)| i).collect()
     }
 }
 
@@ -123,19 +130,26 @@ enum Key<'a> {
     ClientId(&'a str),
 }
 
-/// FNV-1a over the key and the upstream's name, then a SplitMix64 finish
-/// so nearby inputs spread over all 64 bits. An IP is hashed as its
-/// octets; a client ID as its UTF-8 bytes behind a 0xfe byte. The two can
-/// coincide (client ID "abc" and 254.97.98.99), which only sends both to
-/// the same broker. Pinned by a test: changing it moves every client.
-fn hash(key: &Key, upstream: &str) -> u64 {
-    let key: Vec<u8> = match key {
-        Key::Ip(ip) => match splicer_proto::trust::canonical(*ip) {
-            IpAddr::V4(a) => a.octets().to_vec(),
-            IpAddr::V6(a) => a.octets().to_vec(),
-        },
-        Key::ClientId(id) => [&[0xfe], id.as_bytes()].concat(),
-    };
+impl Key<'_> {
+    /// The bytes hashed: an IP's octets (IPv4-mapped as IPv4); a client
+    /// ID's UTF-8 bytes behind a 0xfe byte.
+    fn bytes(&self) -> Vec<u8> {
+        match self {
+            Key::Ip(ip) => match splicer_proto::trust::canonical(*ip) {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            },
+            Key::ClientId(id) => [&[0xfe], id.as_bytes()].concat(),
+        }
+    }
+}
+
+/// FNV-1a over the key's bytes (Key::bytes) and the upstream's name, then
+/// a SplitMix64 finish so nearby inputs spread over all 64 bits. An IP and
+/// a client ID can give the same bytes (client ID "abc" and 254.97.98.99),
+/// which only sends both to the same broker. Pinned by a test: changing it
+/// moves every client.
+fn hash(key: &[u8], upstream: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in key.iter().chain(&[0xff]).chain(upstream.as_bytes()) {
         h ^= u64::from(*b);
@@ -278,9 +292,9 @@ mod tests {
     fn the_hash_is_pinned() {
         // Several nodes, restarts and versions must agree: these values
         // may never change.
-        let ip = |s: &str| Key::Ip(s.parse().unwrap());
+        let ip = |s: &str| Key::Ip(s.parse().unwrap()).bytes();
         assert_eq!(hash(&ip("10.0.0.1"), "127.0.0.1:1883"), PINNED_IP);
-        assert_eq!(hash(&Key::ClientId("sensor-17"), "127.0.0.1:1883"), PINNED_ID);
+        assert_eq!(hash(&Key::ClientId("sensor-17").bytes(), "127.0.0.1:1883"), PINNED_ID);
         assert_ne!(hash(&ip("10.0.0.1"), "127.0.0.1:1883"), hash(&ip("10.0.0.2"), "127.0.0.1:1883"));
         assert_eq!(hash(&ip("::ffff:10.0.0.1"), "x"), hash(&ip("10.0.0.1"), "x"));
     }

@@ -1,0 +1,60 @@
+//! The ClientHello on a `tls-passthrough` listener, read through the Inbox
+//! within `tls-hello-max` and `tls-hello-timeout`, for the server name that
+//! picks the upstream group. TLS is not terminated: the ClientHello goes to
+//! the broker unchanged, and what is refused is just closed (an alert would
+//! be the terminating server's to send). Parsed in splicer_proto::tls_hello.
+use std::fmt;
+
+use splicer_proto::{
+    preamble::TlsClientHello,
+    tls_hello::{ClientHello, Refusal},
+};
+
+use super::inbox::{Inbox, ReadError};
+use crate::config::TlsPassthrough;
+
+/// What a passthrough connection keeps of its ClientHello for its close
+/// line: the server name (a checked host name, at most 253 bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSession {
+    pub sni: Option<String>,
+}
+
+impl fmt::Display for TlsSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.sni {
+            Some(n) => write!(f, "sni={n}"),
+            None => f.write_str("sni=-"),
+        }
+    }
+}
+
+/// Why no ClientHello was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoHello {
+    Refused(Refusal),
+    Timeout,
+    Closed,
+}
+
+impl fmt::Display for NoHello {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoHello::Refused(r) => r.fmt(f),
+            NoHello::Timeout => f.write_str("no whole ClientHello within tls-hello-timeout"),
+            NoHello::Closed => f.write_str("closed before a whole ClientHello"),
+        }
+    }
+}
+
+/// Reads the client's ClientHello: its meaning and its record bytes (which
+/// the caller sends on).
+pub async fn read_hello(opts: &TlsPassthrough, inbox: &mut Inbox<'_>) -> Result<(ClientHello, Vec<u8>), NoHello> {
+    let mut reader = TlsClientHello::new(opts.hello_max);
+    match tokio::time::timeout(opts.hello_timeout, inbox.read(&mut reader)).await {
+        Ok(Ok(read)) => Ok(read),
+        Ok(Err(ReadError::Refused(r))) => Err(NoHello::Refused(r)),
+        Ok(Err(ReadError::Closed)) => Err(NoHello::Closed),
+        Err(_) => Err(NoHello::Timeout),
+    }
+}
