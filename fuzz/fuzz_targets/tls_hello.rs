@@ -46,7 +46,7 @@ fn check(data: &[u8]) {
             assert_eq!(parse_client_hello(&data[..cut], MAX), Ok(None), "prefix of {cut}");
         }
         if let Some(name) = &h.sni {
-            assert!(name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-._".contains(&c)));
+            assert!(name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-._:".contains(&c)));
         }
     }
     segmented(|| TlsClientHello::new(MAX), data);

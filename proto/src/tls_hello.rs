@@ -14,11 +14,15 @@ use std::fmt;
 /// A ClientHello as read. `len` is how many bytes of records it took.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientHello {
-    /// The host name asked for, lowercased, without a trailing dot; None
-    /// when the client sent no server_name extension (an IP address
-    /// literal, or an old client).
+    /// The name asked for, lowercased, without a trailing dot: a host name,
+    /// or an IP literal (which RFC 6066 does not allow, but OpenSSL-based
+    /// clients such as libmosquitto send when given one). None when the
+    /// client sent no server_name, or one that is neither (the terminating
+    /// server decides what to make of it).
     pub sni: Option<String>,
-    /// ALPN protocol names offered, in the client's order.
+    /// ALPN protocol names offered, in the client's order (at most
+    /// MAX_ALPN; an ALPN list that does not parse is taken as none: it is
+    /// the terminating server's to refuse).
     pub alpn: Vec<String>,
     /// Record bytes up to the end of the record that completed it.
     pub len: usize,
@@ -48,6 +52,8 @@ impl fmt::Display for Refusal {
 
 /// Largest TLS record payload (RFC 8446 5.1).
 const MAX_RECORD: usize = 1 << 14;
+/// ALPN names kept.
+const MAX_ALPN: usize = 16;
 const HANDSHAKE: u8 = 0x16;
 const CLIENT_HELLO: u8 = 0x01;
 const SERVER_NAME: u16 = 0;
@@ -63,7 +69,9 @@ pub fn parse_client_hello(buf: &[u8], max: usize) -> Result<Option<ClientHello>,
 /// A ClientHello being gathered from its records as they arrive: each
 /// record is taken once, whole, so the work is in proportion to the bytes
 /// however they are cut; the message is parsed once, when whole. (The
-/// message may span records.)
+/// message may span records.) Record headers do not count toward `max`,
+/// but the records may take at most twice it, so a client cannot hold a
+/// handshake's buffer with tiny records.
 #[derive(Debug)]
 pub struct Records {
     max: usize,
@@ -101,6 +109,9 @@ impl Records {
             let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
             if len == 0 || len > MAX_RECORD {
                 return Err(Malformed("record length"));
+            }
+            if at + 5 + len > 2 * self.max {
+                return Err(Refusal::TooLarge);
             }
             let Some(payload) = buf.get(at + 5..at + 5 + len) else {
                 // Refuse early what cannot fit, from the message's header.
@@ -186,53 +197,60 @@ fn body(b: &[u8]) -> Result<ClientHello, Refusal> {
     if r.at != b.len() {
         return Err(Malformed("bytes after the extensions"));
     }
-    let mut seen = Vec::new();
+    // One bit per extension type: a repeat is refused in constant time.
+    let mut seen = [0u64; 1024];
     while exts.at < exts.b.len() {
         let kind = exts.u16()?;
         let data = exts.vec16()?;
-        if seen.contains(&kind) {
+        let (word, bit) = (usize::from(kind / 64), 1u64 << (kind % 64));
+        if seen[word] & bit != 0 {
             return Err(Malformed("an extension given twice"));
         }
-        seen.push(kind);
+        seen[word] |= bit;
         match kind {
             SERVER_NAME => hello.sni = server_name(data)?,
-            ALPN => hello.alpn = alpn(data)?,
+            ALPN => hello.alpn = alpn(data),
             _ => {}
         }
     }
     Ok(hello)
 }
 
-/// The server_name extension: a list holding one host_name (RFC 6066 3:
-/// no two names of the same type).
+/// The server_name extension: a list of (type, name) entries, of which
+/// only host_name (type 0) is defined (RFC 6066 3: no two of one type).
+/// The list's framing must hold; a name that is neither a host name nor
+/// an IP literal is taken as no name.
 fn server_name(data: &[u8]) -> Result<Option<String>, Refusal> {
     let mut d = Cursor { b: data, at: 0 };
     let mut list = Cursor { b: d.vec16()?, at: 0 };
-    if d.at != data.len() || list.b.is_empty() {
+    if d.at != data.len() {
         return Err(Malformed("server_name list"));
     }
     let mut name = None;
+    let mut host_names = 0;
     while list.at < list.b.len() {
         let kind = list.u8()?;
         let value = list.vec16()?;
         if kind != 0 {
             continue; // other name types: none defined, skipped
         }
-        if name.is_some() {
-            return Err(Malformed("two host names"));
-        }
-        name = Some(host_name(value)?);
+        host_names += 1;
+        name = usable_name(value);
+    }
+    if host_names > 1 {
+        return Err(Malformed("two host names"));
     }
     Ok(name)
 }
 
-/// A DNS host name: letters, digits, hyphens and underscores in dot-separated
-/// labels of 1 to 63 bytes that neither start nor end with a hyphen, 253
-/// at most; lowercased, one trailing dot dropped. (RFC 6066 does not allow
-/// an IP literal, but clients send one, and it passes as digits and dots.)
-fn host_name(v: &[u8]) -> Result<String, Refusal> {
+/// A DNS host name (letters, digits, hyphens and underscores in
+/// dot-separated labels of 1 to 63 bytes that neither start nor end with a
+/// hyphen, 253 at most) or an IP literal; lowercased, one trailing dot
+/// dropped. Only these characters reach a log line.
+fn usable_name(v: &[u8]) -> Option<String> {
     let v = v.strip_suffix(b".").unwrap_or(v);
-    let ok = !v.is_empty()
+    let text = std::str::from_utf8(v).ok()?;
+    let host = !v.is_empty()
         && v.len() <= 253
         && v.split(|&c| c == b'.').all(|label| {
             (1..=63).contains(&label.len())
@@ -240,28 +258,29 @@ fn host_name(v: &[u8]) -> Result<String, Refusal> {
                 && !label.ends_with(b"-")
                 && label.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
         });
-    if !ok {
-        return Err(Malformed("server name is not a host name"));
+    match host {
+        true => Some(text.to_ascii_lowercase()),
+        false => text.parse::<std::net::IpAddr>().ok().map(|ip| ip.to_string()),
     }
-    Ok(String::from_utf8_lossy(v).to_ascii_lowercase())
 }
 
-/// The ALPN extension: a non-empty list of non-empty names.
-fn alpn(data: &[u8]) -> Result<Vec<String>, Refusal> {
+/// The ALPN extension's names, at most MAX_ALPN; empty if it does not
+/// parse as a list of non-empty names.
+fn alpn(data: &[u8]) -> Vec<String> {
     let mut d = Cursor { b: data, at: 0 };
-    let mut list = Cursor { b: d.vec16()?, at: 0 };
-    if d.at != data.len() || list.b.is_empty() {
-        return Err(Malformed("ALPN list"));
-    }
+    let Ok(list) = d.vec16() else {
+        return Vec::new();
+    };
+    let mut list = Cursor { b: list, at: 0 };
     let mut names = Vec::new();
     while list.at < list.b.len() {
-        let name = list.vec8()?;
-        if name.is_empty() {
-            return Err(Malformed("empty ALPN protocol name"));
+        match list.vec8() {
+            Ok(name) if !name.is_empty() => names.push(String::from_utf8_lossy(name).into_owned()),
+            _ => return Vec::new(),
         }
-        names.push(String::from_utf8_lossy(name).into_owned());
     }
-    Ok(names)
+    names.truncate(MAX_ALPN);
+    names
 }
 
 /// A cursor over a whole message: running out of bytes is malformed (the
@@ -399,10 +418,18 @@ mod tests {
         assert_eq!(refused(&big), Refusal::TooLarge, "refused from the length alone");
         let twice = hello_body(&[sni(b"a.example"), sni(b"b.example")]);
         assert!(matches!(refused(&records(&twice, MAX_RECORD)), Malformed(_)));
-        for bad in [&b"a..example"[..], b"-", b"a example", b"10.0.0.1:80", b""] {
-            let body = hello_body(&[sni(bad)]);
-            assert!(matches!(refused(&records(&body, MAX_RECORD)), Malformed(_)), "{bad:?}");
+        let parsed = |b: &[u8]| parse_client_hello(&records(&hello_body(&[sni(b)]), MAX_RECORD), MAX);
+        // A name that is not one goes to `*`, as no name does.
+        for odd in [&b"a..example"[..], b"-", b"a example", b"10.0.0.1:80", b"", b"\xff"] {
+            assert_eq!(parsed(odd).unwrap().unwrap().sni, None, "{odd:?}");
         }
+        // IP literals, as libmosquitto sends them, are names.
+        assert_eq!(parsed(b"10.0.0.1").unwrap().unwrap().sni.as_deref(), Some("10.0.0.1"));
+        assert_eq!(parsed(b"FD00::5").unwrap().unwrap().sni.as_deref(), Some("fd00::5"));
+        // Tiny records cannot take more than twice the limit.
+        let small = hello_body(&[sni(b"a.example")]);
+        assert!(parse_client_hello(&records(&small, MAX_RECORD), 100).is_ok_and(|h| h.is_some()));
+        assert_eq!(parse_client_hello(&records(&small, 1), 100), Err(Refusal::TooLarge));
         let mut cut = hello_body(&[sni(b"a.example")]);
         cut.pop();
         assert!(matches!(refused(&records(&cut, MAX_RECORD)), Malformed(_)), "extension cut short");

@@ -426,6 +426,9 @@ fn sni_table<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SniRoute>, D::Error>
     let table = std::collections::BTreeMap::<String, Vec<Upstream>>::deserialize(d)?;
     let mut routes = Vec::new();
     for (name, ups) in table {
+        if ups.is_empty() {
+            return Err(de::Error::custom(format!("`{name}` lists no upstream")));
+        }
         let name: SniMatch = name.parse().map_err(de::Error::custom)?;
         routes.extend(ups.into_iter().map(|upstream| SniRoute { name: name.clone(), upstream }));
     }
@@ -669,6 +672,22 @@ impl ListenerSpec {
                 Some((_, ups)) => ups.push(r.upstream),
                 None => groups.push((r.name.clone(), vec![r.upstream])),
             }
+        }
+        for (n, ups) in &groups {
+            for (i, u) in ups.iter().enumerate() {
+                if ups[..i].iter().any(|o| o.addr == u.addr) {
+                    bail!("listener `{name}`: key `sni`: {} is listed twice for `{n}` (use weight=N)", u.addr);
+                }
+            }
+            if ups.iter().all(|u| u.weight == 0) {
+                bail!("listener `{name}`: key `sni`: every weight for `{n}` is 0, so it would take no client");
+            }
+        }
+        if is_tls && self.health_check == Some(HealthCheck::Mqtt) {
+            bail!(
+                "listener `{name}`: key `health-check`: \"mqtt\" would speak plaintext MQTT to TLS brokers; \
+                 use \"tcp\" on tls-passthrough listeners"
+            );
         }
         let mut upstreams = self.upstream;
         if !groups.is_empty() {
@@ -1220,13 +1239,17 @@ mod tests {
         assert_eq!(t.groups[1].0, SniMatch::Any);
         assert_eq!(c.listeners[0].upstreams.len(), 2);
         let tls = "[[listener]]\nlisten = \"127.0.0.1:1\"\nprotocol = \"tls-passthrough\"\n";
-        let cases: [(String, &[&str]); 6] = [
+        let cases: [(String, &[&str]); 10] = [
             (format!("{L}sni = {{ \"a.example\" = [\"127.0.0.1:3\"] }}\n"), &["`sni`", "TLS passthrough listeners only"]),
             (format!("{tls}sni = {{ \"a b\" = [\"127.0.0.1:3\"] }}\n"), &["a b", "server name"]),
             (format!("{tls}sni = {{ \"*.\" = [\"127.0.0.1:3\"] }}\n"), &["server name"]),
             (format!("{tls}upstream = [\"127.0.0.1:2\"]\nsni = {{ \"*\" = [\"127.0.0.1:3\"] }}\n"), &["`upstream`", "keep one"]),
             (format!("{tls}sni = {{ \"a.example\" = [\"127.0.0.1:3\"], \"b.example\" = [\"127.0.0.1:3 weight=2\"] }}\n"), &["two weights"]),
             (format!("{tls}upstream = [\"127.0.0.1:2\"]\ntls-hello-max = 100\n"), &["`tls-hello-max`"]),
+            (format!("{tls}sni = {{ \"a.example\" = [\"127.0.0.1:3\", \"127.0.0.1:3\"] }}\n"), &["listed twice", "a.example"]),
+            (format!("{tls}sni = {{ \"a.example\" = [\"127.0.0.1:3 weight=0\"], \"*\" = [\"127.0.0.1:4\"] }}\n"), &["every weight", "a.example"]),
+            (format!("{tls}upstream = [\"127.0.0.1:2\"]\nhealth-check = \"mqtt\"\n"), &["`health-check`", "tcp"]),
+            (format!("{tls}sni = {{ \"a.example\" = [] }}\n"), &["a.example", "no upstream"]),
         ];
         assert_refused(cases);
     }

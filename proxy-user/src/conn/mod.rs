@@ -286,8 +286,12 @@ async fn serve(
     };
     let Some((upstream, state)) = upstream else {
         m.rejected(Reject::upstream_down);
+        let of = match ctx.sni.is_some() {
+            true => " of its sni group",
+            false => "",
+        };
         log::warn!(
-            "[{name}] {}: every upstream is down, closing the client",
+            "[{name}] {}: every upstream{of} is down, closing the client",
             close::named(who, said.as_ref())
         );
         match &said {
@@ -394,8 +398,9 @@ async fn serve(
     None
 }
 
-/// The connection's owner: its route, or on an MQTT listener a Named of
-/// its own (the route and who connected, for the close line).
+/// The connection's owner: its route, or on an MQTT or TLS passthrough
+/// listener a Named of its own (the route and what the first packet said,
+/// for the close line).
 fn owner(route: Arc<Route>, said: Option<Said>) -> Arc<dyn Owner> {
     match said {
         Some(said) => Arc::new(Named { route, said }),
