@@ -204,6 +204,7 @@ pub struct Metrics {
     reloads: Family<ResultLabel, Counter>,
     mqtt_connections: Family<VersionLabels, Counter>,
     mqtt_rejections: Family<ReasonLabels, Counter>,
+    tls_rejections: Family<ReasonLabels, Counter>,
     buffer_cap: Gauge,
     buffer_granted: Gauge,
     buffer_refused: Counter,
@@ -234,6 +235,7 @@ impl Metrics {
             reloads: family(&mut r, "config_reloads", "SIGHUP reloads, by result (ok or failed)"),
             mqtt_connections: family(&mut r, "mqtt_connections", "MQTT listeners: clients whose CONNECT was read, by protocol version"),
             mqtt_rejections: family(&mut r, "mqtt_connect_rejections", "MQTT listeners: clients refused for their first packet, by reason (not_connect, malformed, protocol_error, identifier_rejected, unsupported_version, too_large, timeout, closed)"),
+            tls_rejections: family(&mut r, "tls_hello_rejections", "TLS passthrough listeners: clients refused for their ClientHello, by reason (not_tls, malformed, too_large, timeout, closed)"),
             buffer_cap: registered(&mut r, "kernel_buffer_cap_bytes", "--max-buffered: what kernel-carried directions may hold in kernel queues beyond their floors, together", Gauge::default()),
             buffer_granted: registered(&mut r, "kernel_buffer_granted_bytes", "What the grants of kernel-carried directions beyond their floors allow them to hold now, together", Gauge::default()),
             buffer_refused: registered(&mut r, "kernel_buffer_grants_refused", "Times a fast kernel-carried direction could not get a bigger grant because --max-buffered was reached", Counter::default()),
@@ -313,17 +315,16 @@ impl Metrics {
                 version: v.to_string(),
             })
         });
-        let rejections = reasons
-            .iter()
-            .map(|r| {
-                let c = self.mqtt_rejections.get_or_create_owned(&ReasonLabels {
-                    listener: listener.into(),
-                    reason: (*r).into(),
-                });
-                (*r, c)
-            })
-            .collect();
-        MqttMetrics { versions, rejections }
+        MqttMetrics {
+            versions,
+            rejections: ByReason::new(&self.mqtt_rejections, listener, reasons),
+        }
+    }
+
+    /// A TLS passthrough listener's ClientHello rejections, by `reasons`,
+    /// created at zero.
+    pub fn tls_hello(&self, listener: &str, reasons: &[&'static str]) -> ByReason {
+        ByReason::new(&self.tls_rejections, listener, reasons)
     }
 
     /// A reload dropped the upstream: its series go.
@@ -344,7 +345,7 @@ impl Metrics {
 pub struct MqttMetrics {
     /// By Version, in declaration order.
     versions: [Counter; 3],
-    rejections: Vec<(&'static str, Counter)>,
+    rejections: ByReason,
 }
 
 impl MqttMetrics {
@@ -353,7 +354,32 @@ impl MqttMetrics {
     }
 
     pub fn refused(&self, reason: &str) {
-        if let Some((_, c)) = self.rejections.iter().find(|(r, _)| *r == reason) {
+        self.rejections.inc(reason);
+    }
+}
+
+/// One listener's counters of a family labelled by `reason`.
+#[derive(Clone, Debug)]
+pub struct ByReason(Vec<(&'static str, Counter)>);
+
+impl ByReason {
+    fn new(family: &Family<ReasonLabels, Counter>, listener: &str, reasons: &[&'static str]) -> ByReason {
+        ByReason(
+            reasons
+                .iter()
+                .map(|r| {
+                    let labels = ReasonLabels {
+                        listener: listener.into(),
+                        reason: (*r).into(),
+                    };
+                    (*r, family.get_or_create_owned(&labels))
+                })
+                .collect(),
+        )
+    }
+
+    pub fn inc(&self, reason: &str) {
+        if let Some((_, c)) = self.0.iter().find(|(r, _)| *r == reason) {
             c.inc();
         }
     }

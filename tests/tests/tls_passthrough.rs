@@ -143,10 +143,17 @@ fn what_is_not_a_client_hello_is_refused_before_any_upstream() -> Result<()> {
         Err(e) if e.kind() == ErrorKind::WouldBlock => {}
         other => anyhow::bail!("a refused client reached the upstream: {other:?}"),
     }
-    expect_metrics(
-        metrics,
-        &[("splicer_rejections_total{listener=\"default\",reason=\"bad_tls_hello\"}", cases.len() as f64 + 1.0)],
-    )?;
+    let by_reason = |r: &str| format!("splicer_tls_hello_rejections_total{{listener=\"default\",reason=\"{r}\"}}");
+    let series = [
+        ("splicer_rejections_total{listener=\"default\",reason=\"bad_tls_hello\"}".to_string(), cases.len() as f64 + 1.0),
+        (by_reason("not_tls"), 3.0),
+        (by_reason("malformed"), 1.0),
+        (by_reason("too_large"), 1.0),
+        (by_reason("closed"), 1.0),
+        (by_reason("timeout"), 1.0),
+    ];
+    let refs: Vec<(&str, f64)> = series.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+    expect_metrics(metrics, &refs)?;
     wait_lines(&splicer.proc, "refused: ", cases.len() + 1)?;
     Ok(())
 }

@@ -34,13 +34,12 @@ use crate::{
         access::Access,
         inbox::Inbox,
         limit::{Limited, Limits, LogGate},
-        self,
         mqtt::{self, Framing, NoConnect, Session},
-        tls::TlsSession,
         proxy_header::{self, Rejection},
+        tls::{self, TlsSession},
         websocket,
     },
-    metrics::{CloseReason, ListenerMetrics, Metrics, MqttMetrics, Reject},
+    metrics::{ByReason, CloseReason, ListenerMetrics, Metrics, MqttMetrics, Reject},
     net,
     upstream::{
         balance::Balancer,
@@ -67,6 +66,8 @@ pub struct ListenerCtx {
     pub metrics: ListenerMetrics,
     /// Some on MQTT listeners.
     mqtt_metrics: Option<MqttMetrics>,
+    /// Some on TLS passthrough listeners: ClientHello rejections by reason.
+    tls_rejections: Option<ByReason>,
     /// One per upstream, in the balancer's order: what a connection to it
     /// reports its end to.
     routes: Vec<Arc<Route>>,
@@ -125,6 +126,10 @@ impl ListenerCtx {
             }),
             balancer: Balancer::new(config.balance, upstreams),
             metrics: listener_metrics,
+            tls_rejections: config
+                .tls
+                .as_ref()
+                .map(|_| metrics.tls_hello(&config.name, &tls::NO_HELLO_LABELS)),
             mqtt_metrics: config
                 .mqtt
                 .map(|_| metrics.mqtt(&config.name, &mqtt::NO_CONNECT_LABELS)),
@@ -253,12 +258,15 @@ async fn serve(
     // TLS passthrough: the ClientHello, whose server name picks the group.
     let mut balancer = &ctx.balancer;
     let mut hello = None;
-    if let Some(tls) = &ctx.config.tls {
+    if let Some(opts) = &ctx.config.tls {
         let mut inbox = Inbox::holding(&client, early_client);
-        let (h, mut bytes) = match ingress::tls::read_hello(tls, &mut inbox).await {
+        let (h, mut bytes) = match tls::read_hello(opts, &mut inbox).await {
             Ok(read) => read,
             Err(why) => {
                 m.rejected(Reject::bad_tls_hello);
+                if let Some(r) = &ctx.tls_rejections {
+                    r.inc(why.label());
+                }
                 log::warn!("[{name}] {}: refused: {why}", close::who(who));
                 return Some(CloseReason::rejected);
             }

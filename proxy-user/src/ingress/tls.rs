@@ -37,6 +37,22 @@ pub enum NoHello {
     Closed,
 }
 
+impl NoHello {
+    /// The `reason` label of `splicer_tls_hello_rejections`.
+    pub fn label(self) -> &'static str {
+        match self {
+            NoHello::Refused(Refusal::NotTls) => "not_tls",
+            NoHello::Refused(Refusal::Malformed(_)) => "malformed",
+            NoHello::Refused(Refusal::TooLarge) => "too_large",
+            NoHello::Timeout => "timeout",
+            NoHello::Closed => "closed",
+        }
+    }
+}
+
+/// Every label `NoHello::label` gives, for the metric's series.
+pub const NO_HELLO_LABELS: [&str; 5] = ["not_tls", "malformed", "too_large", "timeout", "closed"];
+
 impl fmt::Display for NoHello {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
