@@ -244,24 +244,22 @@ async fn serve(
         refuse(ctx, &client, Refusal::TooManyRequests).await;
         return Some(CloseReason::rejected);
     }
-    let mut early_client = inbox.into_rest();
     // MQTT over TCP: the CONNECT, before any upstream is touched. Who
-    // connects picks the broker (balance = "client-id").
+    // connects picks the broker (balance = "client-id"). Like the
+    // ClientHello below, it stays in the inbox, first of the client's bytes.
     let mut connect = None;
     if ctx.config.mqtt.is_some() && ctx.config.ws.is_none() {
-        let Some((c, bytes)) = read_session(ctx, &client, early_client, Framing::Tcp, who).await else {
+        let Some(c) = read_connect(ctx, &mut inbox, &client, Framing::Tcp, who).await else {
             return Some(CloseReason::rejected);
         };
         connect = Some(c);
-        early_client = bytes;
     }
     // TLS passthrough: the ClientHello, whose server name picks the group.
     let mut balancer = &ctx.balancer;
     let mut hello = None;
     if let Some(opts) = &ctx.config.tls {
-        let mut inbox = Inbox::holding(&client, early_client);
-        let (h, mut bytes) = match tls::read_hello(opts, &mut inbox).await {
-            Ok(read) => read,
+        let h = match tls::read_hello(opts, &mut inbox).await {
+            Ok(h) => h,
             Err(why) => {
                 m.rejected(Reject::bad_tls_hello);
                 if let Some(r) = &ctx.tls_rejections {
@@ -271,8 +269,6 @@ async fn serve(
                 return Some(CloseReason::rejected);
             }
         };
-        bytes.extend_from_slice(inbox.held());
-        early_client = bytes;
         let said = TlsSession { sni: h.sni };
         if let Some(router) = &ctx.sni {
             let Some(group) = router.group(said.sni.as_deref()) else {
@@ -353,16 +349,15 @@ async fn serve(
             let switched = tokio::time::timeout(limit, net::write_all(&client, &early_upstream)).await;
             sent_to_client = std::mem::take(&mut early_upstream).len() as u64;
             let read = match switched {
-                Ok(Ok(())) => read_session(ctx, &client, early_client, Framing::WebSocket, who).await,
+                Ok(Ok(())) => read_connect(ctx, &mut inbox, &client, Framing::WebSocket, who).await,
                 // Gone (or not reading) before its CONNECT could come.
                 _ => no_connect(ctx, who, NoConnect::Closed),
             };
-            let Some((c, bytes)) = read else {
+            let Some(c) = read else {
                 state.metrics.active.dec();
                 return Some(CloseReason::rejected);
             };
             said = Some(Said::Mqtt(Session::from(&c)));
-            early_client = bytes;
         }
     }
     let keepalive = match &said {
@@ -380,6 +375,9 @@ async fn serve(
         }
     }
     drop(handshake);
+    // Client bytes behind the PROXY header and upgrade request: a CONNECT
+    // or ClientHello left in place, and whatever followed it.
+    let early_client = inbox.into_rest();
     let owner = owner(route, said);
     let conn = Carried {
         client,
@@ -416,25 +414,22 @@ fn owner(route: Arc<Route>, said: Option<Said>) -> Arc<dyn Owner> {
     }
 }
 
-/// Reads the client's CONNECT from `held` (bytes already read) and the
-/// socket: the CONNECT, and the bytes to forward (its own, and any behind
-/// it). None when it was refused: counted, logged and answered.
-async fn read_session(
+/// Reads the client's CONNECT through `inbox`, which keeps its bytes for
+/// the broker. None when it was refused: counted, logged and answered.
+async fn read_connect(
     ctx: &ListenerCtx,
+    inbox: &mut Inbox<'_>,
     client: &TcpStream,
-    held: Vec<u8>,
     framing: Framing,
     who: ClientAddrs,
-) -> Option<(Connect, Vec<u8>)> {
+) -> Option<Connect> {
     let (Some(opts), Some(mm)) = (&ctx.config.mqtt, &ctx.mqtt_metrics) else {
         unreachable!("MQTT listeners have MQTT options and metrics")
     };
-    let mut inbox = Inbox::holding(client, held);
-    match mqtt::read_connect(opts, &mut inbox, client, framing).await {
-        Ok((s, mut bytes)) => {
-            mm.connected(s.version);
-            bytes.extend_from_slice(inbox.held());
-            Some((s, bytes))
+    match mqtt::read_connect(opts, inbox, client, framing).await {
+        Ok(c) => {
+            mm.connected(c.version);
+            Some(c)
         }
         Err(why) => no_connect(ctx, who, why),
     }

@@ -30,22 +30,29 @@ pub enum ReadError<E> {
 
 impl<'a> Inbox<'a> {
     pub fn new(stream: &'a TcpStream) -> Self {
-        Self::holding(stream, Vec::new())
-    }
-
-    /// An inbox that already holds `buf`, read from `stream` before.
-    pub fn holding(stream: &'a TcpStream, buf: Vec<u8>) -> Self {
-        Inbox { stream, buf }
+        Inbox {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     /// Reads until `reader` has a whole preamble at the front of what was
     /// received; returns its value and its bytes, which leave the inbox.
     /// The caller bounds the time this may take.
     pub async fn read<R: Reader>(&mut self, reader: &mut R) -> Result<(R::Value, Vec<u8>), ReadError<R::Error>> {
+        let (value, len) = self.look(reader).await?;
+        Ok((value, self.buf.drain(..len).collect()))
+    }
+
+    /// Reads until `reader` has a whole preamble at the front of what was
+    /// received, and leaves its bytes there: for a preamble that goes to
+    /// the upstream as it came (an MQTT CONNECT, a TLS ClientHello), ahead
+    /// of whatever followed it. Returns its value and its length.
+    pub async fn look<R: Reader>(&mut self, reader: &mut R) -> Result<(R::Value, usize), ReadError<R::Error>> {
         loop {
             if !self.buf.is_empty() {
                 match reader.step(&self.buf) {
-                    Step::Done(value, len) => return Ok((value, self.buf.drain(..len).collect())),
+                    Step::Done(value, len) => return Ok((value, len)),
                     Step::Fail(e) => return Err(ReadError::Refused(e)),
                     Step::More => {}
                 }

@@ -146,31 +146,31 @@ pub enum Framing {
     WebSocket,
 }
 
-/// Reads the client's CONNECT: its meaning and its bytes (which the caller
-/// sends on: the frames as they came, over WebSocket). On a refusal the
+/// Reads the client's CONNECT, leaving its bytes in `inbox` (they go to the
+/// broker as they came: the frames, over WebSocket). On a refusal the
 /// client has been answered and half-closed.
 pub async fn read_connect(
     opts: &MqttOptions,
     inbox: &mut Inbox<'_>,
     client: &TcpStream,
     framing: Framing,
-) -> Result<(Connect, Vec<u8>), NoConnect> {
+) -> Result<Connect, NoConnect> {
     let limit = opts.connect_timeout;
     // The CONNECT's version, for an answer the client can read.
     let (read, level) = match framing {
         Framing::Tcp => {
             let mut r = MqttConnect::new(opts.connect_max);
-            let read = tokio::time::timeout(limit, inbox.read(&mut r)).await;
+            let read = tokio::time::timeout(limit, inbox.look(&mut r)).await;
             (read, mqtt::level(inbox.held()))
         }
         Framing::WebSocket => {
             let mut r = MqttConnectInWs::new(opts.connect_max);
-            let read = tokio::time::timeout(limit, inbox.read(&mut r)).await;
+            let read = tokio::time::timeout(limit, inbox.look(&mut r)).await;
             (read, mqtt::level(r.message()))
         }
     };
     let why = match read {
-        Ok(Ok(read)) => return Ok(read),
+        Ok(Ok((connect, _))) => return Ok(connect),
         Ok(Err(ReadError::Refused(r))) => NoConnect::Refused(r),
         Ok(Err(ReadError::Closed)) => NoConnect::Closed,
         Err(_) => NoConnect::Timeout,

@@ -63,12 +63,12 @@ impl fmt::Display for NoHello {
     }
 }
 
-/// Reads the client's ClientHello: its meaning and its record bytes (which
-/// the caller sends on).
-pub async fn read_hello(opts: &TlsPassthrough, inbox: &mut Inbox<'_>) -> Result<(ClientHello, Vec<u8>), NoHello> {
+/// Reads the client's ClientHello, leaving its records in `inbox` (they
+/// go to the broker as they came).
+pub async fn read_hello(opts: &TlsPassthrough, inbox: &mut Inbox<'_>) -> Result<ClientHello, NoHello> {
     let mut reader = TlsClientHello::new(opts.hello_max);
-    match tokio::time::timeout(opts.hello_timeout, inbox.read(&mut reader)).await {
-        Ok(Ok(read)) => Ok(read),
+    match tokio::time::timeout(opts.hello_timeout, inbox.look(&mut reader)).await {
+        Ok(Ok((hello, _))) => Ok(hello),
         Ok(Err(ReadError::Refused(r))) => Err(NoHello::Refused(r)),
         Ok(Err(ReadError::Closed)) => Err(NoHello::Closed),
         Err(_) => Err(NoHello::Timeout),
