@@ -747,7 +747,8 @@ fn mqtt_ws_reads_the_connect_from_the_frames_and_forwards_them_unchanged() -> Re
 }
 
 /// Over WebSocket, what is not a CONNECT gets the CONNACK a broker would
-/// send (in a binary frame) and a Close frame; a silent client is cut at
+/// send (in a binary frame) and a Close frame; a client that stops half way
+/// through its frame and half-closes is closed; a silent client is cut at
 /// the timeout. No frame byte reaches the broker, which sees its
 /// connection close.
 #[test]
@@ -766,8 +767,10 @@ fn mqtt_ws_refuses_what_is_not_a_connect() -> Result<()> {
     let mut reserved = Connect::new(5, "x").bytes();
     reserved[9] |= 1;
     let close_1002 = [0x88, 0x02, 0x03, 0xea];
-    let cases: [(&str, Vec<u8>, Vec<u8>); 4] = [
+    let half_a_frame = ws::frame(ws::BINARY, &Connect::new(4, "cut").bytes(), mask)[..9].to_vec();
+    let cases: [(&str, Vec<u8>, Vec<u8>); 5] = [
         ("a text frame", ws::frame(0x1, b"hello", mask), close_1002.to_vec()),
+        ("half a CONNECT frame, then FIN", half_a_frame, Vec::new()),
         ("a CONNECT with a reserved flag", ws::frame(ws::BINARY, &reserved, mask), [&[0x82, 0x05, 0x20, 0x03, 0x00, 0x81, 0x00][..], &close_1002].concat()),
         ("an unmasked frame", ws::frame(ws::BINARY, &Connect::new(4, "x").bytes(), None), close_1002.to_vec()),
         ("nothing", Vec::new(), Vec::new()),
@@ -775,6 +778,9 @@ fn mqtt_ws_refuses_what_is_not_a_connect() -> Result<()> {
     for (what, sent, want) in &cases {
         let (mut c, mut up, _) = upgraded(&splicer, &broker)?;
         c.write_all(sent)?;
+        if what.ends_with("FIN") {
+            c.shutdown(Shutdown::Write)?;
+        }
         let got = read_to_end_timeout(&mut c, STEP).with_context(|| *what)?;
         ensure!(&got == want, "{what}: the client got {}, want {}", show(&got), show(want));
         let at_broker = read_to_end_timeout(&mut up, STEP).unwrap_or_default();
@@ -786,7 +792,8 @@ fn mqtt_ws_refuses_what_is_not_a_connect() -> Result<()> {
             ("splicer_mqtt_connect_rejections_total{listener=\"default\",reason=\"not_connect\"}", 1.0),
             ("splicer_mqtt_connect_rejections_total{listener=\"default\",reason=\"malformed\"}", 2.0),
             ("splicer_mqtt_connect_rejections_total{listener=\"default\",reason=\"timeout\"}", 1.0),
-            ("splicer_rejections_total{listener=\"default\",reason=\"bad_mqtt_connect\"}", 4.0),
+            ("splicer_mqtt_connect_rejections_total{listener=\"default\",reason=\"closed\"}", 1.0),
+            ("splicer_rejections_total{listener=\"default\",reason=\"bad_mqtt_connect\"}", 5.0),
         ],
     )?;
     Ok(())

@@ -90,6 +90,42 @@ fn the_server_name_picks_the_upstream_and_it_sees_the_real_client() -> Result<()
     Ok(())
 }
 
+/// A real ClientHello (Node's, asking for broker.example; the fuzz
+/// target's seed) dripped a byte at a time, with a TLS record pipelined
+/// behind it, reaches the upstream of its name exactly, after the PROXY v2
+/// header, in both offload modes.
+#[test]
+fn a_dripped_client_hello_and_what_follows_reach_the_upstream_exactly() -> Result<()> {
+    let hello = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/tls_hello/seed-broker.example"))?;
+    let behind = [0x17, 3, 3, 0, 3, 1, 2, 3];
+    for mode in MODES {
+        let dir = scratch(&format!("tls-pass-drip-{mode}"));
+        let broker = TcpListener::bind((BROKER_IP, free_port(BROKER_IP)))?;
+        let route = format!("broker.example={}", broker.local_addr()?);
+        let splicer = passthrough(&dir, mode, &["--send-proxy", "v2", "--sni", &route])?;
+        let mut c = connect_from(CLIENT_IP, splicer.listen)?;
+        c.set_nodelay(true)?;
+        for (i, b) in hello.iter().enumerate() {
+            match i + 1 == hello.len() {
+                false => c.write_all(&[*b])?,
+                true => c.write_all(&[&[*b][..], &behind].concat())?,
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        let mut up = accept_within(&broker, STEP)?.context("no upstream connection")?;
+        up.set_read_timeout(Some(STEP))?;
+        let header = read_proxy_header(&mut up)?;
+        ensure!(header == expected_v2(local(&c), splicer.listen), "{mode}: header {}", show(&header));
+        let mut got = vec![0u8; hello.len() + behind.len()];
+        std::io::Read::read_exact(&mut up, &mut got)?;
+        ensure!(got == [&hello[..], &behind].concat(), "{mode}: the upstream got {}", show(&got));
+        drop((c, up));
+        let line = splicer.wait_closed(1, STEP)?.remove(0);
+        ensure!(close_field(&line, "sni") == Some("broker.example"), "{mode}: {line}");
+    }
+    Ok(())
+}
+
 /// Garbage, plaintext MQTT and HTTP, a ServerHello, an oversized
 /// ClientHello, one cut short by a FIN, and a client that stalls: each
 /// refused (closed), counted, nothing reaching the upstream; waiting costs
