@@ -531,6 +531,86 @@ pub fn tlvs_for_reemit(raw: &[u8]) -> Vec<u8> {
     out
 }
 
+/// PP2_TYPE_SSL's `client` bits.
+pub const PP2_CLIENT_SSL: u8 = 0x01;
+pub const PP2_CLIENT_CERT_CONN: u8 = 0x02;
+pub const PP2_CLIENT_CERT_SESS: u8 = 0x04;
+pub const PP2_SUBTYPE_SSL_VERSION: u8 = 0x21;
+pub const PP2_SUBTYPE_SSL_CN: u8 = 0x22;
+pub const PP2_SUBTYPE_SSL_CIPHER: u8 = 0x23;
+pub const PP2_SUBTYPE_SSL_SIG_ALG: u8 = 0x24;
+pub const PP2_SUBTYPE_SSL_KEY_ALG: u8 = 0x25;
+
+/// A TLS connection the sender terminated, as PP2_TYPE_SSL describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ssl<'a> {
+    /// The client showed a certificate in this TLS session, and it was
+    /// verified (a certificate that fails verification ends the handshake).
+    pub cert_in_session: bool,
+    /// It showed it on this connection: a full handshake, not a resumed one.
+    pub cert_on_connection: bool,
+    /// "TLSv1.3", "TLSv1.2".
+    pub version: &'a str,
+    /// The client certificate's subject CN.
+    pub cn: Option<&'a str>,
+    pub cipher: &'a str,
+    /// The client certificate's signature and key algorithms.
+    pub sig_alg: Option<&'a str>,
+    pub key_alg: Option<&'a str>,
+}
+
+/// Appends one TLV; a value longer than a TLV can hold is cut to fit.
+pub fn put_tlv(out: &mut Vec<u8>, typ: u8, value: &[u8]) {
+    let value = &value[..value.len().min(usize::from(u16::MAX))];
+    out.push(typ);
+    out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    out.extend_from_slice(value);
+}
+
+/// PP2_TYPE_SSL with its sub-TLVs (what HAProxy's `send-proxy-v2-ssl-cn`
+/// sends), then PP2_TYPE_AUTHORITY when the client named a server.
+/// `verify` is 0 only when a client certificate was shown and verified, as
+/// the spec says ("non-zero otherwise"), so a broker that reads it alone
+/// cannot take a client without one for a verified one.
+pub fn ssl_tlvs(ssl: &Ssl<'_>, authority: Option<&str>) -> Vec<u8> {
+    let mut subs = Vec::new();
+    put_tlv(&mut subs, PP2_SUBTYPE_SSL_VERSION, ssl.version.as_bytes());
+    if let Some(cn) = ssl.cn {
+        put_tlv(&mut subs, PP2_SUBTYPE_SSL_CN, cn.as_bytes());
+    }
+    put_tlv(&mut subs, PP2_SUBTYPE_SSL_CIPHER, ssl.cipher.as_bytes());
+    if let Some(alg) = ssl.sig_alg {
+        put_tlv(&mut subs, PP2_SUBTYPE_SSL_SIG_ALG, alg.as_bytes());
+    }
+    if let Some(alg) = ssl.key_alg {
+        put_tlv(&mut subs, PP2_SUBTYPE_SSL_KEY_ALG, alg.as_bytes());
+    }
+    let mut client = PP2_CLIENT_SSL;
+    if ssl.cert_in_session {
+        client |= PP2_CLIENT_CERT_SESS;
+    }
+    if ssl.cert_on_connection {
+        client |= PP2_CLIENT_CERT_CONN;
+    }
+    let verify: u32 = if ssl.cert_in_session { 0 } else { 1 };
+    let mut value = vec![client];
+    value.extend_from_slice(&verify.to_be_bytes());
+    value.extend_from_slice(&subs);
+    let mut out = Vec::new();
+    put_tlv(&mut out, PP2_TYPE_SSL, &value);
+    if let Some(name) = authority {
+        put_tlv(&mut out, PP2_TYPE_AUTHORITY, name.as_bytes());
+    }
+    out
+}
+
+/// Whether a TLV describes the client's TLS or where it connected
+/// (PP2_TYPE_SSL, PP2_TYPE_AUTHORITY, PP2_TYPE_ALPN): a hop that terminates
+/// TLS itself sends its own, never an earlier hop's.
+pub fn describes_tls(typ: u8) -> bool {
+    matches!(typ, PP2_TYPE_SSL | PP2_TYPE_AUTHORITY | PP2_TYPE_ALPN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
 };
@@ -14,6 +14,8 @@ use serde::{de, Deserialize, Deserializer};
 use ipnet::IpNet;
 
 use splicer_proto::proxy_protocol::{Version, Versions};
+
+pub use crate::tls::certs::{ClientAuth, MinVersion, Terminate};
 
 /// `--send-proxy`: which PROXY protocol header to write upstream first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -358,6 +360,9 @@ pub const MQTT_CONNECT_MAX_RANGE: std::ops::RangeInclusive<usize> = 128..=16 << 
 /// 2 KiB even with post-quantum key shares.
 pub const DEFAULT_TLS_HELLO_MAX: usize = 16 * 1024;
 pub const DEFAULT_TLS_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// A handshake is a few round trips; a client still in it after this long
+/// is holding a max-handshakes slot.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which server names an `sni` entry takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -419,6 +424,20 @@ impl FromStr for SniRoute {
             upstream: up.trim().parse()?,
         })
     }
+}
+
+/// A key that takes one string or a list of them.
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// The file's `sni` table: names to lists of upstreams.
@@ -504,6 +523,10 @@ pub struct Listener {
     /// Some for `tls-passthrough` listeners. Their `upstreams` are every
     /// group's, for health checks and metrics.
     pub tls: Option<TlsPassthrough>,
+    /// Some when TLS is terminated here (`tls-cert`): the client's bytes
+    /// after the PROXY header are TLS, and what it says inside is read
+    /// and forwarded as plaintext.
+    pub terminate: Option<Terminate>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -611,6 +634,27 @@ pub struct ListenerSpec {
     #[arg(long, value_name = "BYTES")] pub tls_hello_max: Option<usize>,
     /// tls-passthrough: how long a client may take to send its ClientHello [default: 5s].
     #[arg(long, value_name = "DURATION")] pub tls_hello_timeout: Option<Dur>,
+    /// Terminate TLS with this PEM certificate chain (leaf first), paired
+    /// with the --tls-key at the same place; repeat for several: each is
+    /// served to clients asking for one of its names, the first to the rest.
+    #[arg(long, value_name = "FILE")]
+    #[serde(deserialize_with = "one_or_many")]
+    pub tls_cert: Vec<PathBuf>,
+    /// The PEM private key of the --tls-cert at the same place.
+    #[arg(long, value_name = "FILE")]
+    #[serde(deserialize_with = "one_or_many")]
+    pub tls_key: Vec<PathBuf>,
+    /// Oldest TLS version accepted [default: 1.2].
+    #[arg(long, value_enum, value_name = "1.2|1.3")] pub tls_min_version: Option<MinVersion>,
+    /// ALPN protocols offered, in order of preference; repeatable; `alpn = []`
+    /// in the file offers none [default: mqtt on tcp/mqtt, http/1.1 on ws/mqtt-ws].
+    #[arg(long, value_name = "PROTOCOL")] pub alpn: Option<Vec<String>>,
+    /// PEM CA certificates that client certificates are checked against (mTLS).
+    #[arg(long, value_name = "FILE")] pub tls_client_ca: Option<PathBuf>,
+    /// With tls-client-ca: must every client show a certificate [default: required].
+    #[arg(long, value_enum, value_name = "optional|required")] pub tls_client_auth: Option<ClientAuth>,
+    /// How long a client may take to finish its TLS handshake [default: 10s].
+    #[arg(long, value_name = "DURATION")] pub tls_handshake_timeout: Option<Dur>,
     /// ws: the WebSocket path; `*` accepts any [default: /mqtt].
     #[arg(long, value_name = "PATH")] pub ws_path: Option<String>,
     /// ws: X-Forwarded-For: override (the client) or append (to what came in) [default: override].
@@ -632,7 +676,7 @@ pub struct ListenerSpec {
 
 impl ListenerSpec {
     pub fn resolve(self, index: usize) -> Result<Listener> {
-        let name = self.name.unwrap_or_else(|| format!("listener{index}"));
+        let name = self.name.clone().unwrap_or_else(|| format!("listener{index}"));
         let Some(listen) = self.listen else {
             bail!("listener `{name}`: key `listen` is required");
         };
@@ -689,6 +733,7 @@ impl ListenerSpec {
                  use \"tcp\" on tls-passthrough listeners"
             );
         }
+        let terminate = self.terminate(&name, protocol, is_ws)?;
         let mut upstreams = self.upstream;
         if !groups.is_empty() {
             if !upstreams.is_empty() {
@@ -803,7 +848,70 @@ impl ListenerSpec {
                     .mqtt_connect_timeout
                     .map_or(DEFAULT_MQTT_CONNECT_TIMEOUT, |d| d.0),
             }),
+            terminate,
         })
+    }
+
+    /// The TLS keys: None without `tls-cert`; else every file read.
+    fn terminate(&self, name: &str, protocol: Protocol, is_ws: bool) -> Result<Option<Terminate>> {
+        if self.tls_cert.is_empty() {
+            let with_cert = [
+                ("tls-key", !self.tls_key.is_empty()),
+                ("tls-min-version", self.tls_min_version.is_some()),
+                ("alpn", self.alpn.is_some()),
+                ("tls-client-ca", self.tls_client_ca.is_some()),
+                ("tls-client-auth", self.tls_client_auth.is_some()),
+                ("tls-handshake-timeout", self.tls_handshake_timeout.is_some()),
+            ];
+            if let Some((key, _)) = with_cert.iter().find(|(_, set)| *set) {
+                bail!("listener `{name}`: key `{key}`: needs `tls-cert` (TLS terminated here)");
+            }
+            return Ok(None);
+        }
+        if protocol == Protocol::TlsPassthrough {
+            bail!(
+                "listener `{name}`: key `tls-cert`: a tls-passthrough listener passes TLS on without \
+                 terminating it; to terminate, use protocol tcp, mqtt, ws or mqtt-ws"
+            );
+        }
+        if self.tls_cert.len() != self.tls_key.len() {
+            bail!(
+                "listener `{name}`: keys `tls-cert` and `tls-key` go in pairs: {} certificates, {} keys",
+                self.tls_cert.len(),
+                self.tls_key.len()
+            );
+        }
+        if self.tls_client_auth.is_some() && self.tls_client_ca.is_none() {
+            bail!("listener `{name}`: key `tls-client-auth`: needs `tls-client-ca`");
+        }
+        if self.proxy_passthrough {
+            bail!(
+                "listener `{name}`: key `proxy-passthrough`: a terminating listener sends a header of its own, \
+                 with this hop's TLS in it, not an earlier hop's"
+            );
+        }
+        let handshake_timeout = self.tls_handshake_timeout.map_or(DEFAULT_TLS_HANDSHAKE_TIMEOUT, |d| d.0);
+        if handshake_timeout.is_zero() {
+            bail!("listener `{name}`: key `tls-handshake-timeout`: must be greater than zero");
+        }
+        let alpn = self.alpn.clone().unwrap_or_else(|| {
+            vec![match is_ws {
+                true => "http/1.1".to_string(),
+                false => "mqtt".to_string(),
+            }]
+        });
+        if let Some(p) = alpn.iter().find(|p| p.is_empty() || p.len() > 255) {
+            bail!("listener `{name}`: key `alpn`: {p:?} is not an ALPN protocol name (1 to 255 bytes)");
+        }
+        let loaded = crate::tls::certs::load(crate::tls::certs::Settings {
+            pairs: self.tls_cert.iter().cloned().zip(self.tls_key.iter().cloned()).collect(),
+            min_version: self.tls_min_version.unwrap_or(MinVersion::Tls12),
+            alpn,
+            client_ca: self.tls_client_ca.clone(),
+            client_auth: self.tls_client_auth.unwrap_or(ClientAuth::Required),
+            handshake_timeout,
+        });
+        loaded.map(Some).with_context(|| format!("listener `{name}`: TLS"))
     }
 }
 

@@ -14,6 +14,7 @@ mod drain;
 mod ingress;
 mod metrics;
 mod net;
+mod tls;
 mod upstream;
 
 use anyhow::Result;

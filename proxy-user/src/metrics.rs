@@ -75,6 +75,9 @@ pub enum Reject {
     bad_tls_hello,
     /// A tls-passthrough client asked for a server name no `sni` group takes.
     unknown_sni,
+    /// A client of a terminating listener did not complete its TLS
+    /// handshake (see splicer_tls_handshake_failures for why).
+    bad_tls_handshake,
 }
 
 const CLOSE_REASONS: [CloseReason; 7] = [
@@ -87,7 +90,7 @@ const CLOSE_REASONS: [CloseReason; 7] = [
     CloseReason::rejected,
 ];
 
-const REJECTS: [Reject; 12] = [
+const REJECTS: [Reject; 13] = [
     Reject::bad_proxy_header,
     Reject::untrusted_proxy_header,
     Reject::bad_websocket_request,
@@ -100,6 +103,7 @@ const REJECTS: [Reject; 12] = [
     Reject::rate_limited,
     Reject::bad_tls_hello,
     Reject::unknown_sni,
+    Reject::bad_tls_handshake,
 ];
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -205,6 +209,7 @@ pub struct Metrics {
     mqtt_connections: Family<VersionLabels, Counter>,
     mqtt_rejections: Family<ReasonLabels, Counter>,
     tls_rejections: Family<ReasonLabels, Counter>,
+    tls_handshake_failures: Family<ReasonLabels, Counter>,
     buffer_cap: Gauge,
     buffer_granted: Gauge,
     buffer_refused: Counter,
@@ -236,6 +241,7 @@ impl Metrics {
             mqtt_connections: family(&mut r, "mqtt_connections", "MQTT listeners: clients whose CONNECT was read, by protocol version"),
             mqtt_rejections: family(&mut r, "mqtt_connect_rejections", "MQTT listeners: clients refused for their first packet, by reason (not_connect, malformed, protocol_error, identifier_rejected, unsupported_version, too_large, timeout, closed)"),
             tls_rejections: family(&mut r, "tls_hello_rejections", "TLS passthrough listeners: clients refused for their ClientHello, by reason (not_tls, malformed, too_large, timeout, closed)"),
+            tls_handshake_failures: family(&mut r, "tls_handshake_failures", "TLS-terminating listeners: handshakes that did not complete, by reason (timeout, closed, no_client_cert, bad_client_cert, incompatible, no_alpn, client_alert, malformed)"),
             buffer_cap: registered(&mut r, "kernel_buffer_cap_bytes", "--max-buffered: what kernel-carried directions may hold in kernel queues beyond their floors, together", Gauge::default()),
             buffer_granted: registered(&mut r, "kernel_buffer_granted_bytes", "What the grants of kernel-carried directions beyond their floors allow them to hold now, together", Gauge::default()),
             buffer_refused: registered(&mut r, "kernel_buffer_grants_refused", "Times a fast kernel-carried direction could not get a bigger grant because --max-buffered was reached", Counter::default()),
@@ -325,6 +331,10 @@ impl Metrics {
     /// created at zero.
     pub fn tls_hello(&self, listener: &str, reasons: &[&'static str]) -> ByReason {
         ByReason::new(&self.tls_rejections, listener, reasons)
+    }
+
+    pub fn tls_handshake(&self, listener: &str, reasons: &[&'static str]) -> ByReason {
+        ByReason::new(&self.tls_handshake_failures, listener, reasons)
     }
 
     /// A reload dropped the upstream: its series go.
@@ -504,7 +514,7 @@ impl ListenerMetrics {
             Reject::bad_websocket_request | Reject::upstream_refused_upgrade => &self.totals.ws_refused,
             Reject::bad_mqtt_connect => &self.totals.mqtt_refused,
             Reject::rate_limited => &self.totals.rate_limited,
-            Reject::bad_tls_hello | Reject::unknown_sni => &self.totals.tls_refused,
+            Reject::bad_tls_hello | Reject::unknown_sni | Reject::bad_tls_handshake => &self.totals.tls_refused,
             Reject::access_denied => &self.totals.denied,
             Reject::upstream_down => &self.totals.upstream_down,
             Reject::max_conns | Reject::max_handshakes => &self.totals.over_max_conns,

@@ -31,7 +31,7 @@ pub fn half_close(sock: &impl AsFd) -> io::Result<()> {
 }
 
 /// How long a client has to take a refusal (ours or the broker's).
-const REFUSAL_WRITE: Duration = Duration::from_secs(5);
+pub const REFUSAL_WRITE: Duration = Duration::from_secs(5);
 
 /// Writes a refusal (an HTTP answer, a CONNACK) and half-closes; a client
 /// that reads nothing has REFUSAL_WRITE to take it, and does not hold the
@@ -44,7 +44,7 @@ pub async fn answer_and_close(client: &TcpStream, answer: &[u8]) {
 /// Reads what is left of a refused request and half-closes, so the client
 /// gets the answer and a FIN rather than a reset (closing a socket with
 /// unread bytes makes the kernel send RST, which can destroy the answer).
-fn close_gently(client: &TcpStream) {
+pub fn close_gently(client: &TcpStream) {
     let mut buf = [0u8; 16 * 1024];
     for _ in 0..16 {
         match client.try_read(&mut buf) {

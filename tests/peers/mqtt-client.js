@@ -6,6 +6,7 @@
 //       [--subscribe TOPIC --count N] [--publish TOPIC MSG]... [--qos 0|1|2]
 //       [--retain] [--mqtt-version 4|5] [--username U] [--password P]
 //       [--keepalive S] [--timeout-ms 5000] [--ws-header 'Name: value']...
+//       [--ca FILE] [--cert FILE --key FILE] [--servername NAME]  (mqtts://, wss://)
 //
 // Order: connect, subscribe (waits for SUBACK), publish (QoS>0 waits for the
 // ack), wait for --count messages, disconnect, exit 0.
@@ -13,6 +14,8 @@
 // Exit 1 on error, 2 on bad arguments, 3 on timeout (message on stderr).
 
 const net = require('node:net')
+const tls = require('node:tls')
+const fs = require('node:fs')
 const mqtt = require('mqtt')
 const WebSocket = require('ws')
 
@@ -31,7 +34,10 @@ function usage (msg) {
     '  --username U --password P\n' +
     '  --keepalive S           keepalive seconds (default 30)\n' +
     '  --timeout-ms MS         overall deadline (default 5000)\n' +
-    '  --ws-header "N: v"      extra HTTP header on the WebSocket upgrade (repeatable)\n')
+    '  --ws-header "N: v"      extra HTTP header on the WebSocket upgrade (repeatable)\n' +
+    '  --ca FILE               mqtts/wss: trust only this CA (the server certificate is checked)\n' +
+    '  --cert FILE --key FILE  mqtts/wss: client certificate\n' +
+    '  --servername NAME       mqtts/wss: SNI (default: the URL host)\n')
   process.exit(2)
 }
 
@@ -50,7 +56,11 @@ function parseArgs (argv) {
     password: undefined,
     keepalive: 30,
     timeoutMs: 5000,
-    wsHeaders: {}
+    wsHeaders: {},
+    ca: null,
+    cert: null,
+    key: null,
+    servername: null
   }
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]
@@ -93,6 +103,10 @@ function parseArgs (argv) {
         o.wsHeaders[name] = o.wsHeaders[name] !== undefined ? `${o.wsHeaders[name]}, ${value}` : value
         break
       }
+      case '--ca': o.ca = val(); break
+      case '--cert': o.cert = val(); break
+      case '--key': o.key = val(); break
+      case '--servername': o.servername = val(); break
       case '-h': case '--help': usage(); break
       default: usage(`unknown argument ${a}`)
     }
@@ -117,8 +131,18 @@ function main () {
     usage(`bad --url ${o.url}`)
   }
   const proto = url.protocol.replace(/:$/, '')
-  if (!['mqtt', 'tcp', 'ws'].includes(proto)) usage(`unsupported scheme ${proto}: (mqtt://, tcp://, ws://)`)
-  if (Object.keys(o.wsHeaders).length && proto !== 'ws') usage('--ws-header only applies to ws:// URLs')
+  if (!['mqtt', 'tcp', 'ws', 'mqtts', 'wss'].includes(proto)) usage(`unsupported scheme ${proto}: (mqtt://, tcp://, ws://, mqtts://, wss://)`)
+  if (Object.keys(o.wsHeaders).length && !proto.startsWith('ws')) usage('--ws-header only applies to ws:// and wss:// URLs')
+  const secure = proto === 'mqtts' || proto === 'wss'
+  // What the TLS client is given: the server certificate is always checked.
+  const tlsOptions = {}
+  if (secure) {
+    tlsOptions.rejectUnauthorized = true
+    if (o.ca) tlsOptions.ca = fs.readFileSync(o.ca)
+    if (o.cert) tlsOptions.cert = fs.readFileSync(o.cert)
+    if (o.key) tlsOptions.key = fs.readFileSync(o.key)
+    tlsOptions.servername = o.servername || new URL(o.url).hostname
+  }
 
   const clientId = o.id || `splicer-test-${process.pid}-${Math.random().toString(16).slice(2, 8)}`
   const options = {
@@ -155,8 +179,8 @@ function main () {
       (stage === 'messages' ? ` (got ${received}/${o.count})` : ''))
   }, o.timeoutMs)
 
-  if (proto === 'ws') {
-    const wsOptions = { headers: o.wsHeaders }
+  if (proto === 'ws' || proto === 'wss') {
+    const wsOptions = { headers: o.wsHeaders, ...tlsOptions }
     if (o.bindHost) wsOptions.localAddress = o.bindHost // passed on to http.request
     client = mqtt.connect(o.url, {
       ...options,
@@ -173,9 +197,9 @@ function main () {
     // MQTT.js's own tcp builder does not pass localAddress on to
     // net.createConnection, so build the stream ourselves.
     const streamBuilder = () => {
-      const copts = { host, port }
+      const copts = { host, port, ...tlsOptions }
       if (o.bindHost) copts.localAddress = o.bindHost
-      return net.createConnection(copts)
+      return secure ? tls.connect(copts) : net.createConnection(copts)
     }
     client = new mqtt.MqttClient(streamBuilder, { ...options, host, port, protocol: 'mqtt' })
   }
@@ -199,7 +223,9 @@ function main () {
       id: clientId,
       sessionPresent: !!connack.sessionPresent,
       localAddress: local ? local.localAddress : null,
-      localPort: local ? local.localPort : null
+      localPort: local ? local.localPort : null,
+      // mqtts/wss: the CN of the certificate the server presented
+      serverCN: local && local.getPeerCertificate ? ((local.getPeerCertificate().subject || {}).CN || null) : null
     })
     try {
       if (o.subscribe.length) {

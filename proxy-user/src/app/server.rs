@@ -12,7 +12,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use super::listener;
 use crate::{
-    config::{Config, ForwardMode, HealthCheck, Listener},
+    config::{ClientAuth, Config, ForwardMode, HealthCheck, Listener, MinVersion},
     conn::ListenerCtx,
     datapath::Datapath,
     metrics::Metrics,
@@ -256,6 +256,25 @@ fn describe(l: &Listener) -> String {
             let ups: Vec<String> = ups.iter().map(ToString::to_string).collect();
             let _ = write!(s, ", sni {name} -> {}", ups.join(" "));
         }
+    }
+    if let Some(t) = &l.terminate {
+        let names: Vec<String> = t.certs.iter().map(|c| c.names.join("|")).collect();
+        let _ = write!(
+            s,
+            ", tls terminated (TLS {}+, certificates {}, alpn [{}], client certificates {}; \
+             relayed in userspace: this build has no kernel TLS)",
+            match t.min_version {
+                MinVersion::Tls12 => "1.2",
+                MinVersion::Tls13 => "1.3",
+            },
+            names.join(" "),
+            t.alpn.join(" "),
+            match (&t.client_ca, t.client_auth) {
+                (None, _) => "not asked for",
+                (Some(_), ClientAuth::Optional) => "optional",
+                (Some(_), ClientAuth::Required) => "required",
+            }
+        );
     }
     let r = &l.rate_limit;
     if let Some(rate) = r.per_source {

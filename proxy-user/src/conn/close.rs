@@ -44,18 +44,27 @@ impl Owner for Route {
     }
 }
 
-/// What a client's first packet said, as its log lines show it.
-#[derive(Debug, Clone)]
-pub enum Said {
-    Mqtt(Session),
-    Tls(TlsSession),
+/// What a client's first packets said, as its log lines show it: its
+/// TLS (passed through, or terminated here) and its MQTT CONNECT.
+#[derive(Debug, Clone, Default)]
+pub struct Said {
+    pub tls: Option<TlsSession>,
+    pub mqtt: Option<Session>,
+}
+
+impl Said {
+    pub fn is_empty(&self) -> bool {
+        self.tls.is_none() && self.mqtt.is_none()
+    }
 }
 
 impl fmt::Display for Said {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Said::Mqtt(s) => s.fmt(f),
-            Said::Tls(s) => s.fmt(f),
+        match (&self.tls, &self.mqtt) {
+            (Some(t), Some(m)) => write!(f, "{t} {m}"),
+            (Some(t), None) => t.fmt(f),
+            (None, Some(m)) => m.fmt(f),
+            (None, None) => Ok(()),
         }
     }
 }
@@ -104,10 +113,11 @@ impl Owner for Named {
     }
 }
 
-/// Which client this is, and what its first packet said once it was read:
-/// `client=… [via=…] [client_id=… username=… mqtt_version=… | sni=…]`.
+/// Which client this is, and what its first packets said once they were
+/// read: `client=… [via=…] [sni=… [tls_version=… cn=…]] [client_id=…
+/// username=… mqtt_version=…]`.
 pub fn named(a: ClientAddrs, said: Option<&Said>) -> impl fmt::Display + '_ {
-    fmt::from_fn(move |f| match said {
+    fmt::from_fn(move |f| match said.filter(|s| !s.is_empty()) {
         Some(s) => write!(f, "{} {s}", who(a)),
         None => write!(f, "{}", who(a)),
     })

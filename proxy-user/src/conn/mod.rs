@@ -32,15 +32,17 @@ use crate::{
     },
     ingress::{
         access::Access,
+        client::Client,
         inbox::Inbox,
         limit::{Limited, Limits, LogGate},
         mqtt::{self, Framing, NoConnect, Session},
         proxy_header::{self, Rejection},
-        tls::{self, TlsSession},
+        tls::{self as hello, TlsSession},
         websocket,
     },
     metrics::{ByReason, CloseReason, ListenerMetrics, Metrics, MqttMetrics, Reject},
     net,
+    tls::{self, conn::TlsConn},
     upstream::{
         balance::Balancer,
         health::{Failure, UpstreamState},
@@ -68,6 +70,8 @@ pub struct ListenerCtx {
     mqtt_metrics: Option<MqttMetrics>,
     /// Some on TLS passthrough listeners: ClientHello rejections by reason.
     tls_rejections: Option<ByReason>,
+    /// Some on listeners that terminate TLS: failed handshakes by reason.
+    tls_handshake_failures: Option<ByReason>,
     /// One per upstream, in the balancer's order: what a connection to it
     /// reports its end to.
     routes: Vec<Arc<Route>>,
@@ -129,7 +133,11 @@ impl ListenerCtx {
             tls_rejections: config
                 .tls
                 .as_ref()
-                .map(|_| metrics.tls_hello(&config.name, &tls::NO_HELLO_LABELS)),
+                .map(|_| metrics.tls_hello(&config.name, &hello::NO_HELLO_LABELS)),
+            tls_handshake_failures: config
+                .terminate
+                .as_ref()
+                .map(|_| metrics.tls_handshake(&config.name, &tls::conn::HANDSHAKE_FAILURE_LABELS)),
             mqtt_metrics: config
                 .mqtt
                 .map(|_| metrics.mqtt(&config.name, &mqtt::NO_CONNECT_LABELS)),
@@ -151,8 +159,8 @@ impl ListenerCtx {
 
 /// Serves one accepted client; the accept loop has counted it, and holds
 /// one of the listener's handshake slots for it.
-pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr, handshake: OwnedSemaphorePermit) {
-    if let Some(reason) = serve(&ctx, client, peer, handshake).await {
+pub async fn handle(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, handshake: OwnedSemaphorePermit) {
+    if let Some(reason) = serve(&ctx, tcp, peer, handshake).await {
         ctx.metrics.closed(reason);
     }
 }
@@ -161,7 +169,7 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr, 
 /// once it reached one (its Route counts the close).
 async fn serve(
     ctx: &Arc<ListenerCtx>,
-    client: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     handshake: OwnedSemaphorePermit,
 ) -> Option<CloseReason> {
@@ -170,7 +178,7 @@ async fn serve(
     let peer = SocketAddr::new(trust::canonical(peer.ip()), peer.port());
     let name = &ctx.config.name;
     let m = &ctx.metrics;
-    let mut inbox = Inbox::new(&client);
+    let mut inbox = Inbox::new(&tcp);
     let mut id = match proxy_header::identify(&ctx.config, &ctx.trusted, &mut inbox, peer).await {
         Ok(id) => id,
         Err(why) => {
@@ -189,13 +197,39 @@ async fn serve(
             h.addresses.map_or("no address".into(), |(src, _)| src.to_string())
         );
     }
-    let Ok(local) = client.local_addr() else {
+    let Ok(local) = tcp.local_addr() else {
         return Some(CloseReason::error);
     };
+    let held = inbox.into_rest();
     let mut consumed = id.inbound.as_ref().map_or(0, |(_, raw)| raw.len() as u64);
+    let mut who = ClientAddrs { peer, real: id.client };
+    // Without a WebSocket upgrade the client is known now: refuse it
+    // before any TLS handshake (what a storm of reconnects costs most).
+    if ctx.config.ws.is_none() && !admit(ctx, who, None).await {
+        return Some(CloseReason::rejected);
+    }
+    let (client, held) = match &ctx.config.terminate {
+        None => (Client::Plain(tcp), held),
+        Some(t) => match TlsConn::accept(tcp, t.server.clone(), &held, t.handshake_timeout).await {
+            Ok(c) => (Client::Tls(Box::new(c)), Vec::new()),
+            Err(why) => {
+                m.rejected(Reject::bad_tls_handshake);
+                if let Some(r) = &ctx.tls_handshake_failures {
+                    r.inc(why.label());
+                }
+                log::warn!("[{name}] {}: refused: {why}", close::who(who));
+                return Some(CloseReason::rejected);
+            }
+        },
+    };
+    let facts = match &client {
+        Client::Tls(c) => Some(tls::Facts::of(&c.lock())),
+        Client::Plain(_) => None,
+    };
+    let mut inbox = Inbox::resume(&client, held);
     let mut head = Vec::new();
     if let Some(ws) = &ctx.config.ws {
-        match websocket::upgrade(ws, &ctx.trusted, &mut inbox, &client, id.client).await {
+        match websocket::upgrade(ws, &ctx.trusted, &mut inbox, id.client).await {
             Ok(up) => {
                 // The header resolution may name an earlier client, whose
                 // port is then known only if its entry gave one (0: unknown,
@@ -213,52 +247,30 @@ async fn serve(
                 return Some(CloseReason::rejected);
             }
         }
+        who.real = id.client;
+        if !admit(ctx, who, Some(&client)).await {
+            return Some(CloseReason::rejected);
+        }
     }
     // Client bytes behind the preambles (the CONNECT among them) go
     // upstream only once the upstream has been told who the client is (and,
     // on a WebSocket listener, has switched protocols).
-    let who = ClientAddrs {
-        peer,
-        real: id.client,
-    };
-    if !ctx.access.permits(who.real.ip()) {
-        m.rejected(Reject::access_denied);
-        log::warn!("[{name}] {}: access denied (allow/deny)", close::who(who));
-        refuse(ctx, &client, Refusal::Forbidden).await;
-        return Some(CloseReason::rejected);
-    }
-    let now = Instant::now();
-    if let Err(limited) = ctx.limits.admit(who.real.ip(), now) {
-        m.rejected(Reject::rate_limited);
-        if let Some(unlogged) = ctx.limited_log.pass(now) {
-            let limit = fmt::from_fn(|f| match limited {
-                Limited::Source(net) => write!(f, "rate-limit for {net}"),
-                Limited::Listener => f.write_str("max-connect-rate"),
-            });
-            let more = fmt::from_fn(|f| match unlogged {
-                0 => Ok(()),
-                n => write!(f, " ({n} more since the last such line)"),
-            });
-            log::warn!("[{name}] {}: over {limit}, closed{more}", close::who(who));
-        }
-        refuse(ctx, &client, Refusal::TooManyRequests).await;
-        return Some(CloseReason::rejected);
-    }
+    //
     // MQTT over TCP: the CONNECT, before any upstream is touched. Who
     // connects picks the broker (balance = "client-id"). Like the
     // ClientHello below, it stays in the inbox, first of the client's bytes.
     let mut connect = None;
     if ctx.config.mqtt.is_some() && ctx.config.ws.is_none() {
-        let Some(c) = read_connect(ctx, &mut inbox, &client, Framing::Tcp, who).await else {
+        let Some(c) = read_connect(ctx, &mut inbox, Framing::Tcp, who).await else {
             return Some(CloseReason::rejected);
         };
         connect = Some(c);
     }
     // TLS passthrough: the ClientHello, whose server name picks the group.
     let mut balancer = &ctx.balancer;
-    let mut hello = None;
+    let mut passed = None;
     if let Some(opts) = &ctx.config.tls {
-        let h = match tls::read_hello(opts, &mut inbox).await {
+        let h = match hello::read_hello(opts, &mut inbox).await {
             Ok(h) => h,
             Err(why) => {
                 m.rejected(Reject::bad_tls_hello);
@@ -269,7 +281,7 @@ async fn serve(
                 return Some(CloseReason::rejected);
             }
         };
-        let said = TlsSession { sni: h.sni };
+        let said = TlsSession::passed(h.sni);
         if let Some(router) = &ctx.sni {
             let Some(group) = router.group(said.sni.as_deref()) else {
                 m.rejected(Reject::unknown_sni);
@@ -278,15 +290,14 @@ async fn serve(
             };
             balancer = group;
         }
-        hello = Some(said);
+        passed = Some(said);
     }
     let client_id = connect.as_ref().map(|c| c.client_id.as_str());
     let upstream = connect_upstream(ctx, balancer, who.real, client_id).await;
     // From here on only what the log shows of the first packet is kept.
-    let mut said = match (connect, hello) {
-        (Some(c), _) => Some(Said::Mqtt(Session::from(&c))),
-        (None, Some(h)) => Some(Said::Tls(h)),
-        (None, None) => None,
+    let mut said = Said {
+        tls: passed.or_else(|| facts.as_ref().map(TlsSession::terminated)),
+        mqtt: connect.as_ref().map(Session::from),
     };
     let Some((upstream, state)) = upstream else {
         m.rejected(Reject::upstream_down);
@@ -296,27 +307,28 @@ async fn serve(
         };
         log::warn!(
             "[{name}] {}: every upstream{of} is down, closing the client",
-            close::named(who, said.as_ref())
+            close::named(who, Some(&said))
         );
-        match &said {
-            Some(Said::Mqtt(s)) => net::answer_and_close(&client, mqtt_packet::unavailable(s.version)).await,
-            _ => refuse(ctx, &client, Refusal::BadGateway).await,
+        match &said.mqtt {
+            Some(s) => client.answer_and_close(mqtt_packet::unavailable(s.version)).await,
+            None => refuse(ctx, &client, Refusal::BadGateway).await,
         }
         return Some(CloseReason::rejected);
     };
-    let _ = client.set_nodelay(true);
+    let _ = client.tcp().set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     state.metrics.active.inc();
     let route = ctx.route(&state);
-    // Tell the broker who the client is: the PROXY header, then the
-    // rewritten upgrade request.
-    let mut told = proxy_header::upstream_header(&ctx.config, &id, local).unwrap_or_default();
+    // Tell the broker who the client is: the PROXY header (with the TLS
+    // this listener terminated), then the rewritten upgrade request.
+    let tlvs = facts.as_ref().map(tls::Facts::tlvs);
+    let mut told = proxy_header::upstream_header(&ctx.config, &id, local, tlvs.as_deref()).unwrap_or_default();
     told.extend_from_slice(&head);
     let wrote = tokio::time::timeout(ctx.config.connect_timeout, net::write_all(&upstream, &told)).await;
     if let Err(e) = wrote.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
         log::warn!(
             "[{name}] {} -> {}: telling it who the client is: {e}",
-            close::named(who, said.as_ref()),
+            close::named(who, Some(&said)),
             state.addr
         );
         owner(route, said).closed(who, &Totals::error(), started.elapsed());
@@ -324,7 +336,7 @@ async fn serve(
     }
     // The handshake's buffers are done with; a connection relayed for days
     // must not keep them.
-    drop((told, head, id));
+    drop((told, head, id, tlvs, facts));
     let mut early_upstream = Vec::new();
     let mut sent_to_client = 0;
     if let Some(ws) = &ctx.config.ws {
@@ -346,10 +358,10 @@ async fn serve(
         // has the broker's 101, so the upstream was chosen before it.
         if ctx.config.mqtt.is_some() {
             let limit = ctx.config.connect_timeout;
-            let switched = tokio::time::timeout(limit, net::write_all(&client, &early_upstream)).await;
+            let switched = tokio::time::timeout(limit, client.write_all(&early_upstream)).await;
             sent_to_client = std::mem::take(&mut early_upstream).len() as u64;
             let read = match switched {
-                Ok(Ok(())) => read_connect(ctx, &mut inbox, &client, Framing::WebSocket, who).await,
+                Ok(Ok(())) => read_connect(ctx, &mut inbox, Framing::WebSocket, who).await,
                 // Gone (or not reading) before its CONNECT could come.
                 _ => no_connect(ctx, who, NoConnect::Closed),
             };
@@ -357,20 +369,17 @@ async fn serve(
                 state.metrics.active.dec();
                 return Some(CloseReason::rejected);
             };
-            said = Some(Said::Mqtt(Session::from(&c)));
+            said.mqtt = Some(Session::from(&c));
         }
     }
-    let keepalive = match &said {
-        Some(Said::Mqtt(s)) => s.keepalive,
-        _ => 0,
-    };
+    let keepalive = said.mqtt.as_ref().map_or(0, |s| s.keepalive);
     if keepalive > 0 {
         // MQTT 3.1.2.10: the server may close a client it has not heard
         // from for 1.5 keep-alives. A client that answers TCP probes is
         // alive; one that vanished is closed by the kernel that long after
         // its last packet.
         let k = Duration::from_secs(keepalive.into());
-        if let Err(e) = net::dead_peer_limit(&client, k, k * 3 / 2) {
+        if let Err(e) = net::dead_peer_limit(client.tcp(), k, k * 3 / 2) {
             log::warn!("[{name}] {}: setting TCP keep-alive: {e}", close::who(who));
         }
     }
@@ -379,20 +388,35 @@ async fn serve(
     // or ClientHello left in place, and whatever followed it.
     let early_client = inbox.into_rest();
     let owner = owner(route, said);
-    let conn = Carried {
-        client,
-        upstream,
-        who,
-        started,
-        owner: owner.clone(),
-    };
     let early = Early {
         consumed,
         client: early_client,
         upstream: early_upstream,
         sent_to_client,
     };
-    let totals = match ctx.datapath.carry(conn, early).await {
+    let carried = match client {
+        Client::Plain(client) => {
+            let conn = Carried {
+                client,
+                upstream,
+                who,
+                started,
+                owner: owner.clone(),
+            };
+            ctx.datapath.carry(conn, early).await
+        }
+        Client::Tls(client) => {
+            let conn = Carried {
+                client: *client,
+                upstream,
+                who,
+                started,
+                owner: owner.clone(),
+            };
+            ctx.datapath.carry_tls(conn, early).await.map(Some)
+        }
+    };
+    let totals = match carried {
         Ok(Some(t)) => t,
         Ok(None) => return None,
         Err(e) => {
@@ -404,13 +428,48 @@ async fn serve(
     None
 }
 
+/// Whether the real client may come in now (allow/deny, then the rate
+/// limits); a refused one is counted, logged and, on a WebSocket listener
+/// (`client` given), answered.
+async fn admit(ctx: &ListenerCtx, who: ClientAddrs, client: Option<&Client>) -> bool {
+    let (name, m) = (&ctx.config.name, &ctx.metrics);
+    if !ctx.access.permits(who.real.ip()) {
+        m.rejected(Reject::access_denied);
+        log::warn!("[{name}] {}: access denied (allow/deny)", close::who(who));
+        if let Some(c) = client {
+            refuse(ctx, c, Refusal::Forbidden).await;
+        }
+        return false;
+    }
+    let now = Instant::now();
+    if let Err(limited) = ctx.limits.admit(who.real.ip(), now) {
+        m.rejected(Reject::rate_limited);
+        if let Some(unlogged) = ctx.limited_log.pass(now) {
+            let limit = fmt::from_fn(|f| match limited {
+                Limited::Source(net) => write!(f, "rate-limit for {net}"),
+                Limited::Listener => f.write_str("max-connect-rate"),
+            });
+            let more = fmt::from_fn(|f| match unlogged {
+                0 => Ok(()),
+                n => write!(f, " ({n} more since the last such line)"),
+            });
+            log::warn!("[{name}] {}: over {limit}, closed{more}", close::who(who));
+        }
+        if let Some(c) = client {
+            refuse(ctx, c, Refusal::TooManyRequests).await;
+        }
+        return false;
+    }
+    true
+}
+
 /// The connection's owner: its route, or on an MQTT or TLS passthrough
 /// listener a Named of its own (the route and what the first packet said,
 /// for the close line).
-fn owner(route: Arc<Route>, said: Option<Said>) -> Arc<dyn Owner> {
-    match said {
-        Some(said) => Arc::new(Named { route, said }),
-        None => route,
+fn owner(route: Arc<Route>, said: Said) -> Arc<dyn Owner> {
+    match said.is_empty() {
+        true => route,
+        false => Arc::new(Named { route, said }),
     }
 }
 
@@ -419,14 +478,13 @@ fn owner(route: Arc<Route>, said: Option<Said>) -> Arc<dyn Owner> {
 async fn read_connect(
     ctx: &ListenerCtx,
     inbox: &mut Inbox<'_>,
-    client: &TcpStream,
     framing: Framing,
     who: ClientAddrs,
 ) -> Option<Connect> {
     let (Some(opts), Some(mm)) = (&ctx.config.mqtt, &ctx.mqtt_metrics) else {
         unreachable!("MQTT listeners have MQTT options and metrics")
     };
-    match mqtt::read_connect(opts, inbox, client, framing).await {
+    match mqtt::read_connect(opts, inbox, framing).await {
         Ok(c) => {
             mm.connected(c.version);
             Some(c)
@@ -447,7 +505,7 @@ fn no_connect<T>(ctx: &ListenerCtx, who: ClientAddrs, why: NoConnect) -> Option<
 
 /// A WebSocket client gets an HTTP answer before the close; a TCP client
 /// just the close.
-async fn refuse(ctx: &ListenerCtx, client: &TcpStream, refusal: Refusal) {
+async fn refuse(ctx: &ListenerCtx, client: &Client, refusal: Refusal) {
     if ctx.config.ws.is_some() {
         websocket::refuse(client, &refusal).await;
     }

@@ -17,9 +17,10 @@ use tokio::net::TcpStream;
 use crate::{drain::Drain, metrics::ListenerMetrics, net};
 
 /// A connection ready to be carried: both sockets connected, the upstream
-/// told who the client is.
-pub struct Carried {
-    pub client: TcpStream,
+/// told who the client is. The client is its socket, or the TLS session
+/// over it that the listener terminates.
+pub struct Carried<C = TcpStream> {
+    pub client: C,
     pub upstream: TcpStream,
     pub who: ClientAddrs,
     /// When the client was accepted, for the close line's duration.

@@ -4,6 +4,7 @@
 pub mod carried;
 mod kernel;
 mod relay;
+mod tls_relay;
 
 use std::{io, sync::Arc};
 
@@ -18,6 +19,7 @@ use crate::{
     drain::Drain,
     metrics::{Direction, LiveBytes, Metrics, Path},
     net,
+    tls::conn::TlsConn,
 };
 
 pub struct Datapath {
@@ -126,6 +128,24 @@ impl Datapath {
                 Ok(Some(totals))
             }
         }
+    }
+
+    /// A connection whose TLS this listener terminated: relayed in
+    /// userspace, where the bytes are decrypted. (Kernel TLS could hand
+    /// these to the kernel too; not on this kernel, which has no `tls`
+    /// ULP, so there is no such path to test. It would go here.)
+    pub async fn carry_tls(&self, conn: Carried<TlsConn>, early: Early) -> io::Result<Totals> {
+        let m = conn.owner.metrics();
+        let c2u = early.client.len() as u64;
+        net::write_all(&conn.upstream, &early.client).await?;
+        let u2c = early.sent_to_client + early.upstream.len() as u64;
+        conn.client.write_plain(&early.upstream).await?;
+        drop(early);
+        m.user_bytes(Direction::client_to_upstream).inc_by(c2u);
+        m.user_bytes(Direction::upstream_to_client).inc_by(u2c);
+        m.offloaded(Path::userspace);
+        let read = Read { consumed: 0, c2u, u2c };
+        Ok(tls_relay::relay(&self.drain, m, &conn.client, &conn.upstream, read).await)
     }
 
     /// Brings the kernel byte counters up to date for a metrics scrape,

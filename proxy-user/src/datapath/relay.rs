@@ -64,7 +64,7 @@ async fn relay_rest(
     }
 }
 
-const BUF_SIZE: usize = 64 * 1024;
+pub(super) const BUF_SIZE: usize = 64 * 1024;
 
 /// `--handoff auto`: relays both directions in userspace, like `relay`,
 /// until the connection shows it is worth the kernel's two psocks: it went
@@ -230,7 +230,7 @@ async fn copy(
 }
 
 /// What one `read_and_write` did.
-enum Moved {
+pub(super) enum Moved {
     /// src had nothing more to read.
     Drained,
     /// src sent its FIN.
@@ -247,7 +247,7 @@ std::thread_local! {
     /// the thread can share it: a relayed connection holds no buffer of
     /// its own unless its destination is full, and an MQTT packet costs no
     /// 64 KiB allocation.
-    static BUF: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; BUF_SIZE].into_boxed_slice());
+    pub(super) static BUF: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; BUF_SIZE].into_boxed_slice());
 }
 
 /// One read from `src` into the thread's buffer, and as much of it written
@@ -260,21 +260,27 @@ fn read_and_write(src: &TcpStream, dst: &TcpStream) -> Result<Moved, End> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Moved::Drained),
             Err(_) => return Err(End::SrcReset),
         };
-        let mut done = 0;
-        while done < n {
-            match dst.try_write(&buf[done..n]) {
-                Ok(k) => done += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok(Moved::Part(n, buf[done..n].to_vec()))
-                }
-                Err(_) => return Err(End::DstFailed),
-            }
-        }
-        Ok(Moved::All(n))
+        pass(&buf[..n], dst)
     })
 }
 
-fn half_close(dst: &TcpStream) -> End {
+/// Writes as much of `data` (just read) to `dst` as it takes now: All, or
+/// Part with a copy of the rest.
+pub(super) fn pass(data: &[u8], dst: &TcpStream) -> Result<Moved, End> {
+    let mut done = 0;
+    while done < data.len() {
+        match dst.try_write(&data[done..]) {
+            Ok(k) => done += k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(Moved::Part(data.len(), data[done..].to_vec()))
+            }
+            Err(_) => return Err(End::DstFailed),
+        }
+    }
+    Ok(Moved::All(data.len()))
+}
+
+pub(super) fn half_close(dst: &TcpStream) -> End {
     match net::half_close(dst) {
         Ok(()) => End::Fin,
         Err(_) => End::DstFailed,

@@ -1,20 +1,31 @@
 //! Reading a preamble (a PROXY header, an upgrade request, the broker's
-//! answer to it) off a socket: bytes go into one buffer as they arrive,
-//! and a `splicer_proto::preamble::Reader` says when the preamble is
-//! whole. The end of the stream ends the read at once. Bytes that arrive
-//! behind a preamble stay in the buffer for the next reader, and in the
-//! end go on ahead of anything the kernel carries.
-use std::io;
+//! answer to it, a CONNECT) off a stream: bytes go into one buffer as they
+//! arrive, and a `splicer_proto::preamble::Reader` says when the preamble
+//! is whole. The end of the stream ends the read at once. Bytes that
+//! arrive behind a preamble stay in the buffer for the next reader, and in
+//! the end go on ahead of anything the kernel carries.
+use std::{future::Future, io};
 
 use splicer_proto::preamble::{Reader, Step};
 use tokio::net::TcpStream;
 
+use super::client::Client;
+
 /// How much is read at a time. Nothing is allocated before the first
 /// byte (or the end of the stream) arrives.
-const CHUNK: usize = 4096;
+pub const CHUNK: usize = 4096;
 
-pub struct Inbox<'a> {
-    stream: &'a TcpStream,
+/// Where an Inbox's bytes come from: a socket (a PROXY header, the
+/// broker's answer), or the client as it speaks after any TLS (`Client`).
+pub trait Source {
+    /// Waits for bytes and appends what has arrived. Err at the end of the
+    /// stream (a FIN: a half-closed handshake can never complete, so it
+    /// ends here instead of waking the task again and again) or on an error.
+    fn fill(&self, buf: &mut Vec<u8>) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+pub struct Inbox<'a, S = Client> {
+    stream: &'a S,
     /// Received and not yet taken by a reader.
     buf: Vec<u8>,
 }
@@ -28,12 +39,19 @@ pub enum ReadError<E> {
     Closed,
 }
 
-impl<'a> Inbox<'a> {
-    pub fn new(stream: &'a TcpStream) -> Self {
-        Inbox {
-            stream,
-            buf: Vec::new(),
-        }
+impl<'a, S: Source + Sync> Inbox<'a, S> {
+    pub fn new(stream: &'a S) -> Self {
+        Self::resume(stream, Vec::new())
+    }
+
+    /// An inbox holding `held`: bytes an earlier inbox read past its
+    /// preambles (from the same stream, before any TLS).
+    pub fn resume(stream: &'a S, held: Vec<u8>) -> Self {
+        Inbox { stream, buf: held }
+    }
+
+    pub fn stream(&self) -> &'a S {
+        self.stream
     }
 
     /// Reads until `reader` has a whole preamble at the front of what was
@@ -57,7 +75,7 @@ impl<'a> Inbox<'a> {
                     Step::More => {}
                 }
             }
-            if self.fill().await.is_err() {
+            if self.stream.fill(&mut self.buf).await.is_err() {
                 return Err(ReadError::Closed);
             }
         }
@@ -67,7 +85,7 @@ impl<'a> Inbox<'a> {
     /// is owed); false if the stream ends first.
     pub async fn fill_to(&mut self, n: usize) -> bool {
         while self.buf.len() < n {
-            if self.fill().await.is_err() {
+            if self.stream.fill(&mut self.buf).await.is_err() {
                 return false;
             }
         }
@@ -86,15 +104,14 @@ impl<'a> Inbox<'a> {
         rest.shrink_to_fit();
         rest
     }
+}
 
-    /// Waits for bytes and appends what has arrived. Err at the end of the
-    /// stream (a FIN: a half-closed handshake can never complete, so it
-    /// ends here instead of waking the task again and again) or on an error.
-    async fn fill(&mut self) -> io::Result<()> {
+impl Source for TcpStream {
+    async fn fill(&self, buf: &mut Vec<u8>) -> io::Result<()> {
         loop {
-            self.stream.readable().await?;
-            self.buf.reserve(CHUNK);
-            match self.stream.try_read_buf(&mut self.buf) {
+            self.readable().await?;
+            buf.reserve(CHUNK);
+            match self.try_read_buf(buf) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -5,6 +5,7 @@
 //! one Inbox per socket (inbox.rs); and whether that client may come in
 //! (access.rs) now (limit.rs).
 pub mod access;
+pub mod client;
 pub mod inbox;
 pub mod limit;
 pub mod mqtt;

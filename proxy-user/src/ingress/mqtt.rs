@@ -12,10 +12,8 @@ use splicer_proto::{
     preamble::{MqttConnect, MqttConnectInWs},
     ws_frame,
 };
-use tokio::net::TcpStream;
-
 use super::inbox::{Inbox, ReadError};
-use crate::{config::MqttOptions, net};
+use crate::config::MqttOptions;
 
 /// Who connected, as the CONNECT says: what a connection keeps of it for
 /// its close line, for as long as it lives (the balancer has read the
@@ -66,7 +64,7 @@ pub struct Logged {
 }
 
 impl Logged {
-    fn new(s: &str) -> Logged {
+    pub fn new(s: &str) -> Logged {
         let text: String = s.chars().take(LOGGED_CHARS).collect();
         Logged {
             cut: text.len() < s.len(),
@@ -152,7 +150,6 @@ pub enum Framing {
 pub async fn read_connect(
     opts: &MqttOptions,
     inbox: &mut Inbox<'_>,
-    client: &TcpStream,
     framing: Framing,
 ) -> Result<Connect, NoConnect> {
     let limit = opts.connect_timeout;
@@ -188,7 +185,7 @@ pub async fn read_connect(
                 frames
             }
         };
-        net::answer_and_close(client, &answer).await;
+        inbox.stream().answer_and_close(&answer).await;
     }
     Err(why)
 }

@@ -11,6 +11,8 @@ use splicer_proto::{
     trust::{canonical, Trusted},
 };
 
+use tokio::net::TcpStream;
+
 use super::inbox::{Inbox, ReadError};
 use crate::config::{Listener, UntrustedProxy};
 
@@ -59,7 +61,7 @@ pub struct Identity {
 pub async fn identify(
     config: &Listener,
     trusted: &Trusted,
-    inbox: &mut Inbox<'_>,
+    inbox: &mut Inbox<'_, TcpStream>,
     peer: SocketAddr,
 ) -> Result<Identity, Rejection> {
     let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
@@ -107,7 +109,11 @@ pub async fn identify(
 /// destination, keeping a trusted v2 header's TLVs. An untrusted peer's
 /// claims never reach the broker: its header is replaced by one that names
 /// the peer itself.
-pub fn upstream_header(config: &Listener, id: &Identity, local: SocketAddr) -> Option<Vec<u8>> {
+///
+/// `tls`: the TLVs of the TLS this listener terminated (PP2_TYPE_SSL,
+/// PP2_TYPE_AUTHORITY). They replace any an earlier hop sent about TLS, and
+/// go in v2 headers only (v1 has no room for them).
+pub fn upstream_header(config: &Listener, id: &Identity, local: SocketAddr, tls: Option<&[u8]>) -> Option<Vec<u8>> {
     let inbound = id.inbound.as_ref();
     // Verbatim only when it names a client: a LOCAL / UNKNOWN header sent
     // on would make the broker use splicer's address, not the peer's.
@@ -122,10 +128,19 @@ pub fn upstream_header(config: &Listener, id: &Identity, local: SocketAddr) -> O
     match config.send_proxy.version().or(passthrough_version)? {
         Version::V1 => Some(proxy_protocol::build_v1(id.client, local)),
         Version::V2 => {
-            let tlvs = match (inbound, id.trusted) {
+            let mut tlvs = match (inbound, id.trusted) {
                 (Some((h, _)), true) => proxy_protocol::tlvs_for_reemit(&h.tlvs),
                 _ => Vec::new(),
             };
+            if let Some(ours) = tls {
+                // Ours first; an earlier hop's others as far as they fit.
+                let earlier = std::mem::replace(&mut tlvs, ours.to_vec());
+                for (typ, value) in proxy_protocol::tlvs(&earlier) {
+                    if !proxy_protocol::describes_tls(typ) && tlvs.len() + 3 + value.len() <= proxy_protocol::V2_MAX_TLVS_LEN {
+                        proxy_protocol::put_tlv(&mut tlvs, typ, value);
+                    }
+                }
+            }
             Some(proxy_protocol::build_v2(id.client, local, &tlvs))
         }
     }

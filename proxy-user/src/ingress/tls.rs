@@ -10,22 +10,59 @@ use splicer_proto::{
     tls_hello::{ClientHello, Refusal},
 };
 
-use super::inbox::{Inbox, ReadError};
-use crate::config::TlsPassthrough;
+use super::{
+    inbox::{Inbox, ReadError},
+    mqtt::Logged,
+};
+use crate::{config::TlsPassthrough, tls::Facts};
 
-/// What a passthrough connection keeps of its ClientHello for its close
-/// line: the server name (a checked host name, at most 253 bytes).
+/// What a TLS connection keeps of its handshake for its close line: the
+/// server name (a checked host name, at most 253 bytes), and when the
+/// listener terminated it, the version and the client certificate's CN.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsSession {
     pub sni: Option<String>,
+    pub terminated: Option<Terminated>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Terminated {
+    pub version: &'static str,
+    /// Verified, but the client's CA chose it: quoted and capped like the
+    /// client's other words.
+    pub cn: Option<Logged>,
+}
+
+impl TlsSession {
+    pub fn passed(sni: Option<String>) -> TlsSession {
+        TlsSession { sni, terminated: None }
+    }
+
+    pub fn terminated(f: &Facts) -> TlsSession {
+        TlsSession {
+            sni: f.sni.clone(),
+            terminated: Some(Terminated {
+                version: f.version,
+                cn: f.client.as_ref().and_then(|c| c.cn.as_deref()).map(Logged::new),
+            }),
+        }
+    }
 }
 
 impl fmt::Display for TlsSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.sni {
-            Some(n) => write!(f, "sni={n}"),
-            None => f.write_str("sni=-"),
+            Some(n) => write!(f, "sni={n}")?,
+            None => f.write_str("sni=-")?,
         }
+        if let Some(t) = &self.terminated {
+            write!(f, " tls_version={}", t.version)?;
+            match &t.cn {
+                Some(cn) => write!(f, " cn={cn}")?,
+                None => f.write_str(" cn=-")?,
+            }
+        }
+        Ok(())
     }
 }
 

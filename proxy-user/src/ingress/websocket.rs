@@ -20,11 +20,11 @@ use splicer_proto::{
     trust::Trusted,
 };
 
-use super::inbox::{Inbox, ReadError};
-use crate::{
-    config::{ForwardMode, WsOptions},
-    net,
+use super::{
+    client::Client,
+    inbox::{Inbox, ReadError},
 };
+use crate::config::{ForwardMode, WsOptions};
 
 /// An accepted upgrade: the head to send upstream and who the client is.
 pub struct Upgrade {
@@ -38,7 +38,7 @@ pub struct Upgrade {
     pub port: Option<u16>,
 }
 
-/// Reads the upgrade request through `inbox` (from `client`) within the
+/// Reads the upgrade request through `inbox` (from the client) within the
 /// configured limits. `peer` is the client as known so far (after any
 /// PROXY header). On refusal, the HTTP response has been sent and the
 /// caller just closes.
@@ -46,7 +46,6 @@ pub async fn upgrade(
     ws: &WsOptions,
     trusted: &Trusted,
     inbox: &mut Inbox<'_>,
-    client: &TcpStream,
     peer: SocketAddr,
 ) -> Result<Upgrade, Refusal> {
     let mut reader = UpgradeRequest::new(ws.header_max);
@@ -66,7 +65,7 @@ pub async fn upgrade(
     let (head, raw) = match result {
         Ok(ok) => ok,
         Err(refusal) => {
-            refuse(client, &refusal).await;
+            refuse(inbox.stream(), &refusal).await;
             return Err(refusal);
         }
     };
@@ -152,9 +151,9 @@ pub async fn await_switch(ws: &WsOptions, upstream: &TcpStream) -> Result<Vec<u8
 
 /// Passes the broker's refusal on to the client (or a `502` of our own)
 /// and half-closes.
-pub async fn pass_refusal(client: &TcpStream, no: &NoSwitch) {
+pub async fn pass_refusal(client: &Client, no: &NoSwitch) {
     match no {
-        NoSwitch::Status { response, .. } => net::answer_and_close(client, response).await,
+        NoSwitch::Status { response, .. } => client.answer_and_close(response).await,
         NoSwitch::Failed(_) => refuse(client, &Refusal::BadGateway).await,
     }
 }
@@ -223,6 +222,6 @@ const CLIENT_CLAIMS: [&str; 8] = [
 ];
 
 /// Answers a request with `refusal`'s HTTP response and half-closes.
-pub async fn refuse(client: &TcpStream, refusal: &Refusal) {
-    net::answer_and_close(client, &refusal.response()).await;
+pub async fn refuse(client: &Client, refusal: &Refusal) {
+    client.answer_and_close(&refusal.response()).await;
 }

@@ -1,0 +1,262 @@
+//! A terminating listener's TLS settings, read from its PEM files into one
+//! rustls `ServerConfig`: the certificates (chosen by the client's server
+//! name against each certificate's own names, the first for the rest), the
+//! protocol versions, ALPN, client-certificate checks and session
+//! resumption. Read when the configuration is read (at start and on
+//! SIGHUP), so a bad file is an error that names it and refuses the reload,
+//! and a changed file is a changed listener.
+use std::{
+    fmt,
+    hash::{Hash, Hasher},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{bail, Context as _, Result};
+use rustls::{
+    server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache, WebPkiClientVerifier},
+    sign::CertifiedKey,
+    RootCertStore, ServerConfig,
+};
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+
+/// `tls-min-version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+pub enum MinVersion {
+    #[serde(rename = "1.2")]
+    #[value(name = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    #[value(name = "1.3")]
+    Tls13,
+}
+
+/// `tls-client-auth`: whether a client must show a certificate signed by
+/// `tls-client-ca`. One it shows is checked either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    Optional,
+    Required,
+}
+
+/// What a terminating listener was configured with (the paths), and what
+/// its files held when they were read.
+#[derive(Clone)]
+pub struct Terminate {
+    /// Certificate chain and key files, in pairs; the first pair answers
+    /// clients whose server name no certificate names.
+    pub pairs: Vec<(PathBuf, PathBuf)>,
+    pub min_version: MinVersion,
+    pub alpn: Vec<String>,
+    pub client_ca: Option<PathBuf>,
+    pub client_auth: ClientAuth,
+    pub handshake_timeout: std::time::Duration,
+    pub server: Arc<ServerConfig>,
+    /// Each certificate's names and expiry, for the start-up line and the
+    /// metric.
+    pub certs: Vec<CertFacts>,
+    /// Of every file's bytes: a reload with the same paths and new files
+    /// is a changed listener.
+    contents: u64,
+}
+
+/// A served certificate as the logs and metrics show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFacts {
+    pub file: PathBuf,
+    /// Its DNS names (subjectAltName, else the subject CN), lowercase.
+    pub names: Vec<String>,
+    /// notAfter, Unix seconds.
+    pub not_after: i64,
+}
+
+impl PartialEq for Terminate {
+    fn eq(&self, o: &Self) -> bool {
+        (&self.pairs, self.min_version, &self.alpn, &self.client_ca, self.client_auth, self.handshake_timeout, self.contents)
+            == (&o.pairs, o.min_version, &o.alpn, &o.client_ca, o.client_auth, o.handshake_timeout, o.contents)
+    }
+}
+
+/// Keys never reach a log line, `--check` included.
+impl fmt::Debug for Terminate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Terminate")
+            .field("pairs", &self.pairs)
+            .field("min_version", &self.min_version)
+            .field("alpn", &self.alpn)
+            .field("client_ca", &self.client_ca)
+            .field("client_auth", &self.client_auth)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("certs", &self.certs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `load` is given, from the listener's keys.
+pub struct Settings {
+    pub pairs: Vec<(PathBuf, PathBuf)>,
+    pub min_version: MinVersion,
+    pub alpn: Vec<String>,
+    pub client_ca: Option<PathBuf>,
+    pub client_auth: ClientAuth,
+    pub handshake_timeout: std::time::Duration,
+}
+
+/// TLS sessions each terminating listener remembers for resumption by ID
+/// (TLS 1.2; TLS 1.3 clients resume with tickets, which hold their own
+/// state).
+const SESSION_CACHE: usize = 4096;
+
+/// Reads every file and builds the listener's rustls configuration.
+pub fn load(s: Settings) -> Result<Terminate> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut contents = std::hash::DefaultHasher::new();
+    let mut keys = Vec::new();
+    let mut certs = Vec::new();
+    for (cert_file, key_file) in &s.pairs {
+        let chain_pem = read(cert_file, &mut contents)?;
+        let chain = CertificateDer::pem_slice_iter(&chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("{}: not a PEM certificate chain", cert_file.display()))?;
+        let Some(leaf) = chain.first() else {
+            bail!("{}: no certificate in it", cert_file.display());
+        };
+        let facts = cert_facts(cert_file, leaf)?;
+        let key_pem = read(key_file, &mut contents)?;
+        // The key's own error text could quote it: name the file only.
+        let Ok(key) = PrivateKeyDer::from_pem_slice(&key_pem) else {
+            bail!("{}: no PEM private key in it", key_file.display());
+        };
+        let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+            anyhow::anyhow!(
+                "{} with {}: {e}",
+                cert_file.display(),
+                key_file.display()
+            )
+        })?;
+        keys.push((facts.names.clone(), Arc::new(certified)));
+        certs.push(facts);
+    }
+    if keys.is_empty() {
+        bail!("no certificate given");
+    }
+    let versions: &[&rustls::SupportedProtocolVersion] = match s.min_version {
+        MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        MinVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .context("TLS versions")?;
+    let builder = match &s.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca_file) => {
+            let pem = read(ca_file, &mut contents)?;
+            let mut roots = RootCertStore::empty();
+            for ca in CertificateDer::pem_slice_iter(&pem) {
+                let ca = ca.with_context(|| format!("{}: not a PEM certificate", ca_file.display()))?;
+                roots
+                    .add(ca)
+                    .with_context(|| format!("{}: a certificate that cannot be a CA", ca_file.display()))?;
+            }
+            if roots.is_empty() {
+                bail!("{}: no certificate in it", ca_file.display());
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            let verifier = match s.client_auth {
+                ClientAuth::Required => verifier,
+                ClientAuth::Optional => verifier.allow_unauthenticated(),
+            };
+            builder.with_client_cert_verifier(verifier.build().context("tls-client-ca")?)
+        }
+    };
+    let mut server = builder.with_cert_resolver(Arc::new(ByName { keys }));
+    server.alpn_protocols = s.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    server.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
+    server.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS session tickets")?;
+    Ok(Terminate {
+        pairs: s.pairs,
+        min_version: s.min_version,
+        alpn: s.alpn,
+        client_ca: s.client_ca,
+        client_auth: s.client_auth,
+        handshake_timeout: s.handshake_timeout,
+        server: Arc::new(server),
+        certs,
+        contents: contents.finish(),
+    })
+}
+
+fn read(path: &Path, contents: &mut impl Hasher) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    bytes.hash(contents);
+    Ok(bytes)
+}
+
+fn cert_facts(file: &Path, der: &CertificateDer<'_>) -> Result<CertFacts> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| anyhow::anyhow!("{}: the first certificate does not parse: {e}", file.display()))?;
+    let mut names: Vec<String> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    if names.is_empty() {
+        names.extend(cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(str::to_ascii_lowercase));
+    }
+    Ok(CertFacts {
+        file: file.to_path_buf(),
+        names,
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// Picks the certificate for a ClientHello: the first whose names take its
+/// server name (exactly, or as `*.` one label deep), else the first.
+#[derive(Debug)]
+struct ByName {
+    keys: Vec<(Vec<String>, Arc<CertifiedKey>)>,
+}
+
+impl ResolvesServerCert for ByName {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let chosen = hello.server_name().and_then(|sni| {
+            let sni = sni.to_ascii_lowercase();
+            self.keys.iter().find(|(names, _)| names.iter().any(|n| name_takes(n, &sni)))
+        });
+        Some(chosen.unwrap_or(&self.keys[0]).1.clone())
+    }
+}
+
+/// Whether a certificate name takes a server name (RFC 6125: a wildcard
+/// stands for exactly one whole left-most label).
+fn name_takes(name: &str, sni: &str) -> bool {
+    match name.strip_prefix("*.") {
+        Some(parent) => sni
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
+        None => name == sni,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name_takes;
+
+    #[test]
+    fn a_wildcard_takes_one_label() {
+        assert!(name_takes("a.example", "a.example"));
+        assert!(!name_takes("a.example", "b.example"));
+        assert!(name_takes("*.example", "a.example"));
+        assert!(!name_takes("*.example", "b.a.example"));
+        assert!(!name_takes("*.example", "example"));
+        assert!(!name_takes("*.example", ".example"));
+    }
+}
