@@ -14,6 +14,7 @@ use std::{
 
 use splicer_proto::mqtt::Version;
 
+use crate::tls::certs::CertFacts;
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
     metrics::{
@@ -152,6 +153,14 @@ pub struct UpstreamLabels {
     pub upstream: String,
 }
 
+/// A certificate a terminating listener serves: its file and its names.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    listener: String,
+    file: String,
+    names: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabel {
     mode: String,
@@ -210,6 +219,7 @@ pub struct Metrics {
     mqtt_rejections: Family<ReasonLabels, Counter>,
     tls_rejections: Family<ReasonLabels, Counter>,
     tls_handshake_failures: Family<ReasonLabels, Counter>,
+    tls_cert_not_after: Family<CertLabels, Gauge>,
     buffer_cap: Gauge,
     buffer_granted: Gauge,
     buffer_refused: Counter,
@@ -241,6 +251,7 @@ impl Metrics {
             mqtt_connections: family(&mut r, "mqtt_connections", "MQTT listeners: clients whose CONNECT was read, by protocol version"),
             mqtt_rejections: family(&mut r, "mqtt_connect_rejections", "MQTT listeners: clients refused for their first packet, by reason (not_connect, malformed, protocol_error, identifier_rejected, unsupported_version, too_large, timeout, closed)"),
             tls_rejections: family(&mut r, "tls_hello_rejections", "TLS passthrough listeners: clients refused for their ClientHello, by reason (not_tls, malformed, too_large, timeout, closed)"),
+            tls_cert_not_after: family(&mut r, "tls_cert_not_after_seconds", "TLS-terminating listeners: when each served certificate expires (notAfter, Unix seconds)"),
             tls_handshake_failures: family(&mut r, "tls_handshake_failures", "TLS-terminating listeners: handshakes that did not complete, by reason (timeout, closed, no_client_cert, bad_client_cert, incompatible, no_alpn, client_alert, malformed)"),
             buffer_cap: registered(&mut r, "kernel_buffer_cap_bytes", "--max-buffered: what kernel-carried directions may hold in kernel queues beyond their floors, together", Gauge::default()),
             buffer_granted: registered(&mut r, "kernel_buffer_granted_bytes", "What the grants of kernel-carried directions beyond their floors allow them to hold now, together", Gauge::default()),
@@ -338,6 +349,24 @@ impl Metrics {
     }
 
     /// A reload dropped the upstream: its series go.
+    /// Shows a served certificate's expiry; `None` takes it away (a reload
+    /// that no longer serves it).
+    pub fn tls_cert(&self, listener: &str, cert: &CertFacts, not_after: Option<i64>) {
+        let l = CertLabels {
+            listener: listener.into(),
+            file: cert.file.display().to_string(),
+            names: cert.names.join(","),
+        };
+        match not_after {
+            Some(t) => {
+                self.tls_cert_not_after.get_or_create(&l).set(t);
+            }
+            None => {
+                self.tls_cert_not_after.remove(&l);
+            }
+        }
+    }
+
     pub fn forget_upstream(&self, listener: &str, upstream: &str) {
         let l = UpstreamLabels {
             listener: listener.into(),

@@ -77,3 +77,165 @@ s.on('error', (e) => { process.stderr.write(e.message + '\n'); process.exit(1); 
         body: body.to_string(),
     })
 }
+
+/// A test CA and the certificates it signs, as PEM files in its folder.
+pub struct Pki {
+    dir: PathBuf,
+    pub ca: PathBuf,
+    ca_key: PathBuf,
+}
+
+/// The key of a certificate `Pki` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    EcP256,
+    Rsa2048,
+}
+
+impl Pki {
+    /// A new CA called `name` in `dir/name`.
+    pub fn new(dir: &Path, name: &str) -> Result<Pki> {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let (ca, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+        openssl(
+            Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+                .args(["-days", "2", "-subj", &format!("/CN={name}")])
+                .arg("-keyout")
+                .arg(&ca_key)
+                .arg("-out")
+                .arg(&ca),
+        )?;
+        Ok(Pki { dir, ca, ca_key })
+    }
+
+    /// A server certificate for DNS name `name` (also its CN), valid `days`.
+    pub fn server(&self, name: &str, days: u32) -> Result<(PathBuf, PathBuf)> {
+        let ext = format!("subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth\n");
+        self.issue(&format!("server-{name}-{days}"), name, KeyType::EcP256, &ext, days)
+    }
+
+    /// A client certificate with subject CN `cn`.
+    pub fn client(&self, cn: &str, key: KeyType) -> Result<(PathBuf, PathBuf)> {
+        self.issue(&format!("client-{cn}"), cn, key, "extendedKeyUsage=clientAuth\n", 2)
+    }
+
+    fn issue(&self, file: &str, cn: &str, key: KeyType, ext: &str, days: u32) -> Result<(PathBuf, PathBuf)> {
+        let (cert, key_file, csr, extfile) = (
+            self.dir.join(format!("{file}.crt")),
+            self.dir.join(format!("{file}.key")),
+            self.dir.join(format!("{file}.csr")),
+            self.dir.join(format!("{file}.ext")),
+        );
+        let newkey: &[&str] = match key {
+            KeyType::EcP256 => &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"],
+            KeyType::Rsa2048 => &["-newkey", "rsa:2048"],
+        };
+        openssl(
+            Command::new("openssl")
+                .args(["req", "-nodes", "-subj", &format!("/CN={cn}")])
+                .args(newkey)
+                .arg("-keyout")
+                .arg(&key_file)
+                .arg("-out")
+                .arg(&csr),
+        )?;
+        std::fs::write(&extfile, format!("basicConstraints=CA:FALSE\n{ext}"))?;
+        openssl(
+            Command::new("openssl")
+                // OpenSSL 3 gives each a random serial.
+                .args(["x509", "-req", "-sha256", "-days", &days.to_string()])
+                .arg("-in")
+                .arg(&csr)
+                .arg("-CA")
+                .arg(&self.ca)
+                .arg("-CAkey")
+                .arg(&self.ca_key)
+                .arg("-extfile")
+                .arg(&extfile)
+                .arg("-out")
+                .arg(&cert),
+        )?;
+        // Brokers drop privileges before reading keys; these are test keys.
+        std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        Ok((cert, key_file))
+    }
+}
+
+fn openssl(cmd: &mut Command) -> Result<()> {
+    let (st, out, err) = run_with_timeout(cmd, Duration::from_secs(30))?;
+    ensure!(st.success(), "{cmd:?}: {st}\n{out}{err}");
+    Ok(())
+}
+
+/// What `TlsClient` is told to do (tests/peers/tls-client.js).
+#[derive(Debug, Default, Clone)]
+pub struct TlsClient<'a> {
+    pub servername: Option<&'a str>,
+    /// Check the server's certificate against this CA.
+    pub ca: Option<&'a Path>,
+    pub cert: Option<(&'a Path, &'a Path)>,
+    /// "TLSv1.2" to stay below 1.3.
+    pub max_version: Option<&'a str>,
+    /// Bytes written in the clear before the handshake (a PROXY header).
+    pub before: &'a [u8],
+    /// Sent after the handshake, then close_notify and FIN.
+    pub send: Option<&'a Path>,
+    /// Between the halves of `send`.
+    pub hold: Duration,
+    /// Where what the server sent is written.
+    pub out: Option<&'a Path>,
+}
+
+/// What the TLS client saw.
+#[derive(Debug)]
+pub struct TlsClientSaw {
+    /// The CN of the certificate the server presented.
+    pub cn: String,
+    /// "TLSv1.3" or "TLSv1.2".
+    pub protocol: String,
+    /// Bytes read until the server's end.
+    pub bytes: u64,
+}
+
+impl TlsClient<'_> {
+    /// Runs the client from CLIENT_IP against `to`. Err when the handshake
+    /// or anything after it fails (the client's message in it).
+    pub fn run(&self, to: SocketAddr, timeout: Duration) -> Result<TlsClientSaw> {
+        let mut cmd = Command::new("node");
+        cmd.arg(crate::peers_dir().join("tls-client.js"))
+            .args(["--host", &to.ip().to_string(), "--port", &to.port().to_string()])
+            .args(["--bind", &CLIENT_IP.to_string(), "--hold-ms", &self.hold.as_millis().to_string()]);
+        if let Some(n) = self.servername {
+            cmd.args(["--servername", n]);
+        }
+        if let Some(v) = self.max_version {
+            cmd.args(["--max-version", v]);
+        }
+        if !self.before.is_empty() {
+            cmd.args(["--before", &self.before.iter().map(|b| format!("{b:02x}")).collect::<String>()]);
+        }
+        for (flag, path) in [("--ca", self.ca), ("--send", self.send), ("--out", self.out)] {
+            if let Some(p) = path {
+                cmd.arg(flag).arg(p);
+            }
+        }
+        if let Some((c, k)) = self.cert {
+            cmd.arg("--cert").arg(c).arg("--key").arg(k);
+        }
+        let (st, out, err) = run_with_timeout(&mut cmd, timeout)?;
+        ensure!(st.success(), "TLS client: {st}\n{out}{err}");
+        let field = |event: &str, key: &str| {
+            out.lines()
+                .find(|l| crate::is_event(l, event))
+                .and_then(|l| crate::json_field(l, key))
+                .unwrap_or_default()
+        };
+        Ok(TlsClientSaw {
+            cn: field("secure", "cn"),
+            protocol: field("secure", "protocol"),
+            bytes: field("end", "bytes").parse().unwrap_or(0),
+        })
+    }
+}

@@ -111,6 +111,13 @@ impl ListenerCtx {
             }
         }
         let listener_metrics = metrics.listener(&config.name);
+        let certs = |l: &Listener| l.terminate.iter().flat_map(|t| t.certs.clone()).collect::<Vec<_>>();
+        for old in previous.map(|p| certs(&p.config)).unwrap_or_default() {
+            metrics.tls_cert(&config.name, &old, None);
+        }
+        for cert in certs(&config) {
+            metrics.tls_cert(&config.name, &cert, Some(cert.not_after));
+        }
         let routes = upstreams
             .iter()
             .map(|(u, _)| Arc::new(Route::new(&config.name, &listener_metrics, u.clone())))
