@@ -554,24 +554,28 @@ pub struct Ssl<'a> {
     /// The client certificate's subject CN.
     pub cn: Option<&'a str>,
     pub cipher: &'a str,
-    /// The client certificate's signature and key algorithms.
+    /// How the certificate the sender presented to the client (the spec's
+    /// "frontend" certificate) is signed, and its key.
     pub sig_alg: Option<&'a str>,
     pub key_alg: Option<&'a str>,
 }
 
-/// Appends one TLV; a value longer than a TLV can hold is cut to fit.
+/// Appends one TLV. Callers bound their values well below the 64 KiB a
+/// TLV can hold (a longer one would be cut, never spill into the next).
 pub fn put_tlv(out: &mut Vec<u8>, typ: u8, value: &[u8]) {
+    debug_assert!(value.len() <= usize::from(u16::MAX));
     let value = &value[..value.len().min(usize::from(u16::MAX))];
     out.push(typ);
     out.extend_from_slice(&(value.len() as u16).to_be_bytes());
     out.extend_from_slice(value);
 }
 
-/// PP2_TYPE_SSL with its sub-TLVs (what HAProxy's `send-proxy-v2-ssl-cn`
-/// sends), then PP2_TYPE_AUTHORITY when the client named a server.
-/// `verify` is 0 only when a client certificate was shown and verified, as
-/// the spec says ("non-zero otherwise"), so a broker that reads it alone
-/// cannot take a client without one for a verified one.
+/// PP2_TYPE_SSL with its sub-TLVs (the fields HAProxy's
+/// `send-proxy-v2-ssl-cn` sends), then PP2_TYPE_AUTHORITY when the client
+/// named a server. `verify` is 0 only when a client certificate was shown
+/// and verified, as the spec says ("non-zero otherwise"; HAProxy sends 0
+/// without one), so a broker that reads it alone cannot take a client
+/// without a certificate for a verified one.
 pub fn ssl_tlvs(ssl: &Ssl<'_>, authority: Option<&str>) -> Vec<u8> {
     let mut subs = Vec::new();
     put_tlv(&mut subs, PP2_SUBTYPE_SSL_VERSION, ssl.version.as_bytes());
@@ -755,6 +759,38 @@ mod tests {
         assert_eq!(build_v2(s, d, &[]), V2_TCP6);
         let h = parse(&V2_TCP6, Versions::Auto).unwrap();
         assert_eq!((h.addresses, h.len), (Some((s, d)), 52));
+    }
+
+    #[test]
+    fn ssl_tlvs_are_laid_out_as_the_spec_says() {
+        let ssl = Ssl {
+            cert_in_session: true,
+            cert_on_connection: true,
+            version: "TLSv1.3",
+            cn: Some("dev"),
+            cipher: "C",
+            sig_alg: Some("S"),
+            key_alg: Some("K"),
+        };
+        let mut want = vec![PP2_TYPE_SSL, 0, 5 + 10 + 6 + 4 + 4 + 4, 0x07, 0, 0, 0, 0];
+        want.extend([0x21, 0, 7]);
+        want.extend(b"TLSv1.3");
+        want.extend([0x22, 0, 3]);
+        want.extend(b"dev");
+        want.extend([0x23, 0, 1, b'C', 0x24, 0, 1, b'S', 0x25, 0, 1, b'K']);
+        want.extend([PP2_TYPE_AUTHORITY, 0, 3]);
+        want.extend(b"a.b");
+        assert_eq!(ssl_tlvs(&ssl, Some("a.b")), want);
+        // No certificate: SSL alone, verify non-zero, nothing about one.
+        let bare = Ssl { version: "TLSv1.2", cipher: "C", ..Ssl::default() };
+        let mut want = vec![PP2_TYPE_SSL, 0, 5 + 10 + 4, 0x01, 0, 0, 0, 1];
+        want.extend([0x21, 0, 7]);
+        want.extend(b"TLSv1.2");
+        want.extend([0x23, 0, 1, b'C']);
+        assert_eq!(ssl_tlvs(&bare, None), want);
+        // Resumed: the certificate was shown in the session, not now.
+        let resumed = Ssl { cert_on_connection: false, ..ssl };
+        assert_eq!(ssl_tlvs(&resumed, None)[3], PP2_CLIENT_SSL | PP2_CLIENT_CERT_SESS);
     }
 
     #[test]

@@ -1321,6 +1321,60 @@ mod tests {
         assert_refused(cases);
     }
 
+    /// A certificate for `name` and its key, written to `dir`.
+    fn cert_files(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+        std::fs::write(&cert, c.cert.pem()).unwrap();
+        std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+        (cert, key)
+    }
+
+    #[test]
+    fn tls_termination_keys() {
+        let dir = std::env::temp_dir().join(format!("splicer-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, a_key) = cert_files(&dir, "a.example");
+        let (b, b_key) = cert_files(&dir, "b.example");
+        let tls = format!("{L}tls-cert = [\"{}\", \"{}\"]\ntls-key = [\"{}\", \"{}\"]\n", a.display(), b.display(), a_key.display(), b_key.display());
+        let c = parse(&format!("{tls}protocol = \"mqtt\"\ntls-min-version = \"1.3\"\n")).unwrap();
+        let t = c.listeners[0].terminate.as_ref().unwrap();
+        assert_eq!((t.min_version, t.alpn.clone()), (MinVersion::Tls13, vec!["mqtt".to_string()]));
+        assert_eq!(t.certs.iter().map(|c| c.names.clone()).collect::<Vec<_>>(), [["a.example"], ["b.example"]]);
+        assert!(t.server.alpn_protocols == [b"mqtt".to_vec()]);
+        // --check prints the config: never a key.
+        let key_pem = std::fs::read_to_string(&a_key).unwrap();
+        let shown = format!("{c:#?}");
+        let key_line = key_pem.lines().nth(1).unwrap();
+        assert!(!shown.contains("PRIVATE KEY") && !shown.contains(key_line), "{shown}");
+        // WebSocket listeners offer http/1.1; `alpn = []` offers nothing.
+        let ws = parse(&format!("{tls}protocol = \"ws\"\n")).unwrap();
+        assert_eq!(ws.listeners[0].terminate.as_ref().unwrap().alpn, ["http/1.1"]);
+        let none = parse(&format!("{tls}alpn = []\n")).unwrap();
+        assert!(none.listeners[0].terminate.as_ref().unwrap().alpn.is_empty());
+        // The same paths with new contents are a changed listener (SIGHUP
+        // reloads it); the same contents are not.
+        let before = parse(&tls).unwrap();
+        assert_eq!(before, parse(&tls).unwrap());
+        let (c2, k2) = cert_files(&dir, "a.example");
+        assert_eq!((c2, k2), (a.clone(), a_key.clone()));
+        assert_ne!(before, parse(&tls).unwrap());
+        let one = |cert: &Path, key: &Path| format!("{L}tls-cert = \"{}\"\ntls-key = \"{}\"\n", cert.display(), key.display());
+        assert_refused([
+            (one(&a, &b_key), &["a.example.crt", "b.example.key"][..]),
+            (one(&a, &dir.join("missing.key")), &["missing.key"]),
+            (one(&a_key, &a_key), &["a.example.key", "no certificate"]),
+            (format!("{L}tls-key = \"{}\"\n", a_key.display()), &["`tls-key`", "needs `tls-cert`"]),
+            (format!("{L}tls-cert = [\"{}\", \"{}\"]\ntls-key = \"{}\"\n", a.display(), b.display(), a_key.display()), &["pairs", "2 certificates, 1 keys"]),
+            (format!("{}tls-client-auth = \"optional\"\n", one(&a, &a_key)), &["`tls-client-auth`", "needs `tls-client-ca`"]),
+            (format!("{}protocol = \"tls-passthrough\"\n", one(&a, &a_key)), &["tls-passthrough", "terminate"]),
+            (format!("{}proxy-passthrough = true\n", one(&a, &a_key)), &["`proxy-passthrough`"]),
+            (format!("{}alpn = [\"\"]\n", one(&a, &a_key)), &["`alpn`"]),
+            (format!("{}tls-client-ca = \"{}\"\n", one(&a, &a_key), a_key.display()), &["a.example.key"]),
+        ]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn tls_passthrough_keys() {
         let c = parse(

@@ -348,9 +348,8 @@ impl Metrics {
         ByReason::new(&self.tls_handshake_failures, listener, reasons)
     }
 
-    /// A reload dropped the upstream: its series go.
     /// Shows a served certificate's expiry; `None` takes it away (a reload
-    /// that no longer serves it).
+    /// that no longer serves it, or no longer has the listener).
     pub fn tls_cert(&self, listener: &str, cert: &CertFacts, not_after: Option<i64>) {
         let l = CertLabels {
             listener: listener.into(),
@@ -367,6 +366,7 @@ impl Metrics {
         }
     }
 
+    /// A reload dropped the upstream: its series go.
     pub fn forget_upstream(&self, listener: &str, upstream: &str) {
         let l = UpstreamLabels {
             listener: listener.into(),

@@ -205,9 +205,10 @@ fn the_proxy_v2_header_carries_the_client_certificate() -> Result<()> {
     ensure!(ssl.sub(SSL_VERSION) == Some("TLSv1.3"), "{ssl:?}");
     ensure!(ssl.sub(SSL_CN) == Some(DEVICE), "{ssl:?}");
     ensure!(ssl.sub(SSL_CIPHER).is_some_and(|c| c.starts_with("TLS_AES_") || c.starts_with("TLS_CHACHA20")), "{ssl:?}");
-    // The client's key is RSA; the CA that signed it has an EC key.
+    // The spec's SIG_ALG and KEY_ALG describe the certificate splicer
+    // presented (an EC P-256 key, signed by the EC CA), as HAProxy's do.
     ensure!(ssl.sub(SSL_SIG_ALG) == Some("ecdsa-with-SHA256"), "{ssl:?}");
-    ensure!(ssl.sub(SSL_KEY_ALG) == Some("RSA2048"), "{ssl:?}");
+    ensure!(ssl.sub(SSL_KEY_ALG) == Some("EC256"), "{ssl:?}");
     ensure!(authority.as_deref() == Some(SERVER), "authority {authority:?}");
     ensure!(!s.header.windows(5).any(|w| w == b"admin") && !s.header.windows(4).any(|w| w == b"evil"), "{}", show(&s.header));
 
@@ -301,8 +302,10 @@ fn client_certificates_are_required_and_checked() -> Result<()> {
         .context("no splicer_tls_cert_not_after_seconds for the certificate")?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
     ensure!((not_after - now - 2.0 * 86400.0).abs() < 600.0, "not_after {not_after}, now {now}");
-    let lines = wait_lines(&splicer.proc, "refused: TLS handshake failed", 2)?;
-    ensure!(lines.iter().any(|l| l.contains("no certificates")), "{lines:?}");
+    // The first refusal is logged; the next within the second is counted
+    // into the following line (scanners fail handshakes by the thousand).
+    let lines = wait_lines(&splicer.proc, "refused: TLS handshake failed", 1)?;
+    ensure!(lines[0].contains("no certificates"), "{lines:?}");
     Ok(())
 }
 

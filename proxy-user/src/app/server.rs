@@ -130,8 +130,11 @@ impl Server {
                 (None, None) => unreachable!("a new listener always has a socket"),
             }
         }
-        for name in previous.keys() {
+        for (name, r) in &previous {
             log::info!("[{name}] removed: no longer accepting; live connections continue");
+            for cert in r.config().terminate.iter().flat_map(|t| &t.certs) {
+                self.metrics.tls_cert(name, cert, None);
+            }
         }
         drop(previous);
         self.config = new;

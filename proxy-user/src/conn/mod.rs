@@ -60,6 +60,7 @@ pub struct ListenerCtx {
     /// reload in a storm does not hand every source a new burst.
     limits: Arc<Limits>,
     limited_log: LogGate,
+    handshake_log: LogGate,
     /// Every upstream of the listener (health checks go through it).
     pub balancer: Balancer,
     /// On `tls-passthrough` listeners with `sni`: the groups by name.
@@ -129,6 +130,7 @@ impl ListenerCtx {
                 .filter(|p| *p.limits.config() == config.rate_limit)
                 .map_or_else(|| Arc::new(Limits::new(config.rate_limit)), |p| p.limits.clone()),
             limited_log: LogGate::default(),
+            handshake_log: LogGate::default(),
             sni: config.tls.as_ref().filter(|t| !t.groups.is_empty()).map(|t| {
                 SniRouter::new(config.balance, &t.groups, |u| {
                     let (state, _) = upstreams.iter().find(|(s, _)| s.addr == u.addr).expect("groups' upstreams are the listener's");
@@ -210,29 +212,43 @@ async fn serve(
     let held = inbox.into_rest();
     let mut consumed = id.inbound.as_ref().map_or(0, |(_, raw)| raw.len() as u64);
     let mut who = ClientAddrs { peer, real: id.client };
-    // Without a WebSocket upgrade the client is known now: refuse it
-    // before any TLS handshake (what a storm of reconnects costs most).
-    if ctx.config.ws.is_none() && !admit(ctx, who, None).await {
+    // Unless an upgrade request may name another client, the client is
+    // known now: refuse it before any TLS handshake (what a storm of
+    // reconnects costs most). A plaintext WebSocket client is refused
+    // after its request, with an HTTP answer.
+    let known_now = match &ctx.config.ws {
+        None => true,
+        Some(ws) => ctx.config.terminate.is_some() && ws.real_ip_header.is_none(),
+    };
+    if known_now && !admit(ctx, who, None).await {
         return Some(CloseReason::rejected);
     }
+    let mut tls_facts = None;
     let (client, held) = match &ctx.config.terminate {
         None => (Client::Plain(tcp), held),
-        Some(t) => match TlsConn::accept(tcp, t.server.clone(), &held, t.handshake_timeout).await {
-            Ok(c) => (Client::Tls(Box::new(c)), Vec::new()),
+        Some(t) => match TlsConn::accept(tcp, t, &held).await {
+            Ok((c, facts)) => {
+                tls_facts = Some(facts);
+                (Client::Tls(Box::new(c)), Vec::new())
+            }
             Err(why) => {
                 m.rejected(Reject::bad_tls_handshake);
                 if let Some(r) = &ctx.tls_handshake_failures {
                     r.inc(why.label());
                 }
-                log::warn!("[{name}] {}: refused: {why}", close::who(who));
+                // Scanners fail handshakes by the thousand: a line a second.
+                if let Some(unlogged) = ctx.handshake_log.pass(Instant::now()) {
+                    let more = fmt::from_fn(|f| match unlogged {
+                        0 => Ok(()),
+                        n => write!(f, " ({n} more since the last such line)"),
+                    });
+                    log::warn!("[{name}] {}: refused: {why}{more}", close::who(who));
+                }
                 return Some(CloseReason::rejected);
             }
         },
     };
-    let facts = match &client {
-        Client::Tls(c) => Some(tls::Facts::of(&c.lock())),
-        Client::Plain(_) => None,
-    };
+    let facts = tls_facts;
     let mut inbox = Inbox::resume(&client, held);
     let mut head = Vec::new();
     if let Some(ws) = &ctx.config.ws {
@@ -255,7 +271,7 @@ async fn serve(
             }
         }
         who.real = id.client;
-        if !admit(ctx, who, Some(&client)).await {
+        if !known_now && !admit(ctx, who, Some(&client)).await {
             return Some(CloseReason::rejected);
         }
     }

@@ -52,8 +52,11 @@ pub async fn relay(drain: &Drain, metrics: &ListenerMetrics, client: &TlsConn, u
 }
 
 /// Client to upstream: hands over every decrypted byte, then reads more
-/// records; ends with a FIN upstream at the client's end of stream.
+/// records; ends with a FIN upstream at the client's end of stream. A
+/// failure (a bad record, a reset) still passes on what was decrypted
+/// before it, then ends the connection.
 async fn from_client(client: &TlsConn, upstream: &TcpStream, bytes: &AtomicU64, metric: &Counter) -> End {
+    let mut failed = false;
     loop {
         let moved = BUF.with_borrow_mut(|buf| match client.lock().reader().read(buf) {
             Ok(0) => Ok(Moved::Eof),
@@ -73,12 +76,10 @@ async fn from_client(client: &TlsConn, upstream: &TcpStream, bytes: &AtomicU64, 
                 }
                 n
             }
+            Ok(Moved::Drained) if failed => return End::SrcReset,
             Ok(Moved::Drained) => {
-                // Errors (a bad record, a reset) end it; the end of the
-                // stream shows at the next read.
-                if client.read_more().await.is_err() {
-                    return End::SrcReset;
-                }
+                // The end of the stream shows at the next read.
+                failed = client.read_more().await.is_err();
                 continue;
             }
         };
@@ -88,11 +89,21 @@ async fn from_client(client: &TlsConn, upstream: &TcpStream, bytes: &AtomicU64, 
 }
 
 /// Upstream to client: each read encrypted and sent before the next; the
-/// upstream's FIN becomes close_notify and a FIN.
+/// upstream's FIN becomes close_notify and a FIN. Also sends the records
+/// reading left unsent (`unsent`), so the client's side of the session
+/// never waits on this direction.
 async fn to_client(upstream: &TcpStream, client: &TlsConn, bytes: &AtomicU64, metric: &Counter) -> End {
     loop {
-        if upstream.readable().await.is_err() {
-            return End::SrcReset;
+        tokio::select! {
+            r = upstream.readable() => if r.is_err() {
+                return End::SrcReset;
+            },
+            () = client.unsent.notified() => {
+                if client.flush().await.is_err() {
+                    return End::DstFailed;
+                }
+                continue;
+            }
         }
         loop {
             let read = BUF.with_borrow_mut(|buf| match upstream.try_read(buf) {

@@ -69,6 +69,11 @@ pub struct CertFacts {
     pub names: Vec<String>,
     /// notAfter, Unix seconds.
     pub not_after: i64,
+    /// How it is signed and its key, as OpenSSL and HAProxy name them
+    /// (RSA-SHA256, ecdsa-with-SHA256; RSA2048, EC256): the PROXY v2
+    /// SSL_SIG_ALG and SSL_KEY_ALG of connections it serves.
+    pub sig_alg: String,
+    pub key_alg: String,
 }
 
 impl PartialEq for Terminate {
@@ -211,11 +216,41 @@ fn cert_facts(file: &Path, der: &CertificateDer<'_>) -> Result<CertFacts> {
     if names.is_empty() {
         names.extend(cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(str::to_ascii_lowercase));
     }
+    let (sig_alg, key_alg) = algorithms(&cert);
     Ok(CertFacts {
         file: file.to_path_buf(),
         names,
         not_after: cert.validity().not_after.timestamp(),
+        sig_alg,
+        key_alg,
     })
+}
+
+/// A certificate's signature algorithm by OpenSSL's short name (what
+/// HAProxy sends), and its key as HAProxy writes it.
+fn algorithms(cert: &x509_parser::certificate::X509Certificate<'_>) -> (String, String) {
+    use x509_parser::{objects, oid_registry as oids, public_key::PublicKey};
+    let sig = &cert.signature_algorithm.algorithm;
+    let openssl = [
+        (oids::OID_PKCS1_SHA256WITHRSA, "RSA-SHA256"),
+        (oids::OID_PKCS1_SHA384WITHRSA, "RSA-SHA384"),
+        (oids::OID_PKCS1_SHA512WITHRSA, "RSA-SHA512"),
+        (oids::OID_PKCS1_RSASSAPSS, "RSASSA-PSS"),
+        (oids::OID_SIG_ECDSA_WITH_SHA256, "ecdsa-with-SHA256"),
+        (oids::OID_SIG_ECDSA_WITH_SHA384, "ecdsa-with-SHA384"),
+        (oids::OID_SIG_ECDSA_WITH_SHA512, "ecdsa-with-SHA512"),
+        (oids::OID_SIG_ED25519, "ED25519"),
+    ];
+    let sig_alg = openssl.iter().find(|(o, _)| o == sig).map_or_else(
+        || objects::oid2sn(sig, objects::oid_registry()).map_or_else(|_| sig.to_id_string(), str::to_string),
+        |(_, name)| (*name).to_string(),
+    );
+    let key_alg = match cert.public_key().parsed() {
+        Ok(k @ PublicKey::RSA(_)) => format!("RSA{}", k.key_size()),
+        Ok(k @ PublicKey::EC(_)) => format!("EC{}", k.key_size()),
+        _ => "UNKNOWN".to_string(),
+    };
+    (sig_alg, key_alg)
 }
 
 /// Picks the certificate for a ClientHello: the first whose names take its
@@ -227,11 +262,21 @@ struct ByName {
 
 impl ResolvesServerCert for ByName {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let chosen = hello.server_name().and_then(|sni| {
-            let sni = sni.to_ascii_lowercase();
-            self.keys.iter().find(|(names, _)| names.iter().any(|n| name_takes(n, &sni)))
-        });
-        Some(chosen.unwrap_or(&self.keys[0]).1.clone())
+        Some(self.keys[pick(self.keys.iter().map(|(n, _)| n), hello.server_name())].1.clone())
+    }
+}
+
+/// Which of the certificates (by their names) a server name gets: the
+/// first that takes it, else the first.
+fn pick<'a>(mut names: impl Iterator<Item = &'a Vec<String>>, sni: Option<&str>) -> usize {
+    let Some(sni) = sni.map(str::to_ascii_lowercase) else { return 0 };
+    names.position(|names| names.iter().any(|n| name_takes(n, &sni))).unwrap_or(0)
+}
+
+impl Terminate {
+    /// The certificate a client asking for `sni` was served.
+    pub fn served(&self, sni: Option<&str>) -> &CertFacts {
+        &self.certs[pick(self.certs.iter().map(|c| &c.names), sni)]
     }
 }
 

@@ -3,23 +3,42 @@
 //! ours: ciphertext goes between the socket and rustls as it is read and
 //! written, and plaintext between rustls and the caller's buffer. The
 //! session sits behind a Mutex (never held across an await) so both relay
-//! directions and the handshake readers can share `&TlsConn`, as they
-//! share `&TcpStream` on plain connections.
+//! directions and the preamble readers can share `&TlsConn`, as they share
+//! `&TcpStream` on plain connections.
+//!
+//! Reading never waits for the client to take bytes: what processing
+//! queues (an alert, a key update answer) is sent if the socket takes it
+//! now, and otherwise left to the writer (`unsent` wakes it). A client
+//! that writes before it reads is never stuck behind records it has not
+//! read yet.
 use std::{
     fmt, io,
-    io::{Read as _, Write as _},
-    sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
+    io::Read as _,
+    sync::{Mutex, MutexGuard},
 };
 
-use rustls::{ServerConfig, ServerConnection};
-use tokio::net::TcpStream;
+use rustls::ServerConnection;
+use tokio::{net::TcpStream, sync::Notify};
 
+use super::{certs::Terminate, Facts};
 use crate::net;
 
 pub struct TlsConn {
     tcp: TcpStream,
     session: Mutex<ServerConnection>,
+    /// Signalled when records wait that the socket did not take.
+    pub unsent: Notify,
+}
+
+/// Plaintext rustls may hold before reading stops: its own limit (it
+/// refuses to read past 16 KiB held).
+const PLAINTEXT_BATCH: usize = 16 * 1024;
+
+/// Why reading from the client stopped.
+#[derive(Debug)]
+pub enum Failed {
+    Io(io::Error),
+    Tls(rustls::Error),
 }
 
 /// Why a handshake did not complete.
@@ -27,9 +46,22 @@ pub struct TlsConn {
 pub enum HandshakeFailure {
     /// rustls refused the client (an alert was sent, where one could be).
     Tls(rustls::Error),
+    /// What came was not something rustls could buffer (too large).
+    Unreadable(io::Error),
+    /// The certificate's CN is longer than a PROXY header should carry.
+    CnTooLong(usize),
     Timeout,
     /// The client closed, or the socket failed, before the end.
     Closed,
+}
+
+impl From<Failed> for HandshakeFailure {
+    fn from(f: Failed) -> Self {
+        match f {
+            Failed::Tls(e) => HandshakeFailure::Tls(e),
+            Failed::Io(_) => HandshakeFailure::Closed,
+        }
+    }
 }
 
 impl HandshakeFailure {
@@ -39,6 +71,8 @@ impl HandshakeFailure {
         match self {
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::Closed => "closed",
+            HandshakeFailure::CnTooLong(_) => "bad_client_cert",
+            HandshakeFailure::Unreadable(_) => "malformed",
             HandshakeFailure::Tls(e) => match e {
                 E::NoCertificatesPresented => "no_client_cert",
                 E::InvalidCertificate(_) => "bad_client_cert",
@@ -67,6 +101,12 @@ impl fmt::Display for HandshakeFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HandshakeFailure::Tls(e) => write!(f, "TLS handshake failed: {e}"),
+            HandshakeFailure::Unreadable(e) => write!(f, "TLS handshake failed: {e}"),
+            HandshakeFailure::CnTooLong(n) => write!(
+                f,
+                "TLS handshake refused: the client certificate's CN is {n} bytes (at most {})",
+                super::MAX_CN
+            ),
             HandshakeFailure::Timeout => f.write_str("no TLS handshake within tls-handshake-timeout"),
             HandshakeFailure::Closed => f.write_str("closed during the TLS handshake"),
         }
@@ -75,42 +115,50 @@ impl fmt::Display for HandshakeFailure {
 
 impl TlsConn {
     /// Completes the server side of a handshake on `tcp`, whose first
-    /// bytes (read behind a PROXY header) are `early`.
-    pub async fn accept(
-        tcp: TcpStream,
-        config: Arc<ServerConfig>,
-        early: &[u8],
-        limit: Duration,
-    ) -> Result<TlsConn, HandshakeFailure> {
-        let session = ServerConnection::new(config).map_err(HandshakeFailure::Tls)?;
+    /// bytes (read behind a PROXY header) are `early`, within the
+    /// listener's handshake timeout; and says what it settled.
+    pub async fn accept(tcp: TcpStream, t: &Terminate, early: &[u8]) -> Result<(TlsConn, Facts), HandshakeFailure> {
+        let session = ServerConnection::new(t.server.clone()).map_err(HandshakeFailure::Tls)?;
         let conn = TlsConn {
             tcp,
             session: Mutex::new(session),
+            unsent: Notify::new(),
         };
-        match tokio::time::timeout(limit, conn.handshake(early)).await {
-            Ok(Ok(())) => Ok(conn),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(HandshakeFailure::Timeout),
+        match tokio::time::timeout(t.handshake_timeout, conn.handshake(early)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(HandshakeFailure::Timeout),
+        }
+        let facts = Facts::of(&conn.lock(), t);
+        match facts.client.as_ref().and_then(|c| c.cn.as_ref()) {
+            Some(cn) if cn.len() > super::MAX_CN => Err(HandshakeFailure::CnTooLong(cn.len())),
+            _ => Ok((conn, facts)),
         }
     }
 
     async fn handshake(&self, mut early: &[u8]) -> Result<(), HandshakeFailure> {
         while !early.is_empty() {
-            let fed = self.lock().read_tls(&mut early);
-            if fed.is_err() {
-                return Err(HandshakeFailure::Closed);
+            match self.lock().read_tls(&mut early) {
+                Ok(0) => return Err(HandshakeFailure::Closed),
+                Ok(_) => {}
+                Err(e) => return Err(HandshakeFailure::Unreadable(e)),
             }
-            self.process().await?;
+            let processed = self.lock().process_new_packets();
+            // The alert for a refusal, or the first flight.
+            let flushed = self.flush().await;
+            processed.map_err(HandshakeFailure::Tls)?;
+            flushed.map_err(|_| HandshakeFailure::Closed)?;
         }
         loop {
             self.flush().await.map_err(|_| HandshakeFailure::Closed)?;
             if !self.lock().is_handshaking() {
                 return Ok(());
             }
-            match self.read_more().await {
-                Ok(true) => {}
-                Ok(false) | Err(Failed::Io(_)) => return Err(HandshakeFailure::Closed),
-                Err(Failed::Tls(e)) => return Err(HandshakeFailure::Tls(e)),
+            let more = self.read_more().await;
+            // An alert for what was refused goes out before the close.
+            let _ = self.flush().await;
+            if !more? {
+                return Err(HandshakeFailure::Closed);
             }
         }
     }
@@ -124,9 +172,9 @@ impl TlsConn {
         self.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Plaintext into `buf` (appended): Ok(n > 0), or Ok(0) at the end of
-    /// the client's stream (its close_notify, or a FIN: MQTT clients often
-    /// just close). Waits for the client as needed.
+    /// Plaintext into `buf` (appended, at most `chunk` bytes): Ok(n > 0),
+    /// or Ok(0) at the end of the client's stream (its close_notify, or a
+    /// FIN: MQTT clients often just close). Waits for the client as needed.
     pub async fn read_plain(&self, buf: &mut Vec<u8>, chunk: usize) -> io::Result<usize> {
         loop {
             let read = {
@@ -151,13 +199,13 @@ impl TlsConn {
         }
     }
 
-    /// Encrypts all of `data` and sends it.
+    /// Encrypts all of `data` and sends it, waiting for room as needed.
     pub async fn write_plain(&self, data: &[u8]) -> io::Result<()> {
         {
             let mut s = self.lock();
-            // Bounded by `data`: flush below sends it before more is taken.
+            // Bounded by `data`: it is sent before more is taken.
             s.set_buffer_limit(None);
-            s.writer().write_all(data)?;
+            io::Write::write_all(&mut s.writer(), data)?;
         }
         self.flush().await
     }
@@ -169,8 +217,7 @@ impl TlsConn {
         net::half_close(&self.tcp)
     }
 
-    /// Writes out whatever the session has to send (records, alerts,
-    /// tickets), waiting for room as needed.
+    /// Writes out every record the session holds, waiting for room.
     pub async fn flush(&self) -> io::Result<()> {
         loop {
             let wrote = {
@@ -181,6 +228,7 @@ impl TlsConn {
                 s.write_tls(&mut Socket(&self.tcp))
             };
             match wrote {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.tcp.writable().await?,
                 Err(e) => return Err(e),
@@ -188,52 +236,62 @@ impl TlsConn {
         }
     }
 
-    /// Reads what ciphertext has arrived (waiting for some) and processes
-    /// it, sending whatever that asks for (an alert, a handshake answer).
-    /// Ok(false): the client's end of the stream.
+    /// Waits for ciphertext, then reads and processes what has arrived,
+    /// until the socket has no more or rustls holds PLAINTEXT_BATCH of
+    /// plaintext; sends what that queued without waiting. Ok(false): the
+    /// end of the client's stream.
     pub async fn read_more(&self) -> Result<bool, Failed> {
         loop {
             self.tcp.readable().await.map_err(Failed::Io)?;
-            let read = self.lock().read_tls(&mut Socket(&self.tcp));
-            match read {
+            let read = self.read_ready();
+            self.send_queued();
+            if let Some(more) = read? {
+                return Ok(more);
+            }
+        }
+    }
+
+    /// What `read_more` does once the socket is readable: None when it had
+    /// nothing after all.
+    fn read_ready(&self) -> Result<Option<bool>, Failed> {
+        let mut s = self.lock();
+        let mut read_any = false;
+        loop {
+            match s.read_tls(&mut Socket(&self.tcp)) {
                 Ok(0) => {
-                    self.process().await.map_err(|e| match e {
-                        HandshakeFailure::Tls(e) => Failed::Tls(e),
-                        _ => Failed::Io(io::ErrorKind::UnexpectedEof.into()),
-                    })?;
-                    return Ok(false);
+                    s.process_new_packets().map_err(Failed::Tls)?;
+                    return Ok(Some(false));
                 }
                 Ok(_) => {
-                    self.process().await.map_err(|e| match e {
-                        HandshakeFailure::Tls(e) => Failed::Tls(e),
-                        _ => Failed::Io(io::ErrorKind::BrokenPipe.into()),
-                    })?;
-                    return Ok(true);
+                    read_any = true;
+                    let state = s.process_new_packets().map_err(Failed::Tls)?;
+                    if state.plaintext_bytes_to_read() >= PLAINTEXT_BATCH {
+                        return Ok(Some(true));
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(read_any.then_some(true)),
                 Err(e) => return Err(Failed::Io(e)),
             }
         }
     }
 
-    /// Processes received records; on an error, sends the alert rustls
-    /// queued for it before saying so.
-    async fn process(&self) -> Result<(), HandshakeFailure> {
-        let processed = self.lock().process_new_packets();
-        let flushed = self.flush().await;
-        match (processed, flushed) {
-            (Err(e), _) => Err(HandshakeFailure::Tls(e)),
-            (Ok(_), Err(_)) => Err(HandshakeFailure::Closed),
-            (Ok(_), Ok(())) => Ok(()),
+    /// Sends what the session queued, as far as the socket takes it now;
+    /// the rest is the writer's to send (`unsent` tells it).
+    fn send_queued(&self) {
+        let mut s = self.lock();
+        while s.wants_write() {
+            match s.write_tls(&mut Socket(&self.tcp)) {
+                Ok(n) if n > 0 => {}
+                // Full, failed or closed: a failed socket shows in the
+                // next read or write, which end the connection.
+                _ => {
+                    drop(s);
+                    self.unsent.notify_one();
+                    return;
+                }
+            }
         }
     }
-}
-
-/// Why reading from the client failed.
-#[derive(Debug)]
-pub enum Failed {
-    Io(io::Error),
-    Tls(rustls::Error),
 }
 
 /// The socket as rustls reads and writes it: one non-blocking call each.
@@ -248,6 +306,10 @@ impl io::Read for Socket<'_> {
 impl io::Write for Socket<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.try_write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {

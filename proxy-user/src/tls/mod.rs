@@ -12,7 +12,12 @@ pub mod conn;
 
 use rustls::{HandshakeKind, ProtocolVersion, ServerConnection};
 use splicer_proto::proxy_protocol::{self, Ssl};
-use x509_parser::{objects, public_key::PublicKey};
+
+use self::certs::Terminate;
+
+/// The longest client certificate CN carried to the broker (X.509 asks
+/// for 64 characters; a CN too long to be one is refused, not cut).
+pub const MAX_CN: usize = 1024;
 
 /// What a handshake settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,24 +26,27 @@ pub struct Facts {
     pub version: &'static str,
     /// The IANA name, e.g. TLS_AES_128_GCM_SHA256.
     pub cipher: String,
+    /// The name the client asked for: a DNS name (rustls checks that), not
+    /// necessarily one a served certificate names.
     pub sni: Option<String>,
     pub resumed: bool,
-    /// The client's verified certificate, when it showed one.
+    /// The client's certificate, verified against tls-client-ca, when it
+    /// showed one in this session.
     pub client: Option<ClientCert>,
+    /// The served certificate's signature and key algorithms.
+    pub sig_alg: String,
+    pub key_alg: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCert {
-    /// The subject's CN (what EMQX's `peer_cert_as_username = cn` takes).
+    /// The subject's CN (what EMQX's `peer_cert_as_username = cn` takes);
+    /// None when it has none, or none x509-parser can read as text.
     pub cn: Option<String>,
-    /// The certificate's signature algorithm, e.g. sha256WithRSAEncryption.
-    pub sig_alg: String,
-    /// Its key, e.g. RSA2048 or EC256 (HAProxy's `ssl_c_key_alg` form).
-    pub key_alg: String,
 }
 
 impl Facts {
-    pub fn of(s: &ServerConnection) -> Facts {
+    pub fn of(s: &ServerConnection, t: &Terminate) -> Facts {
         let version = match s.protocol_version() {
             Some(ProtocolVersion::TLSv1_3) => "TLSv1.3",
             Some(ProtocolVersion::TLSv1_2) => "TLSv1.2",
@@ -49,12 +57,16 @@ impl Facts {
             // rustls names TLS 1.3 suites TLS13_*; IANA (and OpenSSL) TLS_*.
             name.strip_prefix("TLS13_").map_or_else(|| name.to_string(), |n| format!("TLS_{n}"))
         });
+        let sni = s.server_name().map(str::to_string);
+        let served = t.served(sni.as_deref());
         Facts {
             version,
             cipher,
-            sni: s.server_name().map(str::to_string),
             resumed: s.handshake_kind() == Some(HandshakeKind::Resumed),
-            client: s.peer_certificates().and_then(|c| c.first()).and_then(|der| client_cert(der)),
+            client: s.peer_certificates().and_then(|c| c.first()).map(|der| ClientCert { cn: common_name(der) }),
+            sig_alg: served.sig_alg.clone(),
+            key_alg: served.key_alg.clone(),
+            sni,
         }
     }
 
@@ -67,31 +79,16 @@ impl Facts {
             version: self.version,
             cn: cert.and_then(|c| c.cn.as_deref()),
             cipher: &self.cipher,
-            sig_alg: cert.map(|c| c.sig_alg.as_str()),
-            key_alg: cert.map(|c| c.key_alg.as_str()),
+            sig_alg: Some(&self.sig_alg),
+            key_alg: Some(&self.key_alg),
         };
         proxy_protocol::ssl_tlvs(&ssl, self.sni.as_deref())
     }
 }
 
-fn client_cert(der: &[u8]) -> Option<ClientCert> {
-    // rustls verified it; one x509-parser cannot read is shown without facts.
+/// The subject CN of a certificate rustls verified.
+fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_string);
-    let sig = &cert.signature_algorithm.algorithm;
-    let sig_alg = objects::oid2sn(sig, objects::oid_registry()).map_or_else(|_| sig.to_id_string(), str::to_string);
-    let key_alg = match cert.public_key().parsed() {
-        Ok(k @ PublicKey::RSA(_)) => format!("RSA{}", k.key_size()),
-        Ok(k @ PublicKey::EC(_)) => format!("EC{}", k.key_size()),
-        _ => {
-            let alg = &cert.public_key().algorithm.algorithm;
-            objects::oid2sn(alg, objects::oid_registry()).map_or_else(|_| alg.to_id_string(), str::to_string)
-        }
-    };
-    Some(ClientCert { cn, sig_alg, key_alg })
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
