@@ -239,3 +239,24 @@ impl TlsClient<'_> {
         })
     }
 }
+
+/// A blocking TLS client over a socket from CLIENT_IP, trusting only `ca`
+/// and asking for `name` (rustls, so a test can write without reading, as
+/// a single-threaded device stack does).
+pub fn blocking_tls(to: SocketAddr, ca: &Path, name: &str) -> Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca)? {
+        roots.add(c?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), ServerName::try_from(name.to_string())?)?;
+    let sock = crate::connect_from(CLIENT_IP, to)?;
+    sock.set_read_timeout(Some(Duration::from_secs(20)))?;
+    sock.set_write_timeout(Some(Duration::from_secs(20)))?;
+    Ok(rustls::StreamOwned::new(conn, sock))
+}

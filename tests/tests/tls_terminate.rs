@@ -246,6 +246,50 @@ fn the_proxy_v2_header_carries_the_client_certificate() -> Result<()> {
     Ok(())
 }
 
+/// A client that writes before it reads (a blocking, single-threaded
+/// device stack) while the broker streams at it: its 32 MiB reach the
+/// broker although it reads none of the broker's 16 MiB until it is done
+/// writing (by then splicer's writes to it have long been blocked); then
+/// every byte of both arrives, in order.
+#[test]
+fn a_client_that_writes_before_it_reads_is_not_stuck_behind_what_it_has_not_read() -> Result<()> {
+    let dir = scratch("tls-term-backpressure");
+    let pki = Pki::new(&dir, "ca")?;
+    let (l, up) = listen_on(BROKER_IP)?;
+    let (up_len, down_len) = (32u64 << 20, 16u64 << 20);
+    let broker = thread::spawn(move || -> Result<()> {
+        let (s, _) = l.accept()?;
+        s.set_read_timeout(Some(STEP * 3))?;
+        let mut r = s.try_clone()?;
+        read_proxy_header(&mut r)?;
+        // Streams at the client from the start, whether it reads or not.
+        let mut w = s;
+        let writer = thread::spawn(move || {
+            send_pattern(&mut w, 21, down_len)?;
+            w.shutdown(Shutdown::Write)
+        });
+        expect_pattern(&mut r, 20, up_len)?;
+        writer.join().map_err(|_| anyhow::anyhow!("writer"))??;
+        Ok(())
+    });
+    let up = up.to_string();
+    let splicer = terminating(&dir, &pki, &["--upstream", &up, "--send-proxy", "v2"])?;
+    let mut c = blocking_tls(splicer.listen, &pki.ca, SERVER)?;
+    // Small buffers, and time for the broker's stream to fill them.
+    let sock = socket2::SockRef::from(&c.sock);
+    sock.set_recv_buffer_size(64 << 10)?;
+    sock.set_send_buffer_size(64 << 10)?;
+    c.conn.complete_io(&mut c.sock)?;
+    thread::sleep(Duration::from_millis(500));
+    send_pattern(&mut c, 20, up_len).context("writing before reading: stuck")?;
+    c.conn.send_close_notify();
+    c.flush()?;
+    c.sock.shutdown(Shutdown::Write)?;
+    expect_pattern(&mut c, 21, down_len)?;
+    broker.join().map_err(|_| anyhow::anyhow!("broker"))??;
+    Ok(())
+}
+
 /// `tls-client-auth = required`: a client without a certificate, and one
 /// whose certificate another CA signed, are refused in the handshake,
 /// counted by reason, and never reach the upstream; one with a good
