@@ -240,21 +240,44 @@ impl TlsClient<'_> {
     }
 }
 
-/// A blocking TLS client over a socket from CLIENT_IP, trusting only `ca`
-/// and asking for `name` (rustls, so a test can write without reading, as
-/// a single-threaded device stack does).
-pub fn blocking_tls(to: SocketAddr, ca: &Path, name: &str) -> Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
-    use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
+/// A rustls client configuration trusting only `ca`, showing `cert` if
+/// given, at `versions` (None: 1.3 and 1.2). Connections made with one
+/// configuration resume each other's sessions.
+pub fn client_config(
+    ca: &Path,
+    cert: Option<(&Path, &Path)>,
+    versions: Option<&'static rustls::SupportedProtocolVersion>,
+) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca)? {
         roots.add(c?)?;
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), ServerName::try_from(name.to_string())?)?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider);
+    let builder = match versions {
+        Some(v) => builder.with_protocol_versions(&[v])?,
+        None => builder.with_safe_default_protocol_versions()?,
+    }
+    .with_root_certificates(roots);
+    let config = match cert {
+        Some((c, k)) => builder.with_client_auth_cert(
+            CertificateDer::pem_file_iter(c)?.collect::<Result<_, _>>()?,
+            PrivateKeyDer::from_pem_file(k)?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(std::sync::Arc::new(config))
+}
+
+/// A blocking TLS client over a socket from CLIENT_IP (rustls, so a test
+/// can write without reading, as a single-threaded device stack does).
+pub fn blocking_tls(
+    to: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    name: &str,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    let conn = rustls::ClientConnection::new(config, rustls_pki_types::ServerName::try_from(name.to_string())?)?;
     let sock = crate::connect_from(CLIENT_IP, to)?;
     sock.set_read_timeout(Some(Duration::from_secs(20)))?;
     sock.set_write_timeout(Some(Duration::from_secs(20)))?;

@@ -274,7 +274,7 @@ fn a_client_that_writes_before_it_reads_is_not_stuck_behind_what_it_has_not_read
     });
     let up = up.to_string();
     let splicer = terminating(&dir, &pki, &["--upstream", &up, "--send-proxy", "v2"])?;
-    let mut c = blocking_tls(splicer.listen, &pki.ca, SERVER)?;
+    let mut c = blocking_tls(splicer.listen, client_config(&pki.ca, None, None)?, SERVER)?;
     // Small buffers, and time for the broker's stream to fill them.
     let sock = socket2::SockRef::from(&c.sock);
     sock.set_recv_buffer_size(64 << 10)?;
@@ -287,6 +287,87 @@ fn a_client_that_writes_before_it_reads_is_not_stuck_behind_what_it_has_not_read
     c.sock.shutdown(Shutdown::Write)?;
     expect_pattern(&mut c, 21, down_len)?;
     broker.join().map_err(|_| anyhow::anyhow!("broker"))??;
+    Ok(())
+}
+
+/// A second connection resumes the first one's session, in TLS 1.3 and
+/// 1.2, without showing the certificate again: its PROXY v2 header says
+/// the certificate came in the session, not on this connection
+/// (PP2_CLIENT_CERT_SESS without _CONN), with the same CN, verified.
+#[test]
+fn sessions_resume_and_keep_the_client_certificate() -> Result<()> {
+    let dir = scratch("tls-term-resume");
+    let pki = Pki::new(&dir, "ca")?;
+    let (ccert, ckey) = pki.client(DEVICE, KeyType::EcP256)?;
+    let (up, seen) = echo_upstream()?;
+    let (up, ca) = (up.to_string(), pki.ca.to_str().context("path")?.to_string());
+    let splicer = terminating(&dir, &pki, &["--upstream", &up, "--send-proxy", "v2", "--tls-client-ca", &ca])?;
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let config = client_config(&pki.ca, Some((&ccert, &ckey)), Some(version))?;
+        for (round, kind, bits) in [(0, rustls::HandshakeKind::Full, 0x07), (1, rustls::HandshakeKind::Resumed, 0x05)] {
+            let mut c = blocking_tls(splicer.listen, config.clone(), SERVER)?;
+            // A round trip: TLS 1.3 tickets come after the handshake.
+            c.write_all(b"ping")?;
+            let mut back = [0u8; 4];
+            c.read_exact(&mut back)?;
+            ensure!(&back == b"ping");
+            let got = c.conn.handshake_kind();
+            c.conn.send_close_notify();
+            c.flush()?;
+            drop(c);
+            ensure!(got == Some(kind), "{version:?} round {round}: {got:?}");
+            let s = seen.recv_timeout(STEP)?;
+            let (ssl, _) = ssl_tlv(&s.header)?;
+            ensure!(ssl.client == bits && ssl.verify == 0 && ssl.sub(SSL_CN) == Some(DEVICE), "{version:?} round {round}: {ssl:?}");
+        }
+    }
+    Ok(())
+}
+
+/// A TLS 1.3 client whose Finished, first data, close_notify and FIN all
+/// arrive at once: the handshake completes, the data reaches the broker
+/// after the PROXY header, the end of stream follows it, and the broker's
+/// answer reaches the client.
+#[test]
+fn finished_data_and_close_in_one_segment_are_all_served() -> Result<()> {
+    let dir = scratch("tls-term-oneshot");
+    let pki = Pki::new(&dir, "ca")?;
+    let (up, seen) = echo_upstream()?;
+    let up = up.to_string();
+    let splicer = terminating(&dir, &pki, &["--upstream", &up, "--send-proxy", "v2"])?;
+    let mut c = blocking_tls(splicer.listen, client_config(&pki.ca, None, Some(&rustls::version::TLS13))?, SERVER)?;
+    let (conn, sock) = (&mut c.conn, &mut c.sock);
+    // Until the server's flight is processed: the client's Finished is
+    // then queued, not yet sent.
+    while conn.is_handshaking() {
+        while conn.wants_write() {
+            conn.write_tls(sock)?;
+        }
+        if conn.is_handshaking() {
+            conn.read_tls(sock)?;
+            conn.process_new_packets()?;
+        }
+    }
+    conn.writer().write_all(b"hello")?;
+    conn.send_close_notify();
+    let mut all = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut all)?;
+    }
+    sock.write_all(&all)?;
+    sock.shutdown(Shutdown::Write)?;
+    let s = seen.recv_timeout(STEP)?;
+    ensure!(s.bytes == 5, "the broker got {} bytes", s.bytes);
+    let mut back = Vec::new();
+    match c.read_to_end(&mut back) {
+        Ok(_) => {}
+        // A FIN right behind the close_notify is fine too.
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(e.into()),
+    }
+    ensure!(back == b"hello", "the client got {}", show(&back));
+    let line = splicer.wait_closed(1, STEP)?.remove(0);
+    ensure!(close_num(&line, "client_to_upstream")? == 5 && close_field(&line, "end") == Some("client"), "{line}");
     Ok(())
 }
 

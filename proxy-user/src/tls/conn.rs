@@ -157,7 +157,9 @@ impl TlsConn {
             let more = self.read_more().await;
             // An alert for what was refused goes out before the close.
             let _ = self.flush().await;
-            if !more? {
+            // A client may finish and close at once (its Finished, then
+            // FIN): the end of its stream shows later, to the reader.
+            if !more? && self.lock().is_handshaking() {
                 return Err(HandshakeFailure::Closed);
             }
         }
