@@ -563,7 +563,7 @@ pub struct Ssl<'a> {
 /// Appends one TLV. Callers bound their values well below the 64 KiB a
 /// TLV can hold (a longer one would be cut, never spill into the next).
 pub fn put_tlv(out: &mut Vec<u8>, typ: u8, value: &[u8]) {
-    debug_assert!(value.len() <= usize::from(u16::MAX));
+    debug_assert!(u16::try_from(value.len()).is_ok());
     let value = &value[..value.len().min(usize::from(u16::MAX))];
     out.push(typ);
     out.extend_from_slice(&(value.len() as u16).to_be_bytes());
@@ -596,7 +596,7 @@ pub fn ssl_tlvs(ssl: &Ssl<'_>, authority: Option<&str>) -> Vec<u8> {
     if ssl.cert_on_connection {
         client |= PP2_CLIENT_CERT_CONN;
     }
-    let verify: u32 = if ssl.cert_in_session { 0 } else { 1 };
+    let verify = u32::from(!ssl.cert_in_session);
     let mut value = vec![client];
     value.extend_from_slice(&verify.to_be_bytes());
     value.extend_from_slice(&subs);

@@ -500,7 +500,7 @@ fn owner(route: Arc<Route>, said: Said) -> Arc<dyn Owner> {
 /// the broker. None when it was refused: counted, logged and answered.
 async fn read_connect(
     ctx: &ListenerCtx,
-    inbox: &mut Inbox<'_>,
+    inbox: &mut Inbox<'_, Client>,
     framing: Framing,
     who: ClientAddrs,
 ) -> Option<Connect> {

@@ -9,14 +9,13 @@ use std::{future::Future, io};
 use splicer_proto::preamble::{Reader, Step};
 use tokio::net::TcpStream;
 
-use super::client::Client;
-
 /// How much is read at a time. Nothing is allocated before the first
 /// byte (or the end of the stream) arrives.
 pub const CHUNK: usize = 4096;
 
 /// Where an Inbox's bytes come from: a socket (a PROXY header, the
-/// broker's answer), or the client as it speaks after any TLS (`Client`).
+/// broker's answer), or the client as it speaks after any TLS
+/// (`client::Client`).
 pub trait Source {
     /// Waits for bytes and appends what has arrived. Err at the end of the
     /// stream (a FIN: a half-closed handshake can never complete, so it
@@ -24,7 +23,7 @@ pub trait Source {
     fn fill(&self, buf: &mut Vec<u8>) -> impl Future<Output = io::Result<()>> + Send;
 }
 
-pub struct Inbox<'a, S = Client> {
+pub struct Inbox<'a, S> {
     stream: &'a S,
     /// Received and not yet taken by a reader.
     buf: Vec<u8>,

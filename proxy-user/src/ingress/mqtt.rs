@@ -12,7 +12,10 @@ use splicer_proto::{
     preamble::{MqttConnect, MqttConnectInWs},
     ws_frame,
 };
-use super::inbox::{Inbox, ReadError};
+use super::{
+    client::Client,
+    inbox::{Inbox, ReadError},
+};
 use crate::config::MqttOptions;
 
 /// Who connected, as the CONNECT says: what a connection keeps of it for
@@ -149,7 +152,7 @@ pub enum Framing {
 /// client has been answered and half-closed.
 pub async fn read_connect(
     opts: &MqttOptions,
-    inbox: &mut Inbox<'_>,
+    inbox: &mut Inbox<'_, Client>,
     framing: Framing,
 ) -> Result<Connect, NoConnect> {
     let limit = opts.connect_timeout;

@@ -11,6 +11,7 @@ use splicer_proto::{
 };
 
 use super::{
+    client::Client,
     inbox::{Inbox, ReadError},
     mqtt::Logged,
 };
@@ -102,7 +103,7 @@ impl fmt::Display for NoHello {
 
 /// Reads the client's ClientHello, leaving its records in `inbox` (they
 /// go to the broker as they came).
-pub async fn read_hello(opts: &TlsPassthrough, inbox: &mut Inbox<'_>) -> Result<ClientHello, NoHello> {
+pub async fn read_hello(opts: &TlsPassthrough, inbox: &mut Inbox<'_, Client>) -> Result<ClientHello, NoHello> {
     let mut reader = TlsClientHello::new(opts.hello_max);
     match tokio::time::timeout(opts.hello_timeout, inbox.look(&mut reader)).await {
         Ok(Ok((hello, _))) => Ok(hello),

@@ -45,7 +45,7 @@ pub struct Upgrade {
 pub async fn upgrade(
     ws: &WsOptions,
     trusted: &Trusted,
-    inbox: &mut Inbox<'_>,
+    inbox: &mut Inbox<'_, Client>,
     peer: SocketAddr,
 ) -> Result<Upgrade, Refusal> {
     let mut reader = UpgradeRequest::new(ws.header_max);
