@@ -3,7 +3,7 @@
 // A TLS client for splicer tests (Node's TLS, which is OpenSSL's).
 //
 //   node tls-client.js --host H --port P [--bind ADDR] [--servername NAME]
-//       [--ca FILE] [--cert FILE --key FILE] [--max-version TLSv1.2]
+//       [--ca FILE] [--cert FILE --key FILE] [--max-version TLSv1.2] [--alpn a,b]
 //       [--before HEX] [--send FILE] [--hold-ms N] [--out FILE]
 //
 // Connects from --bind, writes the --before bytes in the clear (a PROXY
@@ -18,7 +18,7 @@ const net = require('node:net')
 const tls = require('node:tls')
 const fs = require('node:fs')
 
-const o = { host: null, port: null, bind: undefined, servername: undefined, ca: null, cert: null, key: null, maxVersion: undefined, before: '', send: null, holdMs: 0, out: null }
+const o = { host: null, port: null, bind: undefined, servername: undefined, ca: null, cert: null, key: null, maxVersion: undefined, alpn: null, before: '', send: null, holdMs: 0, out: null }
 const argv = process.argv.slice(2)
 for (let i = 0; i < argv.length; i++) {
   const v = () => argv[++i]
@@ -31,6 +31,7 @@ for (let i = 0; i < argv.length; i++) {
     case '--cert': o.cert = v(); break
     case '--key': o.key = v(); break
     case '--max-version': o.maxVersion = v(); break
+    case '--alpn': o.alpn = v().split(','); break
     case '--before': o.before = v(); break
     case '--send': o.send = v(); break
     case '--hold-ms': o.holdMs = Number(v()); break
@@ -46,6 +47,7 @@ const raw = net.connect({ host: o.host, port: o.port, localAddress: o.bind }, ()
   if (o.before) raw.write(Buffer.from(o.before, 'hex'))
   const opts = { socket: raw, rejectUnauthorized: !!o.ca, maxVersion: o.maxVersion }
   if (o.servername) opts.servername = o.servername
+  if (o.alpn) opts.ALPNProtocols = o.alpn
   if (o.ca) opts.ca = fs.readFileSync(o.ca)
   if (o.cert) opts.cert = fs.readFileSync(o.cert)
   if (o.key) opts.key = fs.readFileSync(o.key)

@@ -178,6 +178,8 @@ pub struct TlsClient<'a> {
     pub cert: Option<(&'a Path, &'a Path)>,
     /// "TLSv1.2" to stay below 1.3.
     pub max_version: Option<&'a str>,
+    /// ALPN protocols offered, comma-separated.
+    pub alpn: Option<&'a str>,
     /// Bytes written in the clear before the handshake (a PROXY header).
     pub before: &'a [u8],
     /// Sent after the handshake, then close_notify and FIN.
@@ -195,6 +197,8 @@ pub struct TlsClientSaw {
     pub cn: String,
     /// "TLSv1.3" or "TLSv1.2".
     pub protocol: String,
+    /// The ALPN protocol agreed ("" for none).
+    pub alpn: String,
     /// Bytes read until the server's end.
     pub bytes: u64,
 }
@@ -212,6 +216,9 @@ impl TlsClient<'_> {
         }
         if let Some(v) = self.max_version {
             cmd.args(["--max-version", v]);
+        }
+        if let Some(a) = self.alpn {
+            cmd.args(["--alpn", a]);
         }
         if !self.before.is_empty() {
             cmd.args(["--before", &self.before.iter().map(|b| format!("{b:02x}")).collect::<String>()]);
@@ -235,6 +242,7 @@ impl TlsClient<'_> {
         Ok(TlsClientSaw {
             cn: field("secure", "cn"),
             protocol: field("secure", "protocol"),
+            alpn: field("secure", "alpn"),
             bytes: field("end", "bytes").parse().unwrap_or(0),
         })
     }

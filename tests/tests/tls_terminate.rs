@@ -327,14 +327,18 @@ fn sessions_resume_and_keep_the_client_certificate() -> Result<()> {
 /// A TLS 1.3 client whose Finished, first data, close_notify and FIN all
 /// arrive at once: the handshake completes, the data reaches the broker
 /// after the PROXY header, the end of stream follows it, and the broker's
-/// answer reaches the client.
+/// answer reaches the client. Clients that finish their handshake and
+/// leave at once (as `openssl s_time` and TLS health checks do; the session
+/// tickets then meet a reset) count as handshakes done, not failed.
 #[test]
 fn finished_data_and_close_in_one_segment_are_all_served() -> Result<()> {
     let dir = scratch("tls-term-oneshot");
     let pki = Pki::new(&dir, "ca")?;
     let (up, seen) = echo_upstream()?;
     let up = up.to_string();
-    let splicer = terminating(&dir, &pki, &["--upstream", &up, "--send-proxy", "v2"])?;
+    let metrics = metrics_addr();
+    let m_arg = metrics.to_string();
+    let splicer = terminating(&dir, &pki, &["--upstream", &up, "--send-proxy", "v2", "--metrics", &m_arg])?;
     let mut c = blocking_tls(splicer.listen, client_config(&pki.ca, None, Some(&rustls::version::TLS13))?, SERVER)?;
     let (conn, sock) = (&mut c.conn, &mut c.sock);
     // Until the server's flight is processed: the client's Finished is
@@ -368,6 +372,15 @@ fn finished_data_and_close_in_one_segment_are_all_served() -> Result<()> {
     ensure!(back == b"hello", "the client got {}", show(&back));
     let line = splicer.wait_closed(1, STEP)?.remove(0);
     ensure!(close_num(&line, "client_to_upstream")? == 5 && close_field(&line, "end") == Some("client"), "{line}");
+    for _ in 0..20 {
+        let mut c = blocking_tls(splicer.listen, client_config(&pki.ca, None, None)?, SERVER)?;
+        c.conn.complete_io(&mut c.sock)?;
+        ensure!(!c.conn.is_handshaking());
+    }
+    for _ in 0..20 {
+        seen.recv_timeout(STEP).context("a client that left after its handshake reached no upstream")?;
+    }
+    expect_metrics(metrics, &[("splicer_rejections_total{listener=\"default\",reason=\"bad_tls_handshake\"}", 0.0)])?;
     Ok(())
 }
 
@@ -436,7 +449,8 @@ fn client_certificates_are_required_and_checked() -> Result<()> {
 
 /// Two certificates: each client gets the one that names its server name;
 /// a name neither names, and no name, get the first. Checked from the
-/// client side (the CN it was shown, verified against the CA).
+/// client side (the CN it was shown, verified against the CA). ALPN: a
+/// client offering `mqtt` agrees on it, one offering only `h2` is refused.
 #[test]
 fn the_server_name_picks_the_certificate() -> Result<()> {
     let dir = scratch("tls-term-sni");
@@ -460,6 +474,10 @@ fn the_server_name_picks_the_certificate() -> Result<()> {
         .run(splicer.listen, STEP)?;
         ensure!(saw.cn == want, "{name:?}: shown {:?}, want {want}", saw.cn);
     }
+    let alpn = |offer| TlsClient { servername: Some("a.test"), ca: Some(&pki.ca), alpn: Some(offer), ..Default::default() };
+    ensure!(alpn("h2,mqtt").run(splicer.listen, STEP)?.alpn == "mqtt");
+    let refused = alpn("h2").run(splicer.listen, STEP);
+    ensure!(refused.as_ref().is_err_and(|e| e.to_string().contains("no application protocol")), "{refused:?}");
     Ok(())
 }
 

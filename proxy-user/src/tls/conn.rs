@@ -150,10 +150,15 @@ impl TlsConn {
             flushed.map_err(|_| HandshakeFailure::Closed)?;
         }
         loop {
-            self.flush().await.map_err(|_| HandshakeFailure::Closed)?;
             if !self.lock().is_handshaking() {
+                // What is left (session tickets; TLS 1.2's last flight) goes
+                // now if the socket takes it, else with the first write: a
+                // client that finished and left at once has finished, and
+                // its end shows to whoever reads next.
+                self.send_queued();
                 return Ok(());
             }
+            self.flush().await.map_err(|_| HandshakeFailure::Closed)?;
             let more = self.read_more().await;
             // An alert for what was refused goes out before the close.
             let _ = self.flush().await;
