@@ -102,20 +102,21 @@ pub fn pingpong(
 }
 
 /// `conns` short connections, `concurrency` at a time, each one
-/// `exchange(target, i)` (short_exchange, or an MQTT CONNECT and
-/// DISCONNECT). Every one must succeed.
+/// `exchange(target, i)` (short_exchange, an MQTT CONNECT and DISCONNECT,
+/// or a TLS handshake). Every one must succeed.
 pub fn connrate(
     target: SocketAddr,
     conns: usize,
     concurrency: usize,
     max_time: Duration,
-    exchange: fn(SocketAddr, u64) -> Result<()>,
+    exchange: impl Fn(SocketAddr, u64) -> Result<()> + Send + Sync + 'static,
 ) -> Result<Value> {
     let next = Arc::new(AtomicUsize::new(0));
+    let exchange = Arc::new(exchange);
     let start = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let next = next.clone();
+            let (next, exchange) = (next.clone(), exchange.clone());
             thread::spawn(move || -> Result<Vec<f64>> {
                 let mut lat_us = Vec::new();
                 loop {
@@ -124,8 +125,7 @@ pub fn connrate(
                         return Ok(lat_us);
                     }
                     let t = Instant::now();
-                    exchange(target, i as u64)
-                        .with_context(|| format!("short connection {i}"))?;
+                    exchange(target, i as u64).with_context(|| format!("short connection {i}"))?;
                     lat_us.push(t.elapsed().as_secs_f64() * 1e6);
                 }
             })

@@ -9,11 +9,12 @@ mod client;
 mod mqtt;
 mod net;
 mod server;
+mod tls;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(about = "load generator for `cargo xtask bench`")]
@@ -29,6 +30,14 @@ enum Cmd {
     Server {
         #[arg(long)]
         listen: SocketAddr,
+        /// Also accept TLS here (PROXY header optional, before the
+        /// handshake), with this certificate and key, for the same commands.
+        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+        tls_listen: Option<SocketAddr>,
+        #[arg(long, value_name = "PEM")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, value_name = "PEM")]
+        tls_key: Option<PathBuf>,
     },
     /// Send BYTES in total over CONNS parallel connections; the server
     /// reports what it received, which must match.
@@ -83,6 +92,28 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         payload: usize,
     },
+    /// CONNS TLS connections, CONCURRENCY at a time, each a full handshake
+    /// (no resumption), 8 bytes echoed, close.
+    TlsHandshakes {
+        #[command(flatten)]
+        tls: TlsTarget,
+        #[arg(long)]
+        conns: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, value_parser = humantime_secs)]
+        max_time: Duration,
+    },
+    /// Send BYTES through one TLS connection; the server reports what it
+    /// received, which must match.
+    TlsBulk {
+        #[command(flatten)]
+        tls: TlsTarget,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, value_parser = humantime_secs)]
+        max_time: Duration,
+    },
     /// Open CONNS connections, check each end to end, print `ready`, hold
     /// them until a line (or EOF) on stdin, then close them.
     Idle {
@@ -117,6 +148,25 @@ enum Cmd {
     },
 }
 
+/// Where a TLS client connects and what it trusts.
+#[derive(Args)]
+struct TlsTarget {
+    #[arg(long)]
+    target: SocketAddr,
+    /// The only CA the client trusts.
+    #[arg(long, value_name = "PEM")]
+    ca: PathBuf,
+    /// Sent as SNI and checked against the certificate.
+    #[arg(long, default_value = "bench.example")]
+    server_name: String,
+}
+
+impl TlsTarget {
+    fn client(&self) -> Result<tls::Client> {
+        tls::Client::new(&self.ca, &self.server_name)
+    }
+}
+
 fn humantime_secs(s: &str) -> Result<Duration, String> {
     s.trim_end_matches('s')
         .parse::<f64>()
@@ -126,7 +176,21 @@ fn humantime_secs(s: &str) -> Result<Duration, String> {
 
 fn main() -> Result<()> {
     let result = match Cli::parse().cmd {
-        Cmd::Server { listen } => return server::run(listen),
+        Cmd::Server {
+            listen,
+            tls_listen,
+            tls_cert,
+            tls_key,
+        } => {
+            let tls = match (tls_listen, tls_cert, tls_key) {
+                (Some(addr), Some(cert), Some(key)) => Some(server::TlsListen {
+                    addr,
+                    config: tls::server_config(&cert, &key)?,
+                }),
+                _ => None,
+            };
+            return server::run(listen, tls);
+        }
         Cmd::Bulk {
             target,
             bytes,
@@ -162,6 +226,17 @@ fn main() -> Result<()> {
             duration,
             payload,
         })?,
+        Cmd::TlsHandshakes {
+            tls,
+            conns,
+            concurrency,
+            max_time,
+        } => tls::handshakes(tls.client()?, tls.target, conns, concurrency, max_time)?,
+        Cmd::TlsBulk {
+            tls,
+            bytes,
+            max_time,
+        } => tls::bulk(&tls.client()?, tls.target, bytes, max_time)?,
         Cmd::Idle { target, conns } => client::idle(target, conns)?,
         Cmd::Mqtt {
             target,

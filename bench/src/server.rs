@@ -3,15 +3,25 @@
 //! echoes. One process serves every forwarder, so they all meet the same
 //! server. Async (tokio) because the idle workload holds tens of thousands
 //! of connections, where a thread each would cost more than the forwarder.
-use std::net::SocketAddr;
+//! Its TLS listener, for the TLS workloads, hands each connection to a
+//! blocking thread (tls::sink) once the PROXY header is read: those
+//! workloads keep few connections open at a time.
+use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::{Context as _, Result};
+use rustls::ServerConfig;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
 };
 
-pub fn run(listen: SocketAddr) -> Result<()> {
+/// A listener terminating TLS in front of the same discard and echo.
+pub struct TlsListen {
+    pub addr: SocketAddr,
+    pub config: Arc<ServerConfig>,
+}
+
+pub fn run(listen: SocketAddr, tls: Option<TlsListen>) -> Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -21,6 +31,18 @@ pub fn run(listen: SocketAddr) -> Result<()> {
                 .await
                 .with_context(|| format!("bind {listen}"))?;
             println!("listening on {listen}");
+            if let Some(tls) = tls {
+                let l = TcpListener::bind(tls.addr)
+                    .await
+                    .with_context(|| format!("bind {}", tls.addr))?;
+                println!("listening on {} (TLS)", tls.addr);
+                tokio::spawn(async move {
+                    if let Err(e) = accept_tls(l, tls.config).await {
+                        eprintln!("TLS listener: {e}");
+                        std::process::exit(1);
+                    }
+                });
+            }
             loop {
                 let (s, peer) = l.accept().await?;
                 tokio::spawn(async move {
@@ -34,6 +56,31 @@ pub fn run(listen: SocketAddr) -> Result<()> {
                 });
             }
         })
+}
+
+async fn accept_tls(l: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<()> {
+    loop {
+        let (s, peer) = l.accept().await?;
+        let config = config.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_tls(s, config).await {
+                if e.kind() != std::io::ErrorKind::ConnectionReset {
+                    eprintln!("{peer} (TLS): {e}");
+                }
+            }
+        });
+    }
+}
+
+/// Skips the PROXY header, then serves the connection on a blocking thread.
+async fn serve_tls(s: TcpStream, config: Arc<ServerConfig>) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut r = BufReader::with_capacity(256, s);
+    skip_proxy_header(&mut r).await?;
+    // What was read past the header: the start of the ClientHello.
+    let early = r.buffer().to_vec();
+    let s = r.into_inner().into_std()?;
+    tokio::task::spawn_blocking(move || crate::tls::sink(s, &early, config)).await?
 }
 
 async fn serve(s: TcpStream) -> std::io::Result<()> {

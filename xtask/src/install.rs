@@ -179,6 +179,8 @@ pub fn bench_peers() -> Result<()> {
         "libnginx-mod-stream",
         "mosquitto",
         "iperf3",
+        // The TLS workloads' certificates, and `openssl s_time`.
+        "openssl",
     ])
 }
 

@@ -52,6 +52,10 @@ enum Task {
         /// Where the report goes [default: target/bench].
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Only the workloads whose name contains this, in any case (e.g.
+        /// `--only tls`, `--only "mqtt reconnect"`).
+        #[arg(long, value_name = "TEXT")]
+        only: Option<String>,
     },
 }
 
@@ -66,8 +70,8 @@ fn main() -> Result<()> {
             println!("module graph: {}", layers::check(&src)?);
             Ok(())
         }
-        Task::Bench { quick, out } => {
-            let md = bench::run(quick, &out.unwrap_or_else(bench::default_out))?;
+        Task::Bench { quick, out, only } => {
+            let md = bench::run(quick, only.as_deref(), &out.unwrap_or_else(bench::default_out))?;
             println!("{md}");
             Ok(())
         }
@@ -166,7 +170,7 @@ fn test(filter: Option<String>) -> Result<()> {
     // The benchmark's short pass, so it can't rot: no timing is checked,
     // but every forwarder must deliver every byte and message.
     if filter.first().is_none_or(|f| f.contains("bench")) {
-        bench::run(true, &root.join("target/bench-quick"))?;
+        bench::run(true, None, &root.join("target/bench-quick"))?;
         println!("bench --quick: ok (report in target/bench-quick/bench.md)");
         tally.passed += 1;
     }

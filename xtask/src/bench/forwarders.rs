@@ -10,7 +10,10 @@ use std::{
 use anyhow::Result;
 use splicer_testkit::{free_port, Proc};
 
-use super::START;
+use super::{
+    tls::{Cert, SERVER_NAME},
+    START,
+};
 
 /// Forwarders listen here; the bench's server and the broker use their
 /// own addresses (127.0.1.2 and .4), and clients come from 127.0.1.10-13.
@@ -78,9 +81,53 @@ pub struct Setup {
     pub max_conns: usize,
     /// The open-files limit everything runs with.
     pub nofile: u64,
-    /// The MQTT-aware phase: every forwarder in its MQTT-aware set-up in
-    /// front of these brokers (`upstream` is the first, for direct).
-    pub aware: Option<Vec<SocketAddr>>,
+    pub mode: Mode,
+}
+
+/// How each forwarder is set up in a phase.
+pub enum Mode {
+    /// Bytes forwarded as they come.
+    Plain,
+    /// Each in its MQTT-aware set-up in front of these brokers (`upstream`
+    /// is the first, for direct).
+    MqttAware(Vec<SocketAddr>),
+    /// Terminating TLS with `cert`, forwarding plaintext to `upstream`.
+    /// Direct clients go to `sink`: the server's own TLS listener, with the
+    /// same certificate.
+    TlsTerminate { cert: Cert, sink: SocketAddr },
+    /// Passing TLS through, routed by server name, to `upstream`: the
+    /// server's TLS listener, with `cert`.
+    TlsPassthrough { cert: Cert },
+}
+
+impl Mode {
+    /// For config file names.
+    fn name(&self) -> &'static str {
+        match self {
+            Mode::Plain => "plain",
+            Mode::MqttAware(_) => "mqtt",
+            Mode::TlsTerminate { .. } => "tls",
+            Mode::TlsPassthrough { .. } => "tls-passthrough",
+        }
+    }
+}
+
+impl Setup {
+    /// Where `direct` clients connect.
+    pub fn direct(&self) -> SocketAddr {
+        match &self.mode {
+            Mode::TlsTerminate { sink, .. } => *sink,
+            _ => self.upstream,
+        }
+    }
+
+    /// The certificate clients are shown, in the TLS phases.
+    pub fn cert(&self) -> Option<&Cert> {
+        match &self.mode {
+            Mode::TlsTerminate { cert, .. } | Mode::TlsPassthrough { cert } => Some(cert),
+            _ => None,
+        }
+    }
 }
 
 pub struct Forwarder {
@@ -93,7 +140,7 @@ pub struct Forwarder {
 impl Forwarder {
     pub fn start(kind: Kind, setup: &Setup) -> Result<Forwarder> {
         let addr = match kind {
-            Kind::Direct => setup.upstream,
+            Kind::Direct => setup.direct(),
             _ => SocketAddr::from((LISTEN_IP, free_port(LISTEN_IP))),
         };
         let mut f = Forwarder {
@@ -137,46 +184,37 @@ impl Forwarder {
 
 /// The command line (and config file) for one forwarder.
 fn command(kind: Kind, s: &Setup, listen: SocketAddr) -> Result<Option<Command>> {
-    if let Some(brokers) = &s.aware {
-        return aware_command(kind, s, listen, brokers);
+    if kind == Kind::Direct {
+        return Ok(None);
     }
+    match &s.mode {
+        Mode::Plain => plain_command(kind, s, listen),
+        Mode::MqttAware(brokers) => aware_command(kind, s, listen, brokers),
+        Mode::TlsTerminate { cert, .. } => terminate_command(kind, s, listen, cert),
+        Mode::TlsPassthrough { .. } => passthrough_command(kind, s, listen),
+    }
+    .map(Some)
+}
+
+fn plain_command(kind: Kind, s: &Setup, listen: SocketAddr) -> Result<Command> {
     let up = s.upstream;
-    let name = kind.name().replace(' ', "-");
-    Ok(Some(match kind {
-        Kind::Direct => return Ok(None),
-        Kind::Splicer | Kind::SplicerNow | Kind::SplicerUserspace => {
+    Ok(match kind {
+        Kind::Haproxy | Kind::HaproxySplice => haproxy(
+            s,
+            kind,
+            &format!(
+                "listen fwd\n    bind {listen}\n{splice}    server s1 {up}{proxy}\n",
+                splice = haproxy_splice(kind),
+                proxy = haproxy_proxy(s),
+            ),
+        )?,
+        Kind::Nginx => nginx(s, &format!("proxy_pass {up};"), listen)?,
+        _ => {
             let mut c = splicer(kind, s, listen);
             c.arg("--upstream").arg(up.to_string());
             c
         }
-        Kind::Haproxy | Kind::HaproxySplice => {
-            let splice = if kind == Kind::HaproxySplice {
-                "    option splice-request\n    option splice-response\n"
-            } else {
-                ""
-            };
-            // maxpipes: by default HAProxy reserves maxconn/4 pipes (2 fds
-            // each) for splicing, which would not fit the idle workload in
-            // the open-files limit; a few hundred is far more than the
-            // other workloads keep busy at once.
-            let cfg = s.dir.join(format!("{name}.cfg"));
-            fs::write(
-                &cfg,
-                format!(
-                    "global\n    maxconn {max}\n    maxpipes 200\n    nbthread {threads}\n\
-                     defaults\n    mode tcp\n    maxconn {max}\n    timeout connect 5s\n    \
-                     timeout client 10m\n    timeout server 10m\n\
-                     listen fwd\n    bind {listen}\n{splice}    \
-                     server s1 {up}{proxy}\n",
-                    max = s.max_conns,
-                    threads = workers(),
-                    proxy = if s.send_proxy { " send-proxy" } else { "" },
-                ),
-            )?;
-            haproxy(cfg)
-        }
-        Kind::Nginx => nginx(s, &format!("proxy_pass {up};"), listen)?,
-    }))
+    })
 }
 
 /// splicer as `kind` runs it, listening on `listen`; upstreams to add.
@@ -196,15 +234,61 @@ fn splicer(kind: Kind, s: &Setup, listen: SocketAddr) -> Command {
     c
 }
 
-fn haproxy(cfg: PathBuf) -> Command {
+/// HAProxy in the foreground with `proxies` (its frontends, backends or
+/// listens) after the global and default settings every set-up shares.
+fn haproxy(s: &Setup, kind: Kind, proxies: &str) -> Result<Command> {
+    // maxpipes: by default HAProxy reserves maxconn/4 pipes (2 fds
+    // each) for splicing, which would not fit the idle workload in
+    // the open-files limit; a few hundred is far more than the
+    // other workloads keep busy at once.
+    let cfg = s.dir.join(format!(
+        "{}-{}.cfg",
+        kind.name().replace(' ', "-"),
+        s.mode.name()
+    ));
+    fs::write(
+        &cfg,
+        format!(
+            "global\n    maxconn {max}\n    maxpipes 200\n    nbthread {threads}\n\
+             defaults\n    mode tcp\n    maxconn {max}\n    timeout connect 5s\n    \
+             timeout client 10m\n    timeout server 10m\n{proxies}",
+            max = s.max_conns,
+            threads = workers(),
+        ),
+    )?;
     let mut c = Command::new("haproxy");
     c.arg("-db").arg("-f").arg(cfg);
-    c
+    Ok(c)
 }
 
-/// nginx in the foreground with one stream server on `listen` whose
-/// proxying is `pass` (and `upstreams`, a stream-level block, if any).
-fn nginx_with(s: &Setup, upstreams: &str, pass: &str, listen: SocketAddr) -> Result<Command> {
+/// HAProxy's splicing options for `kind`, as lines of a proxy section.
+fn haproxy_splice(kind: Kind) -> &'static str {
+    if kind == Kind::HaproxySplice {
+        "    option splice-request\n    option splice-response\n"
+    } else {
+        ""
+    }
+}
+
+/// The end of a `server` line: the PROXY header if the phase sends one.
+fn haproxy_proxy(s: &Setup) -> &'static str {
+    if s.send_proxy {
+        " send-proxy"
+    } else {
+        ""
+    }
+}
+
+/// nginx in the foreground with one stream server on `listen` (with
+/// `listen_opts`, such as `ssl`) whose proxying is `pass` (and
+/// `upstreams`, stream-level blocks, if any).
+fn nginx_with(
+    s: &Setup,
+    upstreams: &str,
+    pass: &str,
+    listen: SocketAddr,
+    listen_opts: &str,
+) -> Result<Command> {
     let d = s.dir.join("nginx");
     fs::create_dir_all(&d)?;
     let conf = d.join(format!("nginx-{}.conf", listen.port()));
@@ -220,7 +304,7 @@ fn nginx_with(s: &Setup, upstreams: &str, pass: &str, listen: SocketAddr) -> Res
              worker_rlimit_nofile {fds};\n\
              pid {d}/nginx-{port}.pid;\nerror_log {d}/error.log warn;\n\
              events {{ worker_connections {slots}; }}\n\
-             stream {{\n{upstreams}  server {{\n    listen {listen} backlog=4096;\n    \
+             stream {{\n{upstreams}  server {{\n    listen {listen}{listen_opts} backlog=4096;\n    \
              {pass}\n    proxy_protocol {proxy};\n    \
              proxy_timeout 10m;\n    proxy_half_close on;\n  }}\n}}\n",
             workers = workers(),
@@ -242,7 +326,7 @@ fn nginx_with(s: &Setup, upstreams: &str, pass: &str, listen: SocketAddr) -> Res
 }
 
 fn nginx(s: &Setup, pass: &str, listen: SocketAddr) -> Result<Command> {
-    nginx_with(s, "", pass, listen)
+    nginx_with(s, "", pass, listen, "")
 }
 
 /// Each forwarder set up as an MQTT deployment that routes by client would
@@ -250,11 +334,35 @@ fn nginx(s: &Setup, pass: &str, listen: SocketAddr) -> Result<Command> {
 /// `balance = "client-id"`; HAProxy refusing what `mqtt_is_valid` refuses
 /// and hashing `mqtt_field_value(connect,client_identifier)` (2.6 has
 /// both); nginx, which cannot read MQTT, hashing the client address.
-fn aware_command(kind: Kind, s: &Setup, listen: SocketAddr, brokers: &[SocketAddr]) -> Result<Option<Command>> {
-    let name = kind.name().replace(' ', "-");
-    Ok(Some(match kind {
-        Kind::Direct => return Ok(None),
-        Kind::Splicer | Kind::SplicerNow | Kind::SplicerUserspace => {
+fn aware_command(kind: Kind, s: &Setup, listen: SocketAddr, brokers: &[SocketAddr]) -> Result<Command> {
+    Ok(match kind {
+        Kind::Haproxy | Kind::HaproxySplice => {
+            let splice = haproxy_splice(kind);
+            let servers: String = brokers
+                .iter()
+                .enumerate()
+                .map(|(i, b)| format!("    server b{i} {b}\n"))
+                .collect();
+            haproxy(
+                s,
+                kind,
+                &format!(
+                    "frontend mqtt\n    bind {listen}\n{splice}    \
+                     tcp-request inspect-delay 10s\n    \
+                     tcp-request content reject unless {{ req.payload(0,0),mqtt_is_valid }}\n    \
+                     default_backend brokers\n\
+                     backend brokers\n{splice}    \
+                     balance hash req.payload(0,0),mqtt_field_value(connect,client_identifier)\n    \
+                     hash-type consistent\n{servers}",
+                ),
+            )?
+        }
+        Kind::Nginx => {
+            let servers: String = brokers.iter().map(|b| format!("    server {b};\n")).collect();
+            let upstreams = format!("  upstream brokers {{\n    hash $remote_addr consistent;\n{servers}  }}\n");
+            nginx_with(s, &upstreams, "proxy_pass brokers;", listen, "")?
+        }
+        _ => {
             let mut c = splicer(kind, s, listen);
             c.args(["--protocol", "mqtt", "--balance", "client-id"]);
             for b in brokers {
@@ -262,41 +370,86 @@ fn aware_command(kind: Kind, s: &Setup, listen: SocketAddr, brokers: &[SocketAdd
             }
             c
         }
+    })
+}
+
+/// Each forwarder terminating TLS with the same certificate and key and
+/// its TLS defaults otherwise (the client offers one cipher suite and one
+/// group, so all settle the same), then forwarding plaintext as in the
+/// plain set-up.
+fn terminate_command(kind: Kind, s: &Setup, listen: SocketAddr, cert: &Cert) -> Result<Command> {
+    let up = s.upstream;
+    Ok(match kind {
+        Kind::Haproxy | Kind::HaproxySplice => haproxy(
+            s,
+            kind,
+            &format!(
+                "listen fwd\n    bind {listen} ssl crt {crt}\n{splice}    server s1 {up}{proxy}\n",
+                crt = cert.combined.display(),
+                splice = haproxy_splice(kind),
+                proxy = haproxy_proxy(s),
+            ),
+        )?,
+        // nginx 1.22 leaves TLS 1.3 out of its default ssl_protocols.
+        Kind::Nginx => nginx_with(
+            s,
+            "",
+            &format!(
+                "ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_certificate {};\n    \
+                 ssl_certificate_key {};\n    proxy_pass {up};",
+                cert.cert.display(),
+                cert.key.display()
+            ),
+            listen,
+            " ssl",
+        )?,
+        _ => {
+            let mut c = splicer(kind, s, listen);
+            c.arg("--tls-cert").arg(&cert.cert);
+            c.arg("--tls-key").arg(&cert.key);
+            c.arg("--upstream").arg(up.to_string());
+            c
+        }
+    })
+}
+
+/// Each forwarder passing TLS through untouched, reading the ClientHello
+/// to route by server name as a TLS passthrough set-up does: splicer
+/// `protocol = "tls-passthrough"` with an `sni` group; HAProxy
+/// `req.ssl_sni`; nginx `ssl_preread` with a map.
+fn passthrough_command(kind: Kind, s: &Setup, listen: SocketAddr) -> Result<Command> {
+    let up = s.upstream;
+    Ok(match kind {
         Kind::Haproxy | Kind::HaproxySplice => {
-            let splice = if kind == Kind::HaproxySplice {
-                "    option splice-request\n    option splice-response\n"
-            } else {
-                ""
-            };
-            let servers: String = brokers
-                .iter()
-                .enumerate()
-                .map(|(i, b)| format!("    server b{i} {b}\n"))
-                .collect();
-            let cfg = s.dir.join(format!("{name}-mqtt.cfg"));
-            fs::write(
-                &cfg,
-                format!(
-                    "global\n    maxconn {max}\n    maxpipes 200\n    nbthread {threads}\n\
-                     defaults\n    mode tcp\n    maxconn {max}\n    timeout connect 5s\n    \
-                     timeout client 10m\n    timeout server 10m\n\
-                     frontend mqtt\n    bind {listen}\n{splice}    \
-                     tcp-request inspect-delay 10s\n    \
-                     tcp-request content reject unless {{ req.payload(0,0),mqtt_is_valid }}\n    \
-                     default_backend brokers\n\
-                     backend brokers\n{splice}    \
-                     balance hash req.payload(0,0),mqtt_field_value(connect,client_identifier)\n    \
-                     hash-type consistent\n{servers}",
-                    max = s.max_conns,
-                    threads = workers(),
+            let splice = haproxy_splice(kind);
+            haproxy(
+                s,
+                kind,
+                &format!(
+                    "frontend tls\n    bind {listen}\n{splice}    \
+                     tcp-request inspect-delay 5s\n    \
+                     tcp-request content accept if {{ req.ssl_hello_type 1 }}\n    \
+                     use_backend sink if {{ req.ssl_sni -i {SERVER_NAME} }}\n\
+                     backend sink\n{splice}    server s1 {up}{proxy}\n",
+                    proxy = haproxy_proxy(s),
                 ),
-            )?;
-            haproxy(cfg)
+            )?
         }
-        Kind::Nginx => {
-            let servers: String = brokers.iter().map(|b| format!("    server {b};\n")).collect();
-            let upstreams = format!("  upstream brokers {{\n    hash $remote_addr consistent;\n{servers}  }}\n");
-            nginx_with(s, &upstreams, "proxy_pass brokers;", listen)?
+        Kind::Nginx => nginx_with(
+            s,
+            &format!(
+                "  map $ssl_preread_server_name $sink {{\n    {SERVER_NAME} sink;\n  }}\n  \
+                 upstream sink {{\n    server {up};\n  }}\n"
+            ),
+            "ssl_preread on;\n    proxy_pass $sink;",
+            listen,
+            "",
+        )?,
+        _ => {
+            let mut c = splicer(kind, s, listen);
+            c.args(["--protocol", "tls-passthrough"]);
+            c.arg("--sni").arg(format!("{SERVER_NAME}={up}"));
+            c
         }
-    }))
+    })
 }

@@ -8,6 +8,7 @@ mod forwarders;
 mod procs;
 mod report;
 mod system;
+mod tls;
 mod workloads;
 
 use std::{
@@ -17,15 +18,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 use splicer_testkit::{free_port, Proc};
 
 use crate::{build, install, root, run_cmd};
-use forwarders::{Forwarder, Setup, ALL};
+use forwarders::{Forwarder, Kind, Mode, Setup, ALL};
+use tls::KeyType;
 use workloads::{
-    Ctx, Sample, BULK1, BULK4, CONNRATE, FLEET, IDLE, IPERF, MQTT0, MQTT1, MQTT_AWARE,
-    MQTT_PACED, MQTT_STORM, PINGPONG,
+    runs_through, Ctx, Sample, BULK1, BULK4, CONNRATE, FLEET, IDLE, IPERF, MQTT0, MQTT1,
+    MQTT_AWARE, MQTT_PACED, MQTT_STORM, PINGPONG, TLS_BULK, TLS_ECDSA, TLS_ECDSA_STIME,
+    TLS_PASSTHROUGH, TLS_RSA, TLS_RSA_STIME,
 };
 
 /// The load generator's server (PROXY header stripped, then discard/echo).
@@ -57,6 +60,8 @@ pub struct Plan {
     /// The fleet: connections, messages per second from all of them, and
     /// seconds of publishing.
     pub fleet: (usize, f64, u64),
+    /// Full TLS handshakes per step (`concurrency` at a time).
+    pub tls_handshakes: usize,
     /// No step runs longer (it stops early and reports what it did).
     #[serde(with = "secs")]
     pub max_time: Duration,
@@ -89,6 +94,7 @@ impl Plan {
                 mqtt_messages: [5_000, 2_000],
                 mqtt_paced: (2_000, 2_000.0),
                 fleet: (500, 250.0, 4),
+                tls_handshakes: 500,
                 max_time: Duration::from_secs(10),
                 quiet_wait: Duration::from_secs(1),
             }
@@ -107,6 +113,7 @@ impl Plan {
                 // 9,000 devices (each forwarder holds 2 fds per connection
                 // under a 20,000 limit), each publishing every 3 s.
                 fleet: (9_000, 3_000.0, 10),
+                tls_handshakes: 5_000,
                 max_time: Duration::from_secs(30),
                 quiet_wait: Duration::from_secs(2),
             }
@@ -115,8 +122,9 @@ impl Plan {
 }
 
 /// Installs what is missing, builds splicer and the load generator, runs
-/// every step and writes the report to `out`; returns the Markdown.
-pub fn run(quick: bool, out: &Path) -> Result<String> {
+/// every step (or those whose workload's name contains `only`) and writes
+/// the report to `out`; returns the Markdown.
+pub fn run(quick: bool, only: Option<&str>, out: &Path) -> Result<String> {
     let started = Instant::now();
     install::bench_peers()?;
     // SPLICER_BIN benches a given build (an older one, for comparison)
@@ -166,10 +174,15 @@ pub fn run(quick: bool, out: &Path) -> Result<String> {
         dir: &dir,
         nofile,
         step: &step,
+        only: only.map(str::to_lowercase),
     };
     let mut samples = tcp_phase(&run)?;
     samples.extend(iperf_phase(&run)?);
     samples.extend(mqtt_phase(&run)?);
+    samples.extend(tls_phase(&run)?);
+    if samples.is_empty() {
+        bail!("no workload's name contains {only:?}");
+    }
 
     let report = report::Report {
         machine,
@@ -177,6 +190,7 @@ pub fn run(quick: bool, out: &Path) -> Result<String> {
         workers: forwarders::workers(),
         nofile,
         total_s: started.elapsed().as_secs_f64(),
+        only: only.map(str::to_string),
         samples,
     };
     let md = report::write(out, &report)?;
@@ -197,9 +211,30 @@ struct Run<'a> {
     dir: &'a Path,
     nofile: u64,
     step: &'a dyn Fn(&str),
+    /// `--only`, lowercase.
+    only: Option<String>,
 }
 
 impl Run<'_> {
+    /// Those of `workloads` this run runs.
+    fn wanted(&self, workloads: &[&'static str]) -> Vec<&'static str> {
+        workloads
+            .iter()
+            .copied()
+            .filter(|w| {
+                self.only
+                    .as_ref()
+                    .is_none_or(|o| w.to_lowercase().contains(o))
+            })
+            .collect()
+    }
+
+    /// Whether this run runs none of `workloads`: their phase's set-up
+    /// can be skipped.
+    fn skips(&self, workloads: &[&'static str]) -> bool {
+        self.wanted(workloads).is_empty()
+    }
+
     /// Every forwarder started in front of `upstream` (already listening),
     /// then each of `workloads` in turn.
     fn phase(
@@ -209,19 +244,30 @@ impl Run<'_> {
         max_conns: usize,
         workloads: &[&'static str],
     ) -> Result<Vec<Sample>> {
-        self.phase_with(upstream, None, send_proxy, max_conns, workloads)
+        self.phase_with(
+            upstream,
+            Mode::Plain,
+            &ALL,
+            send_proxy,
+            max_conns,
+            workloads,
+        )
     }
 
-    /// As `phase`; `aware`: every forwarder in its MQTT-aware set-up in
-    /// front of these brokers.
+    /// As `phase`, with the forwarders of `kinds` set up as `mode` says.
     fn phase_with(
         &self,
         upstream: SocketAddr,
-        aware: Option<Vec<SocketAddr>>,
+        mode: Mode,
+        kinds: &[Kind],
         send_proxy: bool,
         max_conns: usize,
         workloads: &[&'static str],
     ) -> Result<Vec<Sample>> {
+        let workloads = self.wanted(workloads);
+        if workloads.is_empty() {
+            return Ok(Vec::new());
+        }
         let setup = Setup {
             dir: self.dir.to_path_buf(),
             splicer: self.splicer.to_path_buf(),
@@ -229,16 +275,16 @@ impl Run<'_> {
             send_proxy,
             max_conns,
             nofile: self.nofile,
-            aware,
+            mode,
         };
         let ctx = Ctx {
             loadgen: self.loadgen,
             plan: self.plan,
             setup: &setup,
         };
-        let mut fwds = start_all(&setup)?;
+        let mut fwds = start_all(&setup, kinds)?;
         let mut samples = Vec::new();
-        for &w in workloads {
+        for w in workloads {
             (self.step)(w);
             samples.extend(rounds(&ctx, w, &mut fwds)?);
         }
@@ -249,6 +295,10 @@ impl Run<'_> {
 /// Bulk, ping-pong, idle and connection rate, against the load
 /// generator's server, every forwarder sending a PROXY v1 header.
 fn tcp_phase(run: &Run) -> Result<Vec<Sample>> {
+    let workloads = [BULK1, BULK4, PINGPONG, IDLE, CONNRATE];
+    if run.skips(&workloads) {
+        return Ok(Vec::new());
+    }
     let server_addr = SocketAddr::from((SERVER_IP, free_port(SERVER_IP)));
     let mut server = Proc::spawn(
         "server",
@@ -257,18 +307,16 @@ fn tcp_phase(run: &Run) -> Result<Vec<Sample>> {
     )?;
     server.wait_listening(server_addr, START)?;
     let max_conns = run.plan.idle_conns + 100;
-    run.phase(
-        server_addr,
-        true,
-        max_conns,
-        &[BULK1, BULK4, PINGPONG, IDLE, CONNRATE],
-    )
+    run.phase(server_addr, true, max_conns, &workloads)
 }
 
 /// Bulk measured by iperf3 through every forwarder to an iperf3 server,
 /// with no PROXY header, beside the load generator's own figure: if the
 /// two disagree on `direct`, the run was capped (report.rs says so).
 fn iperf_phase(run: &Run) -> Result<Vec<Sample>> {
+    if run.skips(&[IPERF]) {
+        return Ok(Vec::new());
+    }
     let server_addr = SocketAddr::from((SERVER_IP, free_port(SERVER_IP)));
     let port = server_addr.port().to_string();
     let mut server = Proc::spawn(
@@ -288,6 +336,10 @@ fn iperf_phase(run: &Run) -> Result<Vec<Sample>> {
 /// of three of mosquitto's listeners (one process: the brokers' CPU is the
 /// same whichever a client lands on).
 fn mqtt_phase(run: &Run) -> Result<Vec<Sample>> {
+    let workloads = [MQTT0, MQTT1, MQTT_PACED, MQTT_STORM, FLEET];
+    if run.skips(&workloads) && run.skips(&[MQTT_AWARE]) {
+        return Ok(Vec::new());
+    }
     let brokers: Vec<SocketAddr> = (0..3)
         .map(|_| SocketAddr::from((BROKER_IP, free_port(BROKER_IP))))
         .collect();
@@ -314,19 +366,83 @@ fn mqtt_phase(run: &Run) -> Result<Vec<Sample>> {
     )?;
     broker.wait_listening(broker_addr, START)?;
     let max_conns = run.plan.mqtt_publishers.max(run.plan.fleet.0) + 100;
-    let mut samples = run.phase(
+    let mut samples = run.phase(broker_addr, false, max_conns, &workloads)?;
+    samples.extend(run.phase_with(
         broker_addr,
+        Mode::MqttAware(brokers),
+        &ALL,
         false,
         max_conns,
-        &[MQTT0, MQTT1, MQTT_PACED, MQTT_STORM, FLEET],
-    )?;
-    samples.extend(run.phase_with(broker_addr, Some(brokers), false, max_conns, &[MQTT_AWARE])?);
+        &[MQTT_AWARE],
+    )?);
     broker.check_alive()?;
     Ok(samples)
 }
 
-fn start_all(setup: &Setup) -> Result<Vec<Forwarder>> {
-    ALL.iter()
+/// The forwarders that terminate TLS. splicer's other modes and HAProxy's
+/// splicing would relay terminated connections just as these do.
+const TERMINATING: [Kind; 4] = [Kind::Direct, Kind::Splicer, Kind::Haproxy, Kind::Nginx];
+
+/// TLS (issue 14), with certificates made for the run. For each key type,
+/// handshakes through every forwarder terminating TLS in front of the
+/// server (a PROXY v1 header, then plaintext), and with ECDSA bulk too;
+/// then bulk through every forwarder passing TLS through, routed by server
+/// name, to the server's TLS listener. Direct goes to that listener.
+fn tls_phase(run: &Run) -> Result<Vec<Sample>> {
+    let ecdsa = [TLS_ECDSA, TLS_ECDSA_STIME, TLS_BULK];
+    let rsa = [TLS_RSA, TLS_RSA_STIME];
+    if run.skips(&ecdsa) && run.skips(&rsa) && run.skips(&[TLS_PASSTHROUGH]) {
+        return Ok(Vec::new());
+    }
+    let ecdsa_cert = tls::make(run.dir, KeyType::EcdsaP256)?;
+    let rsa_cert = tls::make(run.dir, KeyType::Rsa2048)?;
+    let mut samples = Vec::new();
+    for (cert, workloads) in [(&ecdsa_cert, &ecdsa[..]), (&rsa_cert, &rsa[..])] {
+        if run.skips(workloads) {
+            continue;
+        }
+        let (mut server, plain, sink) = tls_server(run, cert)?;
+        let max_conns = run.plan.concurrency + 100;
+        let mode = Mode::TlsTerminate {
+            cert: cert.clone(),
+            sink,
+        };
+        samples.extend(run.phase_with(plain, mode, &TERMINATING, true, max_conns, workloads)?);
+        server.check_alive()?;
+    }
+    if !run.skips(&[TLS_PASSTHROUGH]) {
+        let (mut server, _, sink) = tls_server(run, &ecdsa_cert)?;
+        let mode = Mode::TlsPassthrough { cert: ecdsa_cert };
+        samples.extend(run.phase_with(sink, mode, &ALL, true, 100, &[TLS_PASSTHROUGH])?);
+        server.check_alive()?;
+    }
+    Ok(samples)
+}
+
+/// The load generator's server with a TLS listener serving `cert`
+/// besides its plain one; returns both addresses, plain first.
+fn tls_server(run: &Run, cert: &tls::Cert) -> Result<(Proc, SocketAddr, SocketAddr)> {
+    let plain = SocketAddr::from((SERVER_IP, free_port(SERVER_IP)));
+    let sink = SocketAddr::from((SERVER_IP, free_port(SERVER_IP)));
+    let mut server = Proc::spawn(
+        "server-tls",
+        run.dir,
+        Command::new(run.loadgen)
+            .args(["server", "--listen", &plain.to_string()])
+            .args(["--tls-listen", &sink.to_string()])
+            .arg("--tls-cert")
+            .arg(&cert.cert)
+            .arg("--tls-key")
+            .arg(&cert.key),
+    )?;
+    server.wait_listening(plain, START)?;
+    server.wait_listening(sink, START)?;
+    Ok((server, plain, sink))
+}
+
+fn start_all(setup: &Setup, kinds: &[Kind]) -> Result<Vec<Forwarder>> {
+    kinds
+        .iter()
         .map(|&k| Forwarder::start(k, setup).with_context(|| format!("starting {}", k.name())))
         .collect()
 }
@@ -335,7 +451,7 @@ fn start_all(setup: &Setup) -> Result<Vec<Forwarder>> {
 fn rounds(ctx: &Ctx, workload: &'static str, fwds: &mut [Forwarder]) -> Result<Vec<Sample>> {
     let mut out = Vec::new();
     for rep in 0..ctx.plan.reps {
-        for f in fwds.iter_mut() {
+        for f in fwds.iter_mut().filter(|f| runs_through(workload, f.kind)) {
             out.push(ctx.run(workload, f, rep)?);
         }
     }

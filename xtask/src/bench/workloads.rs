@@ -17,9 +17,10 @@ use serde_json::Value;
 use splicer_testkit::proc::{read_in_background, run_with_timeout};
 
 use super::{
-    forwarders::{Forwarder, Setup},
+    forwarders::{Forwarder, Kind, Setup},
     procs::{tree_cpu_s, tree_rss_bytes},
     system::{busy_cpu_s, kernel_mem_bytes, kernel_work_s, wait_quiet, Quiet},
+    tls::{SERVER_NAME, SUITE},
     Plan,
 };
 
@@ -70,6 +71,26 @@ pub const MQTT_STORM: &str = "MQTT reconnect storm";
 pub const MQTT_AWARE: &str = "MQTT reconnect storm, MQTT-aware";
 /// Thousands of connected devices, each publishing now and then.
 pub const FLEET: &str = "MQTT fleet";
+/// Full TLS handshakes (no resumption) through forwarders terminating TLS,
+/// each followed by 8 bytes echoed by the server and a close (issue 14).
+pub const TLS_ECDSA: &str = "TLS handshakes, ECDSA P-256";
+pub const TLS_RSA: &str = "TLS handshakes, RSA 2048";
+/// The same measured by `openssl s_time -new`, a client nobody here wrote,
+/// one handshake at a time: a check on the load generator's figures.
+pub const TLS_ECDSA_STIME: &str = "TLS handshakes, ECDSA P-256, openssl s_time";
+pub const TLS_RSA_STIME: &str = "TLS handshakes, RSA 2048, openssl s_time";
+/// Bulk through one TLS connection the forwarder terminates.
+pub const TLS_BULK: &str = "TLS bulk, 1 connection";
+/// Bulk through one TLS connection the forwarder passes through, routed
+/// by server name, to the server terminating it.
+pub const TLS_PASSTHROUGH: &str = "TLS passthrough bulk, 1 connection";
+
+/// Whether `workload` runs through `kind` (every forwarder of its phase
+/// but for s_time, a check run through direct and splicer only).
+pub fn runs_through(workload: &str, kind: Kind) -> bool {
+    !matches!(workload, TLS_ECDSA_STIME | TLS_RSA_STIME)
+        || matches!(kind, Kind::Direct | Kind::Splicer)
+}
 
 /// How long the fleet sits connected before it publishes: past `--handoff
 /// auto`'s idle handoff (2 s without a byte, checked every 2 s), as a
@@ -186,6 +207,29 @@ impl Ctx<'_> {
                     &secs,
                 ])
             }
+            TLS_ECDSA | TLS_RSA => {
+                let mut a = self.tls_client("tls-handshakes", &target)?;
+                a.extend(strings(&[
+                    "--conns",
+                    &p.tls_handshakes.to_string(),
+                    "--concurrency",
+                    &p.concurrency.to_string(),
+                    "--max-time",
+                    &secs,
+                ]));
+                a
+            }
+            TLS_BULK | TLS_PASSTHROUGH => {
+                let mut a = self.tls_client("tls-bulk", &target)?;
+                a.extend(strings(&[
+                    "--bytes",
+                    &p.bulk_bytes.to_string(),
+                    "--max-time",
+                    &secs,
+                ]));
+                a
+            }
+            TLS_ECDSA_STIME | TLS_RSA_STIME => return self.s_time(workload, fwd, rep),
             IDLE => return self.idle(fwd, rep),
             FLEET => return self.fleet(fwd, rep),
             IPERF => return self.iperf(fwd, rep),
@@ -200,7 +244,7 @@ impl Ctx<'_> {
         let num = |k: &str| client.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
         let mut m = BTreeMap::new();
         match workload {
-            BULK1 | BULK4 => {
+            BULK1 | BULK4 | TLS_BULK | TLS_PASSTHROUGH => {
                 let gb = num("bytes") / 1e9;
                 m.insert("gb_per_s", num("gb_per_s"));
                 m.insert("forwarder_cpu_s_per_gb", cpu / gb);
@@ -223,8 +267,72 @@ impl Ctx<'_> {
                 m.insert("system_cpu_us_per_conn", sys * 1e6 / n);
                 m.insert("kernel_work_us_per_conn", kernel * 1e6 / n);
             }
+            TLS_ECDSA | TLS_RSA => {
+                m.insert("p99_us", num("p99_us"));
+                per_handshake(&mut m, num("conns"), num("conns_per_s"), &at);
+            }
             _ => per_message(&mut m, &client, &at),
         }
+        Ok(at.sample(workload, fwd, rep, m, client))
+    }
+
+    /// The load generator's TLS client `cmd` toward `target`, trusting
+    /// the phase's CA.
+    fn tls_client(&self, cmd: &str, target: &str) -> Result<Vec<String>> {
+        let cert = self
+            .setup
+            .cert()
+            .context("a TLS workload outside a TLS phase")?;
+        Ok(strings(&[
+            cmd,
+            "--target",
+            target,
+            "--ca",
+            &cert.ca.display().to_string(),
+            "--server-name",
+            SERVER_NAME,
+        ]))
+    }
+
+    /// `openssl s_time -new` through `fwd` for a few seconds: full
+    /// handshakes one after another, offering the load generator's cipher
+    /// suite (the certificate goes unchecked), then a close.
+    fn s_time(&self, workload: &'static str, fwd: &mut Forwarder, rep: usize) -> Result<Sample> {
+        let secs = if self.plan.quick { "1" } else { "3" };
+        let addr = fwd.addr.to_string();
+        let (at, (status, out, err)) = self.measure(fwd, || {
+            run_with_timeout(
+                Command::new("openssl").args([
+                    "s_time",
+                    "-connect",
+                    &addr,
+                    "-new",
+                    "-time",
+                    secs,
+                    "-tls1_3",
+                    "-ciphersuites",
+                    SUITE,
+                ]),
+                Duration::from_secs(60),
+            )
+            .context("openssl s_time")
+        })?;
+        // Its last line: "N connections in T real seconds, ..." (T in whole
+        // seconds: the rate is taken over the measured time instead).
+        let n = out
+            .lines()
+            .find(|l| l.contains(" connections in ") && l.contains(" real seconds"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse::<f64>().ok());
+        let Some(n) = n.filter(|_| status.success()) else {
+            bail!(
+                "openssl s_time through {} failed ({status}):\n{out}{err}",
+                fwd.kind.name()
+            );
+        };
+        let mut m = BTreeMap::new();
+        per_handshake(&mut m, n, n / at.wall.as_secs_f64(), &at);
+        let client = serde_json::json!({ "connections": n });
         Ok(at.sample(workload, fwd, rep, m, client))
     }
 
@@ -386,6 +494,15 @@ fn per_message(m: &mut BTreeMap<&'static str, f64>, client: &Value, at: &Measure
     m.insert("forwarder_cpu_us_per_msg", at.cpu * 1e6 / n);
     m.insert("system_cpu_us_per_msg", at.sys * 1e6 / n);
     m.insert("kernel_work_us_per_msg", at.kernel * 1e6 / n);
+}
+
+/// The figures of a handshake step: `n` handshakes at `rate`, and what
+/// each cost.
+fn per_handshake(m: &mut BTreeMap<&'static str, f64>, n: f64, rate: f64, at: &Measured) {
+    m.insert("handshakes_per_s", rate);
+    m.insert("forwarder_cpu_us_per_handshake", at.cpu * 1e6 / n);
+    m.insert("system_cpu_us_per_handshake", at.sys * 1e6 / n);
+    m.insert("kernel_work_us_per_handshake", at.kernel * 1e6 / n);
 }
 
 /// A load generator client that sets up, prints a `ready` line and waits
