@@ -35,6 +35,8 @@ const TEST_PACKAGES: &[&str] = &[
     "util-linux",
     // Drops the kernel's RSTs for tests/tests/retransmission.rs's raw client.
     "nftables",
+    // Test CAs and certificates (tests/src/tls.rs), and s_client.
+    "openssl",
 ];
 
 pub enum EbpfToolchain {
