@@ -115,7 +115,7 @@ const SESSION_CACHE: usize = 4096;
 
 /// Reads every file and builds the listener's rustls configuration.
 pub fn load(s: Settings) -> Result<Terminate> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut contents = std::hash::DefaultHasher::new();
     let mut keys = Vec::new();
     let mut certs = Vec::new();
@@ -178,7 +178,7 @@ pub fn load(s: Settings) -> Result<Terminate> {
     let mut server = builder.with_cert_resolver(Arc::new(ByName { keys }));
     server.alpn_protocols = s.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     server.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
-    server.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS session tickets")?;
+    server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().context("TLS session tickets")?;
     Ok(Terminate {
         pairs: s.pairs,
         min_version: s.min_version,
