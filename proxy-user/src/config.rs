@@ -1339,7 +1339,7 @@ mod tests {
         let tls = format!("{L}tls-cert = [\"{}\", \"{}\"]\ntls-key = [\"{}\", \"{}\"]\n", a.display(), b.display(), a_key.display(), b_key.display());
         let c = parse(&format!("{tls}protocol = \"mqtt\"\ntls-min-version = \"1.3\"\n")).unwrap();
         let t = c.listeners[0].terminate.as_ref().unwrap();
-        assert_eq!((t.min_version, t.alpn.clone()), (MinVersion::Tls13, vec!["mqtt".to_string()]));
+        assert_eq!((t.settings.min_version, t.settings.alpn.clone()), (MinVersion::Tls13, vec!["mqtt".to_string()]));
         assert_eq!(t.certs.iter().map(|c| c.names.clone()).collect::<Vec<_>>(), [["a.example"], ["b.example"]]);
         assert!(t.server.alpn_protocols == [b"mqtt".to_vec()]);
         // --check prints the config: never a key.
@@ -1349,9 +1349,9 @@ mod tests {
         assert!(!shown.contains("PRIVATE KEY") && !shown.contains(key_line), "{shown}");
         // WebSocket listeners offer http/1.1; `alpn = []` offers nothing.
         let ws = parse(&format!("{tls}protocol = \"ws\"\n")).unwrap();
-        assert_eq!(ws.listeners[0].terminate.as_ref().unwrap().alpn, ["http/1.1"]);
+        assert_eq!(ws.listeners[0].terminate.as_ref().unwrap().settings.alpn, ["http/1.1"]);
         let none = parse(&format!("{tls}alpn = []\n")).unwrap();
-        assert!(none.listeners[0].terminate.as_ref().unwrap().alpn.is_empty());
+        assert!(none.listeners[0].terminate.as_ref().unwrap().settings.alpn.is_empty());
         // The same paths with new contents are a changed listener (SIGHUP
         // reloads it); the same contents are not.
         let before = parse(&tls).unwrap();

@@ -670,7 +670,9 @@ fn bad_handshakes_are_refused_counted_and_cost_no_cpu() -> Result<()> {
 
 /// SIGHUP with the certificate file replaced: new handshakes get the new
 /// certificate (and its expiry shows in the metric), while a connection
-/// in the middle of an 8 MiB echo across the reload finishes exactly.
+/// in the middle of an 8 MiB echo across the reload finishes exactly. A
+/// certificate file that does not load refuses the reload: the one before
+/// is still served.
 #[test]
 fn a_reload_swaps_the_certificate_and_live_connections_keep_running() -> Result<()> {
     let dir = scratch("tls-term-reload");
@@ -738,8 +740,14 @@ fn a_reload_swaps_the_certificate_and_live_connections_keep_running() -> Result<
     ensure!(shown == want, "after the reload a new client was shown a certificate valid until {shown}, want {want}");
     let saw = live.join().map_err(|_| anyhow::anyhow!("client thread"))??;
     ensure!(saw.bytes == data.len() as u64 && std::fs::read(&out)? == data, "the live connection's echo differs ({} bytes)", saw.bytes);
-    // Two upstream connections: the live one, and s_client's.
-    let upstream_got: Vec<u64> = (0..2).map(|_| seen.recv_timeout(STEP).map(|s| s.bytes)).collect::<Result<_, _>>()?;
+    std::fs::write(&cert, "not a certificate")?;
+    let st = Command::new("kill").args(["-HUP", &splicer.proc.pid().to_string()]).status()?;
+    ensure!(st.success());
+    wait_lines(&splicer.proc, "reload refused", 1)?;
+    let shown = shown_not_after(listen)?;
+    ensure!(shown == want, "after a failed reload a client was shown a certificate valid until {shown}, want {want}");
+    // Three upstream connections: the live one, and s_client's two.
+    let upstream_got: Vec<u64> = (0..3).map(|_| seen.recv_timeout(STEP).map(|s| s.bytes)).collect::<Result<_, _>>()?;
     ensure!(upstream_got.contains(&(data.len() as u64)), "the upstream got {upstream_got:?}");
     Ok(())
 }

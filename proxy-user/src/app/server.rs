@@ -266,13 +266,13 @@ fn describe(l: &Listener) -> String {
             s,
             ", tls terminated (TLS {}+, certificates {}, alpn [{}], client certificates {}; \
              relayed in userspace: this build has no kernel TLS)",
-            match t.min_version {
+            match t.settings.min_version {
                 MinVersion::Tls12 => "1.2",
                 MinVersion::Tls13 => "1.3",
             },
             names.join(" "),
-            t.alpn.join(" "),
-            match (&t.client_ca, t.client_auth) {
+            t.settings.alpn.join(" "),
+            match (&t.settings.client_ca, t.settings.client_auth) {
                 (None, _) => "not asked for",
                 (Some(_), ClientAuth::Optional) => "optional",
                 (Some(_), ClientAuth::Required) => "required",

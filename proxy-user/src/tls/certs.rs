@@ -40,10 +40,9 @@ pub enum ClientAuth {
     Required,
 }
 
-/// What a terminating listener was configured with (the paths), and what
-/// its files held when they were read.
-#[derive(Clone)]
-pub struct Terminate {
+/// A terminating listener's keys, as configured (paths, not contents).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
     /// Certificate chain and key files, in pairs; the first pair answers
     /// clients whose server name no certificate names.
     pub pairs: Vec<(PathBuf, PathBuf)>,
@@ -52,6 +51,12 @@ pub struct Terminate {
     pub client_ca: Option<PathBuf>,
     pub client_auth: ClientAuth,
     pub handshake_timeout: std::time::Duration,
+}
+
+/// The settings, and what their files held when they were read.
+#[derive(Clone)]
+pub struct Terminate {
+    pub settings: Settings,
     pub server: Arc<ServerConfig>,
     /// Each certificate's names and expiry, for the start-up line and the
     /// metric.
@@ -78,8 +83,7 @@ pub struct CertFacts {
 
 impl PartialEq for Terminate {
     fn eq(&self, o: &Self) -> bool {
-        (&self.pairs, self.min_version, &self.alpn, &self.client_ca, self.client_auth, self.handshake_timeout, self.contents)
-            == (&o.pairs, o.min_version, &o.alpn, &o.client_ca, o.client_auth, o.handshake_timeout, o.contents)
+        (&self.settings, self.contents) == (&o.settings, o.contents)
     }
 }
 
@@ -87,25 +91,10 @@ impl PartialEq for Terminate {
 impl fmt::Debug for Terminate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Terminate")
-            .field("pairs", &self.pairs)
-            .field("min_version", &self.min_version)
-            .field("alpn", &self.alpn)
-            .field("client_ca", &self.client_ca)
-            .field("client_auth", &self.client_auth)
-            .field("handshake_timeout", &self.handshake_timeout)
+            .field("settings", &self.settings)
             .field("certs", &self.certs)
             .finish_non_exhaustive()
     }
-}
-
-/// What `load` is given, from the listener's keys.
-pub struct Settings {
-    pub pairs: Vec<(PathBuf, PathBuf)>,
-    pub min_version: MinVersion,
-    pub alpn: Vec<String>,
-    pub client_ca: Option<PathBuf>,
-    pub client_auth: ClientAuth,
-    pub handshake_timeout: std::time::Duration,
 }
 
 /// TLS sessions each terminating listener remembers for resumption by ID
@@ -180,12 +169,7 @@ pub fn load(s: Settings) -> Result<Terminate> {
     server.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
     server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().context("TLS session tickets")?;
     Ok(Terminate {
-        pairs: s.pairs,
-        min_version: s.min_version,
-        alpn: s.alpn,
-        client_ca: s.client_ca,
-        client_auth: s.client_auth,
-        handshake_timeout: s.handshake_timeout,
+        settings: s,
         server: Arc::new(server),
         certs,
         contents: contents.finish(),

@@ -124,7 +124,7 @@ impl TlsConn {
             session: Mutex::new(session),
             unsent: Notify::new(),
         };
-        match tokio::time::timeout(t.handshake_timeout, conn.handshake(early)).await {
+        match tokio::time::timeout(t.settings.handshake_timeout, conn.handshake(early)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(HandshakeFailure::Timeout),
