@@ -275,6 +275,10 @@ pub enum HealthCheck {
     /// An MQTT CONNECT answered by a CONNACK (after a PROXY header if the
     /// listener sends them).
     Mqtt,
+    /// An HTTP GET answered with the expected status (EMQX's
+    /// `/api/v5/load_rebalance/availability_check`: 503 while the node is
+    /// drained or rebalanced).
+    Http,
 }
 
 /// One upstream broker: `ADDR` or `ADDR weight=N` (HAProxy's `weight`).
@@ -323,7 +327,7 @@ impl fmt::Display for Upstream {
 }
 
 /// Active health checks, HAProxy style.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
     pub check: HealthCheck,
     pub interval: Duration,
@@ -331,6 +335,18 @@ pub struct Health {
     pub rise: u32,
     /// Consecutive failures (checks or client connects) that take it down.
     pub fall: u32,
+    /// Some with `check = Http`.
+    pub http: Option<HttpCheck>,
+}
+
+/// `health-check = "http"`: what is asked, where, and what must come back
+/// (HAProxy's `option httpchk GET PATH` with `http-check expect status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCheck {
+    /// None: the upstream's own port.
+    pub port: Option<u16>,
+    pub path: String,
+    pub status: u16,
 }
 
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -574,7 +590,13 @@ pub struct ListenerSpec {
     /// How to pick an upstream [default: round-robin].
     #[arg(long, value_enum, value_name = "round-robin|least-conn|source|client-id")] pub balance: Option<Balance>,
     /// Active upstream checks [default: off].
-    #[arg(long, value_enum, value_name = "off|tcp|mqtt")] pub health_check: Option<HealthCheck>,
+    #[arg(long, value_enum, value_name = "off|tcp|mqtt|http")] pub health_check: Option<HealthCheck>,
+    /// health-check http: the port asked, on each upstream's address [default: the upstream's port].
+    #[arg(long, value_name = "PORT")] pub health_http_port: Option<u16>,
+    /// health-check http: the path asked [default: /].
+    #[arg(long, value_name = "PATH")] pub health_http_path: Option<String>,
+    /// health-check http: the status that means up [default: 200].
+    #[arg(long, value_name = "CODE")] pub health_http_status: Option<u16>,
     /// Time between checks of one upstream [default: 2s].
     #[arg(long, value_name = "DURATION")] pub health_interval: Option<Dur>,
     /// Consecutive good checks that bring an upstream back [default: 2].
@@ -727,6 +749,16 @@ impl ListenerSpec {
                 bail!("listener `{name}`: key `sni`: every weight for `{n}` is 0, so it would take no client");
             }
         }
+        if self.health_check != Some(HealthCheck::Http) {
+            let http_only = [
+                ("health-http-port", self.health_http_port.is_some()),
+                ("health-http-path", self.health_http_path.is_some()),
+                ("health-http-status", self.health_http_status.is_some()),
+            ];
+            if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
+                bail!("listener `{name}`: key `{key}`: needs health-check = \"http\"");
+            }
+        }
         if is_tls && self.health_check == Some(HealthCheck::Mqtt) {
             bail!(
                 "listener `{name}`: key `health-check`: \"mqtt\" would speak plaintext MQTT to TLS brokers; \
@@ -800,6 +832,11 @@ impl ListenerSpec {
                     .map_or(DEFAULT_HEALTH_INTERVAL, |d| d.0),
                 rise: self.health_rise.unwrap_or(DEFAULT_HEALTH_RISE),
                 fall: self.health_fall.unwrap_or(DEFAULT_HEALTH_FALL),
+                http: (self.health_check == Some(HealthCheck::Http)).then(|| HttpCheck {
+                    port: self.health_http_port,
+                    path: self.health_http_path.clone().unwrap_or_else(|| "/".to_string()),
+                    status: self.health_http_status.unwrap_or(200),
+                }),
             },
             allow: self.allow,
             deny: self.deny,
@@ -989,6 +1026,18 @@ impl Config {
             }
             if l.health.rise == 0 || l.health.fall == 0 {
                 bail!("{at}: keys `health-rise` and `health-fall`: must be at least 1");
+            }
+            if let Some(h) = &l.health.http {
+                // It goes into a request line: one token, no way to add a header.
+                if !h.path.starts_with('/') || h.path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                    bail!("{at}: key `health-http-path`: {:?} is not an absolute path without spaces or control characters", h.path);
+                }
+                if !(100..=599).contains(&h.status) {
+                    bail!("{at}: key `health-http-status`: {} is not an HTTP status", h.status);
+                }
+                if h.port == Some(0) {
+                    bail!("{at}: key `health-http-port`: must not be 0");
+                }
             }
             if l.max_handshakes == 0 {
                 bail!("{at}: key `max-handshakes`: 0 would refuse every client");
@@ -1331,6 +1380,26 @@ mod tests {
     }
 
     #[test]
+    fn http_health_check_keys() {
+        let c = parse(&format!(
+            "{L}health-check = \"http\"\nhealth-http-port = 18083\nhealth-http-path = \"/api/v5/load_rebalance/availability_check\"\n"
+        ))
+        .unwrap();
+        let h = c.listeners[0].health.http.clone().unwrap();
+        assert_eq!((h.port, h.path.as_str(), h.status), (Some(18083), "/api/v5/load_rebalance/availability_check", 200));
+        let d = parse(&format!("{L}health-check = \"http\"\n")).unwrap();
+        assert_eq!(d.listeners[0].health.http, Some(HttpCheck { port: None, path: "/".into(), status: 200 }));
+        assert_refused([
+            (format!("{L}health-http-path = \"/x\"\n"), &["`health-http-path`", "health-check = \"http\""][..]),
+            (format!("{L}health-check = \"http\"\nhealth-http-path = \"x\"\n"), &["`health-http-path`"]),
+            (format!("{L}health-check = \"http\"\nhealth-http-path = \"/a b\"\n"), &["`health-http-path`"]),
+            (format!("{L}health-check = \"http\"\nhealth-http-path = \"/a\\r\\nX: y\"\n"), &["`health-http-path`"]),
+            (format!("{L}health-check = \"http\"\nhealth-http-status = 42\n"), &["`health-http-status`"]),
+            (format!("{L}health-check = \"http\"\nhealth-http-port = 0\n"), &["`health-http-port`"]),
+        ]);
+    }
+
+    #[test]
     fn tls_termination_keys() {
         let dir = std::env::temp_dir().join(format!("splicer-config-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1464,7 +1533,8 @@ mod tests {
                 check: HealthCheck::Mqtt,
                 interval: Duration::from_millis(500),
                 rise: 1,
-                fall: 2
+                fall: 2,
+                http: None,
             }
         );
         assert_eq!(l.allow, ["10.0.0.0/8".parse::<IpNet>().unwrap()]);

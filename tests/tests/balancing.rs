@@ -1063,3 +1063,100 @@ fn reload_to_health_check_off_brings_down_upstreams_back() -> Result<()> {
     );
     Ok(())
 }
+
+// ------------------------------- 9. HTTP health checks (EMQX's drain API)
+
+/// `health-check = "http"` against each broker's availability API, served
+/// here by a real nginx on the brokers' addresses whose answer the test
+/// flips between 200 and 503 (as EMQX's
+/// `/api/v5/load_rebalance/availability_check` does while a node is
+/// drained). A drained broker goes DOWN and gets no new client, while a
+/// subscriber already on it keeps receiving; undrained, it comes back UP.
+#[test]
+fn http_checks_follow_a_drain_api() -> Result<()> {
+    let dir = scratch("balancing-http-check");
+    const PATH: &str = "/api/v5/load_rebalance/availability_check";
+    let other_ip = Ipv4Addr::new(127, 0, 0, 6);
+    let b1 = v4(BROKER_IP, free_port(BROKER_IP));
+    let b2 = v4(other_ip, free_port(other_ip));
+    let _broker1 = start_mosquitto(&dir.join("b1"), b1)?;
+    let _broker2 = start_mosquitto(&dir.join("b2"), b2)?;
+    // One API port on both brokers' addresses, as EMQX's 18083 would be.
+    let api = loop {
+        let p = free_port(BROKER_IP);
+        if std::net::TcpListener::bind((other_ip, p)).is_ok() {
+            break p;
+        }
+    };
+    let drained = |b: SocketAddr| dir.join(format!("drained-{}", b.ip()));
+    let server = |b: SocketAddr| {
+        format!(
+            "server {{ listen {}:{api}; location = {PATH} {{ if (-f {}) {{ return 503; }} return 200 \"ok\"; }} }}\n",
+            b.ip(),
+            drained(b).display()
+        )
+    };
+    let nginx_dir = dir.join("nginx");
+    fs::create_dir_all(&nginx_dir)?;
+    let _nginx = start_nginx(
+        &nginx_dir,
+        v4(BROKER_IP, api),
+        "",
+        &format!("http {{ access_log off; {}{} }}", server(b1), server(b2)),
+    )?;
+    let listen = splicer_addr();
+    let metrics = splicer_addr();
+    let (mut s, _) = start_splicer(
+        &dir,
+        listen,
+        &config(
+            listen,
+            Some(metrics),
+            &[b1.to_string(), b2.to_string()],
+            &format!(
+                "health-check = \"http\"\nhealth-http-port = {api}\nhealth-http-path = \"{PATH}\"\n\
+                 health-interval = \"300ms\"\nhealth-rise = 2\nhealth-fall = 2\n"
+            ),
+        ),
+    )?;
+    let (b1s, b2s) = (b1.to_string(), b2.to_string());
+    let lines = (0..4).map(|n| publish(&s, n)).collect::<Result<Vec<_>>>()?;
+    let ups = upstreams_of(&lines);
+    ensure!(ups.contains(&b1s) && ups.contains(&b2s), "both should take clients: {ups:?}");
+
+    // Drain broker 2 while a subscriber joins, so it lands on broker 1.
+    fs::write(drained(b2), "")?;
+    s.proc.wait_line(&down_line(b2), STEP)?;
+    let mut sub = Proc::spawn_apart(
+        "sub",
+        &dir,
+        Command::new("mosquitto_sub")
+            .args(["-h", &listen.ip().to_string(), "-p", &listen.port().to_string()])
+            .args(["-A", &CLIENT_IP.to_string(), "-i", "drain-sub", "-t", "t/drain", "-C", "1"]),
+    )?;
+    fs::remove_file(drained(b2))?;
+    s.proc.wait_line(&up_line(b2), STEP)?;
+
+    // Now drain broker 1: DOWN on the API's 503, no new client goes there.
+    fs::write(drained(b1), "")?;
+    let down = s.proc.wait_line(&down_line(b1), STEP)?;
+    ensure!(down.contains("HTTP 503"), "DOWN should say why: {down}");
+    ensure!(upstream_up(metrics, b1)? == 0.0);
+    let lines = (4..8).map(|n| publish(&s, n)).collect::<Result<Vec<_>>>()?;
+    let ups = upstreams_of(&lines);
+    ensure!(ups.iter().all(|u| *u == b2s), "with {b1} drained every publish should go to {b2}: {ups:?}");
+    // The subscriber on broker 1 still gets what is published there.
+    let (st, out, err) = run_with_timeout(
+        Command::new("mosquitto_pub")
+            .args(["-h", &b1.ip().to_string(), "-p", &b1.port().to_string(), "-t", "t/drain", "-m", "still here"]),
+        STEP,
+    )?;
+    ensure!(st.success(), "{out}{err}");
+    ensure!(sub.wait_exit(STEP)?.success(), "subscriber: {}", sub.stderr());
+    ensure!(sub.output() == "still here\n", "the subscriber on the drained broker got {:?}", sub.output());
+
+    fs::remove_file(drained(b1))?;
+    s.proc.wait_line(&up_line(b1), STEP)?;
+    ensure!(upstream_up(metrics, b1)? == 1.0);
+    Ok(())
+}

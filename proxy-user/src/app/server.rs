@@ -201,7 +201,7 @@ fn spawn_checks(ctx: &Arc<ListenerCtx>) -> Vec<JoinHandle<()>> {
         .map(|u| {
             tokio::spawn(health::check_loop(
                 u.clone(),
-                l.health,
+                l.health.clone(),
                 l.send_proxy,
                 l.connect_timeout,
             ))
@@ -245,6 +245,10 @@ fn describe(l: &Listener) -> String {
             ", health-check {:?} every {:?} rise {} fall {}",
             h.check, h.interval, h.rise, h.fall
         );
+        if let Some(c) = &h.http {
+            let port = c.port.map_or_else(|| "the upstream's".to_string(), |p| p.to_string());
+            let _ = write!(s, " (GET {} on port {port}, expecting {})", c.path, c.status);
+        }
     }
     let _ = write!(s, ", max-handshakes {}", l.max_handshakes);
     if let Some(m) = l.max_conns {

@@ -190,6 +190,7 @@ mod tests {
             interval: Duration::from_secs(1),
             rise: 1,
             fall: 1,
+            http: None,
         };
         u.report(&h, Err(Failure::NoAnswer(Duration::from_secs(1))));
         assert!(!u.is_up());

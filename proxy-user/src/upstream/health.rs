@@ -20,7 +20,7 @@ use tokio::{
 use splicer_proto::proxy_protocol;
 
 use crate::{
-    config::{Health, HealthCheck, SendProxy},
+    config::{Health, HealthCheck, HttpCheck, SendProxy},
     metrics::UpstreamMetrics,
 };
 
@@ -36,6 +36,10 @@ pub enum Failure {
     /// A CONNACK with this return code.
     Refused(u8),
     NotConnack([u8; 4]),
+    /// An HTTP answer with another status than the one expected.
+    HttpStatus(u16),
+    /// No HTTP answer: closed, failed, or not HTTP.
+    NoHttpAnswer(String),
 }
 
 impl fmt::Display for Failure {
@@ -48,6 +52,8 @@ impl fmt::Display for Failure {
             Failure::NoConnack(e) => write!(f, "no CONNACK: {e}"),
             Failure::Refused(rc) => write!(f, "CONNACK refused the check, return code {rc}"),
             Failure::NotConnack(b) => write!(f, "not a CONNACK: {b:02x?}"),
+            Failure::HttpStatus(s) => write!(f, "HTTP {s}"),
+            Failure::NoHttpAnswer(why) => write!(f, "no HTTP answer: {why}"),
         }
     }
 }
@@ -140,7 +146,7 @@ pub async fn check_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let result = match tokio::time::timeout(timeout, check(state.addr, health.check, send_proxy)).await {
+        let result = match tokio::time::timeout(timeout, check(state.addr, &health, send_proxy)).await {
             Ok(r) => r,
             Err(_) => Err(Failure::NoAnswer(timeout)),
         };
@@ -151,11 +157,14 @@ pub async fn check_loop(
     }
 }
 
-/// One check: a TCP connect, or an MQTT CONNECT that must get a CONNACK
-/// with return code 0.
-async fn check(addr: SocketAddr, kind: HealthCheck, send_proxy: SendProxy) -> Result<(), Failure> {
+/// One check: a TCP connect, an MQTT CONNECT that must get a CONNACK with
+/// return code 0, or an HTTP GET that must get the expected status.
+async fn check(addr: SocketAddr, health: &Health, send_proxy: SendProxy) -> Result<(), Failure> {
+    if let Some(http) = &health.http {
+        return http_check(addr, http).await;
+    }
     let mut s = TcpStream::connect(addr).await.map_err(Failure::Connect)?;
-    if kind != HealthCheck::Mqtt {
+    if health.check != HealthCheck::Mqtt {
         return Ok(());
     }
     // A broker that expects PROXY headers gets one saying "local": a
@@ -175,6 +184,43 @@ async fn check(addr: SocketAddr, kind: HealthCheck, send_proxy: SendProxy) -> Re
         }
         [0x20, 0x02, _, rc] => Err(Failure::Refused(rc)),
         other => Err(Failure::NotConnack(other)),
+    }
+}
+
+/// The longest HTTP answer head read: a status line and a few headers.
+const HTTP_HEAD_MAX: usize = 8 * 1024;
+
+/// GET `path` on the upstream's address (at `port`), with no PROXY header:
+/// the API that answers it (EMQX's dashboard port) does not take one.
+async fn http_check(addr: SocketAddr, c: &HttpCheck) -> Result<(), Failure> {
+    let at = SocketAddr::new(addr.ip(), c.port.unwrap_or(addr.port()));
+    let mut s = TcpStream::connect(at).await.map_err(Failure::Connect)?;
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {at}\r\nUser-Agent: splicer-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+        c.path
+    );
+    s.write_all(request.as_bytes()).await.map_err(Failure::Write)?;
+    let mut head = Vec::with_capacity(1024);
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut answer = httparse::Response::new(&mut headers);
+        match answer.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => {
+                let status = answer.code.unwrap_or(0);
+                return match status == c.status {
+                    true => Ok(()),
+                    false => Err(Failure::HttpStatus(status)),
+                };
+            }
+            Ok(httparse::Status::Partial) if head.len() < HTTP_HEAD_MAX => {}
+            Ok(httparse::Status::Partial) => return Err(Failure::NoHttpAnswer("a head over 8 KiB".into())),
+            Err(e) => return Err(Failure::NoHttpAnswer(e.to_string())),
+        }
+        match s.read_buf(&mut head).await {
+            Ok(0) => return Err(Failure::NoHttpAnswer("closed before a whole head".into())),
+            Ok(_) => {}
+            Err(e) => return Err(Failure::NoHttpAnswer(e.to_string())),
+        }
     }
 }
 
@@ -208,6 +254,7 @@ mod tests {
             interval: Duration::from_secs(1),
             rise,
             fall,
+            http: None,
         }
     }
 
