@@ -7,7 +7,7 @@ use clap::Parser;
 
 use std::net::SocketAddr;
 
-use crate::config::{Config, Dur, Handoff, ListenerSpec, LogLevel, OffloadMode, Overrides, DEFAULT_DRAIN_TIMEOUT};
+use crate::config::{Config, Dur, Handoff, ListenerSpec, LogFormat, LogLevel, OffloadMode, Overrides, DEFAULT_DRAIN_TIMEOUT};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,6 +27,8 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "now|auto")] pub handoff: Option<Handoff>,
     /// off, error, warn, info, debug or trace [default: info].
     #[arg(long, value_name = "LEVEL")] pub log_level: Option<LogLevel>,
+    /// text, or json (one object per line, for Loki or Elasticsearch) [default: text].
+    #[arg(long, value_enum, value_name = "text|json")] pub log_format: Option<LogFormat>,
     /// Serve Prometheus metrics on this address at /metrics.
     #[arg(long, value_name = "ADDR")] pub metrics: Option<SocketAddr>,
     /// On SIGTERM, how long live connections may take to finish [default: 30s].
@@ -53,6 +55,7 @@ impl Cli {
     fn overrides(&self) -> Overrides {
         Overrides {
             log_level: self.log_level.map(|l| l.0),
+            log_format: self.log_format,
             offload: self.offload,
             handoff: self.handoff,
             metrics: self.metrics,
@@ -87,6 +90,7 @@ impl Cli {
         .resolve(0)?;
         let config = Config {
             log_level: overrides.log_level.unwrap_or(log::LevelFilter::Info),
+            log_format: overrides.log_format.unwrap_or_default(),
             offload: overrides.offload.unwrap_or(OffloadMode::Auto),
             handoff: overrides.handoff.unwrap_or_default(),
             metrics: overrides.metrics,

@@ -113,6 +113,17 @@ pub enum OffloadMode {
     Userspace,
 }
 
+/// `--log-format`: how log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per record, as the README shows them.
+    #[default]
+    Text,
+    /// One JSON object per line, with stable field names (app::logging).
+    Json,
+}
+
 /// `--handoff`: when the kernel takes a connection over (sockmap offload
 /// only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -548,6 +559,7 @@ pub struct Listener {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub log_level: log::LevelFilter,
+    pub log_format: LogFormat,
     pub offload: OffloadMode,
     pub handoff: Handoff,
     /// Where to serve Prometheus metrics at /metrics.
@@ -566,6 +578,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileConfig {
     log_level: Option<LogLevel>,
+    log_format: Option<LogFormat>,
     offload: Option<OffloadMode>,
     handoff: Option<Handoff>,
     metrics: Option<SocketAddr>,
@@ -956,6 +969,7 @@ impl ListenerSpec {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub log_level: Option<log::LevelFilter>,
+    pub log_format: Option<LogFormat>,
     pub offload: Option<OffloadMode>,
     pub handoff: Option<Handoff>,
     pub metrics: Option<SocketAddr>,
@@ -980,6 +994,7 @@ impl Config {
                 .log_level
                 .or(file.log_level.map(|l| l.0))
                 .unwrap_or(log::LevelFilter::Info),
+            log_format: overrides.log_format.or(file.log_format).unwrap_or_default(),
             offload: overrides
                 .offload
                 .or(file.offload)

@@ -35,14 +35,7 @@ fn main() -> Result<()> {
         println!("configuration ok: {config:#?}");
         return Ok(());
     }
-    // Our own modules (and the kernel program's records) at the configured
-    // level; libraries only from warn up, so debug stays readable.
-    env_logger::Builder::new()
-        .filter_level(config.log_level.min(log::LevelFilter::Warn))
-        .filter_module("splicer", config.log_level)
-        .filter_module("proxy_ebpf", config.log_level)
-        .format_timestamp_millis()
-        .init();
+    app::logging::init(config.log_level, config.log_format);
     app::one_heap();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -572,3 +572,56 @@ fn drain_timeout_closes_cleanly_userspace() -> Result<()> {
 fn drain_timeout_closes_cleanly_before_the_handoff() -> Result<()> {
     drain_timeout_closes_cleanly("sockmap", &["--handoff", "auto"])
 }
+
+/// `--log-format json`: every line splicer writes is one JSON object, the
+/// eBPF program's records among them; a close line carries its fields by
+/// stable names and types (the client, the broker, bytes each way as
+/// numbers, the end, and what the CONNECT said), matching its text.
+#[test]
+fn json_logs_carry_stable_fields() -> Result<()> {
+    let dir = scratch("ops-json-logs");
+    let broker = v4(BROKER_IP, free_port(BROKER_IP));
+    let _mosquitto = start_mosquitto(&dir.join("broker"), broker)?;
+    let s = splicer_in_mode(
+        &dir,
+        "sockmap",
+        broker,
+        &["--protocol", "mqtt", "--log-format", "json", "--log-level", "debug", "--handoff", "now"],
+    )?;
+    let (st, out, err) = run_with_timeout(
+        Command::new("mosquitto_pub")
+            .args(["-h", &s.listen.ip().to_string(), "-p", &s.listen.port().to_string()])
+            .args(["-A", &CLIENT_IP.to_string(), "-i", "json-\"quoted\"", "-q", "1", "-t", "t/json", "-m", "hello"]),
+        STEP,
+    )?;
+    ensure!(st.success(), "{out}{err}");
+    s.wait_closed(1, STEP)?;
+    let lines: Vec<serde_json::Value> = s
+        .proc
+        .output()
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not one JSON object: {l}")))
+        .collect::<Result<_>>()?;
+    let closed = lines.iter().find(|l| l["event"] == "closed").context("no close event")?;
+    eprintln!("{closed}");
+    let field = |k: &str| closed[k].clone();
+    ensure!(field("listener") == "default" && field("upstream") == broker.to_string().as_str(), "{closed}");
+    let client = field("client");
+    ensure!(client.as_str().is_some_and(|c| c.starts_with("127.0.0.2:")), "{closed}");
+    ensure!(field("via").is_null(), "no via without a proxy: {closed}");
+    ensure!(field("client_id") == "json-\"quoted\"" && field("mqtt_version") == "3.1.1", "{closed}");
+    ensure!(field("end") == "client closed" && field("duration_s").is_f64(), "{closed}");
+    let text = field("message");
+    let text = text.as_str().context("message")?;
+    for k in ["client_to_upstream", "upstream_to_client", "kernel_bytes"] {
+        let n = field(k).as_u64().with_context(|| format!("{k} is not a number: {closed}"))?;
+        ensure!(close_num(text, k)? == n, "{k}: {n} against the text {text}");
+    }
+    ensure!(field("kernel_bytes").as_u64() > Some(0), "the kernel carried nothing: {closed}");
+    // The eBPF program's records come through the same formatter.
+    ensure!(
+        lines.iter().any(|l| l["target"] == "proxy_ebpf" && l["message"].as_str().is_some_and(|m| m.starts_with("splice: "))),
+        "no eBPF record in JSON"
+    );
+    Ok(())
+}

@@ -3,6 +3,7 @@
 //! reload (SIGHUP) and drain (SIGTERM) them. Everything shared is made here
 //! and passed down as a value.
 mod listener;
+pub mod logging;
 mod metrics_endpoint;
 mod server;
 

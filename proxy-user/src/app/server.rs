@@ -73,6 +73,7 @@ impl Server {
     pub fn reload(&mut self, new: Config) -> Result<()> {
         for (key, changed) in [
             ("log-level", new.log_level != self.config.log_level),
+            ("log-format", new.log_format != self.config.log_format),
             ("offload", new.offload != self.config.offload),
             ("handoff", new.handoff != self.config.handoff),
             ("metrics", new.metrics != self.config.metrics),

@@ -70,20 +70,37 @@ impl fmt::Display for Said {
 }
 
 impl Route {
-    /// Logs the close line and counts the end.
+    /// Logs the close line (its words, and the same as fields for
+    /// `log-format = "json"`) and counts the end.
     fn close(&self, who: ClientAddrs, said: Option<&Said>, t: &Totals, duration: Duration) {
         self.upstream.metrics.active.dec();
-        log::info!(
-            "[{}] closed {} upstream={} client_to_upstream={} upstream_to_client={} \
-             kernel_bytes={} duration={:.3}s end={}",
-            self.listener,
-            named(who, said),
-            self.upstream.addr,
-            t.c2u,
-            t.u2c,
-            t.kernel,
-            duration.as_secs_f64(),
-            t.outcome
+        let fields = CloseFields {
+            listener: &self.listener,
+            who,
+            said,
+            upstream: self.upstream.addr,
+            totals: t,
+            duration,
+        };
+        log::logger().log(
+            &log::Record::builder()
+                .level(log::Level::Info)
+                .target(module_path!())
+                .module_path(Some(module_path!()))
+                .key_values(&fields)
+                .args(format_args!(
+                    "[{}] closed {} upstream={} client_to_upstream={} upstream_to_client={} \
+                     kernel_bytes={} duration={:.3}s end={}",
+                    self.listener,
+                    named(who, said),
+                    self.upstream.addr,
+                    t.c2u,
+                    t.u2c,
+                    t.kernel,
+                    duration.as_secs_f64(),
+                    t.outcome
+                ))
+                .build(),
         );
         self.metrics.closed(match t.outcome {
             Outcome::ClientClosed => CloseReason::client_closed,
@@ -93,6 +110,56 @@ impl Route {
             Outcome::Drained => CloseReason::drained,
             Outcome::Error => CloseReason::error,
         });
+    }
+}
+
+/// A close line's fields, by the names `log-format = "json"` gives them
+/// (stable: dashboards and log pipelines key on them).
+struct CloseFields<'a> {
+    listener: &'a str,
+    who: ClientAddrs,
+    said: Option<&'a Said>,
+    upstream: std::net::SocketAddr,
+    totals: &'a Totals,
+    duration: Duration,
+}
+
+impl log::kv::Source for CloseFields<'_> {
+    fn visit<'kvs>(&'kvs self, v: &mut dyn log::kv::VisitSource<'kvs>) -> Result<(), log::kv::Error> {
+        use log::kv::Value;
+        let t = self.totals;
+        v.visit_pair("event".into(), Value::from("closed"))?;
+        v.visit_pair("listener".into(), Value::from(self.listener))?;
+        v.visit_pair("client".into(), Value::from_display(&self.who.real))?;
+        if self.who.real != self.who.peer {
+            v.visit_pair("via".into(), Value::from_display(&self.who.peer))?;
+        }
+        v.visit_pair("upstream".into(), Value::from_display(&self.upstream))?;
+        v.visit_pair("client_to_upstream".into(), Value::from(t.c2u))?;
+        v.visit_pair("upstream_to_client".into(), Value::from(t.u2c))?;
+        v.visit_pair("kernel_bytes".into(), Value::from(t.kernel))?;
+        v.visit_pair("duration_s".into(), Value::from(self.duration.as_secs_f64()))?;
+        v.visit_pair("end".into(), Value::from_display(&t.outcome))?;
+        let Some(said) = self.said else { return Ok(()) };
+        if let Some(m) = &said.mqtt {
+            v.visit_pair("client_id".into(), Value::from(m.client_id.text()))?;
+            if let Some(u) = &m.username {
+                v.visit_pair("username".into(), Value::from(u.text()))?;
+            }
+            v.visit_pair("mqtt_version".into(), Value::from_display(&m.version))?;
+        }
+        if let Some(tls) = &said.tls {
+            if let Some(sni) = &tls.sni {
+                v.visit_pair("sni".into(), Value::from(sni.as_str()))?;
+            }
+            if let Some(term) = &tls.terminated {
+                v.visit_pair("tls_version".into(), Value::from(term.version))?;
+                if let Some(cn) = &term.cn {
+                    v.visit_pair("cn".into(), Value::from(cn.text()))?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

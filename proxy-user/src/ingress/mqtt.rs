@@ -76,6 +76,13 @@ impl Logged {
     }
 }
 
+impl Logged {
+    /// What was kept, unquoted (for a JSON field, which escapes itself).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
 impl fmt::Display for Logged {
     /// Quoted, with quotes, backslashes and control characters escaped and
     /// a cut marked `...`, so it cannot forge fields or lines.
