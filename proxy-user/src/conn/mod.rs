@@ -111,6 +111,12 @@ impl ListenerCtx {
                 metrics.forget_upstream(&config.name, &old.addr.to_string());
             }
         }
+        // Unchanged TLS files keep their session tickets and cache: a reload
+        // of other keys must not make every client do a full handshake.
+        let mut config = config;
+        if let Some(p) = previous.filter(|p| p.config.terminate.is_some() && p.config.terminate == config.terminate) {
+            config.terminate.clone_from(&p.config.terminate);
+        }
         let listener_metrics = metrics.listener(&config.name);
         let certs = |l: &Listener| l.terminate.iter().flat_map(|t| t.certs.clone()).collect::<Vec<_>>();
         for old in previous.map(|p| certs(&p.config)).unwrap_or_default() {
@@ -218,7 +224,11 @@ async fn serve(
     // after its request, with an HTTP answer.
     let known_now = match &ctx.config.ws {
         None => true,
-        Some(ws) => ctx.config.terminate.is_some() && ws.real_ip_header.is_none(),
+        // An untrusted peer's real-ip-header is not read: it is the client.
+        Some(ws) => {
+            ctx.config.terminate.is_some()
+                && (ws.real_ip_header.is_none() || !ctx.trusted.contains(id.client.ip()))
+        }
     };
     if known_now && !admit(ctx, who, None).await {
         return Some(CloseReason::rejected);

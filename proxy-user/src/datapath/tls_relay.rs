@@ -130,6 +130,9 @@ async fn to_client(upstream: &TcpStream, client: &TlsConn, bytes: &AtomicU64, me
                     }
                     bytes.fetch_add(n as u64, Relaxed);
                     metric.inc_by(n as u64);
+                    // Encrypting a stream that never pauses must not starve
+                    // the client's direction or the thread's other tasks.
+                    tokio::task::consume_budget().await;
                 }
             }
         }

@@ -48,8 +48,10 @@ pub enum HandshakeFailure {
     Tls(rustls::Error),
     /// What came was not something rustls could buffer (too large).
     Unreadable(io::Error),
-    /// The certificate's CN is longer than a PROXY header should carry.
-    CnTooLong(usize),
+    /// The certificate's CN is too long for a PROXY header, holds control
+    /// characters, or is in an encoding that cannot be read as text: a
+    /// broker that takes the CN as the username must not get another.
+    BadCn(&'static str),
     Timeout,
     /// The client closed, or the socket failed, before the end.
     Closed,
@@ -71,7 +73,7 @@ impl HandshakeFailure {
         match self {
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::Closed => "closed",
-            HandshakeFailure::CnTooLong(_) => "bad_client_cert",
+            HandshakeFailure::BadCn(_) => "bad_client_cert",
             HandshakeFailure::Unreadable(_) => "malformed",
             HandshakeFailure::Tls(e) => match e {
                 E::NoCertificatesPresented => "no_client_cert",
@@ -102,11 +104,7 @@ impl fmt::Display for HandshakeFailure {
         match self {
             HandshakeFailure::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             HandshakeFailure::Unreadable(e) => write!(f, "TLS handshake failed: {e}"),
-            HandshakeFailure::CnTooLong(n) => write!(
-                f,
-                "TLS handshake refused: the client certificate's CN is {n} bytes (at most {})",
-                super::MAX_CN
-            ),
+            HandshakeFailure::BadCn(why) => write!(f, "TLS handshake refused: the client certificate's CN {why}"),
             HandshakeFailure::Timeout => f.write_str("no TLS handshake within tls-handshake-timeout"),
             HandshakeFailure::Closed => f.write_str("closed during the TLS handshake"),
         }
@@ -129,11 +127,8 @@ impl TlsConn {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(HandshakeFailure::Timeout),
         }
-        let facts = Facts::of(&conn.lock(), t);
-        match facts.client.as_ref().and_then(|c| c.cn.as_ref()) {
-            Some(cn) if cn.len() > super::MAX_CN => Err(HandshakeFailure::CnTooLong(cn.len())),
-            _ => Ok((conn, facts)),
-        }
+        let facts = Facts::of(&conn.lock(), t).map_err(HandshakeFailure::BadCn)?;
+        Ok((conn, facts))
     }
 
     async fn handshake(&self, mut early: &[u8]) -> Result<(), HandshakeFailure> {
@@ -245,11 +240,26 @@ impl TlsConn {
 
     /// Waits for ciphertext, then reads and processes what has arrived,
     /// until the socket has no more or rustls holds PLAINTEXT_BATCH of
-    /// plaintext; sends what that queued without waiting. Ok(false): the
-    /// end of the client's stream.
+    /// plaintext; sends what that queued without waiting. While it waits,
+    /// records still queued (TLS 1.2's last flight, when the socket was
+    /// full) go out as the socket takes them: a client may be waiting for
+    /// them before it says more. Ok(false): the end of the client's stream.
     pub async fn read_more(&self) -> Result<bool, Failed> {
         loop {
-            self.tcp.readable().await.map_err(Failed::Io)?;
+            if self.lock().wants_write() {
+                tokio::select! {
+                    r = self.tcp.readable() => r.map_err(Failed::Io)?,
+                    r = self.tcp.writable() => {
+                        r.map_err(Failed::Io)?;
+                        // A failed socket ends the read instead of waking
+                        // it again and again.
+                        self.send_some().map_err(Failed::Io)?;
+                        continue;
+                    }
+                }
+            } else {
+                self.tcp.readable().await.map_err(Failed::Io)?;
+            }
             let read = self.read_ready();
             self.send_queued();
             if let Some(more) = read? {
@@ -283,21 +293,28 @@ impl TlsConn {
     }
 
     /// Sends what the session queued, as far as the socket takes it now;
-    /// the rest is the writer's to send (`unsent` tells it).
+    /// the rest is the writer's to send (`unsent` tells it), or goes while
+    /// `read_more` waits.
     fn send_queued(&self) {
+        if self.send_some().is_err() || self.lock().wants_write() {
+            // Full, failed or closed: a failed socket shows in the next
+            // read or write, which end the connection.
+            self.unsent.notify_one();
+        }
+    }
+
+    /// Writes queued records until the socket would block or none are left.
+    fn send_some(&self) -> io::Result<()> {
         let mut s = self.lock();
         while s.wants_write() {
             match s.write_tls(&mut Socket(&self.tcp)) {
-                Ok(n) if n > 0 => {}
-                // Full, failed or closed: a failed socket shows in the
-                // next read or write, which end the connection.
-                _ => {
-                    drop(s);
-                    self.unsent.notify_one();
-                    return;
-                }
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
             }
         }
+        Ok(())
     }
 }
 

@@ -46,7 +46,8 @@ pub struct ClientCert {
 }
 
 impl Facts {
-    pub fn of(s: &ServerConnection, t: &Terminate) -> Facts {
+    /// Err: the client certificate's CN cannot be carried (why).
+    pub fn of(s: &ServerConnection, t: &Terminate) -> Result<Facts, &'static str> {
         let version = match s.protocol_version() {
             Some(ProtocolVersion::TLSv1_3) => "TLSv1.3",
             Some(ProtocolVersion::TLSv1_2) => "TLSv1.2",
@@ -59,15 +60,19 @@ impl Facts {
         });
         let sni = s.server_name().map(str::to_string);
         let served = t.served(sni.as_deref());
-        Facts {
+        let client = match s.peer_certificates().and_then(|c| c.first()) {
+            Some(der) => Some(ClientCert { cn: common_name(der)? }),
+            None => None,
+        };
+        Ok(Facts {
             version,
             cipher,
             resumed: s.handshake_kind() == Some(HandshakeKind::Resumed),
-            client: s.peer_certificates().and_then(|c| c.first()).map(|der| ClientCert { cn: common_name(der) }),
+            client,
             sig_alg: served.sig_alg.clone(),
             key_alg: served.key_alg.clone(),
             sni,
-        }
+        })
     }
 
     /// PP2_TYPE_SSL and PP2_TYPE_AUTHORITY for a PROXY v2 header.
@@ -86,9 +91,23 @@ impl Facts {
     }
 }
 
-/// The subject CN of a certificate rustls verified.
-fn common_name(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?;
-    cn.as_str().ok().map(str::to_string)
+/// The subject CN of a certificate rustls verified: None when it has
+/// none; Err when it has one that cannot be carried as it is.
+fn common_name(der: &[u8]) -> Result<Option<String>, &'static str> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Err("is in a certificate that does not parse");
+    };
+    let Some(cn) = cert.subject().iter_common_name().next() else {
+        return Ok(None);
+    };
+    let Ok(text) = cn.as_str() else {
+        return Err("is not in a text encoding (PrintableString, UTF8String, IA5String)");
+    };
+    if text.len() > MAX_CN {
+        return Err("is longer than 1 KiB");
+    }
+    if text.chars().any(char::is_control) {
+        return Err("holds control characters");
+    }
+    Ok(Some(text.to_string()))
 }
