@@ -37,6 +37,8 @@ const TEST_PACKAGES: &[&str] = &[
     "nftables",
     // Test CAs and certificates (tests/src/tls.rs), and s_client.
     "openssl",
+    // promtool, for dist/prometheus/splicer-rules.yml and its tests.
+    "prometheus",
 ];
 
 pub enum EbpfToolchain {
