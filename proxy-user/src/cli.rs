@@ -7,7 +7,10 @@ use clap::Parser;
 
 use std::net::SocketAddr;
 
-use crate::config::{Config, Dur, Handoff, ListenerSpec, LogFormat, LogLevel, OffloadMode, Overrides, DEFAULT_DRAIN_TIMEOUT};
+use crate::config::{
+    Config, Dur, Handoff, ListenerSpec, LogFormat, LogLevel, OffloadMode, Overrides, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_RESOLVE_INTERVAL, DEFAULT_RESOLV_CONF,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,6 +32,10 @@ pub struct Cli {
     #[arg(long, value_name = "LEVEL")] pub log_level: Option<LogLevel>,
     /// text, or json (one object per line, for Loki or Elasticsearch) [default: text].
     #[arg(long, value_enum, value_name = "text|json")] pub log_format: Option<LogFormat>,
+    /// Where upstream names are resolved [default: /etc/resolv.conf].
+    #[arg(long, value_name = "FILE")] pub resolv_conf: Option<PathBuf>,
+    /// How often upstream names are resolved again; a shorter TTL wins [default: 10s].
+    #[arg(long, value_name = "DURATION")] pub resolve_interval: Option<Dur>,
     /// Serve Prometheus metrics on this address at /metrics.
     #[arg(long, value_name = "ADDR")] pub metrics: Option<SocketAddr>,
     /// On SIGTERM, how long live connections may take to finish [default: 30s].
@@ -56,6 +63,8 @@ impl Cli {
         Overrides {
             log_level: self.log_level.map(|l| l.0),
             log_format: self.log_format,
+            resolv_conf: self.resolv_conf.clone(),
+            resolve_interval: self.resolve_interval.map(|d| d.0),
             offload: self.offload,
             handoff: self.handoff,
             metrics: self.metrics,
@@ -91,6 +100,8 @@ impl Cli {
         let config = Config {
             log_level: overrides.log_level.unwrap_or(log::LevelFilter::Info),
             log_format: overrides.log_format.unwrap_or_default(),
+            resolv_conf: overrides.resolv_conf.clone().unwrap_or_else(|| DEFAULT_RESOLV_CONF.into()),
+            resolve_interval: overrides.resolve_interval.unwrap_or(DEFAULT_RESOLVE_INTERVAL),
             offload: overrides.offload.unwrap_or(OffloadMode::Auto),
             handoff: overrides.handoff.unwrap_or_default(),
             metrics: overrides.metrics,

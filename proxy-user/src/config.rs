@@ -310,15 +310,88 @@ impl FromStr for Upstream {
         let addr = addr
             .parse()
             .map_err(|_| format!("`{addr}` is not an address like 127.0.0.1:1883 or [::1]:1883"))?;
-        let mut weight = 1;
-        for w in words {
-            weight = w
-                .strip_prefix("weight=")
-                .and_then(|n| n.parse().ok())
-                .filter(|n| *n <= MAX_WEIGHT)
-                .ok_or_else(|| format!("`{w}` in `{s}`: expected weight=N with N from 0 to {MAX_WEIGHT}"))?;
+        Ok(Upstream { addr, weight: weight(words, s)? })
+    }
+}
+
+/// The `weight=N` words after an upstream's address (default 1).
+fn weight<'a>(words: impl Iterator<Item = &'a str>, s: &str) -> Result<u32, String> {
+    let mut weight = 1;
+    for w in words {
+        weight = w
+            .strip_prefix("weight=")
+            .and_then(|n| n.parse().ok())
+            .filter(|n| *n <= MAX_WEIGHT)
+            .ok_or_else(|| format!("`{w}` in `{s}`: expected weight=N with N from 0 to {MAX_WEIGHT}"))?;
+    }
+    Ok(weight)
+}
+
+/// An `upstream` entry as written: an address, or a DNS name and port,
+/// resolved at start and every `resolve-interval` (app::resolve).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamSpec {
+    Addr(Upstream),
+    Name(NamedUpstream),
+}
+
+/// `broker.example:1883 weight=2`: every address the name resolves to is
+/// an upstream of its own, with this weight.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NamedUpstream {
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+}
+
+impl FromStr for UpstreamSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut words = s.split_whitespace();
+        if words.clone().next().is_some_and(|w| w.parse::<SocketAddr>().is_ok()) {
+            return s.parse().map(UpstreamSpec::Addr);
         }
-        Ok(Upstream { addr, weight })
+        let first = words.next().unwrap_or("");
+        let not = || format!("`{first}` is not an address like 127.0.0.1:1883 or [::1]:1883, nor a name like broker.example:1883");
+        let (host, port) = first.rsplit_once(':').ok_or_else(not)?;
+        let port: u16 = port.parse().map_err(|_| not())?;
+        if port == 0 || !is_dns_name(host) {
+            return Err(not());
+        }
+        Ok(UpstreamSpec::Name(NamedUpstream {
+            host: host.to_ascii_lowercase(),
+            port,
+            weight: weight(words, s)?,
+        }))
+    }
+}
+
+/// Letters, digits and hyphens in dot-separated labels of 1 to 63 (RFC
+/// 1123), not all digits (that would be an address).
+fn is_dns_name(h: &str) -> bool {
+    let h = h.strip_suffix('.').unwrap_or(h);
+    h.len() <= 253
+        && !h.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+        && h.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+impl<'de> Deserialize<'de> for UpstreamSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+impl fmt::Display for NamedUpstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.weight {
+            1 => write!(f, "{}:{}", self.host, self.port),
+            w => write!(f, "{}:{} weight={w}", self.host, self.port),
+        }
     }
 }
 
@@ -360,6 +433,8 @@ pub struct HttpCheck {
     pub status: u16,
 }
 
+pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_HEALTH_RISE: u32 = 2;
 pub const DEFAULT_HEALTH_FALL: u32 = 3;
@@ -521,7 +596,11 @@ pub struct WsOptions {
 pub struct Listener {
     pub name: String,
     pub listen: SocketAddr,
+    /// The upstreams by address: those written as addresses, and (once
+    /// app::resolve has run) those the `names` resolve to.
     pub upstreams: Vec<Upstream>,
+    /// Upstreams written as DNS names.
+    pub names: Vec<NamedUpstream>,
     pub balance: Balance,
     pub health: Health,
     /// Real client addresses let in; empty lets everyone in (unless denied).
@@ -560,6 +639,11 @@ pub struct Listener {
 pub struct Config {
     pub log_level: log::LevelFilter,
     pub log_format: LogFormat,
+    /// Where upstream names are resolved: its nameservers and options.
+    pub resolv_conf: PathBuf,
+    /// How often upstream names are resolved again (or their TTL, when
+    /// shorter).
+    pub resolve_interval: Duration,
     pub offload: OffloadMode,
     pub handoff: Handoff,
     /// Where to serve Prometheus metrics at /metrics.
@@ -579,6 +663,8 @@ pub struct Config {
 struct FileConfig {
     log_level: Option<LogLevel>,
     log_format: Option<LogFormat>,
+    resolv_conf: Option<PathBuf>,
+    resolve_interval: Option<Dur>,
     offload: Option<OffloadMode>,
     handoff: Option<Handoff>,
     metrics: Option<SocketAddr>,
@@ -599,7 +685,7 @@ pub struct ListenerSpec {
     /// Address to accept clients on.
     #[arg(long, value_name = "ADDR")] pub listen: Option<SocketAddr>,
     /// Upstream broker: `ADDR` or `"ADDR weight=N"`; repeat for several.
-    #[arg(long, value_name = "ADDR")] pub upstream: Vec<Upstream>,
+    #[arg(long, value_name = "ADDR")] pub upstream: Vec<UpstreamSpec>,
     /// How to pick an upstream [default: round-robin].
     #[arg(long, value_enum, value_name = "round-robin|least-conn|source|client-id")] pub balance: Option<Balance>,
     /// Active upstream checks [default: off].
@@ -779,7 +865,17 @@ impl ListenerSpec {
             );
         }
         let terminate = self.terminate(&name, protocol, is_ws)?;
-        let mut upstreams = self.upstream;
+        if !self.sni.is_empty() && self.upstream.iter().any(|u| matches!(u, UpstreamSpec::Name(_))) {
+            bail!("listener `{name}`: key `upstream`: names (not addresses) cannot be combined with `sni`");
+        }
+        let (mut upstreams, mut names) = (Vec::new(), Vec::new());
+        for u in self.upstream {
+            match u {
+                UpstreamSpec::Addr(a) => upstreams.push(a),
+                UpstreamSpec::Name(n) if names.contains(&n) => bail!("listener `{name}`: key `upstream`: {n} is listed twice"),
+                UpstreamSpec::Name(n) => names.push(n),
+            }
+        }
         if !groups.is_empty() {
             if !upstreams.is_empty() {
                 if groups.iter().any(|(n, _)| *n == SniMatch::Any) {
@@ -837,6 +933,7 @@ impl ListenerSpec {
             name,
             listen,
             upstreams,
+            names,
             balance: self.balance.unwrap_or(Balance::RoundRobin),
             health: Health {
                 check: self.health_check.unwrap_or(HealthCheck::Off),
@@ -970,6 +1067,8 @@ impl ListenerSpec {
 pub struct Overrides {
     pub log_level: Option<log::LevelFilter>,
     pub log_format: Option<LogFormat>,
+    pub resolv_conf: Option<PathBuf>,
+    pub resolve_interval: Option<Duration>,
     pub offload: Option<OffloadMode>,
     pub handoff: Option<Handoff>,
     pub metrics: Option<SocketAddr>,
@@ -995,6 +1094,11 @@ impl Config {
                 .or(file.log_level.map(|l| l.0))
                 .unwrap_or(log::LevelFilter::Info),
             log_format: overrides.log_format.or(file.log_format).unwrap_or_default(),
+            resolv_conf: overrides.resolv_conf.clone().or(file.resolv_conf).unwrap_or_else(|| PathBuf::from(DEFAULT_RESOLV_CONF)),
+            resolve_interval: overrides
+                .resolve_interval
+                .or(file.resolve_interval.map(|d| d.0))
+                .unwrap_or(DEFAULT_RESOLVE_INTERVAL),
             offload: overrides
                 .offload
                 .or(file.offload)
@@ -1028,12 +1132,15 @@ impl Config {
         if self.listeners.is_empty() {
             bail!("no listener: add a [[listener]] table with `listen` and `upstream`");
         }
+        if self.resolve_interval.is_zero() {
+            bail!("key `resolve-interval`: must be greater than zero");
+        }
         for (i, l) in self.listeners.iter().enumerate() {
             let at = format!("listener `{}`", l.name);
-            if l.upstreams.is_empty() {
+            if l.upstreams.is_empty() && l.names.is_empty() {
                 bail!("{at}: key `upstream`: at least one upstream address is required");
             }
-            if l.upstreams.iter().all(|u| u.weight == 0) {
+            if l.upstreams.iter().map(|u| u.weight).chain(l.names.iter().map(|n| n.weight)).all(|w| w == 0) {
                 bail!("{at}: key `upstream`: every weight is 0, so no upstream would take a client");
             }
             if l.health.interval.is_zero() {
@@ -1392,6 +1499,38 @@ mod tests {
         std::fs::write(&cert, c.cert.pem()).unwrap();
         std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
         (cert, key)
+    }
+
+    #[test]
+    fn upstream_names() {
+        let c = parse(
+            "resolve-interval = \"30s\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\n\
+             upstream = [\"emqx-0.emqx-headless:1883\", \"Broker.Example:8883 weight=2\", \"10.0.0.1:1883\"]\n",
+        )
+        .unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.upstreams.len(), 1);
+        assert_eq!(
+            l.names,
+            [
+                NamedUpstream { host: "emqx-0.emqx-headless".into(), port: 1883, weight: 1 },
+                NamedUpstream { host: "broker.example".into(), port: 8883, weight: 2 },
+            ]
+        );
+        assert_eq!((c.resolve_interval, c.resolv_conf.to_str()), (Duration::from_secs(30), Some("/etc/resolv.conf")));
+        let only_names = parse("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"b.example:1883\"]\n").unwrap();
+        assert!(only_names.listeners[0].upstreams.is_empty());
+        let up = |u: &str| format!("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"{u}\"]\n");
+        assert_refused([
+            (up("b.example"), &["b.example", "not an address"][..]),
+            (up("b.example:0"), &["b.example:0"]),
+            (up("b_x.example:1883"), &["b_x.example"]),
+            (up("-b.example:1883"), &["-b.example"]),
+            (up("1.2.3:1883"), &["1.2.3:1883"]),
+            (format!("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"b.example:1\", \"B.example:1\"]\n"), &["listed twice"]),
+            (format!("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"b.example:1 weight=0\"]\n"), &["every weight is 0"]),
+            (format!("resolve-interval = \"0s\"\n{}", up("b.example:1")), &["`resolve-interval`"]),
+        ]);
     }
 
     #[test]

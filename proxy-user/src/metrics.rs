@@ -183,6 +183,12 @@ struct ResultLabel {
     result: String,
 }
 
+/// An upstream written as a DNS name, `host:port`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NameLabel {
+    name: String,
+}
+
 /// A new family, registered under `name` (the prefix `splicer_` added).
 fn family<M: Metric + Clone + Default>(r: &mut Registry, name: &str, help: &str) -> M {
     registered(r, name, help, M::default())
@@ -220,6 +226,8 @@ pub struct Metrics {
     tls_rejections: Family<ReasonLabels, Counter>,
     tls_handshake_failures: Family<ReasonLabels, Counter>,
     tls_cert_not_after: Family<CertLabels, Gauge>,
+    dns_failures: Family<NameLabel, Counter>,
+    dns_addresses: Family<NameLabel, Gauge>,
     buffer_cap: Gauge,
     buffer_granted: Gauge,
     buffer_refused: Counter,
@@ -248,6 +256,8 @@ impl Metrics {
             upstream_connect: registered(&mut r, "upstream_connect_seconds", "Time to connect to this upstream, for clients", connect),
             offload_mode: family(&mut r, "offload_mode", "1 for the offload in effect (sockmap or userspace)"),
             reloads: family(&mut r, "config_reloads", "SIGHUP reloads, by result (ok or failed)"),
+            dns_failures: family(&mut r, "dns_failures", "Failed re-resolutions of an upstream name (the last good answer is kept)"),
+            dns_addresses: family(&mut r, "dns_addresses", "Addresses an upstream name resolves to now (each one an upstream)"),
             mqtt_connections: family(&mut r, "mqtt_connections", "MQTT listeners: clients whose CONNECT was read, by protocol version"),
             mqtt_rejections: family(&mut r, "mqtt_connect_rejections", "MQTT listeners: clients refused for their first packet, by reason (not_connect, malformed, protocol_error, identifier_rejected, unsupported_version, too_large, timeout, closed)"),
             tls_rejections: family(&mut r, "tls_hello_rejections", "TLS passthrough listeners: clients refused for their ClientHello, by reason (not_tls, malformed, too_large, timeout, closed)"),
@@ -297,6 +307,14 @@ impl Metrics {
         self.offload_mode
             .get_or_create(&ModeLabel { mode: mode.into() })
             .set(1);
+    }
+
+    pub fn dns_failed(&self, name: &str) {
+        self.dns_failures.get_or_create(&NameLabel { name: name.into() }).inc();
+    }
+
+    pub fn dns_addresses(&self, name: &str, n: usize) {
+        self.dns_addresses.get_or_create(&NameLabel { name: name.into() }).set(n as i64);
     }
 
     pub fn reload(&self, ok: bool) {

@@ -39,6 +39,8 @@ const TEST_PACKAGES: &[&str] = &[
     "openssl",
     // promtool, for dist/prometheus/splicer-rules.yml and its tests.
     "prometheus",
+    // A DNS server on loopback whose answers the upstream-name tests change.
+    "dnsmasq-base",
 ];
 
 pub enum EbpfToolchain {

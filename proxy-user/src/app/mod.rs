@@ -5,6 +5,7 @@
 mod listener;
 pub mod logging;
 mod metrics_endpoint;
+mod resolve;
 mod server;
 
 use std::sync::Arc;
@@ -36,24 +37,67 @@ pub async fn run(config: Config, reload: Option<ReloadSource>) -> Result<()> {
         tokio::spawn(metrics_endpoint::serve(socket, metrics.clone(), datapath.clone()));
     }
     let drain_timeout = config.drain_timeout;
-    let mut server = server::Server::start(config, datapath, metrics.clone())?;
+    // Upstream names resolve before anything listens.
+    let mut names = None;
+    let expanded = expand(&mut names, &config, &metrics).await?;
+    let mut base = config;
+    let mut server = server::Server::start(expanded, datapath, metrics.clone())?;
     tokio::spawn(trim_heap(metrics.clone()));
     let mut signals = Signals::new()?;
-    while signals.next().await == Signal::Reload {
-        let Some(source) = &reload else {
-            log::warn!("SIGHUP: splicer was started with flags, not --config: nothing to reload");
-            continue;
-        };
-        let result = source.load().and_then(|c| server.reload(c));
-        metrics.reload(result.is_ok());
-        match result {
-            Ok(()) => log::info!("reload: {} applied", source.path.display()),
-            Err(e) => log::error!("reload refused, the running configuration stays: {e:#}"),
+    loop {
+        let due = names.as_ref().and_then(resolve::Names::next_due);
+        tokio::select! {
+            signal = signals.next() => {
+                if signal == Signal::Stop {
+                    break;
+                }
+                let Some(source) = &reload else {
+                    log::warn!("SIGHUP: splicer was started with flags, not --config: nothing to reload");
+                    continue;
+                };
+                let result = match source.load() {
+                    Ok(new) => match expand(&mut names, &new, &metrics).await {
+                        Ok(expanded) => server.reload(expanded).map(|()| base = new),
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+                metrics.reload(result.is_ok());
+                match result {
+                    Ok(()) => log::info!("reload: {} applied", source.path.display()),
+                    Err(e) => log::error!("reload refused, the running configuration stays: {e:#}"),
+                }
+            }
+            () = tokio::time::sleep(due.unwrap_or_default()), if due.is_some() => {
+                // Names asked again: a change of addresses reloads the
+                // listeners that have them, as SIGHUP would.
+                match expand(&mut names, &base, &metrics).await {
+                    Ok(expanded) if expanded != *server.config() => match server.reload(expanded) {
+                        Ok(()) => log::info!("upstream names: the addresses changed; listeners updated"),
+                        Err(e) => log::error!("upstream names: the addresses changed, but: {e:#}"),
+                    },
+                    Ok(_) => {}
+                    Err(e) => log::warn!("upstream names: {e:#}"),
+                }
+            }
         }
     }
     server.drain(drain_timeout).await;
     log::info!("stopping: {}", metrics.totals().summary());
     Ok(())
+}
+
+/// `config` with its upstream names resolved (none: as it is). The
+/// resolver is made the first time a configuration has a name.
+async fn expand(names: &mut Option<resolve::Names>, config: &Config, metrics: &Metrics) -> Result<Config> {
+    if config.listeners.iter().all(|l| l.names.is_empty()) {
+        return Ok(config.clone());
+    }
+    let names = match names {
+        Some(n) => n,
+        None => names.insert(resolve::Names::new(config)?),
+    };
+    names.expand(config, metrics).await
 }
 
 /// Each client costs two fds (client and upstream). Many systems start

@@ -66,6 +66,10 @@ impl Server {
         })
     }
 
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Applies `new`: added listeners start, removed ones stop accepting,
     /// changed ones serve new clients with the new settings. Live
     /// connections keep what they started with. All or nothing: if any
