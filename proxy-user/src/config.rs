@@ -858,6 +858,12 @@ impl ListenerSpec {
                 bail!("listener `{name}`: key `{key}`: needs health-check = \"http\"");
             }
         }
+        if is_tls && self.health_check == Some(HealthCheck::Http) && self.health_http_port.is_none() {
+            bail!(
+                "listener `{name}`: key `health-http-port`: needed with health-check = \"http\" on tls-passthrough \
+                 listeners (the upstreams' own port speaks TLS)"
+            );
+        }
         if is_tls && self.health_check == Some(HealthCheck::Mqtt) {
             bail!(
                 "listener `{name}`: key `health-check`: \"mqtt\" would speak plaintext MQTT to TLS brokers; \

@@ -241,7 +241,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut r = Registry::with_prefix("splicer");
         let connect = Family::new_with_constructor(connect_histogram as fn() -> Histogram);
-        Metrics {
+        let m = Metrics {
             accepted: family(&mut r, "connections_accepted", "Client connections accepted"),
             active: family(&mut r, "connections_active", "Client connections open now"),
             closed: family(&mut r, "connections_closed", "Client connections closed, by reason"),
@@ -269,7 +269,12 @@ impl Metrics {
             registry: r,
             totals: Arc::default(),
             kernel: Mutex::default(),
+        };
+        // From 0, so that an alert on increase() sees the first failure.
+        for result in ["ok", "failed"] {
+            let _ = m.reloads.get_or_create(&ResultLabel { result: result.into() });
         }
+        m
     }
 
     /// Brings each listener's kernel byte counters up to what its closed
@@ -313,8 +318,18 @@ impl Metrics {
         self.dns_failures.get_or_create(&NameLabel { name: name.into() }).inc();
     }
 
+    /// A name no longer configured: its series go.
+    pub fn forget_dns(&self, name: &str) {
+        let l = NameLabel { name: name.into() };
+        self.dns_addresses.remove(&l);
+        self.dns_failures.remove(&l);
+    }
+
     pub fn dns_addresses(&self, name: &str, n: usize) {
-        self.dns_addresses.get_or_create(&NameLabel { name: name.into() }).set(n as i64);
+        let l = NameLabel { name: name.into() };
+        self.dns_addresses.get_or_create(&l).set(n as i64);
+        // From 0, so that an alert on increase() sees the first failure.
+        let _ = self.dns_failures.get_or_create(&l);
     }
 
     pub fn reload(&self, ok: bool) {

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{ensure, Result};
 use splicer_testkit::metrics::scrape;
 use splicer_tests::*;
 

@@ -37,13 +37,14 @@ pub async fn run(config: Config, reload: Option<ReloadSource>) -> Result<()> {
         tokio::spawn(metrics_endpoint::serve(socket, metrics.clone(), datapath.clone()));
     }
     let drain_timeout = config.drain_timeout;
-    // Upstream names resolve before anything listens.
+    // Signals first: SIGHUP's default action would end the process while
+    // names resolve. Upstream names resolve before anything listens.
+    let mut signals = Signals::new()?;
     let mut names = None;
     let expanded = expand(&mut names, &config, &metrics).await?;
     let mut base = config;
     let mut server = server::Server::start(expanded, datapath, metrics.clone())?;
     tokio::spawn(trim_heap(metrics.clone()));
-    let mut signals = Signals::new()?;
     loop {
         let due = names.as_ref().and_then(resolve::Names::next_due);
         tokio::select! {

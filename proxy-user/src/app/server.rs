@@ -78,6 +78,8 @@ impl Server {
         for (key, changed) in [
             ("log-level", new.log_level != self.config.log_level),
             ("log-format", new.log_format != self.config.log_format),
+            ("resolv-conf", new.resolv_conf != self.config.resolv_conf),
+            ("resolve-interval", new.resolve_interval != self.config.resolve_interval),
             ("offload", new.offload != self.config.offload),
             ("handoff", new.handoff != self.config.handoff),
             ("metrics", new.metrics != self.config.metrics),
