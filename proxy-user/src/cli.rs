@@ -44,6 +44,9 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE")] pub max_buffered: Option<bytesize::ByteSize>,
     /// Check the configuration, print it, and exit.
     #[arg(long)] pub check: bool,
+    /// Write the man page (splicer.1) and shell completions (bash, zsh,
+    /// fish) into DIR, and exit (`cargo xtask dist` packages them).
+    #[arg(long, value_name = "DIR", hide = true)] pub write_docs: Option<PathBuf>,
 }
 
 /// Where SIGHUP re-reads the configuration from.
@@ -56,6 +59,20 @@ impl ReloadSource {
     pub fn load(&self) -> Result<Config> {
         Config::from_file(&self.path, &self.overrides)
     }
+}
+
+/// The man page and completions, from these very flags.
+pub fn write_docs(dir: &std::path::Path) -> Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let cmd = Cli::command();
+    let mut man = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut man)?;
+    std::fs::write(dir.join("splicer.1"), man)?;
+    for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "splicer", dir)?;
+    }
+    Ok(())
 }
 
 impl Cli {

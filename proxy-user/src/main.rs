@@ -22,6 +22,9 @@ use clap::Parser;
 
 fn main() -> Result<()> {
     let cli = cli::Cli::parse();
+    if let Some(dir) = &cli.write_docs {
+        return cli::write_docs(dir);
+    }
     let check = cli.check;
     let reload = cli.reload_source();
     let config = match cli.into_config() {

@@ -1,6 +1,7 @@
 //! `cargo xtask`: build, run and test splicer, installing what is missing.
 mod bench;
 mod build;
+mod dist;
 mod install;
 mod layers;
 
@@ -36,6 +37,8 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// Build the Debian package (target/dist/splicer_VERSION_ARCH.deb).
+    Dist,
     /// Check that the splicer binary's modules form no cycle (also part
     /// of `test`).
     Layers {
@@ -65,6 +68,11 @@ fn main() -> Result<()> {
         Task::Build { debug } => build::all(!debug).map(|_| ()),
         Task::Run { args } => run(args),
         Task::Test { filter } => test(filter),
+        Task::Dist => {
+            install::toolchain()?;
+            println!("{}", dist::dist()?.display());
+            Ok(())
+        }
         Task::Layers { src } => {
             let src = src.unwrap_or_else(|| root().join("proxy-user/src"));
             println!("module graph: {}", layers::check(&src)?);
@@ -150,11 +158,14 @@ fn test(filter: Option<String>) -> Result<()> {
             ])
             .args(&filter),
     )?;
+    // The package, for tests/tests/package.rs to install.
+    let deb = dist::dist()?;
     // End to end, against real brokers and proxies. One at a time: they
     // measure CPU and count fds, and the machine has two cores.
     tally.run(
         build::cargo()
             .current_dir(&root)
+            .env("SPLICER_DEB", &deb)
             .env("SPLICER_BIN", &bin)
             .env("SPLICER_PEERS", root.join("tests/peers"))
             .args([
