@@ -64,3 +64,13 @@ pub fn expect_closed(s: &mut TcpStream, who: &str) -> Result<()> {
 pub fn metrics_addr() -> SocketAddr {
     v4(SPLICER_IP, free_port(SPLICER_IP))
 }
+
+/// Waits until `pred` holds, or fails with `what`.
+pub fn wait_for(what: &str, timeout: Duration, mut pred: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while !pred()? {
+        ensure!(std::time::Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}

@@ -281,15 +281,6 @@ fn connect_failed(up: SocketAddr) -> String {
     format!("[{NAME}] upstream {up}: connect failed")
 }
 
-/// Waits until `pred` holds, or fails with `what`.
-fn wait_for(what: &str, timeout: Duration, mut pred: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !pred()? {
-        ensure!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
 
 // ------------------------------------------ 1. active MQTT health checks
 

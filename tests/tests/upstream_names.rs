@@ -10,7 +10,7 @@ use std::{
     path::Path,
     process::Command,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{ensure, Result};
@@ -65,15 +65,6 @@ fn publish(s: &Splicer, id: &str) -> Result<String> {
     Ok(close_field(&lines[before], "upstream").unwrap_or("?").to_string())
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + STEP;
-    while !f()? {
-        ensure!(Instant::now() < deadline, "{what}: not within {STEP:?}");
-        thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
 #[test]
 fn a_name_gives_an_upstream_per_address_and_follows_its_changes() -> Result<()> {
     let dir = scratch("upstream-names");
@@ -116,7 +107,7 @@ fn a_name_gives_an_upstream_per_address_and_follows_its_changes() -> Result<()> 
     thread::sleep(Duration::from_millis(300));
     fs::write(&hosts, format!("{BROKER_IP} brokers.test\n"))?;
     hup(&dns)?;
-    wait_until("the gone address leaves", || {
+    wait_for("the gone address leaves", STEP, || {
         Ok(s.proc.lines_with("reloaded: ").iter().any(|l| !l.contains(&b2.to_string())))
     })?;
     let ups: Vec<String> = (4..8).map(|i| publish(&s, &format!("n{i}"))).collect::<Result<_>>()?;
@@ -135,7 +126,7 @@ fn a_name_gives_an_upstream_per_address_and_follows_its_changes() -> Result<()> 
     // The address comes back: it joins again.
     fs::write(&hosts, format!("{BROKER_IP} brokers.test\n{OTHER_BROKER_IP} brokers.test\n"))?;
     hup(&dns)?;
-    wait_until("the address joins again", || {
+    wait_for("the address joins again", STEP, || {
         Ok(s.proc.lines_with("reloaded: ").last().is_some_and(|l| l.contains(&b2.to_string())))
     })?;
     let ups: Vec<String> = (8..12).map(|i| publish(&s, &format!("n{i}"))).collect::<Result<_>>()?;
@@ -143,7 +134,7 @@ fn a_name_gives_an_upstream_per_address_and_follows_its_changes() -> Result<()> 
 
     // The DNS server goes: the last answer stays, the failure is counted.
     dns.stop();
-    wait_until("a failed lookup is logged", || Ok(!s.proc.lines_with("keeping its last answer").is_empty()))?;
+    wait_for("a failed lookup is logged", STEP, || Ok(!s.proc.lines_with("keeping its last answer").is_empty()))?;
     let body = scrape(metrics, STEP)?;
     let failures = metric(&body, &format!("splicer_dns_failures_total{{name=\"brokers.test:{port}\"}}"))?;
     ensure!(failures >= 1.0, "{body}");
