@@ -384,6 +384,42 @@ fn finished_data_and_close_in_one_segment_are_all_served() -> Result<()> {
     Ok(())
 }
 
+/// A trusted hop's PROXY v2 header and the ClientHello behind it in the
+/// same bytes, dripped one at a time: the header is read, the rest goes to
+/// the handshake, which completes; the echo comes back and the broker's
+/// header names the hop's client.
+#[test]
+fn a_dripped_proxy_header_and_client_hello_complete_the_handshake() -> Result<()> {
+    let dir = scratch("tls-term-drip");
+    let pki = Pki::new(&dir, "ca")?;
+    let (up, seen) = echo_upstream()?;
+    let up = up.to_string();
+    let splicer = terminating(
+        &dir,
+        &pki,
+        &["--upstream", &up, "--send-proxy", "v2", "--accept-proxy", "v2", "--trusted-proxy", "127.0.0.2/32"],
+    )?;
+    let mut c = blocking_tls(splicer.listen, client_config(&pki.ca, None, None)?, SERVER)?;
+    let mut first = hop_header([10, 9, 0, 7], &[]);
+    while c.conn.wants_write() {
+        c.conn.write_tls(&mut first)?;
+    }
+    c.sock.set_nodelay(true)?;
+    for b in &first {
+        c.sock.write_all(&[*b])?;
+        thread::sleep(Duration::from_millis(1));
+    }
+    c.write_all(b"dripped")?;
+    c.flush()?;
+    let mut back = [0u8; 7];
+    c.read_exact(&mut back)?;
+    ensure!(&back == b"dripped", "echo {}", show(&back));
+    drop(c);
+    let s = seen.recv_timeout(STEP)?;
+    ensure!(s.header[16..20] == [10, 9, 0, 7] && s.bytes == 7, "{} ({} bytes)", show(&s.header), s.bytes);
+    Ok(())
+}
+
 /// `tls-client-auth = required`: a client without a certificate, and one
 /// whose certificate another CA signed, are refused in the handshake,
 /// counted by reason, and never reach the upstream; one with a good
