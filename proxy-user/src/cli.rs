@@ -16,9 +16,12 @@ use crate::config::{
 #[command(
     name = "splicer",
     version,
-    about = "eBPF-assisted forwarding proxy for MQTT brokers"
+    about = "eBPF-assisted forwarding proxy for MQTT brokers",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML config file with one or more [[listener]] tables.
     #[arg(long, value_name = "FILE")] pub config: Option<PathBuf>,
     /// One listener from flags (without --config).
@@ -47,6 +50,19 @@ pub struct Cli {
     /// Write the man page (splicer.1) and shell completions (bash, zsh,
     /// fish) into DIR, and exit (`cargo xtask dist` packages them).
     #[arg(long, value_name = "DIR", hide = true)] pub write_docs: Option<PathBuf>,
+}
+
+/// Tools that run instead of the proxy.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print the splicer.toml equivalent of an nginx config (stream and
+    /// http servers, upstreams, PROXY protocol, real IP, X-Forwarded-*);
+    /// every directive not translated is named, with its line, on stderr
+    /// and in the output.
+    ConvertNginx {
+        /// The nginx config, e.g. /etc/nginx/nginx.conf.
+        file: PathBuf,
+    },
 }
 
 /// Where SIGHUP re-reads the configuration from.

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use serde::{de, Deserialize, Deserializer};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 use ipnet::IpNet;
 
@@ -18,7 +18,7 @@ use splicer_proto::proxy_protocol::{Version, Versions};
 pub use crate::tls::certs::{ClientAuth, MinVersion, Terminate};
 
 /// `--send-proxy`: which PROXY protocol header to write upstream first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SendProxy {
     Off,
@@ -37,7 +37,7 @@ impl SendProxy {
 }
 
 /// `--accept-proxy`: which PROXY header every peer must send first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AcceptProxy {
     Off,
@@ -60,7 +60,7 @@ impl AcceptProxy {
 }
 
 /// `--protocol`: what the listener's clients speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Any bytes over TCP, forwarded as they come.
@@ -82,7 +82,7 @@ pub enum Protocol {
 }
 
 /// `--forwarded-for` / `--forwarded-port`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ForwardMode {
     /// Replace what came in (nginx `$remote_addr`).
@@ -179,6 +179,13 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// Written back as humantime writes it (`convert-nginx`).
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", humantime::format_duration(self.0))
@@ -258,7 +265,7 @@ pub const DEFAULT_RATE_PREFIX_V4: u8 = 32;
 pub const DEFAULT_RATE_PREFIX_V6: u8 = 64;
 
 /// `--balance`: how a listener picks an upstream for a new client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Balance {
     /// In turn, in proportion to weight (nginx's smooth weighted round-robin).
@@ -1533,8 +1540,8 @@ mod tests {
             (up("b_x.example:1883"), &["b_x.example"]),
             (up("-b.example:1883"), &["-b.example"]),
             (up("1.2.3:1883"), &["1.2.3:1883"]),
-            (format!("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"b.example:1\", \"B.example:1\"]\n"), &["listed twice"]),
-            (format!("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"b.example:1 weight=0\"]\n"), &["every weight is 0"]),
+            ("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"b.example:1\", \"B.example:1\"]\n".to_string(), &["listed twice"]),
+            ("[[listener]]\nlisten = \"127.0.0.1:1\"\nupstream = [\"b.example:1 weight=0\"]\n".to_string(), &["every weight is 0"]),
             (format!("resolve-interval = \"0s\"\n{}", up("b.example:1")), &["`resolve-interval`"]),
         ]);
     }

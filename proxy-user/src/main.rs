@@ -9,6 +9,7 @@ mod app;
 mod cli;
 mod config;
 mod conn;
+mod convert;
 mod datapath;
 mod drain;
 mod ingress;
@@ -24,6 +25,12 @@ fn main() -> Result<()> {
     let cli = cli::Cli::parse();
     if let Some(dir) = &cli.write_docs {
         return cli::write_docs(dir);
+    }
+    if let Some(cli::Command::ConvertNginx { file }) = &cli.command {
+        return convert::run(file).inspect_err(|e| {
+            eprintln!("splicer: {e:#}");
+            std::process::exit(2);
+        });
     }
     let check = cli.check;
     let reload = cli.reload_source();

@@ -266,7 +266,7 @@ async function main () {
 
 function pickHeaders (h) {
   const out = {}
-  for (const k of ['x-forwarded-for', 'x-real-ip', 'forwarded']) {
+  for (const k of ['x-forwarded-for', 'x-forwarded-port', 'x-real-ip', 'forwarded']) {
     if (h[k] !== undefined) out[k] = h[k]
   }
   return out

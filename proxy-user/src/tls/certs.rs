@@ -21,7 +21,7 @@ use rustls::{
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
 /// `tls-min-version`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
 pub enum MinVersion {
     #[serde(rename = "1.2")]
     #[value(name = "1.2")]
@@ -33,7 +33,7 @@ pub enum MinVersion {
 
 /// `tls-client-auth`: whether a client must show a certificate signed by
 /// `tls-client-ca`. One it shows is checked either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ClientAuth {
     Optional,
