@@ -12,8 +12,8 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 
 use crate::{
-    free_port, is_event, json_field, peers_dir, run_with_timeout, v4, wait_json_line, Proc, BROKER_IP,
-    CLIENT_IP, STEP,
+    close_num, free_port, is_event, json_field, peers_dir, run_with_timeout, v4, wait_json_line, Proc,
+    Splicer, BROKER_IP, CLIENT_IP, STEP,
 };
 
 /// The aedes broker peer (with aedes-protocol-decoder) on BROKER_IP with a
@@ -99,6 +99,39 @@ pub fn client_connected<'a>(out: &'a str, id: &str) -> Result<&'a str> {
         "{id} not bound to 127.0.0.2: {connected}"
     );
     Ok(connected)
+}
+
+/// mosquitto_pub from CLIENT_IP through splicer as client `id`, at QoS 1
+/// (so the broker's PUBACK must come back); returns the connection's close
+/// line, checked to show MQTT flowing both ways.
+pub fn mosquitto_publish(s: &Splicer, id: &str, topic: &str) -> Result<String> {
+    let before = s.closed_lines().len();
+    let (st, out, err) = run_with_timeout(
+        Command::new("mosquitto_pub")
+            .args(["-h", &s.listen.ip().to_string(), "-p", &s.listen.port().to_string()])
+            .args(["-A", &CLIENT_IP.to_string(), "-i", id, "-q", "1"])
+            .args(["-t", topic, "-m", id]),
+        STEP,
+    )?;
+    ensure!(
+        st.success(),
+        "mosquitto_pub {id} through splicer: {st}\n{out}{err}\nsplicer:\n{}",
+        s.proc.output()
+    );
+    let lines = s.wait_closed(before + 1, STEP)?;
+    ensure!(
+        lines.len() == before + 1,
+        "one publish, {} new close lines:\n{}",
+        lines.len() - before,
+        lines.join("\n")
+    );
+    let line = lines[before].clone();
+    // CONNECT + PUBLISH + DISCONNECT up, CONNACK + PUBACK down.
+    ensure!(
+        close_num(&line, "client_to_upstream")? > 0 && close_num(&line, "upstream_to_client")? >= 8,
+        "MQTT did not flow both ways: {line}"
+    );
+    Ok(line)
 }
 
 /// mosquitto listening on `addr`, anonymous clients allowed, its files in

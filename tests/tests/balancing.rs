@@ -284,42 +284,9 @@ fn connect_failed(up: SocketAddr) -> String {
 
 // ------------------------------------------ 1. active MQTT health checks
 
-/// mosquitto_pub from 127.0.0.2 through splicer, QoS 1 (so the broker's
-/// PUBACK must come back); returns the connection's close line.
+/// One publish through splicer as client `balancing-N`; its close line.
 fn publish(s: &Splicer, n: usize) -> Result<String> {
-    let before = s.closed_lines().len();
-    let id = format!("balancing-{n}");
-    let (st, out, err) = run_with_timeout(
-        Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                &s.listen.ip().to_string(),
-                "-p",
-                &s.listen.port().to_string(),
-            ])
-            .args(["-A", &CLIENT_IP.to_string(), "-i", &id, "-q", "1"])
-            .args(["-t", "t/balancing", "-m", &id]),
-        STEP,
-    )?;
-    ensure!(
-        st.success(),
-        "mosquitto_pub {id} through splicer: {st}\n{out}{err}\nsplicer:\n{}",
-        s.proc.output()
-    );
-    let lines = s.wait_closed(before + 1, STEP)?;
-    ensure!(
-        lines.len() == before + 1,
-        "one publish, {} new close lines:\n{}",
-        lines.len() - before,
-        lines.join("\n")
-    );
-    let line = lines[before].clone();
-    // CONNECT + PUBLISH + DISCONNECT up, CONNACK + PUBACK down.
-    ensure!(
-        close_num(&line, "client_to_upstream")? > 0 && close_num(&line, "upstream_to_client")? >= 8,
-        "MQTT did not flow both ways: {line}"
-    );
-    Ok(line)
+    mosquitto_publish(s, &format!("balancing-{n}"), "t/balancing")
 }
 
 fn upstreams_of(lines: &[String]) -> Vec<String> {

@@ -51,18 +51,10 @@ fn common_port() -> u16 {
     }
 }
 
-/// mosquitto_pub through splicer; the broker it reached (its close line).
+/// One publish through splicer; the upstream that carried it.
 fn publish(s: &Splicer, id: &str) -> Result<String> {
-    let before = s.closed_lines().len();
-    let (st, out, err) = run_with_timeout(
-        Command::new("mosquitto_pub")
-            .args(["-h", &s.listen.ip().to_string(), "-p", &s.listen.port().to_string()])
-            .args(["-A", &CLIENT_IP.to_string(), "-i", id, "-t", "t/names", "-m", id]),
-        STEP,
-    )?;
-    ensure!(st.success(), "{out}{err}");
-    let lines = s.wait_closed(before + 1, STEP)?;
-    Ok(close_field(&lines[before], "upstream").unwrap_or("?").to_string())
+    let line = mosquitto_publish(s, id, "t/names")?;
+    Ok(close_field(&line, "upstream").unwrap_or("?").to_string())
 }
 
 #[test]
