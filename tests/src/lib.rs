@@ -336,15 +336,23 @@ pub fn expected_v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
 }
 
 pub fn expected_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    v2_header(src, dst, &[])
+}
+
+/// A PROXY v2 PROXY/TCP4 header with `tlvs` (already encoded) after the
+/// addresses.
+pub fn v2_header(src: SocketAddr, dst: SocketAddr, tlvs: &[u8]) -> Vec<u8> {
     let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
         panic!("IPv4 only")
     };
     let mut v = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    v.extend([0x21, 0x11, 0x00, 12]);
+    v.extend([0x21, 0x11]);
+    v.extend(u16::try_from(12 + tlvs.len()).expect("TLVs under 64 KiB").to_be_bytes());
     v.extend(s.octets());
     v.extend(d.octets());
     v.extend(src.port().to_be_bytes());
     v.extend(dst.port().to_be_bytes());
+    v.extend(tlvs);
     v
 }
 

@@ -127,15 +127,7 @@ const SSL_KEY_ALG: u8 = 0x25;
 /// A trusted hop's PROXY v2 header naming `src`:12345 -> 127.0.0.3:1883,
 /// with `tlvs`.
 fn hop_header(src: [u8; 4], tlvs: &[u8]) -> Vec<u8> {
-    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    h.extend([0x21, 0x11]);
-    h.extend(((12 + tlvs.len()) as u16).to_be_bytes());
-    h.extend(src);
-    h.extend([127, 0, 0, 3]);
-    h.extend(12345u16.to_be_bytes());
-    h.extend(1883u16.to_be_bytes());
-    h.extend(tlvs);
-    h
+    v2_header(v4(src.into(), 12345), v4(SPLICER_IP, 1883), tlvs)
 }
 
 fn terminating(dir: &Path, pki: &Pki, extra: &[&str]) -> Result<Splicer> {
