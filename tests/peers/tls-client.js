@@ -12,7 +12,8 @@
 // --hold-ms the rest), half-closes (close_notify, then FIN), and reads until
 // the server ends; what it read goes to --out.
 // stdout: {"event":"secure","cn":..,"protocol":..,"alpn":..} then
-// {"event":"end","bytes":N}. Exit 1 on any error (message on stderr).
+// {"event":"end","bytes":N}. Exit 1 on any error, a close before the
+// handshake finished included (message on stderr).
 
 const net = require('node:net')
 const tls = require('node:tls')
@@ -51,7 +52,9 @@ const raw = net.connect({ host: o.host, port: o.port, localAddress: o.bind }, ()
   if (o.ca) opts.ca = fs.readFileSync(o.ca)
   if (o.cert) opts.cert = fs.readFileSync(o.cert)
   if (o.key) opts.key = fs.readFileSync(o.key)
+  let secure = false
   const s = tls.connect(opts, () => {
+    secure = true
     emit({ event: 'secure', cn: (s.getPeerCertificate().subject || {}).CN || null, protocol: s.getProtocol(), alpn: s.alpnProtocol || null })
     const data = o.send ? fs.readFileSync(o.send) : Buffer.alloc(0)
     const half = Math.floor(data.length / 2)
@@ -62,6 +65,8 @@ const raw = net.connect({ host: o.host, port: o.port, localAddress: o.bind }, ()
   let bytes = 0
   s.on('data', (d) => { got.push(d); bytes += d.length })
   s.on('end', () => {
+    // A server that closes before the handshake is done refused it.
+    if (!secure) fail('the server closed before the handshake finished')
     if (o.out) fs.writeFileSync(o.out, Buffer.concat(got))
     emit({ event: 'end', bytes })
     process.exit(0)
