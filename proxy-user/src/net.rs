@@ -31,13 +31,20 @@ pub fn half_close(sock: &impl AsFd) -> io::Result<()> {
 }
 
 /// How long a client has to take a refusal (ours or the broker's).
-pub const REFUSAL_WRITE: Duration = Duration::from_secs(5);
+const REFUSAL_WRITE: Duration = Duration::from_secs(5);
 
 /// Writes a refusal (an HTTP answer, a CONNACK) and half-closes; a client
 /// that reads nothing has REFUSAL_WRITE to take it, and does not hold the
 /// connection longer.
 pub async fn answer_and_close(client: &TcpStream, answer: &[u8]) {
-    let _ = tokio::time::timeout(REFUSAL_WRITE, write_all(client, answer)).await;
+    say_then_close(client, write_all(client, answer)).await;
+}
+
+/// answer_and_close for any way of writing the answer (over TLS, the
+/// records and close_notify): `saying` gets REFUSAL_WRITE, then `client`
+/// is closed gently whether it finished or not.
+pub async fn say_then_close<T>(client: &TcpStream, saying: impl std::future::Future<Output = T>) {
+    let _ = tokio::time::timeout(REFUSAL_WRITE, saying).await;
     close_gently(client);
 }
 

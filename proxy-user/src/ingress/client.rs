@@ -36,12 +36,11 @@ impl Client {
         match self {
             Client::Plain(t) => net::answer_and_close(t, answer).await,
             Client::Tls(c) => {
-                let said = async {
+                let saying = async {
                     c.write_plain(answer).await?;
                     c.close_write().await
                 };
-                let _ = tokio::time::timeout(net::REFUSAL_WRITE, said).await;
-                net::close_gently(c.tcp());
+                net::say_then_close(c.tcp(), saying).await;
             }
         }
     }

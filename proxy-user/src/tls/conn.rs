@@ -13,7 +13,7 @@
 //! read yet.
 use std::{
     fmt, io,
-    io::Read as _,
+    io::BufRead as _,
     sync::{Mutex, MutexGuard},
 };
 
@@ -179,13 +179,19 @@ impl TlsConn {
     /// FIN: MQTT clients often just close). Waits for the client as needed.
     pub async fn read_plain(&self, buf: &mut Vec<u8>, chunk: usize) -> io::Result<usize> {
         loop {
+            // Copied straight from rustls's buffer: nothing zero-filled.
             let read = {
                 let mut s = self.lock();
-                let start = buf.len();
-                buf.resize(start + chunk, 0);
-                let r = s.reader().read(&mut buf[start..]);
-                buf.truncate(start + *r.as_ref().unwrap_or(&0));
-                r
+                let mut reader = s.reader();
+                let taken = reader.fill_buf().map(|plain| {
+                    let n = plain.len().min(chunk);
+                    buf.extend_from_slice(&plain[..n]);
+                    n
+                });
+                if let Ok(n) = taken {
+                    reader.consume(n);
+                }
+                taken
             };
             match read {
                 Ok(n) => return Ok(n),
