@@ -570,13 +570,13 @@ pub fn put_tlv(out: &mut Vec<u8>, typ: u8, value: &[u8]) {
     out.extend_from_slice(value);
 }
 
-/// PP2_TYPE_SSL with its sub-TLVs (the fields HAProxy's
-/// `send-proxy-v2-ssl-cn` sends), then PP2_TYPE_AUTHORITY when the client
-/// named a server. `verify` is 0 only when a client certificate was shown
+/// PP2_TYPE_ALPN when a protocol was agreed, PP2_TYPE_SSL with its
+/// sub-TLVs (the fields HAProxy's `send-proxy-v2-ssl-cn` sends), then
+/// PP2_TYPE_AUTHORITY when the client named a server. `verify` is 0 only when a client certificate was shown
 /// and verified, as the spec says ("non-zero otherwise"; HAProxy sends 0
 /// without one), so a broker that reads it alone cannot take a client
 /// without a certificate for a verified one.
-pub fn ssl_tlvs(ssl: &Ssl<'_>, authority: Option<&str>) -> Vec<u8> {
+pub fn ssl_tlvs(ssl: &Ssl<'_>, authority: Option<&str>, alpn: Option<&[u8]>) -> Vec<u8> {
     let mut subs = Vec::new();
     put_tlv(&mut subs, PP2_SUBTYPE_SSL_VERSION, ssl.version.as_bytes());
     if let Some(cn) = ssl.cn {
@@ -601,6 +601,9 @@ pub fn ssl_tlvs(ssl: &Ssl<'_>, authority: Option<&str>) -> Vec<u8> {
     value.extend_from_slice(&verify.to_be_bytes());
     value.extend_from_slice(&subs);
     let mut out = Vec::new();
+    if let Some(protocol) = alpn {
+        put_tlv(&mut out, PP2_TYPE_ALPN, protocol);
+    }
     put_tlv(&mut out, PP2_TYPE_SSL, &value);
     if let Some(name) = authority {
         put_tlv(&mut out, PP2_TYPE_AUTHORITY, name.as_bytes());
@@ -772,7 +775,9 @@ mod tests {
             sig_alg: Some("S"),
             key_alg: Some("K"),
         };
-        let mut want = vec![PP2_TYPE_SSL, 0, 5 + 10 + 6 + 4 + 4 + 4, 0x07, 0, 0, 0, 0];
+        let mut want = vec![PP2_TYPE_ALPN, 0, 4];
+        want.extend(b"mqtt");
+        want.extend([PP2_TYPE_SSL, 0, 5 + 10 + 6 + 4 + 4 + 4, 0x07, 0, 0, 0, 0]);
         want.extend([0x21, 0, 7]);
         want.extend(b"TLSv1.3");
         want.extend([0x22, 0, 3]);
@@ -780,17 +785,17 @@ mod tests {
         want.extend([0x23, 0, 1, b'C', 0x24, 0, 1, b'S', 0x25, 0, 1, b'K']);
         want.extend([PP2_TYPE_AUTHORITY, 0, 3]);
         want.extend(b"a.b");
-        assert_eq!(ssl_tlvs(&ssl, Some("a.b")), want);
+        assert_eq!(ssl_tlvs(&ssl, Some("a.b"), Some(b"mqtt")), want);
         // No certificate: SSL alone, verify non-zero, nothing about one.
         let bare = Ssl { version: "TLSv1.2", cipher: "C", ..Ssl::default() };
         let mut want = vec![PP2_TYPE_SSL, 0, 5 + 10 + 4, 0x01, 0, 0, 0, 1];
         want.extend([0x21, 0, 7]);
         want.extend(b"TLSv1.2");
         want.extend([0x23, 0, 1, b'C']);
-        assert_eq!(ssl_tlvs(&bare, None), want);
+        assert_eq!(ssl_tlvs(&bare, None, None), want);
         // Resumed: the certificate was shown in the session, not now.
         let resumed = Ssl { cert_on_connection: false, ..ssl };
-        assert_eq!(ssl_tlvs(&resumed, None)[3], PP2_CLIENT_SSL | PP2_CLIENT_CERT_SESS);
+        assert_eq!(ssl_tlvs(&resumed, None, None)[3], PP2_CLIENT_SSL | PP2_CLIENT_CERT_SESS);
     }
 
     #[test]

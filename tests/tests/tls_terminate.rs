@@ -118,6 +118,11 @@ fn ssl_tlv(header: &[u8]) -> Result<(SslTlv, Option<String>)> {
     ))
 }
 
+/// The values of every PP2_TYPE_ALPN in a v2 header.
+fn alpn_tlvs(header: &[u8]) -> Result<Vec<Vec<u8>>> {
+    Ok(tlvs(header)?.into_iter().filter(|(t, _)| *t == 0x01).map(|(_, v)| v).collect())
+}
+
 const SSL_VERSION: u8 = 0x21;
 const SSL_CN: u8 = 0x22;
 const SSL_CIPHER: u8 = 0x23;
@@ -142,9 +147,10 @@ fn terminating(dir: &Path, pki: &Pki, extra: &[&str]) -> Result<Splicer> {
 /// With a client certificate (TLS 1.3) and without one (TLS 1.2), the
 /// broker's PROXY v2 header names the real client and carries what
 /// HAProxy's `send-proxy-v2-ssl-cn` carries: PP2_TYPE_SSL (client bits,
-/// verify, version, CN, cipher, signature and key algorithms) and
-/// PP2_TYPE_AUTHORITY (the SNI). An earlier hop's PP2_TYPE_SSL claiming
-/// another CN never gets through. 8 MiB echo back byte for byte.
+/// verify, version, CN, cipher, signature and key algorithms),
+/// PP2_TYPE_AUTHORITY (the SNI) and PP2_TYPE_ALPN (the protocol agreed).
+/// An earlier hop's PP2_TYPE_SSL claiming another CN, its AUTHORITY and its
+/// ALPN never get through. 8 MiB echo back byte for byte.
 #[test]
 fn the_proxy_v2_header_carries_the_client_certificate() -> Result<()> {
     let dir = scratch("tls-term-tlvs");
@@ -173,19 +179,22 @@ fn the_proxy_v2_header_carries_the_client_certificate() -> Result<()> {
     spoof.extend(b"admin");
     spoof.extend([0x02, 0, 4]);
     spoof.extend(b"evil");
+    spoof.extend([0x01, 0, 2]);
+    spoof.extend(b"h2");
     let before = hop_header([10, 9, 0, 1], &spoof);
 
     let saw = TlsClient {
         servername: Some(SERVER),
         ca: Some(&pki.ca),
         cert: Some((&ccert, &ckey)),
+        alpn: Some("mqtt"),
         send: Some(&payload),
         out: Some(&out),
         before: &before,
         ..Default::default()
     }
     .run(splicer.listen, STEP * 3)?;
-    ensure!(saw.cn == SERVER && saw.protocol == "TLSv1.3", "{saw:?}");
+    ensure!(saw.cn == SERVER && saw.protocol == "TLSv1.3" && saw.alpn == "mqtt", "{saw:?}");
     ensure!(std::fs::read(&out)? == data, "the 8 MiB echo came back different ({} bytes)", saw.bytes);
     let s = seen.recv_timeout(STEP)?;
     ensure!(s.bytes == data.len() as u64, "the upstream got {} bytes", s.bytes);
@@ -202,6 +211,8 @@ fn the_proxy_v2_header_carries_the_client_certificate() -> Result<()> {
     ensure!(ssl.sub(SSL_SIG_ALG) == Some("ecdsa-with-SHA256"), "{ssl:?}");
     ensure!(ssl.sub(SSL_KEY_ALG) == Some("EC256"), "{ssl:?}");
     ensure!(authority.as_deref() == Some(SERVER), "authority {authority:?}");
+    // PP2_TYPE_ALPN: the protocol agreed with splicer, not the hop's.
+    ensure!(alpn_tlvs(&s.header)? == [b"mqtt".to_vec()], "{}", show(&s.header));
     ensure!(!s.header.windows(5).any(|w| w == b"admin") && !s.header.windows(4).any(|w| w == b"evil"), "{}", show(&s.header));
 
     // No certificate, TLS 1.2: SSL only, verify non-zero, no CN.
@@ -225,6 +236,7 @@ fn the_proxy_v2_header_carries_the_client_certificate() -> Result<()> {
     ensure!(ssl.sub(SSL_VERSION) == Some("TLSv1.2") && ssl.sub(SSL_CN).is_none(), "{ssl:?}");
     ensure!(ssl.sub(SSL_CIPHER).is_some_and(|c| c.starts_with("TLS_ECDHE_ECDSA_WITH_")), "{ssl:?}");
     ensure!(s.header[16..20] == [10, 9, 0, 2], "{}", show(&s.header));
+    ensure!(alpn_tlvs(&s.header)?.is_empty(), "no ALPN offered, but: {}", show(&s.header));
 
     let lines = splicer.wait_closed(2, STEP)?;
     ensure!(close_field(&lines[0], "cn") == Some(&format!("\"{DEVICE}\"")), "{}", lines[0]);

@@ -36,6 +36,8 @@ pub struct Facts {
     /// The served certificate's signature and key algorithms.
     pub sig_alg: String,
     pub key_alg: String,
+    /// The ALPN protocol agreed, if any.
+    pub alpn: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,11 +73,13 @@ impl Facts {
             client,
             sig_alg: served.sig_alg.clone(),
             key_alg: served.key_alg.clone(),
+            alpn: s.alpn_protocol().map(<[u8]>::to_vec),
             sni,
         })
     }
 
-    /// PP2_TYPE_SSL and PP2_TYPE_AUTHORITY for a PROXY v2 header.
+    /// PP2_TYPE_ALPN, PP2_TYPE_SSL and PP2_TYPE_AUTHORITY for a PROXY v2
+    /// header.
     pub fn tlvs(&self) -> Vec<u8> {
         let cert = self.client.as_ref();
         let ssl = Ssl {
@@ -87,7 +91,7 @@ impl Facts {
             sig_alg: Some(&self.sig_alg),
             key_alg: Some(&self.key_alg),
         };
-        proxy_protocol::ssl_tlvs(&ssl, self.sni.as_deref())
+        proxy_protocol::ssl_tlvs(&ssl, self.sni.as_deref(), self.alpn.as_deref())
     }
 }
 
