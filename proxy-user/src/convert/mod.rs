@@ -101,6 +101,8 @@ impl Draft {
 pub struct Converted {
     /// Where it came from: `stream server (line 6), listen 1883`.
     pub origin: String,
+    /// The line of the nginx server it came from.
+    pub line: usize,
     /// Where splicer behaves differently from the nginx it replaces.
     pub notes: Vec<String>,
     pub draft: Draft,
@@ -136,10 +138,10 @@ impl Conversion {
         struct One<'a> {
             listener: [&'a Draft; 1],
         }
-        let mut out = format!(
-            "# splicer.toml converted from {source} by `splicer convert-nginx`.\n\
-             # Check it with `splicer --check --config FILE` before use.\n"
-        );
+        let mut out = comment(&format!(
+            "splicer.toml converted from {source} by `splicer convert-nginx`.\n\
+             Check it with `splicer --check --config FILE` before use."
+        ));
         if !self.skipped.is_empty() {
             out.push_str("#\n# Not translated:\n");
             for s in &self.skipped {
@@ -158,19 +160,48 @@ impl Conversion {
     }
 }
 
-/// `text` as comment lines (a note may hold a newline).
+/// `text` as comment lines (a note may hold a newline), its control
+/// characters escaped: TOML allows none in a comment.
 fn comment(text: &str) -> String {
-    text.lines().map(|l| format!("# {l}\n")).collect()
+    text.lines().map(|l| format!("# {}\n", printable(l))).collect()
+}
+
+/// `s` with control characters written as `\u{..}` escapes.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_unicode().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
 }
 
 /// Runs `splicer convert-nginx FILE`: the TOML on stdout, each untranslated
-/// directive on stderr too. Fails on a config nginx would not parse, or one
-/// with nothing to listen on.
+/// directive on stderr too. Fails on text that is not nginx config syntax,
+/// or a config with nothing to listen on; a config that converts may still
+/// be one nginx itself would refuse.
 pub fn run(path: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let conversion = nginx::convert(&text).with_context(|| format!("{}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    // nginx takes any bytes; the parser takes text.
+    let text = String::from_utf8_lossy(&bytes);
+    let mut conversion = nginx::convert(&text).with_context(|| format!("{}", path.display()))?;
+    if let Err(e) = std::str::from_utf8(&bytes) {
+        let line = 1 + bytes[..e.valid_up_to()].iter().filter(|b| **b == b'\n').count();
+        conversion.skipped.insert(
+            0,
+            Skipped {
+                line,
+                text: "bytes that are not UTF-8".into(),
+                why: "each was read as U+FFFD: check any value that held one".into(),
+            },
+        );
+    }
     for s in &conversion.skipped {
-        eprintln!("splicer: {}: not translated: {s}", path.display());
+        eprintln!(
+            "splicer: {}: not translated: {}",
+            path.display(),
+            printable(&s.to_string())
+        );
     }
     if conversion.listeners.is_empty() {
         bail!(
