@@ -3,7 +3,7 @@
 // A TLS client for splicer tests (Node's TLS, which is OpenSSL's).
 //
 //   node tls-client.js --host H --port P [--bind ADDR] [--servername NAME]
-//       [--ca FILE] [--cert FILE --key FILE] [--max-version TLSv1.2] [--alpn a,b]
+//       [--ca FILE] [--cert FILE --key FILE] [--max-version TLSv1.2] [--alpn a,b] [--sigalgs LIST]
 //       [--before HEX] [--send FILE] [--hold-ms N] [--out FILE]
 //
 // Connects from --bind, writes the --before bytes in the clear (a PROXY
@@ -11,7 +11,8 @@
 // against --ca when given). Sends --send (its first half, then after
 // --hold-ms the rest), half-closes (close_notify, then FIN), and reads until
 // the server ends; what it read goes to --out.
-// stdout: {"event":"secure","cn":..,"protocol":..,"alpn":..} then
+// --sigalgs: the signature algorithms offered (OpenSSL's names, colon-separated).
+// stdout: {"event":"secure","cn":..,"protocol":..,"alpn":..,"key":"EC"|"RSA"} then
 // {"event":"end","bytes":N}. Exit 1 on any error, a close before the
 // handshake finished included (message on stderr).
 
@@ -19,7 +20,7 @@ const net = require('node:net')
 const tls = require('node:tls')
 const fs = require('node:fs')
 
-const o = { host: null, port: null, bind: undefined, servername: undefined, ca: null, cert: null, key: null, maxVersion: undefined, alpn: null, before: '', send: null, holdMs: 0, out: null }
+const o = { host: null, port: null, bind: undefined, servername: undefined, ca: null, cert: null, key: null, maxVersion: undefined, alpn: null, sigalgs: undefined, before: '', send: null, holdMs: 0, out: null }
 const argv = process.argv.slice(2)
 for (let i = 0; i < argv.length; i++) {
   const v = () => argv[++i]
@@ -33,6 +34,7 @@ for (let i = 0; i < argv.length; i++) {
     case '--key': o.key = v(); break
     case '--max-version': o.maxVersion = v(); break
     case '--alpn': o.alpn = v().split(','); break
+    case '--sigalgs': o.sigalgs = v(); break
     case '--before': o.before = v(); break
     case '--send': o.send = v(); break
     case '--hold-ms': o.holdMs = Number(v()); break
@@ -46,7 +48,7 @@ const emit = (obj) => process.stdout.write(JSON.stringify(obj) + '\n')
 
 const raw = net.connect({ host: o.host, port: o.port, localAddress: o.bind }, () => {
   if (o.before) raw.write(Buffer.from(o.before, 'hex'))
-  const opts = { socket: raw, rejectUnauthorized: !!o.ca, maxVersion: o.maxVersion }
+  const opts = { socket: raw, rejectUnauthorized: !!o.ca, maxVersion: o.maxVersion, sigalgs: o.sigalgs }
   if (o.servername) opts.servername = o.servername
   if (o.alpn) opts.ALPNProtocols = o.alpn
   if (o.ca) opts.ca = fs.readFileSync(o.ca)
@@ -55,7 +57,9 @@ const raw = net.connect({ host: o.host, port: o.port, localAddress: o.bind }, ()
   let secure = false
   const s = tls.connect(opts, () => {
     secure = true
-    emit({ event: 'secure', cn: (s.getPeerCertificate().subject || {}).CN || null, protocol: s.getProtocol(), alpn: s.alpnProtocol || null })
+    const cert = s.getPeerCertificate()
+    const key = cert.asn1Curve ? 'EC' : (cert.modulus ? 'RSA' : null)
+    emit({ event: 'secure', cn: (cert.subject || {}).CN || null, protocol: s.getProtocol(), alpn: s.alpnProtocol || null, key })
     const data = o.send ? fs.readFileSync(o.send) : Buffer.alloc(0)
     const half = Math.floor(data.length / 2)
     s.write(data.subarray(0, half))

@@ -65,10 +65,20 @@ impl Pki {
         Ok(Pki { dir, ca, ca_key })
     }
 
-    /// A server certificate for DNS name `name` (also its CN), valid `days`.
+    /// A server certificate for DNS name `name` (also its CN), valid `days`,
+    /// with an EC P-256 key.
     pub fn server(&self, name: &str, days: u32) -> Result<(PathBuf, PathBuf)> {
+        self.server_with(name, days, KeyType::EcP256)
+    }
+
+    /// As `server`, with a key of type `key`.
+    pub fn server_with(&self, name: &str, days: u32, key: KeyType) -> Result<(PathBuf, PathBuf)> {
         let ext = format!("subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth\n");
-        self.issue(&format!("server-{name}-{days}"), name, KeyType::EcP256, &ext, days)
+        let file = match key {
+            KeyType::EcP256 => format!("server-{name}-{days}"),
+            KeyType::Rsa2048 => format!("server-{name}-{days}-rsa"),
+        };
+        self.issue(&file, name, key, &ext, days)
     }
 
     /// A client certificate with subject CN `cn`.
@@ -135,6 +145,9 @@ pub struct TlsClient<'a> {
     pub max_version: Option<&'a str>,
     /// ALPN protocols offered, comma-separated.
     pub alpn: Option<&'a str>,
+    /// Signature algorithms offered, OpenSSL's names colon-separated
+    /// ("ecdsa_secp256r1_sha256").
+    pub sigalgs: Option<&'a str>,
     /// Bytes written in the clear before the handshake (a PROXY header).
     pub before: &'a [u8],
     /// Sent after the handshake, then close_notify and FIN.
@@ -154,6 +167,8 @@ pub struct TlsClientSaw {
     pub protocol: String,
     /// The ALPN protocol agreed ("" for none).
     pub alpn: String,
+    /// The server certificate's key: "EC" or "RSA".
+    pub key: String,
     /// Bytes read until the server's end.
     pub bytes: u64,
 }
@@ -174,6 +189,9 @@ impl TlsClient<'_> {
         }
         if let Some(a) = self.alpn {
             cmd.args(["--alpn", a]);
+        }
+        if let Some(a) = self.sigalgs {
+            cmd.args(["--sigalgs", a]);
         }
         if !self.before.is_empty() {
             cmd.args(["--before", &self.before.iter().map(|b| format!("{b:02x}")).collect::<String>()]);
@@ -198,6 +216,7 @@ impl TlsClient<'_> {
             cn: field("secure", "cn"),
             protocol: field("secure", "protocol"),
             alpn: field("secure", "alpn"),
+            key: field("secure", "key"),
             bytes: field("end", "bytes").parse().unwrap_or(0),
         })
     }

@@ -521,6 +521,52 @@ fn the_server_name_picks_the_certificate() -> Result<()> {
     Ok(())
 }
 
+/// An RSA and an ECDSA certificate for one name, RSA first (nginx's two
+/// `ssl_certificate` lines): a client that can verify only ECDSA gets the
+/// ECDSA one, one that can verify only RSA the RSA one, one that can verify
+/// both the first. The PROXY v2 header's SSL_KEY_ALG names the one served.
+/// A name neither names, or none, still gets one the client can verify.
+#[test]
+fn each_client_gets_a_certificate_it_can_verify() -> Result<()> {
+    let dir = scratch("tls-term-keys");
+    let pki = Pki::new(&dir, "ca")?;
+    let (rsa, rsa_key) = pki.server_with(SERVER, 2, KeyType::Rsa2048)?;
+    let (ec, ec_key) = pki.server_with(SERVER, 2, KeyType::EcP256)?;
+    let (up, seen) = echo_upstream()?;
+    let up = up.to_string();
+    let p = |p: &Path| p.to_str().map(str::to_string).context("path");
+    let (rsa, rsa_key, ec, ec_key) = (p(&rsa)?, p(&rsa_key)?, p(&ec)?, p(&ec_key)?);
+    let splicer = Splicer::start(
+        &dir,
+        &[
+            "--upstream", &up, "--send-proxy", "v2", "--tls-cert", &rsa, "--tls-key", &rsa_key, "--tls-cert", &ec,
+            "--tls-key", &ec_key,
+        ],
+    )?;
+    const EC_ONLY: &str = "ecdsa_secp256r1_sha256";
+    const RSA_ONLY: &str = "rsa_pss_rsae_sha256:rsa_pkcs1_sha256";
+    for (name, sigalgs, key, key_alg) in [
+        (Some(SERVER), Some(EC_ONLY), "EC", "EC256"),
+        (Some(SERVER), Some(RSA_ONLY), "RSA", "RSA2048"),
+        (Some(SERVER), None, "RSA", "RSA2048"),
+        (Some("other.test"), Some(EC_ONLY), "EC", "EC256"),
+        (None, Some(EC_ONLY), "EC", "EC256"),
+    ] {
+        let saw = TlsClient {
+            servername: name,
+            ca: (name == Some(SERVER)).then_some(pki.ca.as_path()),
+            sigalgs,
+            ..Default::default()
+        }
+        .run(splicer.listen, STEP)
+        .with_context(|| format!("{name:?} offering {sigalgs:?}"))?;
+        ensure!(saw.key == key, "{name:?} offering {sigalgs:?}: shown a {} certificate, want {key}", saw.key);
+        let (ssl, _) = ssl_tlv(&seen.recv_timeout(STEP)?.header)?;
+        ensure!(ssl.sub(SSL_KEY_ALG) == Some(key_alg), "{name:?} offering {sigalgs:?}: {ssl:?}");
+    }
+    Ok(())
+}
+
 /// MQTT over TLS, the way devices connect: mosquitto_pub/sub with
 /// --cafile (and --cert/--key) and MQTT.js over mqtts:// through a
 /// `protocol = "mqtt"` listener to mosquitto; MQTT.js to aedes, which

@@ -1,6 +1,7 @@
 //! A terminating listener's TLS settings, read from its PEM files into one
 //! rustls `ServerConfig`: the certificates (chosen by the client's server
-//! name against each certificate's own names, the first for the rest), the
+//! name against each certificate's own names, and among those by what the
+//! client can verify: an RSA and an ECDSA pair may serve one name), the
 //! protocol versions, ALPN, client-certificate checks and session
 //! resumption. Read when the configuration is read (at start and on
 //! SIGHUP), so a bad file is an error that names it and refuses the reload,
@@ -16,7 +17,7 @@ use anyhow::{bail, Context as _, Result};
 use rustls::{
     server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache, WebPkiClientVerifier},
     sign::CertifiedKey,
-    RootCertStore, ServerConfig,
+    RootCertStore, ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
@@ -61,6 +62,8 @@ pub struct Terminate {
     /// Each certificate's names and expiry, for the start-up line and the
     /// metric.
     pub certs: Vec<CertFacts>,
+    /// The certificates as the handshake chooses among them.
+    chains: Arc<ByName>,
     /// Of every file's bytes: a reload with the same paths and new files
     /// is a changed listener.
     contents: u64,
@@ -164,7 +167,8 @@ pub fn load(s: Settings) -> Result<Terminate> {
             builder.with_client_cert_verifier(verifier.build().context("tls-client-ca")?)
         }
     };
-    let mut server = builder.with_cert_resolver(Arc::new(ByName { keys }));
+    let chains = Arc::new(ByName { keys });
+    let mut server = builder.with_cert_resolver(chains.clone());
     server.alpn_protocols = s.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     server.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
     server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().context("TLS session tickets")?;
@@ -172,6 +176,7 @@ pub fn load(s: Settings) -> Result<Terminate> {
         settings: s,
         server: Arc::new(server),
         certs,
+        chains,
         contents: contents.finish(),
     })
 }
@@ -237,30 +242,43 @@ fn algorithms(cert: &x509_parser::certificate::X509Certificate<'_>) -> (String, 
     (sig_alg, key_alg)
 }
 
-/// Picks the certificate for a ClientHello: the first whose names take its
-/// server name (exactly, or as `*.` one label deep), else the first.
+/// The certificates of a listener, in the order given, each with its
+/// names; picks one for each ClientHello (`pick`).
 #[derive(Debug)]
 struct ByName {
     keys: Vec<(Vec<String>, Arc<CertifiedKey>)>,
 }
 
-impl ResolvesServerCert for ByName {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.keys[pick(self.keys.iter().map(|(n, _)| n), hello.server_name())].1.clone())
+impl ByName {
+    /// Among the certificates whose names take the server name (all of
+    /// them when none does, or none was given), the first whose key can
+    /// sign with a scheme the client offers; else the first of those (the
+    /// handshake then fails, as it must).
+    fn pick(&self, sni: Option<&str>, schemes: &[SignatureScheme]) -> usize {
+        let sni = sni.map(str::to_ascii_lowercase);
+        let takes = |i: &usize| {
+            sni.as_deref().is_some_and(|s| self.keys[*i].0.iter().any(|n| name_takes(n, s)))
+        };
+        let named = (0..self.keys.len()).any(|i| takes(&i));
+        let candidates = || (0..self.keys.len()).filter(move |i| !named || takes(i));
+        candidates()
+            .find(|&i| self.keys[i].1.key.choose_scheme(schemes).is_some())
+            .or_else(|| candidates().next())
+            .unwrap_or(0)
     }
 }
 
-/// Which of the certificates (by their names) a server name gets: the
-/// first that takes it, else the first.
-fn pick<'a>(mut names: impl Iterator<Item = &'a Vec<String>>, sni: Option<&str>) -> usize {
-    let Some(sni) = sni.map(str::to_ascii_lowercase) else { return 0 };
-    names.position(|names| names.iter().any(|n| name_takes(n, &sni))).unwrap_or(0)
+impl ResolvesServerCert for ByName {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.keys[self.pick(hello.server_name(), hello.signature_schemes())].1.clone())
+    }
 }
 
 impl Terminate {
-    /// The certificate a client asking for `sni` was served.
-    pub fn served(&self, sni: Option<&str>) -> &CertFacts {
-        &self.certs[pick(self.certs.iter().map(|c| &c.names), sni)]
+    /// Which certificate (an index into `certs`) a client asking for `sni`
+    /// and able to verify `schemes` is served: what the resolver serves.
+    pub fn pick(&self, sni: Option<&str>, schemes: &[SignatureScheme]) -> usize {
+        self.chains.pick(sni, schemes)
     }
 }
 

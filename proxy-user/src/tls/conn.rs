@@ -17,7 +17,7 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
-use rustls::ServerConnection;
+use rustls::server::{Acceptor, ServerConnection};
 use tokio::{net::TcpStream, sync::Notify};
 
 use super::{certs::Terminate, Facts};
@@ -116,18 +116,21 @@ impl TlsConn {
     /// bytes (read behind a PROXY header) are `early`, within the
     /// listener's handshake timeout; and says what it settled.
     pub async fn accept(tcp: TcpStream, t: &Terminate, early: &[u8]) -> Result<(TlsConn, Facts), HandshakeFailure> {
-        let session = ServerConnection::new(t.server.clone()).map_err(HandshakeFailure::Tls)?;
-        let conn = TlsConn {
-            tcp,
-            session: Mutex::new(session),
-            unsent: Notify::new(),
+        let handshake = async {
+            let (session, served, rest) = hello(&tcp, t, early).await?;
+            let conn = TlsConn {
+                tcp,
+                session: Mutex::new(session),
+                unsent: Notify::new(),
+            };
+            conn.handshake(rest).await?;
+            Ok::<_, HandshakeFailure>((conn, served))
         };
-        match tokio::time::timeout(t.settings.handshake_timeout, conn.handshake(early)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
+        let (conn, served) = match tokio::time::timeout(t.settings.handshake_timeout, handshake).await {
+            Ok(done) => done?,
             Err(_) => return Err(HandshakeFailure::Timeout),
-        }
-        let facts = Facts::of(&conn.lock(), t).map_err(HandshakeFailure::BadCn)?;
+        };
+        let facts = Facts::of(&conn.lock(), t, served).map_err(HandshakeFailure::BadCn)?;
         Ok((conn, facts))
     }
 
@@ -321,6 +324,51 @@ impl TlsConn {
             }
         }
         Ok(())
+    }
+}
+
+/// Reads the ClientHello, from `early` and then the socket, before any
+/// answer: the certificate is chosen by its server name and by the
+/// signature schemes the client can verify (`Terminate::pick`, which the
+/// resolver follows too). Returns the session that answers it, the
+/// certificate chosen, and what of `early` is left for that session.
+async fn hello<'e>(
+    tcp: &TcpStream,
+    t: &Terminate,
+    mut early: &'e [u8],
+) -> Result<(ServerConnection, usize, &'e [u8]), HandshakeFailure> {
+    let mut acceptor = Acceptor::default();
+    loop {
+        let read = match early.is_empty() {
+            false => acceptor.read_tls(&mut early),
+            true => {
+                tcp.readable().await.map_err(|_| HandshakeFailure::Closed)?;
+                acceptor.read_tls(&mut Socket(tcp))
+            }
+        };
+        match read {
+            Ok(0) => return Err(HandshakeFailure::Closed),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            // Too much for rustls to hold before the hello is whole.
+            Err(e) if e.kind() == io::ErrorKind::Other => return Err(HandshakeFailure::Unreadable(e)),
+            Err(_) => return Err(HandshakeFailure::Closed),
+        }
+        let (e, mut alert) = match acceptor.accept() {
+            Ok(None) => continue,
+            Ok(Some(accepted)) => {
+                let hello = accepted.client_hello();
+                let served = t.pick(hello.server_name(), hello.signature_schemes());
+                match accepted.into_connection(t.server.clone()) {
+                    Ok(session) => return Ok((session, served, early)),
+                    Err(refused) => refused,
+                }
+            }
+            Err(refused) => refused,
+        };
+        // The alert is a few bytes: the socket takes it now or never.
+        let _ = alert.write_all(&mut Socket(tcp));
+        return Err(HandshakeFailure::Tls(e));
     }
 }
 

@@ -48,8 +48,9 @@ pub struct ClientCert {
 }
 
 impl Facts {
-    /// Err: the client certificate's CN cannot be carried (why).
-    pub fn of(s: &ServerConnection, t: &Terminate) -> Result<Facts, &'static str> {
+    /// Err: the client certificate's CN cannot be carried (why). `served`
+    /// is the certificate the handshake chose (`Terminate::pick`).
+    pub fn of(s: &ServerConnection, t: &Terminate, served: usize) -> Result<Facts, &'static str> {
         let version = match s.protocol_version() {
             Some(ProtocolVersion::TLSv1_3) => "TLSv1.3",
             Some(ProtocolVersion::TLSv1_2) => "TLSv1.2",
@@ -61,7 +62,7 @@ impl Facts {
             name.strip_prefix("TLS13_").map_or_else(|| name.to_string(), |n| format!("TLS_{n}"))
         });
         let sni = s.server_name().map(str::to_string);
-        let served = t.served(sni.as_deref());
+        let served = &t.certs[served];
         let client = match s.peer_certificates().and_then(|c| c.first()) {
             Some(der) => Some(ClientCert { cn: common_name(der)? }),
             None => None,
