@@ -155,6 +155,21 @@ impl Splicer {
     }
 }
 
+/// `splicer --check --config FILE`: what it printed, or Err with why it
+/// refused the file.
+pub fn check_config(bin: &Path, config: &Path) -> Result<String> {
+    let (st, out, err) = run_with_timeout(
+        Command::new(bin).arg("--check").arg("--config").arg(config),
+        STEP,
+    )?;
+    ensure!(
+        st.success() && out.starts_with("configuration ok"),
+        "splicer --check refused {} ({st}):\n{err}{out}",
+        config.display()
+    );
+    Ok(out)
+}
+
 /// A `key=value` word of a splicer close line (which is not JSON, so
 /// json_field does not apply).
 pub fn close_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {

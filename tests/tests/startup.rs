@@ -175,17 +175,7 @@ fn bad_flags_and_config_are_refused_by_name() -> Result<()> {
     );
     // The bundled config passes --check.
     let bundled = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../splicer.toml");
-    let (st, out, err) = run_with_timeout(
-        Command::new(&bin)
-            .arg("--config")
-            .arg(bundled)
-            .arg("--check"),
-        Duration::from_secs(5),
-    )?;
-    ensure!(
-        st.success() && out.contains("configuration ok"),
-        "{out} {err}"
-    );
+    check_config(&bin, &bundled)?;
     Ok(())
 }
 

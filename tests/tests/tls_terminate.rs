@@ -136,12 +136,16 @@ fn hop_header(src: [u8; 4], tlvs: &[u8]) -> Vec<u8> {
 }
 
 fn terminating(dir: &Path, pki: &Pki, extra: &[&str]) -> Result<Splicer> {
-    let (cert, key) = pki.server(SERVER, 2)?;
-    let (cert, key) = (cert.to_str().context("path")?.to_string(), key.to_str().context("path")?.to_string());
-    let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
-    args.extend_from_slice(extra);
-    let s = Splicer::start(dir, &args)?;
-    Ok(s)
+    with_pairs(dir, &[pki.server(SERVER, 2)?], extra)
+}
+
+/// splicer terminating TLS with these (certificate, key) pairs, in order.
+fn with_pairs(dir: &Path, pairs: &[(PathBuf, PathBuf)], extra: &[&str]) -> Result<Splicer> {
+    let mut args: Vec<&str> = extra.to_vec();
+    for (cert, key) in pairs {
+        args.extend(["--tls-cert", cert.to_str().context("path")?, "--tls-key", key.to_str().context("path")?]);
+    }
+    Splicer::start(dir, &args)
 }
 
 /// With a client certificate (TLS 1.3) and without one (TLS 1.2), the
@@ -495,16 +499,9 @@ fn client_certificates_are_required_and_checked() -> Result<()> {
 fn the_server_name_picks_the_certificate() -> Result<()> {
     let dir = scratch("tls-term-sni");
     let pki = Pki::new(&dir, "ca")?;
-    let (a, a_key) = pki.server("a.test", 2)?;
-    let (b, b_key) = pki.server("b.test", 2)?;
     let (up, _seen) = echo_upstream()?;
     let up = up.to_string();
-    let p = |p: &Path| p.to_str().map(str::to_string).context("path");
-    let (a, a_key, b, b_key) = (p(&a)?, p(&a_key)?, p(&b)?, p(&b_key)?);
-    let splicer = Splicer::start(
-        &dir,
-        &["--upstream", &up, "--tls-cert", &a, "--tls-key", &a_key, "--tls-cert", &b, "--tls-key", &b_key],
-    )?;
+    let splicer = with_pairs(&dir, &[pki.server("a.test", 2)?, pki.server("b.test", 2)?], &["--upstream", &up])?;
     for (name, want, verify) in [(Some("a.test"), "a.test", true), (Some("b.test"), "b.test", true), (Some("c.test"), "a.test", false), (None, "a.test", false)] {
         let saw = TlsClient {
             servername: name,
@@ -530,19 +527,10 @@ fn the_server_name_picks_the_certificate() -> Result<()> {
 fn each_client_gets_a_certificate_it_can_verify() -> Result<()> {
     let dir = scratch("tls-term-keys");
     let pki = Pki::new(&dir, "ca")?;
-    let (rsa, rsa_key) = pki.server_with(SERVER, 2, KeyType::Rsa2048)?;
-    let (ec, ec_key) = pki.server_with(SERVER, 2, KeyType::EcP256)?;
     let (up, seen) = echo_upstream()?;
     let up = up.to_string();
-    let p = |p: &Path| p.to_str().map(str::to_string).context("path");
-    let (rsa, rsa_key, ec, ec_key) = (p(&rsa)?, p(&rsa_key)?, p(&ec)?, p(&ec_key)?);
-    let splicer = Splicer::start(
-        &dir,
-        &[
-            "--upstream", &up, "--send-proxy", "v2", "--tls-cert", &rsa, "--tls-key", &rsa_key, "--tls-cert", &ec,
-            "--tls-key", &ec_key,
-        ],
-    )?;
+    let pairs = [pki.server_with(SERVER, 2, KeyType::Rsa2048)?, pki.server_with(SERVER, 2, KeyType::EcP256)?];
+    let splicer = with_pairs(&dir, &pairs, &["--upstream", &up, "--send-proxy", "v2"])?;
     const EC_ONLY: &str = "ecdsa_secp256r1_sha256";
     const RSA_ONLY: &str = "rsa_pss_rsae_sha256:rsa_pkcs1_sha256";
     for (name, sigalgs, key, key_alg) in [
