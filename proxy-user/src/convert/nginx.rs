@@ -72,7 +72,7 @@ pub fn convert(text: &str) -> Result<Conversion> {
         }
     }
     Ok(Conversion {
-        listeners: walk.listeners,
+        listeners: walk.settle(),
         skipped: walk.skipped,
     })
 }
@@ -172,8 +172,10 @@ struct AccessRule {
     text: String,
 }
 
-/// What servers and locations inherit from the levels around them.
+/// What servers and locations inherit from the levels around them: one
+/// field per directive (hence the flags).
 #[derive(Debug, Clone, Default)]
+#[allow(clippy::struct_excessive_bools)]
 struct Scope {
     trusted: Inherited<IpNet>,
     real_ip_header: Option<String>,
@@ -193,6 +195,10 @@ struct Scope {
     handshake_timeout: Option<Dur>,
     /// An `include` here or further out: it may have set anything.
     includes: bool,
+    /// A real-IP directive at this very level.
+    realip_here: bool,
+    /// Requests checked in ways splicer does not follow (`if`, `auth_*`).
+    checks: bool,
 }
 
 impl Scope {
@@ -203,6 +209,7 @@ impl Scope {
             access: self.access.inner(),
             certs: self.certs.inner(),
             keys: self.keys.inner(),
+            realip_here: false,
             ..self.clone()
         }
     }
@@ -219,14 +226,31 @@ struct Listen {
     default: bool,
     /// `[::]` with nginx's default `ipv6only=on`.
     v6_only: bool,
+    /// `ipv6only=off`: nginx saw IPv4 clients as `::ffff:` addresses.
+    v4_mapped: bool,
 }
 
 /// Where `proxy_pass` sends clients.
 #[derive(Debug, Clone, Default)]
 struct Pass {
-    upstream: Vec<String>,
+    /// Each address once, with its weight (nginx counts a server listed
+    /// twice twice).
+    upstream: Vec<(String, u32)>,
     balance: Option<Balance>,
     notes: Vec<String>,
+}
+
+impl Pass {
+    /// `upstream` as splicer writes it: `ADDR`, or `ADDR weight=N`.
+    fn entries(&self) -> Vec<String> {
+        self.upstream
+            .iter()
+            .map(|(addr, w)| match w {
+                1 => addr.clone(),
+                w => format!("{addr} weight={w}"),
+            })
+            .collect()
+    }
 }
 
 /// An http server's WebSocket location: its path (None: any, `location /`),
@@ -240,10 +264,9 @@ struct WsLocation {
 
 #[derive(Default)]
 struct Walk {
-    listeners: Vec<Converted>,
-    names: HashSet<String>,
-    /// Listeners from a `listen ... default_server`.
-    defaults: HashSet<String>,
+    /// Each with whether its listen was nginx's `default_server`; named
+    /// once `settle` has kept those splicer can bind together.
+    listeners: Vec<(Converted, bool)>,
     skipped: Vec<Skipped>,
 }
 
@@ -310,6 +333,41 @@ fn nginx_time(s: &str) -> Option<Dur> {
     last.map(|_| Dur(Duration::from_millis(total)))
 }
 
+/// A header name as splicer's config takes it.
+fn header_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Whether a header may carry the client's address (`set-real-ip-header`):
+/// a header name, and not one the upgrade itself or the other forwarding
+/// keys need.
+fn carries_client(lowercase: &str) -> bool {
+    const TAKEN: [&str; 9] = [
+        "host",
+        "upgrade",
+        "connection",
+        "content-length",
+        "transfer-encoding",
+        "te",
+        "x-forwarded-for",
+        "x-forwarded-port",
+        "keep-alive",
+    ];
+    header_name(lowercase) && !TAKEN.contains(&lowercase) && !lowercase.starts_with("sec-websocket-")
+}
+
+/// Why an IPv4-mapped range (`::ffff:10.0.0.0/104`) is left out.
+const MAPPED: &str =
+    "an IPv4-mapped IPv6 range: nginx never matches an IPv4 client against it, splicer would";
+
+/// Whether a range is IPv4-mapped IPv6, which splicer reads as the IPv4
+/// range it maps.
+fn is_mapped(net: &IpNet) -> bool {
+    matches!(net, IpNet::V6(v6) if v6.prefix_len() >= 96 && v6.addr().to_ipv4_mapped().is_some())
+}
+
 /// `set_real_ip_from`, `allow`, `deny`: an address or a CIDR.
 fn cidr(s: &str) -> Option<IpNet> {
     s.parse::<IpNet>()
@@ -338,14 +396,23 @@ fn listen_addr(s: &str) -> Option<SocketAddr> {
         .or_else(|| s.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 80)))
 }
 
-/// Whether splicer could not listen on both: the same port, and the same
-/// address or a wildcard taking the other (`[::]` takes IPv4 too).
-fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    let takes = |w: IpAddr, o: IpAddr| match w {
-        IpAddr::V6(v6) => v6.is_unspecified(),
-        IpAddr::V4(v4) => v4.is_unspecified() && o.is_ipv4(),
-    };
-    a.port() == b.port() && (a.ip() == b.ip() || takes(a.ip(), b.ip()) || takes(b.ip(), a.ip()))
+/// How much of a port a listen address takes, narrowest first: splicer
+/// (like any program without nginx's dispatch) cannot bind an address and
+/// a wildcard that covers it on one port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Breadth {
+    One,
+    AnyV4,
+    /// `[::]`: splicer's is dual-stack, IPv4 included.
+    Any,
+}
+
+fn breadth(a: SocketAddr) -> Breadth {
+    match a.ip() {
+        ip if !ip.is_unspecified() => Breadth::One,
+        IpAddr::V4(_) => Breadth::AnyV4,
+        IpAddr::V6(_) => Breadth::Any,
+    }
 }
 
 /// A host name as splicer resolves it: letters, digits, `-`, `.`, `_`.
@@ -422,6 +489,9 @@ fn unknown_reason(name: &str) -> &'static str {
             "routing by server name without terminating is protocol = \"tls-passthrough\" with sni routes"
         }
         "map" | "geo" | "split_clients" | "set" => "nginx variables are not evaluated",
+        "if" | "internal" | "limit_except" | "auth_request" | "auth_basic" | "auth_jwt" => {
+            "conditions and checks of requests are not evaluated: the listener refuses every client instead"
+        }
         "limit_conn" | "limit_conn_zone" | "limit_req" | "limit_req_zone" | "limit_rate" => {
             "limits are per listener in splicer: max-conns, rate-limit and max-connect-rate"
         }
@@ -453,6 +523,81 @@ impl Walk {
 
     fn skip_unknown(&mut self, d: &Directive) {
         self.skip(d, unknown_reason(&d.name));
+    }
+
+    /// Listens splicer cannot bind together, once every server is read. On
+    /// one address nginx chose among servers by name: the default_server
+    /// (else the first) is kept. A wildcard beside a narrower address on its
+    /// port: the narrower is kept, and clients of the wildcard's other
+    /// addresses go unserved rather than reach a server nginx kept apart.
+    fn settle(&mut self) -> Vec<Converted> {
+        let found = std::mem::take(&mut self.listeners);
+        let addr = |i: usize| found[i].0.draft.listen;
+        let n = found.len();
+        let mut gone: Vec<Option<String>> = vec![None; n];
+        let mut at: HashMap<SocketAddr, usize> = HashMap::new();
+        for i in 0..n {
+            let Some(&k) = at.get(&addr(i)) else {
+                at.insert(addr(i), i);
+                continue;
+            };
+            let new_wins = found[i].1 && !found[k].1;
+            let (lose, win) = if new_wins { (k, i) } else { (i, k) };
+            gone[lose] = Some(format!(
+                "the {} listens on {} too: nginx chose between them by server_name; splicer has one listener per address and keeps {}",
+                found[win].0.origin,
+                addr(i),
+                if new_wins { "the default_server" } else { "the first" }
+            ));
+            at.insert(addr(i), win);
+        }
+        let mut by_port: HashMap<u16, Vec<usize>> = HashMap::new();
+        for i in (0..n).filter(|&i| gone[i].is_none()) {
+            by_port.entry(addr(i).port()).or_default().push(i);
+        }
+        for on_port in by_port.values() {
+            for &i in on_port {
+                let covered: Vec<String> = on_port
+                    .iter()
+                    .filter(|&&j| j != i)
+                    .filter(|&&j| match breadth(addr(i)) {
+                        Breadth::One => false,
+                        Breadth::AnyV4 => breadth(addr(j)) == Breadth::One && addr(j).is_ipv4(),
+                        Breadth::Any => true,
+                    })
+                    .map(|&j| addr(j).to_string())
+                    .collect();
+                if !covered.is_empty() {
+                    gone[i] = Some(format!(
+                        "splicer cannot listen on {} beside {}: only those are kept, and clients of the other addresses nginx served here are not served",
+                        addr(i),
+                        covered.join(", ")
+                    ));
+                }
+            }
+        }
+        // Names by module and port, numbered from the second on.
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut kept = Vec::new();
+        for ((mut l, _), why) in found.into_iter().zip(gone) {
+            if let Some(why) = why {
+                self.skip_text(l.line, format!("listen {}", l.draft.listen), why);
+                continue;
+            }
+            let module = match l.draft.protocol {
+                Protocol::Ws => "http",
+                _ => "stream",
+            };
+            let base = format!("{module}-{}", l.draft.listen.port());
+            let count = names.entry(base.clone()).or_insert(0);
+            *count += 1;
+            l.draft.name = match *count {
+                1 => base,
+                c => format!("{base}-{c}"),
+            };
+            kept.push(l);
+        }
+        kept
     }
 
     /// A `stream { }` or `http { }` block.
@@ -488,8 +633,12 @@ impl Walk {
 
     /// A directive of a level's settings: taken into `scope`, or named.
     fn setting(&mut self, scope: &mut Scope, m: Module, d: &Directive) {
-        if d.name == "include" {
-            scope.includes = true;
+        match d.name.as_str() {
+            "include" => scope.includes = true,
+            "if" | "internal" | "limit_except" | "auth_request" | "auth_basic" | "auth_jwt" => {
+                scope.checks = true;
+            }
+            _ => {}
         }
         if !self.take(scope, m, d) {
             self.skip_unknown(d);
@@ -579,10 +728,10 @@ impl Walk {
         if down {
             weight = 0;
         }
-        pass.upstream.push(match weight {
-            1 => addr,
-            w => format!("{addr} weight={w}"),
-        });
+        match pass.upstream.iter_mut().find(|(a, _)| *a == addr) {
+            Some((_, w)) => *w = (*w + weight).min(MAX_WEIGHT),
+            None => pass.upstream.push((addr, weight)),
+        }
     }
 
     /// `proxy_pass`: an upstream block's name, or an address (http: a URL).
@@ -636,7 +785,7 @@ impl Walk {
         }
         match upstream_addr(host, default_port) {
             Some(addr) => Some(Pass {
-                upstream: vec![addr],
+                upstream: vec![(addr, 1)],
                 balance: None,
                 notes,
             }),
@@ -665,7 +814,15 @@ impl Walk {
         };
         match (m, d.name.as_str()) {
             (_, "set_real_ip_from") => match cidr(&a0) {
-                Some(net) => scope.trusted.push(net),
+                Some(net) if !is_mapped(&net) => {
+                    scope.trusted.push(net);
+                    scope.realip_here = true;
+                }
+                Some(_) => {
+                    scope.trusted.here();
+                    scope.realip_here = true;
+                    self.skip(d, MAPPED);
+                }
                 None => {
                     // It still replaces the outer level's list: trust less.
                     scope.trusted.here();
@@ -675,8 +832,23 @@ impl Walk {
                     );
                 }
             },
-            (Module::Http, "real_ip_header") => scope.real_ip_header = Some(a0),
-            (Module::Http, "real_ip_recursive") => scope.real_ip_recursive = a0 == "on",
+            (Module::Http, "real_ip_header") if a0 == "proxy_protocol" || header_name(&a0) => {
+                scope.real_ip_header = Some(a0);
+                scope.realip_here = true;
+            }
+            (Module::Http, "real_ip_header") => {
+                // No header splicer can read: trust none (less, never more).
+                scope.trusted.here();
+                scope.realip_here = true;
+                self.skip(
+                    d,
+                    "not a header name splicer reads (letters, digits, - and _); nothing is trusted instead",
+                );
+            }
+            (Module::Http, "real_ip_recursive") => {
+                scope.real_ip_recursive = a0 == "on";
+                scope.realip_here = true;
+            }
             (Module::Stream, "proxy_protocol") => scope.send_proxy = a0 == "on",
             (_, "proxy_connect_timeout") => time(self, &mut scope.connect_timeout),
             (Module::Stream, "proxy_protocol_timeout") => time(self, &mut scope.proxy_protocol_timeout),
@@ -693,7 +865,12 @@ impl Walk {
                     "all" => Who::All,
                     "unix:" => Who::Unix,
                     other => match cidr(other) {
-                        Some(net) => Who::Net(net),
+                        Some(net) if !is_mapped(&net) => Who::Net(net),
+                        Some(_) => {
+                            scope.access.here();
+                            self.skip(d, MAPPED);
+                            return true;
+                        }
                         None => {
                             scope.access.here();
                             self.skip(d, "not an address, CIDR, all or unix: (nginx would refuse it)");
@@ -777,39 +954,16 @@ impl Walk {
             }
             return;
         };
-        if pass.upstream.is_empty() {
-            self.skip_text(
-                line,
-                "server { ... }".into(),
-                "no upstream splicer can connect to: each server was left out",
-            );
+        if pass.upstream.iter().all(|(_, w)| *w == 0) {
+            let why = match pass.upstream.is_empty() {
+                true => "no upstream splicer can connect to: each server was left out",
+                false => "every upstream server is down: nothing to forward to",
+            };
+            self.skip_text(line, "server { ... }".into(), why);
             return;
         }
+        // Addresses that several listens share are settled at the end.
         for (listen, merged) in dual_stack(listens) {
-            if let Some(i) = self
-                .listeners
-                .iter()
-                .position(|l| overlaps(l.draft.listen, listen.addr))
-            {
-                let other = &self.listeners[i];
-                // nginx picks the default_server among servers on one address.
-                if listen.default && !self.defaults.contains(&other.draft.name) {
-                    let why = format!(
-                        "the server at line {line} listens there too, as nginx's default_server: splicer takes that one"
-                    );
-                    let gone = self.listeners.remove(i);
-                    self.names.remove(&gone.draft.name);
-                    self.defaults.remove(&gone.draft.name);
-                    self.skip_text(gone.line, format!("listen {}", gone.draft.listen), why);
-                } else {
-                    let why = format!(
-                        "the {} listens there too: splicer has one listener per address and does not choose servers by name",
-                        other.origin
-                    );
-                    self.skip_text(line, format!("listen {}", listen.addr), why);
-                    continue;
-                }
-            }
             let mut converted = self.listener(m, line, listen, &scope, &pass, ws.as_ref());
             if merged {
                 converted.notes.push(format!(
@@ -822,10 +976,7 @@ impl Walk {
                     listen.addr
                 ));
             }
-            if listen.default {
-                self.defaults.insert(converted.draft.name.clone());
-            }
-            self.listeners.push(converted);
+            self.listeners.push((converted, listen.default));
         }
     }
 
@@ -841,6 +992,7 @@ impl Walk {
             ssl: false,
             default: false,
             v6_only: addr.is_ipv6(),
+            v4_mapped: false,
         };
         for p in d
             .args
@@ -853,7 +1005,10 @@ impl Walk {
                 "ssl" => listen.ssl = true,
                 "default_server" | "default" => listen.default = true,
                 "ipv6only=on" => {}
-                "ipv6only=off" => listen.v6_only = false,
+                "ipv6only=off" => {
+                    listen.v6_only = false;
+                    listen.v4_mapped = true;
+                }
                 "udp" | "quic" | "http2" | "http3" => {
                     let what = match m {
                         Module::Http => "TCP and HTTP/1.1 upgrades",
@@ -888,34 +1043,36 @@ impl Walk {
         upstreams: &HashMap<String, Pass>,
     ) -> Option<WsLocation> {
         let mut found: Vec<(WsLocation, &Directive)> = Vec::new();
+        // Locations splicer does not follow, and why; named once the chosen
+        // one says where their requests go now.
+        let mut passed_over: Vec<(&Directive, &str)> = Vec::new();
         for d in locations {
             let Some(block) = &d.block else { continue };
-            let args: Vec<String> = (0..d.args.len()).filter_map(|i| arg(d, i)).collect();
-            let (exact, path) = match args.as_slice() {
-                [p] if !p.starts_with('@') => (false, p.clone()),
-                [m, p] if m == "=" => (true, p.clone()),
-                [m, p] if m == "^~" => (false, p.clone()),
-                _ => {
-                    self.skip(
-                        d,
-                        "regular-expression and named locations: splicer matches one WebSocket path",
-                    );
-                    continue;
-                }
+            let Some((exact, path)) = location_path(d) else {
+                passed_over.push((
+                    d,
+                    "regular-expression and named locations: splicer matches one WebSocket path",
+                ));
+                continue;
             };
             let mut scope = server.inner();
             let mut pass_directive = None;
             for inner in block.directives() {
                 match inner.name.as_str() {
                     "proxy_pass" => pass_directive = Some(inner),
-                    "location" => self.skip(inner, "nested locations: splicer matches one WebSocket path"),
+                    "location" => {
+                        passed_over.push((inner, "nested locations: splicer matches one WebSocket path"));
+                    }
                     _ => self.setting(&mut scope, Module::Http, inner),
                 }
             }
             let Some(pass) =
                 pass_directive.and_then(|p| self.proxy_pass(Module::Http, p, upstreams, Some(&path)))
             else {
-                self.skip(d, "no proxy_pass splicer can follow: splicer only forwards");
+                passed_over.push((
+                    d,
+                    "no proxy_pass splicer can follow: nginx answered these requests itself",
+                ));
                 continue;
             };
             let path = match (exact, path.as_str()) {
@@ -944,12 +1101,15 @@ impl Walk {
             })
             .map(|(i, _)| i)?;
         let (chosen, _) = found.remove(best);
+        let then = match &chosen.path {
+            Some(p) => format!("a splicer listener carries one WebSocket path ({p}): clients asking for these get 404"),
+            None => "a splicer listener carries one WebSocket path: these requests now reach `location /`'s upstream".into(),
+        };
         for (_, d) in found {
-            let why = match &chosen.path {
-                Some(p) => format!("a splicer listener carries one WebSocket path ({p}): clients asking for this one get 404"),
-                None => "a splicer listener carries one WebSocket path: clients asking for this one go to `location /`'s upstream".into(),
-            };
-            self.skip(d, why);
+            self.skip(d, then.clone());
+        }
+        for (d, why) in passed_over {
+            self.skip(d, format!("{why}; {then}"));
         }
         Some(chosen)
     }
@@ -965,22 +1125,15 @@ impl Walk {
         pass: &Pass,
         ws: Option<&WsLocation>,
     ) -> Converted {
-        let port = listen.addr.port();
-        let mut name = format!("{}-{port}", m.name());
-        let mut i = 2;
-        while self.names.contains(&name) {
-            name = format!("{}-{port}-{i}", m.name());
-            i += 1;
-        }
-        self.names.insert(name.clone());
         let protocol = match m {
             Module::Stream => Protocol::Tcp,
             Module::Http => Protocol::Ws,
         };
         let scope = ws.map_or(server, |w| &w.scope);
-        let mut draft = Draft::new(name, listen.addr, protocol);
+        let mut draft = Draft::new(String::new(), listen.addr, protocol);
         let mut notes = pass.notes.clone();
-        draft.upstream.clone_from(&pass.upstream);
+        let mut split_realip = false;
+        draft.upstream = pass.entries();
         draft.balance = pass.balance;
         draft.connect_timeout = scope.connect_timeout;
         if listen.proxy_protocol {
@@ -1017,8 +1170,13 @@ impl Walk {
                     false => server,
                     true => scope,
                 };
-                if ws.is_some_and(|w| w.scope.trusted.own) && !server.trusted.items.is_empty() {
-                    notes.push("the location's real-IP settings are left out: nginx resolves the client with the server's first".into());
+                split_realip = ws.is_some_and(|w| w.scope.realip_here) && !server.trusted.items.is_empty();
+                if split_realip {
+                    notes.push(
+                        "the location's own real-IP settings are left out: nginx resolved the client with the \
+                         server's, and with the location's only when those changed nothing"
+                            .into(),
+                    );
                 }
                 self.ws_keys(&mut draft, &mut notes, scope, realip, &listen);
                 if let Some(w) = ws {
@@ -1031,7 +1189,27 @@ impl Walk {
                 draft.ws_path = Some(ws.and_then(|w| w.path.clone()).unwrap_or_else(|| "*".into()));
             }
         }
-        self.access(&mut draft, &mut notes, scope);
+        self.access(&mut draft, &mut notes, scope, &listen);
+        // Which client the rules saw depended on settings splicer cannot
+        // follow both of: admit no one rather than guess.
+        if split_realip && (!draft.allow.is_empty() || !draft.deny.is_empty()) && draft.deny != everyone() {
+            draft.allow.clear();
+            draft.deny = everyone();
+            notes.push(
+                "allow/deny not translated: the client they were checked against depended on real-IP settings \
+                 splicer cannot follow both of; this listener refuses every client until allow and deny are written by hand"
+                    .into(),
+            );
+        }
+        if scope.checks {
+            draft.allow.clear();
+            draft.deny = everyone();
+            notes.push(
+                "nginx checked requests here (`if`, `auth_*`, `limit_except`, `internal`) in ways splicer does not \
+                 follow: this listener refuses every client until those checks are replaced by hand"
+                    .into(),
+            );
+        }
         self.tls(&mut draft, &mut notes, scope, &listen);
         Converted {
             origin: format!("{} server (line {line}), listen {}", m.name(), listen.addr),
@@ -1126,7 +1304,7 @@ impl Walk {
                         );
                     }
                 }
-                (_, "$remote_addr") if draft.set_real_ip_header.is_none() => {
+                (n, "$remote_addr") if draft.set_real_ip_header.is_none() && carries_client(n) => {
                     draft.set_real_ip_header = Some(h.name.clone());
                 }
                 ("host", _) => skip(self, "splicer passes the client's Host as it came"),
@@ -1168,7 +1346,7 @@ impl Walk {
     /// it is empty) unless its deny list names it. The two agree when no
     /// rule is an exception carved out of an earlier one; otherwise the
     /// listener refuses everyone, and says so, rather than guess.
-    fn access(&mut self, draft: &mut Draft, notes: &mut Vec<String>, scope: &Scope) {
+    fn access(&mut self, draft: &mut Draft, notes: &mut Vec<String>, scope: &Scope, listen: &Listen) {
         if !scope.access.own && scope.access.items.is_empty() {
             return;
         }
@@ -1198,9 +1376,16 @@ impl Walk {
         let overlap = |a: &IpNet, b: &IpNet| a.contains(b) || b.contains(a);
         // Where an allow and a deny overlap, nginx follows whichever comes
         // first and splicer the deny: they agree when the deny is first.
-        let agrees = allows
+        let ordered = allows
             .iter()
             .all(|(ai, a)| denies.iter().all(|(di, d)| !overlap(a, d) || di < ai));
+        // With ipv6only=off and no IPv4 rule, nginx matched IPv4 clients
+        // against the IPv6 rules; splicer matches them as IPv4.
+        let family = |v4: bool| {
+            body.iter()
+                .any(|r| matches!(r.who, Who::Net(n) if n.addr().is_ipv4() == v4))
+        };
+        let agrees = ordered && !(listen.v4_mapped && family(false) && !family(true));
         let just = |v: Vec<(usize, IpNet)>| v.into_iter().map(|(_, n)| n).collect::<Vec<_>>();
         match (agrees, last) {
             (true, Some(Access::Deny)) if allows.is_empty() => draft.deny = everyone(),
@@ -1214,7 +1399,10 @@ impl Walk {
                     self.skip_text(
                         r.line,
                         r.text.clone(),
-                        "this order of allow and deny carves exceptions splicer's allow and deny lists cannot",
+                        match ordered {
+                            true => "nginx matched IPv4 clients of this ipv6only=off listen against IPv6 rules; splicer matches them as IPv4",
+                            false => "this order of allow and deny carves exceptions splicer's allow and deny lists cannot",
+                        },
                     );
                 }
                 draft.deny = everyone();
@@ -1266,6 +1454,23 @@ impl Walk {
         }
         draft.tls_handshake_timeout = scope.handshake_timeout;
     }
+}
+
+/// A location's path, and whether nginx matched it exactly: `/mqtt`,
+/// `= /mqtt`, `=/mqtt`, `^~ /mqtt`. None for regular-expression (`~`,
+/// `~*`) and named (`@`) locations, and paths that are not paths.
+fn location_path(d: &Directive) -> Option<(bool, String)> {
+    let args: Vec<String> = (0..d.args.len()).filter_map(|i| arg(d, i)).collect();
+    let (exact, path) = match args.as_slice() {
+        [m, p] if m == "=" => (true, p.as_str()),
+        [m, p] if m == "^~" => (false, p.as_str()),
+        [p] => match p.strip_prefix('=') {
+            Some(rest) => (true, rest),
+            None => (false, p.strip_prefix("^~").unwrap_or(p)),
+        },
+        _ => return None,
+    };
+    path.starts_with('/').then(|| (exact, path.to_string()))
 }
 
 /// Splices pairs of `listen P` and `listen [::]:P` (same parameters) into
@@ -1366,12 +1571,6 @@ mod tests {
         assert_eq!(upstream_addr("10.0.0.1", None), None);
         assert_eq!(upstream_addr("unix:/x", None), None);
         assert_eq!(upstream_addr("1.2.3:99", None), None);
-        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
-        assert!(overlaps(sa("0.0.0.0:1"), sa("10.0.0.1:1")));
-        assert!(overlaps(sa("10.0.0.1:1"), sa("[::]:1")));
-        assert!(!overlaps(sa("0.0.0.0:1"), sa("[::1]:1")));
-        assert!(!overlaps(sa("10.0.0.1:1"), sa("10.0.0.2:1")));
-        assert!(!overlaps(sa("0.0.0.0:1"), sa("0.0.0.0:2")));
     }
 
     #[test]
@@ -1521,7 +1720,7 @@ mod tests {
         assert_eq!(d.trusted_proxy, [net("127.0.0.1/32")]);
         assert_eq!(d.real_ip_header.as_deref(), Some("X-Real-IP"));
         assert!(
-            notes.iter().any(|n| n.contains("location's real-IP")),
+            notes.iter().any(|n| n.contains("location's own real-IP")),
             "{notes:?}"
         );
         // With none at the server, the location's count.
@@ -1637,20 +1836,141 @@ mod tests {
             one("stream { server { listen 1883; listen [::]:1883; proxy_pass 10.0.0.1:1883; } }");
         assert_eq!(d.listen, "[::]:1883".parse().unwrap());
         assert!(notes.iter().any(|n| n.contains("dual-stack")), "{notes:?}");
-        // A second server on a covered address: the first is kept...
-        let two = |a: &str, b: &str| {
-            converted(&format!(
-                "stream {{ server {{ listen {a}; proxy_pass 10.0.0.1:1; }} server {{ listen {b}; proxy_pass 10.0.0.2:1; }} }}"
-            ))
+        let servers = |listens: &[&str]| {
+            let body: String = listens
+                .iter()
+                .enumerate()
+                .map(|(i, l)| format!("server {{ listen {l}; proxy_pass 10.0.0.{}:1; }} ", i + 1))
+                .collect();
+            let c = converted(&format!("stream {{ {body} }}"));
+            let kept: Vec<(String, String, String)> = c
+                .listeners
+                .iter()
+                .map(|l| {
+                    (
+                        l.draft.name.clone(),
+                        l.draft.listen.to_string(),
+                        l.draft.upstream[0].clone(),
+                    )
+                })
+                .collect();
+            (kept, c.skipped.len())
         };
-        let c = two("1883", "10.0.0.9:1883");
-        assert_eq!(c.listeners.len(), 1);
-        assert_eq!(c.listeners[0].draft.upstream, ["10.0.0.1:1"]);
-        // ...unless the second is nginx's default_server.
-        let c = two("1883", "1883 default_server");
-        assert_eq!(c.listeners.len(), 1);
-        assert_eq!(c.listeners[0].draft.upstream, ["10.0.0.2:1"]);
-        assert_eq!(c.listeners[0].draft.name, "stream-1883");
+        let k = |name: &str, addr: &str, up: &str| (name.to_string(), addr.to_string(), up.to_string());
+        // nginx sends clients of 10.0.0.9 to the second server and the rest
+        // to the first: splicer keeps the narrower, whatever the order or
+        // default_server, and serves no one else on that port.
+        assert_eq!(
+            servers(&["1883", "10.0.0.9:1883"]),
+            (vec![k("stream-1883", "10.0.0.9:1883", "10.0.0.2:1")], 1)
+        );
+        assert_eq!(
+            servers(&["10.0.0.8:1883", "10.0.0.9:1883", "1883 default_server"]),
+            (
+                vec![
+                    k("stream-1883", "10.0.0.8:1883", "10.0.0.1:1"),
+                    k("stream-1883-2", "10.0.0.9:1883", "10.0.0.2:1")
+                ],
+                1
+            )
+        );
+        // [::] beside 0.0.0.0 on one port (two servers): the IPv4 one.
+        assert_eq!(
+            servers(&["[::]:1883", "1883"]),
+            (vec![k("stream-1883", "0.0.0.0:1883", "10.0.0.2:1")], 1)
+        );
+        // One address, two servers: nginx chose by name; the default_server, else the first.
+        assert_eq!(
+            servers(&["1883", "1883"]),
+            (vec![k("stream-1883", "0.0.0.0:1883", "10.0.0.1:1")], 1)
+        );
+        assert_eq!(
+            servers(&["1883", "1883 default_server"]),
+            (vec![k("stream-1883", "0.0.0.0:1883", "10.0.0.2:1")], 1)
+        );
+        // Other ports and families stay.
+        assert_eq!(servers(&["1883", "[::1]:1883", "1884"]).0.len(), 3);
+    }
+
+    #[test]
+    fn ipv4_mapped_ranges_are_left_out() {
+        let (d, _, skipped) = one(
+            "http { server { listen 80; set_real_ip_from ::ffff:127.0.0.0/104;
+               location /mqtt { proxy_pass http://10.0.0.1:8083; proxy_set_header X-Real-IP $remote_addr; } } }",
+        );
+        assert!(d.trusted_proxy.is_empty() && d.real_ip_header.is_none(), "{d:?}");
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        let (d, _, _) = one(
+            "stream { server { listen 1; proxy_pass 10.0.0.1:1; allow ::ffff:127.0.0.0/104; deny all; } }",
+        );
+        assert_eq!((d.allow.len(), d.deny.clone()), (0, everyone()));
+        // ipv6only=off: nginx matched IPv4 clients against IPv6 rules.
+        let (d, notes, _) =
+            one("stream { server { listen [::]:1 ipv6only=off; proxy_pass 10.0.0.1:1; deny ::/0; } }");
+        assert_eq!(d.deny, everyone());
+        assert!(
+            notes.iter().any(|n| n.contains("refuses every client")),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn checks_splicer_cannot_follow_refuse_everyone() {
+        // The client the rules saw came from the server's real-IP settings,
+        // or the location's when those changed nothing.
+        let (d, notes, _) = one(
+            "http { server { listen 80; set_real_ip_from 127.0.0.0/8; real_ip_header X-Real-IP;
+               location / { real_ip_header X-Forwarded-For; deny 203.0.113.0/24; proxy_pass http://10.0.0.1:8083; } } }",
+        );
+        assert_eq!(d.deny, everyone());
+        assert!(
+            notes.iter().any(|n| n.contains("cannot follow both")),
+            "{notes:?}"
+        );
+        let (d, _, _) = one(
+            "http { server { listen 80; location / { if ($arg_x) { return 403; } proxy_pass http://10.0.0.1:8083; } } }",
+        );
+        assert_eq!(d.deny, everyone());
+        // Paths nginx answered itself beside `location /` are named as
+        // reaching the upstream now.
+        let (_, _, skipped) = one(
+            "http { server { listen 80; location /admin { return 403; } location / { proxy_pass http://10.0.0.1:8083; } } }",
+        );
+        assert!(
+            skipped
+                .iter()
+                .any(|s| s.text.starts_with("location /admin") && s.why.contains("now reach")),
+            "{skipped:?}"
+        );
+    }
+
+    #[test]
+    fn outputs_splicer_takes() {
+        // A server listed twice counts twice; all down is nothing to forward to.
+        let (d, _, _) = one("stream { server { listen 1; proxy_pass b; } upstream b { server 10.0.0.1:1; server 10.0.0.1:1; } }");
+        assert_eq!(d.upstream, ["10.0.0.1:1 weight=2"]);
+        let c =
+            converted("stream { server { listen 1; proxy_pass b; } upstream b { server 10.0.0.1:1 down; } }");
+        assert!(
+            c.listeners.is_empty() && c.skipped.iter().any(|s| s.why.contains("down")),
+            "{c:#?}"
+        );
+        // Location modifiers written against the path.
+        let (d, _, _) =
+            one("http { server { listen 80; location =/mqtt { proxy_pass http://10.0.0.1:8083; } } }");
+        assert_eq!(d.ws_path.as_deref(), Some("/mqtt"));
+        assert!(converted(
+            "http { server { listen 80; location mqtt { proxy_pass http://10.0.0.1:8083; } } }"
+        )
+        .listeners
+        .is_empty());
+        // Only real header names, and none the upgrade needs, carry the client.
+        for header in ["\"X Bad\"", "Upgrade", "X-Forwarded-Port", "Sec-WebSocket-Key"] {
+            let (d, _, skipped) = one(&format!(
+                "http {{ server {{ listen 80; location /mqtt {{ proxy_pass http://10.0.0.1:8083; proxy_set_header {header} $remote_addr; }} }} }}"
+            ));
+            assert_eq!((d.set_real_ip_header, skipped.len()), (None, 1), "{header}");
+        }
     }
 
     #[test]
