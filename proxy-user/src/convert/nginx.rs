@@ -199,6 +199,13 @@ struct Scope {
     realip_here: bool,
     /// Requests checked in ways splicer does not follow (`if`, `auth_*`).
     checks: bool,
+    /// Trust that could not be translated (left out): the clients rules
+    /// are checked against may differ.
+    trust_reduced: bool,
+    /// An IPv4-mapped allow/deny left out.
+    access_mapped: bool,
+    /// `ssl on;`: every listen here is TLS.
+    ssl_on: bool,
 }
 
 impl Scope {
@@ -260,13 +267,35 @@ struct WsLocation {
     exact: bool,
     scope: Scope,
     pass: Pass,
+    /// nginx answered this path from another location first: an exact one,
+    /// or a regular expression that matches it (or that splicer cannot read).
+    shadowed: bool,
+}
+
+/// A listener before `settle`, with what nginx applied to its socket
+/// whichever server it came from.
+struct Found {
+    converted: Converted,
+    /// nginx's `default_server` among servers on one address.
+    default: bool,
+    socket: Socket,
+}
+
+/// A listen's socket options: nginx applies them to the address, for
+/// every server on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)]
+struct Socket {
+    ssl: bool,
+    proxy_protocol: bool,
+    /// Takes IPv4 clients (an IPv4 address, or a dual-stack `[::]`).
+    ipv4_too: bool,
 }
 
 #[derive(Default)]
 struct Walk {
-    /// Each with whether its listen was nginx's `default_server`; named
-    /// once `settle` has kept those splicer can bind together.
-    listeners: Vec<(Converted, bool)>,
+    /// Named once `settle` has kept those splicer can bind together.
+    listeners: Vec<Found>,
     skipped: Vec<Skipped>,
 }
 
@@ -489,7 +518,7 @@ fn unknown_reason(name: &str) -> &'static str {
             "routing by server name without terminating is protocol = \"tls-passthrough\" with sni routes"
         }
         "map" | "geo" | "split_clients" | "set" => "nginx variables are not evaluated",
-        "if" | "internal" | "limit_except" | "auth_request" | "auth_basic" | "auth_jwt" => {
+        "if" | "internal" | "limit_except" | "auth_request" | "auth_basic" | "auth_jwt" | "return" | "rewrite" => {
             "conditions and checks of requests are not evaluated: the listener refuses every client instead"
         }
         "limit_conn" | "limit_conn_zone" | "limit_req" | "limit_req_zone" | "limit_rate" => {
@@ -500,7 +529,7 @@ fn unknown_reason(name: &str) -> &'static str {
         }
         "proxy_ssl" | "proxy_ssl_certificate" | "proxy_ssl_certificate_key" | "proxy_ssl_verify"
         | "proxy_ssl_server_name" => "splicer does not speak TLS to upstreams",
-        "return" | "root" | "alias" | "index" | "try_files" | "rewrite" | "types" | "default_type" | "error_page"
+        "root" | "alias" | "index" | "try_files" | "types" | "default_type" | "error_page"
         | "add_header" | "charset" | "gzip" | "expires" | "server_tokens" | "autoindex" => {
             "serving HTTP content: splicer only carries WebSocket upgrades"
         }
@@ -532,24 +561,33 @@ impl Walk {
     /// addresses go unserved rather than reach a server nginx kept apart.
     fn settle(&mut self) -> Vec<Converted> {
         let found = std::mem::take(&mut self.listeners);
-        let addr = |i: usize| found[i].0.draft.listen;
+        let addr = |i: usize| found[i].converted.draft.listen;
         let n = found.len();
         let mut gone: Vec<Option<String>> = vec![None; n];
-        let mut at: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut at: HashMap<SocketAddr, Vec<usize>> = HashMap::new();
         for i in 0..n {
-            let Some(&k) = at.get(&addr(i)) else {
-                at.insert(addr(i), i);
+            at.entry(addr(i)).or_default().push(i);
+        }
+        for (a, on) in at.iter().filter(|(_, on)| on.len() > 1) {
+            // nginx applied ssl and proxy_protocol to the address, for all
+            // its servers, and kept IPv4 clients from a `[::]` without them:
+            // servers that differ there cannot be one listener.
+            if on.iter().any(|&i| found[i].socket != found[on[0]].socket) {
+                for &i in on {
+                    gone[i] = Some(format!(
+                        "the servers on {a} differ in ssl, proxy_protocol or IPv4, which nginx applied to the address as a whole: none is translated"
+                    ));
+                }
                 continue;
-            };
-            let new_wins = found[i].1 && !found[k].1;
-            let (lose, win) = if new_wins { (k, i) } else { (i, k) };
-            gone[lose] = Some(format!(
-                "the {} listens on {} too: nginx chose between them by server_name; splicer has one listener per address and keeps {}",
-                found[win].0.origin,
-                addr(i),
-                if new_wins { "the default_server" } else { "the first" }
-            ));
-            at.insert(addr(i), win);
+            }
+            let win = on.iter().copied().find(|&i| found[i].default).unwrap_or(on[0]);
+            for &i in on.iter().filter(|&&i| i != win) {
+                gone[i] = Some(format!(
+                    "the {} listens on {a} too: nginx chose among them by name; splicer has one listener per address and keeps {}",
+                    found[win].converted.origin,
+                    if found[win].default { "the default_server" } else { "the first" }
+                ));
+            }
         }
         let mut by_port: HashMap<u16, Vec<usize>> = HashMap::new();
         for i in (0..n).filter(|&i| gone[i].is_none()) {
@@ -579,7 +617,7 @@ impl Walk {
         // Names by module and port, numbered from the second on.
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut kept = Vec::new();
-        for ((mut l, _), why) in found.into_iter().zip(gone) {
+        for (Found { converted: mut l, .. }, why) in found.into_iter().zip(gone) {
             if let Some(why) = why {
                 self.skip_text(l.line, format!("listen {}", l.draft.listen), why);
                 continue;
@@ -635,7 +673,8 @@ impl Walk {
     fn setting(&mut self, scope: &mut Scope, m: Module, d: &Directive) {
         match d.name.as_str() {
             "include" => scope.includes = true,
-            "if" | "internal" | "limit_except" | "auth_request" | "auth_basic" | "auth_jwt" => {
+            "if" | "internal" | "limit_except" | "auth_request" | "auth_basic" | "auth_jwt" | "return"
+            | "rewrite" => {
                 scope.checks = true;
             }
             _ => {}
@@ -728,7 +767,12 @@ impl Walk {
         if down {
             weight = 0;
         }
-        match pass.upstream.iter_mut().find(|(a, _)| *a == addr) {
+        // Names are the same whatever their case.
+        match pass
+            .upstream
+            .iter_mut()
+            .find(|(a, _)| a.eq_ignore_ascii_case(&addr))
+        {
             Some((_, w)) => *w = (*w + weight).min(MAX_WEIGHT),
             None => pass.upstream.push((addr, weight)),
         }
@@ -813,25 +857,31 @@ impl Walk {
             ),
         };
         match (m, d.name.as_str()) {
-            (_, "set_real_ip_from") => match cidr(&a0) {
-                Some(net) if !is_mapped(&net) => {
-                    scope.trusted.push(net);
-                    scope.realip_here = true;
+            (_, "set_real_ip_from") => {
+                if !scope.trusted.own {
+                    // This level's list replaces the outer one, and with it
+                    // what could not be read there.
+                    scope.trust_reduced = false;
                 }
-                Some(_) => {
-                    scope.trusted.here();
-                    scope.realip_here = true;
-                    self.skip(d, MAPPED);
-                }
-                None => {
-                    // It still replaces the outer level's list: trust less.
-                    scope.trusted.here();
-                    self.skip(
+                scope.realip_here = true;
+                match cidr(&a0) {
+                    Some(net) if !is_mapped(&net) => scope.trusted.push(net),
+                    Some(_) => {
+                        scope.trusted.here();
+                        scope.trust_reduced = true;
+                        self.skip(d, MAPPED);
+                    }
+                    None => {
+                        // It still replaces the outer level's list: trust less.
+                        scope.trusted.here();
+                        scope.trust_reduced = true;
+                        self.skip(
                         d,
                         "splicer trusts IP addresses and CIDRs only; nor does it trust the outer level's set_real_ip_from, which this one replaces",
                     );
+                    }
                 }
-            },
+            }
             (Module::Http, "real_ip_header") if a0 == "proxy_protocol" || header_name(&a0) => {
                 scope.real_ip_header = Some(a0);
                 scope.realip_here = true;
@@ -840,6 +890,7 @@ impl Walk {
                 // No header splicer can read: trust none (less, never more).
                 scope.trusted.here();
                 scope.realip_here = true;
+                scope.trust_reduced = true;
                 self.skip(
                     d,
                     "not a header name splicer reads (letters, digits, - and _); nothing is trusted instead",
@@ -861,13 +912,20 @@ impl Walk {
             }),
             (Module::Http, "proxy_http_version") if a0 == "1.1" => {}
             (_, "allow" | "deny") => {
+                if !scope.access.own {
+                    scope.access_mapped = false;
+                }
                 let who = match a0.as_str() {
                     "all" => Who::All,
                     "unix:" => Who::Unix,
                     other => match cidr(other) {
                         Some(net) if !is_mapped(&net) => Who::Net(net),
                         Some(_) => {
+                            if !scope.access.own {
+                                scope.access_mapped = false;
+                            }
                             scope.access.here();
+                            scope.access_mapped = true;
                             self.skip(d, MAPPED);
                             return true;
                         }
@@ -889,6 +947,7 @@ impl Walk {
                     text: show(d),
                 });
             }
+            (Module::Http, "ssl") => scope.ssl_on = a0 == "on",
             (_, "ssl_certificate") => scope.certs.push(a0.into()),
             (_, "ssl_certificate_key") => scope.keys.push(a0.into()),
             (_, "ssl_protocols") => {
@@ -976,7 +1035,17 @@ impl Walk {
                     listen.addr
                 ));
             }
-            self.listeners.push((converted, listen.default));
+            let ssl = listen.ssl || ws.as_ref().map_or(&scope, |w| &w.scope).ssl_on;
+            let socket = Socket {
+                ssl,
+                proxy_protocol: listen.proxy_protocol,
+                ipv4_too: merged || listen.addr.is_ipv4() || !listen.v6_only,
+            };
+            self.listeners.push(Found {
+                converted,
+                default: listen.default,
+                socket,
+            });
         }
     }
 
@@ -1046,15 +1115,25 @@ impl Walk {
         // Locations splicer does not follow, and why; named once the chosen
         // one says where their requests go now.
         let mut passed_over: Vec<(&Directive, &str)> = Vec::new();
+        // What nginx looks at before a prefix location.
+        let mut exact_paths: Vec<String> = Vec::new();
+        let mut regexes: Vec<Result<regex::Regex, regex::Error>> = Vec::new();
         for d in locations {
             let Some(block) = &d.block else { continue };
-            let Some((exact, path)) = location_path(d) else {
+            let Some((kind, path)) = location_path(d) else {
+                if let Some(regex) = location_regex(d) {
+                    regexes.push(regex);
+                }
                 passed_over.push((
                     d,
                     "regular-expression and named locations: splicer matches one WebSocket path",
                 ));
                 continue;
             };
+            let exact = kind == Kind::Exact;
+            if exact {
+                exact_paths.push(path.clone());
+            }
             let mut scope = server.inner();
             let mut pass_directive = None;
             for inner in block.directives() {
@@ -1085,6 +1164,7 @@ impl Walk {
                     exact,
                     scope,
                     pass,
+                    shadowed: kind == Kind::Priority,
                 },
                 d,
             ));
@@ -1100,7 +1180,16 @@ impl Walk {
                 )
             })
             .map(|(i, _)| i)?;
-        let (chosen, _) = found.remove(best);
+        let (mut chosen, _) = found.remove(best);
+        // `shadowed` held `^~` (no regular expressions after it) until here.
+        let no_regex = chosen.shadowed;
+        chosen.shadowed = match &chosen.path {
+            Some(p) if !chosen.exact => {
+                exact_paths.iter().any(|e| e == p)
+                    || (!no_regex && regexes.iter().any(|r| r.as_ref().map_or(true, |r| r.is_match(p))))
+            }
+            _ => false,
+        };
         let then = match &chosen.path {
             Some(p) => format!("a splicer listener carries one WebSocket path ({p}): clients asking for these get 404"),
             None => "a splicer listener carries one WebSocket path: these requests now reach `location /`'s upstream".into(),
@@ -1130,6 +1219,11 @@ impl Walk {
             Module::Http => Protocol::Ws,
         };
         let scope = ws.map_or(server, |w| &w.scope);
+        // `ssl on;` makes every listen of its level TLS.
+        let listen = Listen {
+            ssl: listen.ssl || scope.ssl_on,
+            ..listen
+        };
         let mut draft = Draft::new(String::new(), listen.addr, protocol);
         let mut notes = pass.notes.clone();
         let mut split_realip = false;
@@ -1146,7 +1240,7 @@ impl Walk {
                 let trusted = scope.trusted.items.clone();
                 match (listen.proxy_protocol, trusted.is_empty()) {
                     (true, false) => draft.trusted_proxy = trusted,
-                    (true, true) => trust_nobody(&mut draft, &mut notes),
+                    (true, true) => trust_nobody(&mut draft, &mut notes, scope.trust_reduced),
                     (false, false) => notes.push(
                         "set_real_ip_from without `listen ... proxy_protocol` has nothing to trust; left out"
                             .into(),
@@ -1190,25 +1284,43 @@ impl Walk {
             }
         }
         self.access(&mut draft, &mut notes, scope, &listen);
-        // Which client the rules saw depended on settings splicer cannot
-        // follow both of: admit no one rather than guess.
-        if split_realip && (!draft.allow.is_empty() || !draft.deny.is_empty()) && draft.deny != everyone() {
+        // What nginx refused in ways splicer cannot follow: admit no one
+        // rather than guess, and say why.
+        let rules = !draft.allow.is_empty() || !draft.deny.is_empty();
+        let realip_reduced = match m {
+            Module::Http if !server.trusted.items.is_empty() || server.trust_reduced => server.trust_reduced,
+            _ => scope.trust_reduced,
+        };
+        let refusals = [
+            (
+                scope.checks,
+                "nginx checked requests with `if`, `return`, `rewrite`, `auth_*`, `limit_except` or `internal`",
+            ),
+            (
+                split_realip && rules,
+                "allow/deny were checked against a client the location's own real-IP settings might have found",
+            ),
+            (
+                realip_reduced && rules,
+                "allow/deny were checked against a client found through trust that could not be translated",
+            ),
+            (
+                listen.v4_mapped && scope.access_mapped,
+                "nginx matched IPv4 clients of this ipv6only=off listen against an IPv4-mapped rule left out",
+            ),
+            (
+                ws.is_some_and(|w| w.shadowed),
+                "nginx answered this path from another location first (an exact or regular-expression one)",
+            ),
+        ];
+        let why: Vec<&str> = refusals.iter().filter(|(r, _)| *r).map(|(_, why)| *why).collect();
+        if !why.is_empty() && draft.deny != everyone() {
             draft.allow.clear();
             draft.deny = everyone();
-            notes.push(
-                "allow/deny not translated: the client they were checked against depended on real-IP settings \
-                 splicer cannot follow both of; this listener refuses every client until allow and deny are written by hand"
-                    .into(),
-            );
-        }
-        if scope.checks {
-            draft.allow.clear();
-            draft.deny = everyone();
-            notes.push(
-                "nginx checked requests here (`if`, `auth_*`, `limit_except`, `internal`) in ways splicer does not \
-                 follow: this listener refuses every client until those checks are replaced by hand"
-                    .into(),
-            );
+            notes.push(format!(
+                "this listener refuses every client until it is written by hand: {}",
+                why.join("; ")
+            ));
         }
         self.tls(&mut draft, &mut notes, scope, &listen);
         Converted {
@@ -1255,11 +1367,13 @@ impl Walk {
                 draft.real_ip_recursive = realip.real_ip_recursive;
             }
         } else if listen.proxy_protocol {
-            trust_nobody(draft, notes);
+            trust_nobody(draft, notes, realip.trust_reduced);
         }
         let mut forwarded_for = None;
         let mut forwarded_port = None;
         let mut seen = HashSet::new();
+        // Forwarding headers set to a value splicer does not translate.
+        let mut untranslated = HashSet::new();
         for h in &scope.headers.items {
             let name = h.name.to_ascii_lowercase();
             let value: String = h.value.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -1310,6 +1424,7 @@ impl Walk {
                 ("host", _) => skip(self, "splicer passes the client's Host as it came"),
                 ("connection", _) => skip(self, "splicer passes the client's Connection: Upgrade as it came"),
                 ("x-forwarded-for" | "x-forwarded-port", _) => {
+                    untranslated.insert(name.clone());
                     skip(
                         self,
                         "splicer overrides this header with the client, or appends the peer",
@@ -1326,6 +1441,9 @@ impl Walk {
             if mode.is_none() {
                 *mode = Some(ForwardMode::Override);
                 notes.push(match includes {
+                    _ if untranslated.contains(&header.to_ascii_lowercase()) => format!(
+                        "{header}'s value here is not translated: splicer overrides it with the client's own"
+                    ),
                     false => format!(
                         "nginx passed on whatever {header} the client sent; splicer overrides it with the client's own"
                     ),
@@ -1456,21 +1574,55 @@ impl Walk {
     }
 }
 
-/// A location's path, and whether nginx matched it exactly: `/mqtt`,
-/// `= /mqtt`, `=/mqtt`, `^~ /mqtt`. None for regular-expression (`~`,
-/// `~*`) and named (`@`) locations, and paths that are not paths.
-fn location_path(d: &Directive) -> Option<(bool, String)> {
+/// How nginx matches a location's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `= /mqtt`: the path alone, before anything else.
+    Exact,
+    /// `/mqtt`: the longest prefix, unless a regular expression matches.
+    Prefix,
+    /// `^~ /mqtt`: the longest prefix, and no regular expression after it.
+    Priority,
+}
+
+/// A location's path and how nginx matches it: `/mqtt`, `= /mqtt`,
+/// `=/mqtt`, `^~ /mqtt`. None for regular-expression (`~`, `~*`) and named
+/// (`@`) locations, and paths that are not paths.
+fn location_path(d: &Directive) -> Option<(Kind, String)> {
     let args: Vec<String> = (0..d.args.len()).filter_map(|i| arg(d, i)).collect();
-    let (exact, path) = match args.as_slice() {
-        [m, p] if m == "=" => (true, p.as_str()),
-        [m, p] if m == "^~" => (false, p.as_str()),
-        [p] => match p.strip_prefix('=') {
-            Some(rest) => (true, rest),
-            None => (false, p.strip_prefix("^~").unwrap_or(p)),
+    let (kind, path) = match args.as_slice() {
+        [m, p] if m == "=" => (Kind::Exact, p.as_str()),
+        [m, p] if m == "^~" => (Kind::Priority, p.as_str()),
+        [p] => match (p.strip_prefix('='), p.strip_prefix("^~")) {
+            (Some(rest), _) => (Kind::Exact, rest),
+            (_, Some(rest)) => (Kind::Priority, rest),
+            _ => (Kind::Prefix, p.as_str()),
         },
         _ => return None,
     };
-    path.starts_with('/').then(|| (exact, path.to_string()))
+    path.starts_with('/').then(|| (kind, path.to_string()))
+}
+
+/// A regular-expression location's expression (`~`, `~*` for any case),
+/// compiled as splicer can: Err when it cannot (nginx's PCRE is not Rust's
+/// regex), which is taken as "may match".
+fn location_regex(d: &Directive) -> Option<Result<regex::Regex, regex::Error>> {
+    let args: Vec<String> = (0..d.args.len()).filter_map(|i| arg(d, i)).collect();
+    let (any_case, pattern) = match args.as_slice() {
+        [m, p] if m == "~" => (false, p.as_str()),
+        [m, p] if m == "~*" => (true, p.as_str()),
+        [p] => match (p.strip_prefix("~*"), p.strip_prefix('~')) {
+            (Some(rest), _) => (true, rest),
+            (_, Some(rest)) => (false, rest),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(
+        regex::RegexBuilder::new(pattern)
+            .case_insensitive(any_case)
+            .build(),
+    )
 }
 
 /// Splices pairs of `listen P` and `listen [::]:P` (same parameters) into
@@ -1498,16 +1650,21 @@ fn dual_stack(listens: Vec<Listen>) -> Vec<(Listen, bool)> {
     out
 }
 
-/// nginx read the PROXY header and believed no one (no set_real_ip_from).
+/// A PROXY header read and no one believed: nginx's without any
+/// set_real_ip_from, or the conversion's when it could not read one.
 /// splicer reads headers only with a trusted list, so the list names an
 /// address no peer has.
-fn trust_nobody(draft: &mut Draft, notes: &mut Vec<String>) {
+fn trust_nobody(draft: &mut Draft, notes: &mut Vec<String>, reduced: bool) {
     draft.trusted_proxy = vec![IpNet::from(IpAddr::V4(Ipv4Addr::UNSPECIFIED))];
-    notes.push(
-        "no set_real_ip_from: nginx read the PROXY header and believed no one, and the broker was told the peer's \
-         address. trusted-proxy = [\"0.0.0.0/32\"] names no peer, to do the same; put the tier in front there"
+    notes.push(match reduced {
+        false => "no set_real_ip_from: nginx read the PROXY header and believed no one, and the broker was told \
+                  the peer's address. trusted-proxy = [\"0.0.0.0/32\"] names no peer, to do the same; put the tier \
+                  in front there"
             .into(),
-    );
+        true => "set_real_ip_from could not be translated: the PROXY header is read and believed from no one \
+                 (trusted-proxy = [\"0.0.0.0/32\"] names no peer) until the trusted tier is written there"
+            .into(),
+    });
 }
 
 #[cfg(test)]
@@ -1923,10 +2080,7 @@ mod tests {
                location / { real_ip_header X-Forwarded-For; deny 203.0.113.0/24; proxy_pass http://10.0.0.1:8083; } } }",
         );
         assert_eq!(d.deny, everyone());
-        assert!(
-            notes.iter().any(|n| n.contains("cannot follow both")),
-            "{notes:?}"
-        );
+        assert!(notes.iter().any(|n| n.contains("might have found")), "{notes:?}");
         let (d, _, _) = one(
             "http { server { listen 80; location / { if ($arg_x) { return 403; } proxy_pass http://10.0.0.1:8083; } } }",
         );
@@ -1945,10 +2099,94 @@ mod tests {
     }
 
     #[test]
+    fn what_nginx_refused_stays_refused() {
+        let refused = |text: &str| {
+            let c = converted(text);
+            assert_eq!(c.listeners.len(), 1, "{c:#?}");
+            let l = &c.listeners[0];
+            assert_eq!(l.draft.deny, everyone(), "{text}\n{:#?}", l.notes);
+            assert!(
+                l.notes.iter().any(|n| n.contains("refuses every client")),
+                "{:#?}",
+                l.notes
+            );
+        };
+        let ws = |server: &str, location: &str| {
+            format!("http {{ server {{ listen 80; {server} location /mqtt {{ {location} proxy_pass http://10.0.0.1:8083; }} }} }}")
+        };
+        // `return` and `rewrite` run before the proxying.
+        refused(&ws("return 403;", ""));
+        refused(&ws("", "rewrite ^ /x break;"));
+        // Another location answers the path first: exact, or a matching
+        // (or unreadable) regular expression.
+        refused(&ws("location = /mqtt { return 403; }", ""));
+        refused(&ws(
+            "location ~ ^/mqtt$ { deny all; proxy_pass http://10.0.0.2:1; }",
+            "",
+        ));
+        refused(&ws("location ~ (?<=x)mqtt { deny all; }", ""));
+        let (d, _, _) = one(&ws("location ~* \\.png$ { deny all; }", ""));
+        assert!(d.deny.is_empty());
+        let (d, _, _) = one(
+            "http { server { listen 80; location ~ mqtt { deny all; } location ^~ /mqtt { proxy_pass http://10.0.0.1:8083; } } }",
+        );
+        assert!(d.deny.is_empty(), "^~ stops the regular expressions");
+        // Trust that could not be read, where allow/deny depend on it.
+        refused(&ws(
+            "set_real_ip_from lb.internal; real_ip_header X-Forwarded-For; allow 10.0.0.0/8; deny all;",
+            "",
+        ));
+        refused(
+            "stream { server { listen 1 proxy_protocol; set_real_ip_from lb.internal; allow 10.0.0.0/8; deny all; proxy_pass 10.0.0.1:1; } }",
+        );
+        // ipv6only=off, an IPv4-mapped deny left out.
+        refused("stream { server { listen [::]:1 ipv6only=off; deny ::ffff:127.0.0.0/104; proxy_pass 10.0.0.1:1; } }");
+        // Without rules, less trust is all it takes.
+        let (d, notes, _) = one("stream { server { listen 1 proxy_protocol; set_real_ip_from lb.internal; proxy_pass 10.0.0.1:1; } }");
+        assert!(
+            d.deny.is_empty() && notes.iter().any(|n| n.contains("could not be translated")),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn servers_sharing_an_address_share_its_socket_options() {
+        // nginx made 8883 TLS for both servers: neither is translated alone.
+        let c = converted(
+            "http { server { listen 8883; location /mqtt { proxy_pass http://10.0.0.1:1; } }
+               server { listen 8883 ssl; ssl_certificate a.pem; ssl_certificate_key a.key; location /mqtt { proxy_pass http://10.0.0.2:1; } } }",
+        );
+        assert!(c.listeners.is_empty(), "{c:#?}");
+        // IPv4 clients went only to the server with `listen 8083`.
+        let c = converted(
+            "stream { server { listen 8083; listen [::]:8083; allow 10.0.0.0/8; deny all; proxy_pass 10.0.0.1:1; }
+               server { listen [::]:8083 default_server; proxy_pass 10.0.0.2:1; } }",
+        );
+        assert!(c.listeners.is_empty(), "{c:#?}");
+        // `ssl on;` makes a listen TLS.
+        let c = convert(
+            "http { server { listen 8883; ssl on; ssl_certificate a.pem; ssl_certificate_key a.key; location /mqtt { proxy_pass http://10.0.0.1:1; } } }",
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].draft.tls_cert, [PathBuf::from("a.pem")]);
+    }
+
+    #[test]
     fn outputs_splicer_takes() {
         // A server listed twice counts twice; all down is nothing to forward to.
         let (d, _, _) = one("stream { server { listen 1; proxy_pass b; } upstream b { server 10.0.0.1:1; server 10.0.0.1:1; } }");
         assert_eq!(d.upstream, ["10.0.0.1:1 weight=2"]);
+        let (d, _, _) = one("stream { server { listen 1; proxy_pass b; } upstream b { server b.example:1; server B.example:1; } }");
+        assert_eq!(d.upstream, ["b.example:1 weight=2"]);
+        let (_, notes, _) = one(
+            "http { server { listen 80; location /mqtt { proxy_pass http://10.0.0.1:1; proxy_set_header X-Forwarded-For \"\"; } } }",
+        );
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("X-Forwarded-For's value here is not translated")),
+            "{notes:?}"
+        );
         let c =
             converted("stream { server { listen 1; proxy_pass b; } upstream b { server 10.0.0.1:1 down; } }");
         assert!(
