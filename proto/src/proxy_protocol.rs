@@ -572,10 +572,11 @@ pub fn put_tlv(out: &mut Vec<u8>, typ: u8, value: &[u8]) {
 
 /// PP2_TYPE_ALPN when a protocol was agreed, PP2_TYPE_SSL with its
 /// sub-TLVs (the fields HAProxy's `send-proxy-v2-ssl-cn` sends), then
-/// PP2_TYPE_AUTHORITY when the client named a server. `verify` is 0 only when a client certificate was shown
-/// and verified, as the spec says ("non-zero otherwise"; HAProxy sends 0
-/// without one), so a broker that reads it alone cannot take a client
-/// without a certificate for a verified one.
+/// PP2_TYPE_AUTHORITY when the client named a server. `verify` is 0 only
+/// when a client certificate was shown and verified, as the spec says
+/// ("non-zero otherwise"; HAProxy sends 0 without one), so a broker that
+/// reads it alone cannot take a client without a certificate for a
+/// verified one.
 pub fn ssl_tlvs(ssl: &Ssl<'_>, authority: Option<&str>, alpn: Option<&[u8]>) -> Vec<u8> {
     let mut subs = Vec::new();
     put_tlv(&mut subs, PP2_SUBTYPE_SSL_VERSION, ssl.version.as_bytes());

@@ -231,10 +231,15 @@ struct Listen {
     ssl: bool,
     /// `default_server`: nginx's choice among servers on one address.
     default: bool,
-    /// `[::]` with nginx's default `ipv6only=on`.
-    v6_only: bool,
     /// `ipv6only=off`: nginx saw IPv4 clients as `::ffff:` addresses.
     v4_mapped: bool,
+}
+
+impl Listen {
+    /// `[::]` with nginx's default `ipv6only=on`: IPv6 clients only.
+    fn v6_only(&self) -> bool {
+        self.addr.is_ipv6() && !self.v4_mapped
+    }
 }
 
 /// Where `proxy_pass` sends clients.
@@ -261,10 +266,10 @@ impl Pass {
 }
 
 /// An http server's WebSocket location: its path (None: any, `location /`),
-/// whether nginx matched it exactly, and what is in force inside it.
+/// how nginx matched it, and what is in force inside it.
 struct WsLocation {
     path: Option<String>,
-    exact: bool,
+    kind: Kind,
     scope: Scope,
     pass: Pass,
     /// nginx answered this path from another location first: an exact one,
@@ -1029,7 +1034,7 @@ impl Walk {
                     "nginx's `listen {port}` and `listen [::]:{port}` are one dual-stack listener here",
                     port = listen.addr.port()
                 ));
-            } else if listen.v6_only {
+            } else if listen.v6_only() {
                 converted.notes.push(format!(
                     "{} also takes IPv4 clients here (nginx's [::] took only IPv6 ones, ipv6only=on)",
                     listen.addr
@@ -1039,7 +1044,7 @@ impl Walk {
             let socket = Socket {
                 ssl,
                 proxy_protocol: listen.proxy_protocol,
-                ipv4_too: merged || listen.addr.is_ipv4() || !listen.v6_only,
+                ipv4_too: merged || !listen.v6_only(),
             };
             self.listeners.push(Found {
                 converted,
@@ -1060,7 +1065,6 @@ impl Walk {
             proxy_protocol: false,
             ssl: false,
             default: false,
-            v6_only: addr.is_ipv6(),
             v4_mapped: false,
         };
         for p in d
@@ -1075,7 +1079,6 @@ impl Walk {
                 "default_server" | "default" => listen.default = true,
                 "ipv6only=on" => {}
                 "ipv6only=off" => {
-                    listen.v6_only = false;
                     listen.v4_mapped = true;
                 }
                 "udp" | "quic" | "http2" | "http3" => {
@@ -1130,8 +1133,7 @@ impl Walk {
                 ));
                 continue;
             };
-            let exact = kind == Kind::Exact;
-            if exact {
+            if kind == Kind::Exact {
                 exact_paths.push(path.clone());
             }
             let mut scope = server.inner();
@@ -1154,17 +1156,17 @@ impl Walk {
                 ));
                 continue;
             };
-            let path = match (exact, path.as_str()) {
-                (false, "/") => None,
+            let path = match (kind, path.as_str()) {
+                (Kind::Prefix | Kind::Priority, "/") => None,
                 _ => Some(path),
             };
             found.push((
                 WsLocation {
                     path,
-                    exact,
+                    kind,
                     scope,
                     pass,
-                    shadowed: kind == Kind::Priority,
+                    shadowed: false,
                 },
                 d,
             ));
@@ -1174,20 +1176,18 @@ impl Walk {
             .enumerate()
             .max_by_key(|(i, (w, _))| {
                 (
-                    w.exact,
+                    w.kind == Kind::Exact,
                     w.path.as_ref().map_or(0, String::len),
                     std::cmp::Reverse(*i),
                 )
             })
             .map(|(i, _)| i)?;
         let (mut chosen, _) = found.remove(best);
-        // `shadowed` held `^~` (no regular expressions after it) until here.
-        let no_regex = chosen.shadowed;
-        chosen.shadowed = match &chosen.path {
-            Some(p) if !chosen.exact => {
-                exact_paths.iter().any(|e| e == p)
-                    || (!no_regex && regexes.iter().any(|r| r.as_ref().map_or(true, |r| r.is_match(p))))
-            }
+        let regex_takes = |p: &str| regexes.iter().any(|r| r.as_ref().map_or(true, |r| r.is_match(p)));
+        chosen.shadowed = match (&chosen.path, chosen.kind) {
+            (Some(p), Kind::Prefix) => exact_paths.contains(p) || regex_takes(p),
+            // `^~`: no regular expression is tried after it.
+            (Some(p), Kind::Priority) => exact_paths.contains(p),
             _ => false,
         };
         let then = match &chosen.path {
@@ -1274,7 +1274,7 @@ impl Walk {
                 }
                 self.ws_keys(&mut draft, &mut notes, scope, realip, &listen);
                 if let Some(w) = ws {
-                    if let (Some(path), false) = (&w.path, w.exact) {
+                    if let (Some(path), false) = (&w.path, w.kind == Kind::Exact) {
                         notes.push(format!(
                             "nginx's `location {path}` also matched longer paths; splicer takes {path} exactly"
                         ));
